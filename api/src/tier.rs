@@ -1,0 +1,402 @@
+//! The Tier resource: a group of identical VMs behind a load balancer, with a scaling policy.
+//!
+//! `TierSpec` is what operators write (`stratactl apply -f`, `PUT /v1/tiers/{name}`); `Tier` is
+//! what the controller returns: the spec plus its resource version, timestamps and status.
+//! Unknown fields are rejected everywhere (`deny_unknown_fields`) so that a typo such as
+//! `scalling:` fails loudly instead of being ignored.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::duration::Duration;
+
+/// The only `kind` a tier document may carry.
+pub const TIER_KIND: &str = "Tier";
+
+/// The operator's declaration of a tier.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierSpec {
+    /// Optional in a request; when present it must be `Tier`. Lets one file hold several kinds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// A DNS label: lowercase letters, digits and `-`, 1 to 63 characters.
+    pub name: String,
+    /// In a write: compare-and-set precondition (409 when the tier has another version).
+    /// In a read: the Raft log index that last changed the tier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_version: Option<u64>,
+    #[serde(default)]
+    pub provider: Provider,
+    pub template: Template,
+    #[serde(default)]
+    pub health: HealthCheck,
+    pub scaling: Scaling,
+    #[serde(default)]
+    pub load_balancer: LoadBalancer,
+    #[serde(default)]
+    pub placement: Placement,
+}
+
+/// Where a tier's VMs run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    /// On agent hosts, through the process or qemu driver.
+    #[default]
+    Local,
+    /// EC2 instances launched by the controller.
+    Ec2,
+}
+
+/// How a local instance is run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Driver {
+    Process,
+    Qemu,
+}
+
+/// What every instance of the tier looks like. Which fields apply depends on the provider and
+/// driver; validation names the ones that are missing or out of place.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Template {
+    /// local: `process` or `qemu`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver: Option<Driver>,
+    /// process: argv of the program; it finds its port in `PORT`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// process and qemu: extra environment (process) or kernel command line values (qemu).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// qemu: the guest image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<QemuImage>,
+    /// CPU cores one instance reserves on its node (local) — for example 0.5.
+    #[serde(default = "default_cpu")]
+    pub cpu: f64,
+    /// Memory one instance reserves on its node (local) and the VM's RAM (qemu).
+    #[serde(default = "default_memory_mb")]
+    pub memory_mb: u64,
+    /// The port the workload listens on inside a qemu guest, or on an EC2 instance.
+    /// Process instances get theirs from the agent in `PORT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// ec2: the image to launch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ami: Option<String>,
+    /// ec2: for example `t3.micro`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subnets: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub security_groups: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_data: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+}
+
+fn default_cpu() -> f64 {
+    0.5
+}
+
+fn default_memory_mb() -> u64 {
+    128
+}
+
+/// A qemu guest: a kernel and an initramfs booted directly (`-kernel`/`-initrd`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QemuImage {
+    /// Path to the kernel on the agent host.
+    pub kernel: String,
+    /// Path to the initramfs on the agent host.
+    pub initrd: String,
+    /// Extra kernel command line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub append: Option<String>,
+}
+
+/// How the agent decides an instance is healthy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    #[serde(default)]
+    pub protocol: HealthProtocol,
+    /// HTTP only: the path to GET; any 2xx or 3xx answer is healthy.
+    #[serde(default = "default_health_path")]
+    pub path: String,
+    #[serde(default = "default_health_interval")]
+    pub interval: Duration,
+    #[serde(default = "default_health_timeout")]
+    pub timeout: Duration,
+    /// Consecutive passes that make an instance healthy.
+    #[serde(default = "default_healthy_threshold")]
+    pub healthy_threshold: u32,
+    /// Consecutive failures that make an instance unhealthy.
+    #[serde(default = "default_unhealthy_threshold")]
+    pub unhealthy_threshold: u32,
+    /// Failures during this time after start do not count.
+    #[serde(default = "default_grace_period")]
+    pub grace_period: Duration,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck {
+            protocol: HealthProtocol::default(),
+            path: default_health_path(),
+            interval: default_health_interval(),
+            timeout: default_health_timeout(),
+            healthy_threshold: default_healthy_threshold(),
+            unhealthy_threshold: default_unhealthy_threshold(),
+            grace_period: default_grace_period(),
+        }
+    }
+}
+
+fn default_health_path() -> String {
+    "/healthz".to_string()
+}
+fn default_health_interval() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_health_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_healthy_threshold() -> u32 {
+    1
+}
+fn default_unhealthy_threshold() -> u32 {
+    3
+}
+fn default_grace_period() -> Duration {
+    Duration::from_secs(30)
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthProtocol {
+    #[default]
+    Http,
+    Tcp,
+}
+
+/// How many instances the tier runs and how that number follows load.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scaling {
+    pub min: u32,
+    pub max: u32,
+    /// A manual count (`stratactl scale`); `min <= desired <= max`. When absent the
+    /// autoscaler decides, starting from `min`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired: Option<u32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<ScalingPolicy>,
+    /// Minimum time between two scale-outs.
+    #[serde(default = "default_cooldown")]
+    pub cooldown: Duration,
+    /// Scale-in uses the highest recommendation seen during this window (like HPA).
+    #[serde(default = "default_scale_in_stabilization")]
+    pub scale_in_stabilization: Duration,
+    /// At most this many instances added or removed per `step_period`.
+    #[serde(default = "default_max_step")]
+    pub max_step: u32,
+    #[serde(default = "default_step_period")]
+    pub step_period: Duration,
+}
+
+fn default_cooldown() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_scale_in_stabilization() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_max_step() -> u32 {
+    4
+}
+fn default_step_period() -> Duration {
+    Duration::from_secs(60)
+}
+
+/// A target-tracking policy: keep the per-instance average of `metric` near `target`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScalingPolicy {
+    pub metric: ScalingMetric,
+    pub target: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScalingMetric {
+    /// Percent of one instance's CPU reservation, 0 to 100.
+    CpuUtilization,
+    /// Requests per second per instance, from the load balancer.
+    RequestsPerSecond,
+    /// Concurrent sessions per instance, from the load balancer.
+    ActiveConnections,
+    /// Average response time in milliseconds, from the load balancer.
+    ResponseTimeMs,
+    /// Requests queued in the load balancer per instance.
+    QueueLength,
+}
+
+/// How the tier is exposed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadBalancer {
+    /// Where the load balancer listens, for example `0.0.0.0:8080`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    #[serde(default)]
+    pub mode: LbMode,
+    #[serde(default)]
+    pub algorithm: Algorithm,
+    /// Weight given to every instance (1 to 256).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// HTTP only: pin clients to a server with this cookie.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sticky_cookie: Option<String>,
+    /// How long a removed instance keeps serving its open connections.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for LoadBalancer {
+    fn default() -> Self {
+        LoadBalancer {
+            listen: None,
+            mode: LbMode::default(),
+            algorithm: Algorithm::default(),
+            weight: default_weight(),
+            sticky_cookie: None,
+            drain_timeout: default_drain_timeout(),
+        }
+    }
+}
+
+fn default_weight() -> u32 {
+    100
+}
+fn default_drain_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LbMode {
+    #[default]
+    Http,
+    Tcp,
+}
+
+/// HAProxy's balance algorithms.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Algorithm {
+    #[default]
+    Roundrobin,
+    StaticRr,
+    Leastconn,
+    Source,
+    Uri,
+    Random,
+    First,
+}
+
+/// Where instances may go.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Placement {
+    #[serde(default)]
+    pub spread: Spread,
+    /// Only nodes carrying all these labels are eligible.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Spread {
+    #[default]
+    Node,
+    Zone,
+}
+
+/// A tier as the controller stores and returns it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Tier {
+    #[serde(flatten)]
+    pub spec: TierSpec,
+    /// Incremented each time the spec changes (not on status or scale changes).
+    pub generation: u64,
+    /// Unix milliseconds, stamped by the leader that proposed the creating command.
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+    #[serde(default)]
+    pub status: TierStatus,
+}
+
+impl Tier {
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    /// The Raft log index that last changed this tier.
+    pub fn resource_version(&self) -> u64 {
+        self.spec.resource_version.unwrap_or(0)
+    }
+}
+
+/// What the control plane observes and decides about a tier.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TierStatus {
+    /// The instance count the control plane is converging to.
+    pub desired: u32,
+    /// Instances that exist (any phase before Terminated).
+    pub current: u32,
+    /// Instances Running and healthy.
+    pub ready: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scaling: Option<ScalingDecision>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// One decision of the autoscaler or an operator, with its inputs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ScalingDecision {
+    pub at_ms: u64,
+    pub from: u32,
+    pub to: u32,
+    pub reason: String,
+}
+
+/// A Kubernetes-style condition such as `Ready` or `ScalingLimited`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub condition_type: String,
+    pub status: bool,
+    pub reason: String,
+    pub message: String,
+    pub since_ms: u64,
+}
+
+/// Body of `POST /v1/tiers/{name}/scale`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScaleRequest {
+    pub desired: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_version: Option<u64>,
+}
