@@ -29,7 +29,7 @@ pub struct Request {
 pub enum Command {
     /// Create or replace a tier. `spec.resource_version` is the compare-and-set precondition:
     /// `Some(0)` means "must not exist yet", `Some(v)` "must be at version v".
-    PutTier { spec: TierSpec },
+    PutTier { spec: Box<TierSpec> },
     DeleteTier {
         name: String,
         expected_version: Option<u64>,

@@ -20,6 +20,10 @@
 //! entries must be readable when `append` returns and persisted when the callback fires; the
 //! vote must be persisted before `save_vote` returns; `truncate` and `purge` must leave no hole.
 
+// openraft's storage traits fix `StorageError` (over 200 bytes) as the error type; boxing it in
+// our private helpers would only add conversions back at every trait method.
+#![allow(clippy::result_large_err)]
+
 use std::collections::BTreeMap;
 use std::io::Cursor;
 use std::ops::RangeBounds;

@@ -187,7 +187,11 @@ async fn put_tier(
         }
     }
     strata_api::validate::tier_spec(&spec).map_err(Problem::validation)?;
-    let result = controller.propose(Command::PutTier { spec }).await?;
+    let result = controller
+        .propose(Command::PutTier {
+            spec: Box::new(spec),
+        })
+        .await?;
     write_response(result)
 }
 
