@@ -11,6 +11,7 @@
 
 pub mod cluster;
 pub mod duration;
+pub mod path;
 pub mod problem;
 pub mod tier;
 pub mod validate;
