@@ -10,6 +10,7 @@
 //! reverse.
 
 pub mod cluster;
+pub mod decode;
 pub mod duration;
 pub mod path;
 pub mod problem;
