@@ -125,7 +125,7 @@ fn objects_of(values: Vec<serde_json::Value>) -> Result<Vec<serde_json::Value>, 
 }
 
 fn problem_from(error: serde_path_to_error::Error<serde_json::Error>) -> Problem {
-    let last_key = match error.path().iter().last() {
+    let last_key = match error.path().iter().next_back() {
         Some(Segment::Map { key }) => Some(key.clone()),
         _ => None,
     };

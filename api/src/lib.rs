@@ -9,15 +9,19 @@
 //! Invariant: this crate knows nothing of axum or sqlx; the controller depends on it, never the
 //! reverse.
 
+pub mod client;
 pub mod cluster;
 pub mod decode;
 pub mod duration;
+pub mod list;
 pub mod path;
 pub mod problem;
 pub mod tier;
 pub mod validate;
 
+pub use client::{Client, ClientConfig, ClientError, PutTierOutcome};
 pub use cluster::{AddMemberRequest, ClusterStatus, Member};
 pub use duration::Duration;
+pub use list::ItemList;
 pub use problem::{FieldError, Problem, PROBLEM_CONTENT_TYPE};
 pub use tier::*;

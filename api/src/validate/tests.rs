@@ -986,7 +986,7 @@ fn reference_dns_label(name: &str) -> bool {
     if chars.is_empty() || chars.len() > 63 {
         return false;
     }
-    let alnum = |c: char| c.is_ascii_digit() || ('a'..='z').contains(&c);
+    let alnum = |c: char| c.is_ascii_digit() || c.is_ascii_lowercase();
     for (position, &c) in chars.iter().enumerate() {
         let edge = position == 0 || position == chars.len() - 1;
         let allowed = if edge { alnum(c) } else { alnum(c) || c == '-' };
