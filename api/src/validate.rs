@@ -64,6 +64,26 @@ pub fn tier_spec(spec: &TierSpec) -> Result<(), Vec<FieldError>> {
     report.finish()
 }
 
+/// Checks the body of `PUT /v1/tiers/{name}`: the spec itself, and that its `name` is the one
+/// in the URL, since a mismatch would store the tier under a name the caller did not address.
+pub fn put_tier(name_in_path: &str, spec: &TierSpec) -> Result<(), Vec<FieldError>> {
+    let mut errors = tier_spec(spec).err().unwrap_or_default();
+    if spec.name != name_in_path {
+        errors.insert(
+            0,
+            FieldError::new(
+                "name",
+                format!("must match the name in the URL ({name_in_path:?})"),
+            ),
+        );
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
+}
+
 /// Checks `POST /v1/cluster/members`: a positive id and a `host:port` address.
 pub fn add_member(request: &AddMemberRequest) -> Result<(), Vec<FieldError>> {
     let mut report = Report::default();

@@ -29,7 +29,7 @@ fn unavailable() -> Option<Answer> {
 }
 
 #[tokio::test]
-async fn fails_over_from_a_refusing_server_and_sticks_to_the_one_that_answered() {
+async fn fails_over_from_a_refusing_server() {
     let good = FakeServer::start(|_| cluster_answer()).await;
     let client = client(vec![refusing_address().await, good.url()], 5_000);
 
@@ -40,13 +40,11 @@ async fn fails_over_from_a_refusing_server_and_sticks_to_the_one_that_answered()
     assert_eq!(status.node_id, 2);
     assert_eq!(status.members.len(), 2);
 
-    // The second call goes straight to the server that answered.
-    let started = Instant::now();
+    // Stickiness is shown by the 503 test, where the skipped server can count its requests.
     client
         .cluster_status()
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    assert!(started.elapsed() < Duration::from_millis(400));
     assert_eq!(good.requests().len(), 2);
     assert_eq!(good.requests()[0], "GET /v1/cluster|Bearer secret-token|");
 }

@@ -919,6 +919,29 @@ fn every_problem_is_reported_at_once() {
 }
 
 #[test]
+fn put_tier_requires_the_url_name() {
+    let spec = process_tier();
+    assert_eq!(put_tier("web", &spec), Ok(()));
+    let paths: Vec<String> = put_tier("api", &spec)
+        .err()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|error| error.path)
+        .collect();
+    assert_eq!(paths, ["name"]);
+    let mut bad = process_tier();
+    bad.scaling.max = 0;
+    bad.scaling.min = 0;
+    let paths: Vec<String> = put_tier("api", &bad)
+        .err()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|error| error.path)
+        .collect();
+    assert_eq!(paths, ["name", "scaling.max"]);
+}
+
+#[test]
 fn add_member_rules() {
     let cases: &[(u64, &str, &[&str])] = &[
         (1, "127.0.0.1:7001", &[]),
