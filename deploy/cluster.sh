@@ -14,6 +14,13 @@ home="${STRATA_HOME:-$PWD/.data}"
 bin="${STRATA_BIN:-$PWD/target/debug}"
 base_port="${STRATA_BASE_PORT:-7001}"
 
+# A pid counts as running unless it is gone or a zombie (a killed node whose parent has not
+# reaped it yet still answers kill -0).
+alive() {
+  local state
+  state=$(ps -o stat= -p "$1" 2>/dev/null) && [ -n "$state" ] && [[ "$state" != Z* ]]
+}
+
 ensure_env() {
   mkdir -p "$home"
   if [ ! -f "$home/env" ]; then
@@ -42,7 +49,7 @@ start() {
   for i in $(seq 1 "$n"); do peers="$peers${peers:+,}$i=127.0.0.1:$((base_port + i - 1))"; done
   echo "$n" > "$home/nodes"
   for i in $(seq 1 "$n"); do
-    if [ -f "$home/node-$i.pid" ] && kill -0 "$(cat "$home/node-$i.pid")" 2>/dev/null; then
+    if [ -f "$home/node-$i.pid" ] && alive "$(cat "$home/node-$i.pid")"; then
       echo "node $i already running (pid $(cat "$home/node-$i.pid"))"
       continue
     fi

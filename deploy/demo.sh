@@ -18,7 +18,7 @@ step $ctl get tiers
 step $ctl scale tier web --replicas 4
 step $ctl describe tier web
 
-leader=$($ctl cluster status -o json | sed -n 's/.*"leader_id":\([0-9]*\).*/\1/p')
+leader=$($ctl cluster status -o json | sed -n 's/.*"leader_id": *\([0-9]*\).*/\1/p')
 printf '\n\033[1mkill -9 of the leader (node %s); the API keeps answering through the others\033[0m\n' "$leader"
 kill -9 "$(cat .data/node-"$leader".pid)"
 step $ctl scale tier web --replicas 5

@@ -337,8 +337,14 @@ mod tests {
     fn unchanged_spec_keeps_generation_and_changed_spec_bumps_it() {
         let mut state = State::default();
         state.apply(1, &put(spec("web", 1, 5)));
-        assert_eq!(tier_of(state.apply(2, &put(spec("web", 1, 5)))).generation, 1);
-        assert_eq!(tier_of(state.apply(3, &put(spec("web", 1, 9)))).generation, 2);
+        assert_eq!(
+            tier_of(state.apply(2, &put(spec("web", 1, 5)))).generation,
+            1
+        );
+        assert_eq!(
+            tier_of(state.apply(3, &put(spec("web", 1, 9)))).generation,
+            2
+        );
     }
 
     #[test]
@@ -362,10 +368,18 @@ mod tests {
         let tier = tier_of(state.apply(3, &scale(4, Some(1))));
         assert_eq!(tier.status.desired, 4);
         assert_eq!(tier.resource_version(), 3);
-        let decision = tier.status.last_scaling.unwrap_or_else(|| panic!("no decision"));
+        let decision = tier
+            .status
+            .last_scaling
+            .unwrap_or_else(|| panic!("no decision"));
         assert_eq!((decision.from, decision.to, decision.at_ms), (1, 4, 2000));
         // Narrowing max below the manual count clamps it.
-        assert_eq!(tier_of(state.apply(4, &put(spec("web", 1, 3)))).status.desired, 3);
+        assert_eq!(
+            tier_of(state.apply(4, &put(spec("web", 1, 3))))
+                .status
+                .desired,
+            3
+        );
     }
 
     #[test]
@@ -385,7 +399,10 @@ mod tests {
             }
         ));
         state.apply(2, &put(spec("web", 1, 5)));
-        assert!(matches!(state.apply(3, &delete), CommandResult::Deleted { .. }));
+        assert!(matches!(
+            state.apply(3, &delete),
+            CommandResult::Deleted { .. }
+        ));
         assert!(state.tiers.is_empty());
     }
 
