@@ -4,7 +4,8 @@
 //! as process groups, in `driver::group`); `state` persists one record per instance in the
 //! agent's data dir; `supervisor` plans (pure) and executes convergence to the assigned
 //! instances and reports their phase, health and CPU; `health` is the probe state machine and
-//! its task; `host_metrics` and `procfs` read `/proc`; `workload` is the `strata-workload` app.
+//! its task; `host_metrics` and `procfs` read `/proc`; `standalone` converges to an assignment
+//! file (what the `strata-agent` binary runs); `workload` is the `strata-workload` app.
 //!
 //! Invariants: every instance leads its own process group and is identified by pid *and*
 //! start time, so a recycled pid is never signalled; a record is on disk before the agent
@@ -15,6 +16,7 @@ pub mod driver;
 pub mod health;
 pub mod host_metrics;
 pub mod procfs;
+pub mod standalone;
 pub mod state;
 pub mod supervisor;
 pub mod workload;

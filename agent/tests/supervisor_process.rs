@@ -284,3 +284,86 @@ async fn health_follows_the_workload() {
     supervisor.converge(&[]).await;
     supervisor.shutdown().await;
 }
+
+/// Wraps the process driver and fails the first stop, as a host under pressure might.
+struct FlakyStop {
+    inner: strata_agent::driver::ProcessDriver,
+    failures_left: std::sync::atomic::AtomicU32,
+}
+
+impl strata_agent::Driver for FlakyStop {
+    fn kind(&self) -> DriverKind {
+        DriverKind::Process
+    }
+    fn start(
+        &self,
+        request: &strata_agent::driver::StartRequest<'_>,
+    ) -> Result<strata_agent::InstanceRecord, strata_agent::DriverError> {
+        self.inner.start(request)
+    }
+    fn inspect(&self, record: &strata_agent::InstanceRecord) -> strata_agent::driver::Observation {
+        self.inner.inspect(record)
+    }
+    fn adopt(&self, record: &strata_agent::InstanceRecord) -> strata_agent::driver::Observation {
+        self.inner.adopt(record)
+    }
+    fn stop(
+        &self,
+        record: &strata_agent::InstanceRecord,
+        grace: Duration,
+    ) -> Result<strata_agent::driver::StopOutcome, strata_agent::DriverError> {
+        use std::sync::atomic::Ordering;
+        let left = self.failures_left.load(Ordering::SeqCst);
+        if left > 0 {
+            self.failures_left.store(left - 1, Ordering::SeqCst);
+            return Err(strata_agent::DriverError::InvalidTemplate(
+                "injected stop failure".to_string(),
+            ));
+        }
+        self.inner.stop(record, grace)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_stop_is_retried_by_the_next_converge() {
+    let guard = GroupGuard::new();
+    let data = tempfile::tempdir().expect("tempdir");
+    let drivers = strata_agent::supervisor::Drivers {
+        process: std::sync::Arc::new(FlakyStop {
+            inner: strata_agent::driver::ProcessDriver::new(),
+            failures_left: 1.into(),
+        }),
+        qemu: std::sync::Arc::new(strata_agent::driver::QemuDriver::default()),
+    };
+    let mut supervisor = Supervisor::open_with_drivers(config(data.path()), drivers)
+        .await
+        .expect("open");
+    let id = Uuid::new_v4();
+    supervisor
+        .converge(&[process_assignment(id, vec![workload_binary()])])
+        .await;
+    let report = wait_for(
+        &mut supervisor,
+        &guard,
+        id,
+        Duration::from_secs(30),
+        "healthy",
+        |r| r.health == HealthStatus::Healthy,
+    )
+    .await;
+    let pid = report.pid.expect("pid");
+
+    let outcome = supervisor.converge(&[]).await;
+    assert_eq!(outcome.failures.len(), 1, "{outcome:?}");
+    assert!(outcome.failures[0].error.contains("injected"));
+    assert!(
+        !group_has_no_live_member(pid),
+        "still running after the failed stop"
+    );
+    // Still known, so the next converge tries again.
+    let outcome = supervisor.converge(&[]).await;
+    assert_eq!(outcome.actions, vec![Action::Stop { instance_id: id }]);
+    assert!(outcome.failures.is_empty(), "{outcome:?}");
+    assert!(group_has_no_live_member(pid));
+    supervisor.shutdown().await;
+}
