@@ -83,6 +83,9 @@ fetch() {
 
 kernel_deb=$(fetch "$kernel_package")
 busybox_deb=$(fetch busybox-static)
+# Older kernels (Debian ships a new ABI every few months) would otherwise pile up.
+find "$cache" -maxdepth 1 -name 'linux-image-*.deb' ! -name "$(basename "$kernel_deb")" -delete
+find "$cache" -maxdepth 1 -name 'busybox-static_*.deb' ! -name "$(basename "$busybox_deb")" -delete
 
 stamp=$(
   {

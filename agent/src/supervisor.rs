@@ -353,6 +353,7 @@ impl Supervisor {
 
     /// Brings this host to `desired`: plans, then stops, starts and keeps. Errors of single
     /// actions are returned in the outcome (and retried by the next call), not raised.
+    #[tracing::instrument(name = "converge", skip_all, fields(desired = desired.len()))]
     pub async fn converge(&mut self, desired: &[Assignment]) -> ConvergeOutcome {
         self.refresh().await;
         let known: BTreeSet<Uuid> = self.instances.keys().copied().collect();
@@ -561,6 +562,8 @@ impl Supervisor {
             .state
             .create_instance_dir(instance_id)
             .map_err(|error| error.to_string())?;
+        // The api's validation requires a driver for local tiers; an assignment without one is
+        // read as the simplest kind.
         let kind = assignment.template.driver.unwrap_or(DriverKind::Process);
         let started = allocate_port(self.config.advertise_ip, &in_use)
             .map_err(|source| DriverError::Spawn {

@@ -12,9 +12,9 @@ packages=(
   xz-utils          # Debian kernel modules may be .ko.xz
   zstd              # ... or .ko.zst
   kmod              # modinfo, to order module loading by dependency
-  iproute2          # ip, used by tests and the guest bring-up notes
-  procps            # ps/pgrep for debugging stray processes
-  file
+  binutils          # strip, to keep the guest's copy of strata-workload small
+  iproute2          # ip, for network-namespace test hosts
+  procps            # ps, to look for stray instance processes when debugging
 )
 
 missing=()
