@@ -12,6 +12,7 @@
 //! relies on a started instance; instances outlive the agent process and are adopted, never
 //! restarted, by the next one.
 
+pub mod connected;
 pub mod driver;
 pub mod health;
 pub mod host_metrics;
