@@ -226,13 +226,13 @@ impl Client {
         self.node_action(id, "cordon").await
     }
 
-    /// `POST /v1/nodes/{id}/uncordon`: the node takes new instances again (and stops
-    /// draining).
+    /// `POST /v1/nodes/{id}/uncordon`: the node takes new instances again.
     pub async fn uncordon_node(&self, id: &str) -> Result<Node, ClientError> {
         self.node_action(id, "uncordon").await
     }
 
-    /// `POST /v1/nodes/{id}/drain`: the node's instances are replaced elsewhere.
+    /// `POST /v1/nodes/{id}/drain`: the node's instances are replaced elsewhere. Answers once
+    /// the drain is recorded, before the instances have moved.
     pub async fn drain_node(&self, id: &str) -> Result<Node, ClientError> {
         self.node_action(id, "drain").await
     }
