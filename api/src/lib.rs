@@ -1,12 +1,12 @@
 //! Strata's public API: resource types, their validation, `application/problem+json` errors,
 //! the HTTP client that fails over between controllers, and the `stratactl` CLI.
 //!
-//! Layout: `tier` and `cluster` hold the serde types and `list` the `{"items": [...]}`
-//! envelope; `validate` checks them and reports every problem with its field path (built by
-//! `path`); `problem` is the RFC 7807 error body; `duration` is the `500ms`/`3s`/`1m` duration
-//! type used in files and flags; `decode` turns bodies and files into typed values with the
-//! field path in every error; `client` talks to any controller; `cli` implements `stratactl`,
-//! whose `main` is `src/bin/stratactl.rs`.
+//! Layout: `tier`, `node` (nodes, instances, events and the agent protocol) and `cluster` hold
+//! the serde types and `list` the `{"items": [...]}` envelope; `validate` checks them and
+//! reports every problem with its field path (built by `path`); `problem` is the RFC 7807 error
+//! body; `duration` is the `500ms`/`3s`/`1m` duration type used in files and flags; `decode`
+//! turns bodies and files into typed values with the field path in every error; `client` talks
+//! to any controller; `cli` implements `stratactl`, whose `main` is `src/bin/stratactl.rs`.
 //!
 //! Invariant: this crate knows nothing of axum or sqlx; the controller depends on it, never the
 //! reverse.
