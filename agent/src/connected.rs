@@ -119,10 +119,9 @@ impl ControllerLink {
             let status = response.status().as_u16();
             if response.status().is_success() {
                 self.preferred = Some(address.clone());
-                return response
-                    .json()
-                    .await
-                    .map_err(|error| LinkError::Unreachable(format!("{address}: decode answer: {error}")));
+                return response.json().await.map_err(|error| {
+                    LinkError::Unreachable(format!("{address}: decode answer: {error}"))
+                });
             }
             let text = response.text().await.unwrap_or_default();
             let problem: Option<Problem> = serde_json::from_str(&text).ok();
@@ -147,22 +146,37 @@ impl ControllerLink {
         Err(LinkError::Unreachable(failures.join("; ")))
     }
 
-    pub async fn register(&mut self, request: &RegisterRequest) -> Result<strata_api::Node, LinkError> {
+    pub async fn register(
+        &mut self,
+        request: &RegisterRequest,
+    ) -> Result<strata_api::Node, LinkError> {
         self.post("/v1/agents/register", request).await
     }
 
-    pub async fn heartbeat(&mut self, request: &HeartbeatRequest) -> Result<HeartbeatResponse, LinkError> {
+    pub async fn heartbeat(
+        &mut self,
+        request: &HeartbeatRequest,
+    ) -> Result<HeartbeatResponse, LinkError> {
         self.post("/v1/agents/heartbeat", request).await
     }
 }
 
 /// Runs connected mode until `shutdown` resolves. Instances keep running afterwards; the next
 /// agent process adopts them.
-pub async fn run(config: ConnectedConfig, shutdown: impl Future<Output = ()>) -> Result<(), SupervisorError> {
+pub async fn run(
+    config: ConnectedConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), SupervisorError> {
     let mut supervisor = Supervisor::open(config.supervisor.clone()).await?;
     let mut sampler = HostMetricsSampler::new();
-    let timeout = config.interval.clamp(Duration::from_millis(500), Duration::from_secs(3));
-    let mut link = ControllerLink::new(config.controllers.clone(), config.join_token.clone(), timeout);
+    let timeout = config
+        .interval
+        .clamp(Duration::from_millis(500), Duration::from_secs(3));
+    let mut link = ControllerLink::new(
+        config.controllers.clone(),
+        config.join_token.clone(),
+        timeout,
+    );
     let registration = RegisterRequest {
         node_id: config.node_id.clone(),
         address: config.supervisor.advertise_ip.to_string(),

@@ -60,7 +60,7 @@ pub enum ClientError {
     /// A controller answered with an error. Bodies that were not problem+json are turned into
     /// a problem carrying the status and the body text.
     #[error("{0}")]
-    Problem(Problem),
+    Problem(Box<Problem>),
     /// No controller gave a usable answer before the failover deadline; one line per
     /// controller with its last error and how often it was tried.
     #[error("no controller answered:{}", bullet_list(.attempts))]
@@ -346,7 +346,9 @@ impl Client {
                     if status.is_success() {
                         return Ok((status, bytes));
                     }
-                    return Err(ClientError::Problem(problem_from_answer(status, &bytes)));
+                    return Err(ClientError::Problem(Box::new(problem_from_answer(
+                        status, &bytes,
+                    ))));
                 }
                 Attempt::TryElsewhere(reason) => {
                     tracing::debug!(server = %self.servers[index], %reason, "controller did not answer; trying the next one");

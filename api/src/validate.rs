@@ -583,20 +583,32 @@ mod tests;
 pub fn register(request: &crate::node::RegisterRequest) -> Result<(), Vec<FieldError>> {
     let mut report = Report::default();
     if !is_dns_label(&request.node_id) {
-        report.fail("node_id", "must be a DNS label (lowercase letters, digits, '-')");
+        report.fail(
+            "node_id",
+            "must be a DNS label (lowercase letters, digits, '-')",
+        );
     }
     if request.address.parse::<std::net::IpAddr>().is_err() {
         report.fail("address", "must be an IP address");
     }
-    if !(request.capacity.cpu.is_finite() && request.capacity.cpu > 0.0 && request.capacity.cpu <= 4096.0) {
-        report.fail("capacity.cpu", "must be a number of cores above 0 and at most 4096");
+    if !(request.capacity.cpu.is_finite()
+        && request.capacity.cpu > 0.0
+        && request.capacity.cpu <= 4096.0)
+    {
+        report.fail(
+            "capacity.cpu",
+            "must be a number of cores above 0 and at most 4096",
+        );
     }
     if request.capacity.memory_mb == 0 {
         report.fail("capacity.memory_mb", "must be above 0");
     }
     if let Some(zone) = &request.zone {
         if !is_label_value(zone) || zone.is_empty() {
-            report.fail("zone", "must be a label value (letters, digits, '-', '_', '.')");
+            report.fail(
+                "zone",
+                "must be a label value (letters, digits, '-', '_', '.')",
+            );
         }
     }
     for (key, value) in &request.labels {
@@ -616,7 +628,10 @@ pub fn register(request: &crate::node::RegisterRequest) -> Result<(), Vec<FieldE
 pub fn heartbeat(request: &crate::node::HeartbeatRequest) -> Result<(), Vec<FieldError>> {
     let mut report = Report::default();
     if !is_dns_label(&request.node_id) {
-        report.fail("node_id", "must be a DNS label (lowercase letters, digits, '-')");
+        report.fail(
+            "node_id",
+            "must be a DNS label (lowercase letters, digits, '-')",
+        );
     }
     let metrics = &request.metrics;
     for (path, value) in [

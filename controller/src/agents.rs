@@ -47,7 +47,13 @@ impl Liveness {
 
     /// Records a heartbeat. Returns whether the reports differ from the previous heartbeat's
     /// (a hint that the reconciler has something to do).
-    pub fn record(&self, node: &str, at_ms: u64, metrics: HostMetrics, reports: Vec<InstanceReport>) -> bool {
+    pub fn record(
+        &self,
+        node: &str,
+        at_ms: u64,
+        metrics: HostMetrics,
+        reports: Vec<InstanceReport>,
+    ) -> bool {
         let mut inner = self.lock();
         let observation = inner.nodes.entry(node.to_string()).or_default();
         let changed = observation.last_seen_ms == 0 || observation.reports != reports;
@@ -75,7 +81,11 @@ pub struct ReconcileConfig {
 }
 
 /// Runs the reconcile loop until `shutdown` is cancelled. Acts only while this node leads.
-pub async fn run_reconciler(controller: Arc<Controller>, config: ReconcileConfig, shutdown: CancellationToken) {
+pub async fn run_reconciler(
+    controller: Arc<Controller>,
+    config: ReconcileConfig,
+    shutdown: CancellationToken,
+) {
     let mut round: u64 = 0;
     loop {
         tokio::select! {
@@ -87,7 +97,10 @@ pub async fn run_reconciler(controller: Arc<Controller>, config: ReconcileConfig
         if metrics.state != ServerState::Leader {
             let mut inner = controller.liveness.lock();
             if inner.term != 0 {
-                tracing::info!(term = inner.term, "no longer leader; dropping heartbeat memory");
+                tracing::info!(
+                    term = inner.term,
+                    "no longer leader; dropping heartbeat memory"
+                );
                 *inner = LivenessInner::default();
             }
             continue;
@@ -108,7 +121,9 @@ pub async fn run_reconciler(controller: Arc<Controller>, config: ReconcileConfig
         }
         round += 1;
         let span = tracing::debug_span!("reconcile", round);
-        reconcile_once(&controller, &config.plan).instrument(span).await;
+        reconcile_once(&controller, &config.plan)
+            .instrument(span)
+            .await;
     }
 }
 
@@ -121,7 +136,13 @@ async fn reconcile_once(controller: &Controller, config: &PlanConfig) {
             nodes: &liveness.nodes,
         };
         controller.state.read(|machine| {
-            plan(&machine.state, &observed, config, now, &mut uuid::Uuid::new_v4)
+            plan(
+                &machine.state,
+                &observed,
+                config,
+                now,
+                &mut uuid::Uuid::new_v4,
+            )
         })
     };
     for command in commands {
@@ -153,7 +174,10 @@ fn describe(command: &crate::state::Command) -> String {
         ),
         C::CreateInstances { instances, reason } => {
             let tiers: Vec<&str> = instances.iter().map(|i| i.tier.as_str()).collect();
-            format!("create {} instance(s) of {tiers:?}: {reason}", instances.len())
+            format!(
+                "create {} instance(s) of {tiers:?}: {reason}",
+                instances.len()
+            )
         }
         C::UpdateInstances { updates } => format!("update {} instance(s)", updates.len()),
         C::RemoveInstances { ids } => format!("forget {} final instance(s)", ids.len()),

@@ -71,19 +71,52 @@ mod tests {
         use InstanceEvent as E;
         use Phase as P;
         let expected = |phase: P, event: E| -> P {
-            match phase {
-                P::Pending => [P::Starting, P::Running, P::Draining, P::Failed, P::Failed, P::Lost],
-                P::Starting => [P::Starting, P::Running, P::Draining, P::Failed, P::Failed, P::Lost],
-                P::Running => [P::Running, P::Running, P::Draining, P::Failed, P::Failed, P::Lost],
-                P::Draining => [P::Draining, P::Draining, P::Draining, P::Terminated, P::Terminated, P::Lost],
+            let row = match phase {
+                P::Pending => [
+                    P::Starting,
+                    P::Running,
+                    P::Draining,
+                    P::Failed,
+                    P::Failed,
+                    P::Lost,
+                ],
+                P::Starting => [
+                    P::Starting,
+                    P::Running,
+                    P::Draining,
+                    P::Failed,
+                    P::Failed,
+                    P::Lost,
+                ],
+                P::Running => [
+                    P::Running,
+                    P::Running,
+                    P::Draining,
+                    P::Failed,
+                    P::Failed,
+                    P::Lost,
+                ],
+                P::Draining => [
+                    P::Draining,
+                    P::Draining,
+                    P::Draining,
+                    P::Terminated,
+                    P::Terminated,
+                    P::Lost,
+                ],
                 P::Terminated => [P::Terminated; 6],
                 P::Failed => [P::Failed; 6],
                 P::Lost => [P::Lost; 6],
-            }[EVENTS.iter().position(|e| *e == event).unwrap_or(0)]
+            };
+            row[EVENTS.iter().position(|e| *e == event).unwrap_or(0)]
         };
         for phase in PHASES {
             for event in EVENTS {
-                assert_eq!(step(phase, event), expected(phase, event), "{phase:?} + {event:?}");
+                assert_eq!(
+                    step(phase, event),
+                    expected(phase, event),
+                    "{phase:?} + {event:?}"
+                );
             }
         }
     }

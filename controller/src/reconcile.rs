@@ -92,13 +92,25 @@ pub fn plan(
     }
     let mut reservations = Reservations::of(state);
     for tier in state.tiers.values() {
-        commands.extend(plan_tier(state, tier, config, now_ms, &mut reservations, new_id));
+        commands.extend(plan_tier(
+            state,
+            tier,
+            config,
+            now_ms,
+            &mut reservations,
+            new_id,
+        ));
     }
     commands.extend(plan_orphans_and_forgetting(state, config, now_ms));
     commands
 }
 
-fn plan_nodes(state: &State, observed: &Observed<'_>, config: &PlanConfig, now_ms: u64) -> Vec<Command> {
+fn plan_nodes(
+    state: &State,
+    observed: &Observed<'_>,
+    config: &PlanConfig,
+    now_ms: u64,
+) -> Vec<Command> {
     let mut commands = Vec::new();
     for node in state.nodes.values() {
         let heard = observed.nodes.get(&node.id).map(|o| o.last_seen_ms);
@@ -128,7 +140,11 @@ fn plan_nodes(state: &State, observed: &Observed<'_>, config: &PlanConfig, now_m
     commands
 }
 
-fn plan_reports(state: &State, observed: &Observed<'_>, config: &PlanConfig) -> Vec<InstanceUpdate> {
+fn plan_reports(
+    state: &State,
+    observed: &Observed<'_>,
+    config: &PlanConfig,
+) -> Vec<InstanceUpdate> {
     let mut updates = Vec::new();
     for (node_id, observation) in observed.nodes {
         if !state.nodes.get(node_id).is_some_and(|node| node.ready) {
@@ -177,10 +193,9 @@ fn plan_reports(state: &State, observed: &Observed<'_>, config: &PlanConfig) -> 
                 Phase::Starting | Phase::Running if unreported_for > config.report_slack_ms => {
                     (InstanceEvent::Failed, "no longer reported by its agent")
                 }
-                Phase::Pending if unreported_for > config.start_timeout_ms => (
-                    InstanceEvent::Failed,
-                    "its agent did not start it in time",
-                ),
+                Phase::Pending if unreported_for > config.start_timeout_ms => {
+                    (InstanceEvent::Failed, "its agent did not start it in time")
+                }
                 _ => continue,
             };
             updates.push(InstanceUpdate {
@@ -221,7 +236,8 @@ impl Reservations {
     fn fits(&self, node: &NodeRecord, cpu: f64, memory_mb: u64) -> bool {
         let (used_cpu, used_memory) = self.used.get(&node.id).copied().unwrap_or_default();
         // A small tolerance so that, say, 4 x 0.25 CPU fit exactly on one core.
-        used_cpu + cpu <= node.capacity.cpu + 1e-9 && used_memory + memory_mb <= node.capacity.memory_mb
+        used_cpu + cpu <= node.capacity.cpu + 1e-9
+            && used_memory + memory_mb <= node.capacity.memory_mb
     }
 
     fn load(&self, node: &NodeRecord) -> f64 {
@@ -431,7 +447,11 @@ fn spread_counts(state: &State, tier: &Tier) -> BTreeMap<String, usize> {
         if instance.tier != tier.name() || !instance.phase.is_live() {
             continue;
         }
-        if let Some(node) = instance.node.as_ref().and_then(|node| state.nodes.get(node)) {
+        if let Some(node) = instance
+            .node
+            .as_ref()
+            .and_then(|node| state.nodes.get(node))
+        {
             *counts.entry(spread_key(tier, node)).or_default() += 1;
         }
     }
@@ -452,7 +472,11 @@ fn choose_node<'a>(
         .nodes
         .values()
         .filter(|node| node.ready && !node.cordoned && !node.draining)
-        .filter(|node| wanted.iter().all(|(key, value)| node.labels.get(key) == Some(value)))
+        .filter(|node| {
+            wanted
+                .iter()
+                .all(|(key, value)| node.labels.get(key) == Some(value))
+        })
         .filter(|node| reservations.fits(node, template.cpu, template.memory_mb))
         .min_by(|a, b| {
             let key = |node: &NodeRecord| {

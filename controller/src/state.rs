@@ -13,8 +13,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 use strata_api::{
-    Event, FieldError, Health, Instance, Phase, RegisterRequest, Resources, ScalingDecision,
-    Tier, TierSpec, TierStatus,
+    Event, FieldError, Health, Instance, Phase, RegisterRequest, Resources, ScalingDecision, Tier,
+    TierSpec, TierStatus,
 };
 use uuid::Uuid;
 
@@ -273,7 +273,12 @@ impl State {
         }
     }
 
-    fn register_node(&mut self, index: u64, at_ms: u64, registration: &RegisterRequest) -> CommandResult {
+    fn register_node(
+        &mut self,
+        index: u64,
+        at_ms: u64,
+        registration: &RegisterRequest,
+    ) -> CommandResult {
         let existing = self.nodes.get(&registration.node_id);
         let record = NodeRecord {
             id: registration.node_id.clone(),
@@ -293,14 +298,26 @@ impl State {
             Some(old) if !old.ready => format!("node {} registered again and is ready", record.id),
             Some(_) => format!("node {} registered again", record.id),
         };
-        self.record(at_ms, format!("node/{}", record.id), "NodeRegistered", message);
+        self.record(
+            at_ms,
+            format!("node/{}", record.id),
+            "NodeRegistered",
+            message,
+        );
         self.nodes.insert(record.id.clone(), record.clone());
         CommandResult::Node {
             node: Box::new(record),
         }
     }
 
-    fn set_node_ready(&mut self, index: u64, at_ms: u64, node: &str, ready: bool, reason: &str) -> CommandResult {
+    fn set_node_ready(
+        &mut self,
+        index: u64,
+        at_ms: u64,
+        node: &str,
+        ready: bool,
+        reason: &str,
+    ) -> CommandResult {
         let Some(record) = self.nodes.get_mut(node) else {
             return not_found_kind("node", node);
         };
@@ -313,16 +330,32 @@ impl State {
         record.resource_version = index;
         let record = record.clone();
         if ready {
-            self.record(at_ms, format!("node/{node}"), "NodeReady", reason.to_string());
+            self.record(
+                at_ms,
+                format!("node/{node}"),
+                "NodeReady",
+                reason.to_string(),
+            );
         } else {
-            self.record(at_ms, format!("node/{node}"), "NodeNotReady", reason.to_string());
+            self.record(
+                at_ms,
+                format!("node/{node}"),
+                "NodeNotReady",
+                reason.to_string(),
+            );
             let lost: Vec<Uuid> = self
                 .instances_on(node)
                 .filter(|instance| !instance.phase.is_final())
                 .map(|instance| instance.id)
                 .collect();
             for id in lost {
-                self.transition(index, at_ms, id, InstanceEvent::NodeLost, &format!("node {node} is not ready"));
+                self.transition(
+                    index,
+                    at_ms,
+                    id,
+                    InstanceEvent::NodeLost,
+                    &format!("node {node} is not ready"),
+                );
             }
         }
         CommandResult::Node {
@@ -330,7 +363,14 @@ impl State {
         }
     }
 
-    fn set_node_flags(&mut self, index: u64, at_ms: u64, node: &str, cordoned: bool, draining: bool) -> CommandResult {
+    fn set_node_flags(
+        &mut self,
+        index: u64,
+        at_ms: u64,
+        node: &str,
+        cordoned: bool,
+        draining: bool,
+    ) -> CommandResult {
         let Some(record) = self.nodes.get_mut(node) else {
             return not_found_kind("node", node);
         };
@@ -343,9 +383,18 @@ impl State {
         let record = record.clone();
         if changed {
             let (reason, message) = match (cordoned, draining) {
-                (_, true) => ("NodeDraining", format!("node {node} is draining: its instances move elsewhere")),
-                (true, false) => ("NodeCordoned", format!("node {node} is cordoned: no new instances")),
-                (false, false) => ("NodeUncordoned", format!("node {node} takes new instances again")),
+                (_, true) => (
+                    "NodeDraining",
+                    format!("node {node} is draining: its instances move elsewhere"),
+                ),
+                (true, false) => (
+                    "NodeCordoned",
+                    format!("node {node} is cordoned: no new instances"),
+                ),
+                (false, false) => (
+                    "NodeUncordoned",
+                    format!("node {node} takes new instances again"),
+                ),
             };
             self.record(at_ms, format!("node/{node}"), reason, message);
         }
@@ -354,10 +403,17 @@ impl State {
         }
     }
 
-    fn create_instances(&mut self, index: u64, at_ms: u64, instances: &[NewInstance], reason: &str) -> CommandResult {
+    fn create_instances(
+        &mut self,
+        index: u64,
+        at_ms: u64,
+        instances: &[NewInstance],
+        reason: &str,
+    ) -> CommandResult {
         let mut count = 0;
         for new in instances {
-            let (Some(tier), Some(node)) = (self.tiers.get(&new.tier), self.nodes.get(&new.node)) else {
+            let (Some(tier), Some(node)) = (self.tiers.get(&new.tier), self.nodes.get(&new.node))
+            else {
                 continue;
             };
             if self.instances.contains_key(&new.id) {
@@ -380,7 +436,10 @@ impl State {
                 ready_at_ms: 0,
                 resource_version: index,
             };
-            self.by_node.entry(new.node.clone()).or_default().insert(new.id);
+            self.by_node
+                .entry(new.node.clone())
+                .or_default()
+                .insert(new.id);
             self.instances.insert(new.id, instance);
             self.record(
                 at_ms,
@@ -393,7 +452,12 @@ impl State {
         CommandResult::Changed { count }
     }
 
-    fn update_instances(&mut self, index: u64, at_ms: u64, updates: &[InstanceUpdate]) -> CommandResult {
+    fn update_instances(
+        &mut self,
+        index: u64,
+        at_ms: u64,
+        updates: &[InstanceUpdate],
+    ) -> CommandResult {
         let mut count = 0;
         for update in updates {
             let Some(instance) = self.instances.get_mut(&update.id) else {
@@ -428,7 +492,14 @@ impl State {
 
     /// Applies one lifecycle event; records an event when the phase changes. Returns whether it
     /// changed.
-    fn transition(&mut self, index: u64, at_ms: u64, id: Uuid, event: InstanceEvent, reason: &str) -> bool {
+    fn transition(
+        &mut self,
+        index: u64,
+        at_ms: u64,
+        id: Uuid,
+        event: InstanceEvent,
+        reason: &str,
+    ) -> bool {
         let Some(instance) = self.instances.get_mut(&id) else {
             return false;
         };
@@ -442,6 +513,9 @@ impl State {
         instance.resource_version = index;
         if !reason.is_empty() {
             instance.reason = Some(reason.to_string());
+        } else if after == Phase::Running {
+            // Whatever held it back (failed start-up probes) no longer applies.
+            instance.reason = None;
         }
         if after == Phase::Running && instance.ready_at_ms == 0 {
             instance.ready_at_ms = at_ms;
@@ -460,7 +534,11 @@ impl State {
             Phase::Lost => ("InstanceLost", String::new()),
             Phase::Pending => ("InstancePending", String::new()),
         };
-        let because = if reason.is_empty() { detail } else { format!(": {reason}") };
+        let because = if reason.is_empty() {
+            detail
+        } else {
+            format!(": {reason}")
+        };
         self.record(
             at_ms,
             format!("tier/{tier}"),
@@ -551,7 +629,10 @@ impl State {
         let created = !self.tiers.contains_key(&spec.name);
         let previous_generation = self.tiers.get(&spec.name).map(|old| old.generation);
         let message = match previous_generation {
-            None => Some(("TierCreated", format!("tier created with desired {}", tier.status.desired))),
+            None => Some((
+                "TierCreated",
+                format!("tier created with desired {}", tier.status.desired),
+            )),
             Some(old) if old != tier.generation => Some((
                 "TierUpdated",
                 format!("spec changed: generation {old} -> {}", tier.generation),
@@ -568,7 +649,13 @@ impl State {
         }
     }
 
-    fn delete_tier(&mut self, index: u64, at_ms: u64, name: &str, expected: Option<u64>) -> CommandResult {
+    fn delete_tier(
+        &mut self,
+        index: u64,
+        at_ms: u64,
+        name: &str,
+        expected: Option<u64>,
+    ) -> CommandResult {
         if !self.tiers.contains_key(name) {
             return not_found(name);
         }
@@ -587,7 +674,12 @@ impl State {
                 for id in doomed {
                     self.transition(index, at_ms, id, InstanceEvent::Drain, "tier deleted");
                 }
-                self.record(at_ms, format!("tier/{name}"), "TierDeleted", format!("tier {name} deleted"));
+                self.record(
+                    at_ms,
+                    format!("tier/{name}"),
+                    "TierDeleted",
+                    format!("tier {name} deleted"),
+                );
                 CommandResult::Deleted {
                     tier: Box::new(tier),
                 }

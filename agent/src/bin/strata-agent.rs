@@ -7,8 +7,8 @@ use anyhow::Context;
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
 
-use strata_agent::driver::{AccelChoice, QemuConfig};
 use strata_agent::connected::{self, ConnectedConfig};
+use strata_agent::driver::{AccelChoice, QemuConfig};
 use strata_agent::standalone::{self, StandaloneConfig};
 use strata_agent::SupervisorConfig;
 
@@ -29,10 +29,20 @@ struct Args {
     #[arg(long, env = "STRATA_NODE_ID")]
     node_id: String,
     /// Controller addresses (host:port), comma separated; any of them will do.
-    #[arg(long, env = "STRATA_CONTROLLERS", value_delimiter = ',', required_unless_present = "assignments")]
+    #[arg(
+        long,
+        env = "STRATA_CONTROLLERS",
+        value_delimiter = ',',
+        required_unless_present = "assignments"
+    )]
     controllers: Vec<String>,
     /// The cluster's join token (the controllers' --join-token).
-    #[arg(long, env = "STRATA_JOIN_TOKEN", hide_env_values = true, required_unless_present = "assignments")]
+    #[arg(
+        long,
+        env = "STRATA_JOIN_TOKEN",
+        hide_env_values = true,
+        required_unless_present = "assignments"
+    )]
     join_token: Option<String>,
     /// State directory: one record per instance, and the instances' logs.
     #[arg(long, env = "STRATA_DATA_DIR")]
@@ -88,7 +98,13 @@ fn host_memory_mb() -> u64 {
         .and_then(|text| {
             text.lines()
                 .find_map(|line| line.strip_prefix("MemTotal:"))
-                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .and_then(|rest| {
+                    rest.trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                })
         })
         .map(|kib| kib / 1024)
         .unwrap_or(1024)
@@ -112,7 +128,10 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     if !strata_api::validate::is_dns_label(&args.node_id) {
-        anyhow::bail!("--node-id {:?} must be a DNS label (lowercase letters, digits, '-')", args.node_id);
+        anyhow::bail!(
+            "--node-id {:?} must be a DNS label (lowercase letters, digits, '-')",
+            args.node_id
+        );
     }
     let supervisor = SupervisorConfig {
         data_dir: args.data_dir,

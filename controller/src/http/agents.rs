@@ -30,9 +30,11 @@ async fn register(
         .await?;
     controller.liveness.wake.notify_one();
     match result {
-        CommandResult::Node { node } => Ok(Json(controller.state.read(|machine| {
-            node_view(&controller, &machine.state, &node)
-        }))),
+        CommandResult::Node { node } => {
+            Ok(Json(controller.state.read(|machine| {
+                node_view(&controller, &machine.state, &node)
+            })))
+        }
         other => Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",

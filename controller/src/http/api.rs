@@ -333,7 +333,12 @@ pub fn tier_view(state: &Replicated, tier: &Tier, now_ms: u64) -> Tier {
     view.status.conditions = vec![Condition {
         condition_type: "Ready".to_string(),
         status: ready >= desired,
-        reason: if ready >= desired { "AllReady" } else { "Converging" }.to_string(),
+        reason: if ready >= desired {
+            "AllReady"
+        } else {
+            "Converging"
+        }
+        .to_string(),
         message: format!("{ready} of {desired} desired instances are ready"),
         since_ms: tier.updated_at_ms,
     }];
@@ -407,14 +412,16 @@ async fn list_nodes(
 ) -> Result<Json<ItemList<Node>>, ApiError> {
     let params = query(params)?;
     read_barrier(&controller, params.stale).await?;
-    Ok(Json(controller.state.read(|machine| ItemList {
-        items: machine
-            .state
-            .nodes
-            .values()
-            .map(|record| node_view(&controller, &machine.state, record))
-            .collect(),
-        resource_version: machine.last_applied.map(|id| id.index),
+    Ok(Json(controller.state.read(|machine| {
+        ItemList {
+            items: machine
+                .state
+                .nodes
+                .values()
+                .map(|record| node_view(&controller, &machine.state, record))
+                .collect(),
+            resource_version: machine.last_applied.map(|id| id.index),
+        }
     })))
 }
 
@@ -541,14 +548,21 @@ async fn list_events(
 ) -> Result<Json<ItemList<Event>>, ApiError> {
     let params = query(params)?;
     read_barrier(&controller, params.stale).await?;
-    Ok(Json(controller.state.read(|machine| ItemList {
-        items: machine
-            .state
-            .events
-            .iter()
-            .filter(|event| params.object.as_ref().is_none_or(|object| &event.object == object))
-            .cloned()
-            .collect(),
-        resource_version: machine.last_applied.map(|id| id.index),
+    Ok(Json(controller.state.read(|machine| {
+        ItemList {
+            items: machine
+                .state
+                .events
+                .iter()
+                .filter(|event| {
+                    params
+                        .object
+                        .as_ref()
+                        .is_none_or(|object| &event.object == object)
+                })
+                .cloned()
+                .collect(),
+            resource_version: machine.last_applied.map(|id| id.index),
+        }
     })))
 }

@@ -255,11 +255,16 @@ async fn require_api_token(
         .into_response();
     };
     let agent_route = request.uri().path().starts_with("/v1/agents/");
-    let safe = matches!(*request.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    let safe = matches!(
+        *request.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS
+    );
     let refusal = match (role, agent_route) {
         (Role::Admin, _) | (Role::Agent, true) => None,
         (Role::Viewer, false) if safe => None,
-        (Role::Viewer, false) => Some("the viewer token may only read; writes need the admin token"),
+        (Role::Viewer, false) => {
+            Some("the viewer token may only read; writes need the admin token")
+        }
         (Role::Viewer, true) => Some("agent endpoints need the join token"),
         (Role::Agent, false) => Some("the join token may only register and heartbeat"),
     };
