@@ -90,7 +90,10 @@ mod tests {
 
     #[test]
     fn parses_operator_forms() {
-        assert_eq!("500ms".parse::<Duration>().ok(), Some(Duration::from_millis(500)));
+        assert_eq!(
+            "500ms".parse::<Duration>().ok(),
+            Some(Duration::from_millis(500))
+        );
         assert_eq!("3s".parse::<Duration>().ok(), Some(Duration::from_secs(3)));
         assert_eq!("1m".parse::<Duration>().ok(), Some(Duration::from_secs(60)));
         assert!("30".parse::<Duration>().is_err());

@@ -13,7 +13,10 @@ pub fn tier_spec(spec: &TierSpec) -> Result<(), Vec<FieldError>> {
         ));
     }
     if spec.scaling.min > spec.scaling.max {
-        errors.push(FieldError::new("scaling.min", "must not exceed scaling.max"));
+        errors.push(FieldError::new(
+            "scaling.min",
+            "must not exceed scaling.max",
+        ));
     }
     if errors.is_empty() {
         Ok(())

@@ -1,1 +1,119 @@
-//! placeholder
+//! The Strata controller: a Raft node (openraft) whose log, vote and snapshots live in SQLite
+//! (sqlx), the REST API (axum), and later the reconcilers that run on the leader.
+//!
+//! Layout:
+//! - `config`: command line and environment.
+//! - `state`: the replicated state machine: a closed `Command` enum and its deterministic
+//!   `apply`. No IO.
+//! - `store`: the only module that knows sqlx: log storage, vote, snapshots, the state machine
+//!   store openraft drives.
+//! - `network`: Raft RPCs and forwarded requests to peers over HTTP.
+//! - `node`: a running node: start and bootstrap, the write path (propose, forward to the
+//!   leader) and the read path (ReadIndex).
+//! - `http`: the only module that knows axum: `/v1`, `/raft`, health and metrics.
+//! - `metrics`: Prometheus text.
+//!
+//! `run` wires them together; the binary only parses flags and calls it.
+
+pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod network;
+pub mod node;
+pub mod raft_types;
+pub mod state;
+pub mod store;
+
+use std::future::Future;
+use std::path::Path;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+
+pub use config::Config;
+pub use node::{Controller, Tokens};
+
+/// Runs a controller node on `listener` until `shutdown` completes, then stops serving and
+/// shuts Raft down.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let tokens = load_tokens(&config).await?;
+    let controller = Controller::start(&config, tokens).await?;
+    let address = listener.local_addr().context("read listener address")?;
+    tracing::info!(node = config.node_id, %address, "serving the API and peer traffic");
+    let app = http::router(controller.clone());
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("serve http");
+    if let Err(error) = controller.raft.shutdown().await {
+        tracing::warn!(%error, "stop raft");
+    }
+    served
+}
+
+/// Reads the configured tokens, generating and keeping the ones that may be generated.
+async fn load_tokens(config: &Config) -> anyhow::Result<Tokens> {
+    tokio::fs::create_dir_all(&config.data_dir)
+        .await
+        .with_context(|| format!("create data dir {}", config.data_dir.display()))?;
+    let admin = match &config.admin_token {
+        Some(token) => token.clone(),
+        None => stored_secret(&config.data_dir, "admin-token").await?,
+    };
+    let cluster_secret = match (&config.cluster_secret, &config.peers) {
+        (Some(secret), _) => secret.clone(),
+        (None, None) => stored_secret(&config.data_dir, "cluster-secret").await?,
+        (None, Some(_)) => anyhow::bail!(
+            "--cluster-secret (or STRATA_CLUSTER_SECRET) is required with --peers: every node must share it"
+        ),
+    };
+    for (name, value) in [
+        ("admin token", Some(&admin)),
+        ("viewer token", config.viewer_token.as_ref()),
+        ("cluster secret", Some(&cluster_secret)),
+    ] {
+        if value.is_some_and(|value| value.trim().is_empty()) {
+            anyhow::bail!("the {name} must not be empty");
+        }
+    }
+    Ok(Tokens {
+        admin,
+        viewer: config.viewer_token.clone(),
+        cluster_secret,
+    })
+}
+
+/// Returns the secret kept in `data_dir/name`, creating a random one (mode 0600) if missing.
+async fn stored_secret(data_dir: &Path, name: &str) -> anyhow::Result<String> {
+    let path = data_dir.join(name);
+    match tokio::fs::read_to_string(&path).await {
+        Ok(secret) if !secret.trim().is_empty() => return Ok(secret.trim().to_string()),
+        Ok(_) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(error).with_context(|| format!("read {}", path.display())),
+    }
+    let secret = format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
+    let mut options = tokio::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true).mode(0o600);
+    let mut file = options
+        .open(&path)
+        .await
+        .with_context(|| format!("create {}", path.display()))?;
+    use tokio::io::AsyncWriteExt;
+    file.write_all(format!("{secret}\n").as_bytes())
+        .await
+        .with_context(|| format!("write {}", path.display()))?;
+    file.sync_all()
+        .await
+        .with_context(|| format!("sync {}", path.display()))?;
+    tracing::info!(path = %path.display(), "generated {name}");
+    Ok(secret)
+}

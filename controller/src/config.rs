@@ -1,0 +1,164 @@
+//! Command-line and environment configuration of `strata-controller`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use strata_api::Duration;
+
+/// A node of the Strata control plane: Raft member, REST API and (on the leader) reconcilers.
+///
+/// Every flag can also be given as an environment variable (`STRATA_NODE_ID`, `STRATA_LISTEN`,
+/// ...). Without `--peers` the node forms a single-node cluster on first start. With `--peers`,
+/// the node with the lowest id initialises the cluster once; the others wait to be contacted,
+/// and a restarted node simply rejoins from its data dir.
+#[derive(Clone, Debug, clap::Parser)]
+#[command(name = "strata-controller", version, about, long_about = None)]
+pub struct Config {
+    /// This node's Raft id (a positive integer, unique in the cluster).
+    #[arg(long, env = "STRATA_NODE_ID", value_parser = clap::value_parser!(u64).range(1..))]
+    pub node_id: u64,
+
+    /// Address the REST API and peer traffic listen on, for example 127.0.0.1:7001.
+    #[arg(long, env = "STRATA_LISTEN")]
+    pub listen: SocketAddr,
+
+    /// Address other nodes and forwarded requests use to reach this node (default: --listen).
+    #[arg(long, env = "STRATA_ADVERTISE")]
+    pub advertise: Option<String>,
+
+    /// Directory for the node's SQLite database (Raft log, vote, snapshots) and generated
+    /// secrets. Created if missing.
+    #[arg(long, env = "STRATA_DATA_DIR")]
+    pub data_dir: PathBuf,
+
+    /// The initial members as id=host:port pairs, for example
+    /// 1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003. Must include this node.
+    #[arg(long, env = "STRATA_PEERS", value_parser = parse_peers)]
+    pub peers: Option<Peers>,
+
+    /// Bearer token that may read and write. If absent, one is generated on first start and
+    /// kept in DATA_DIR/admin-token.
+    #[arg(long, env = "STRATA_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// Bearer token that may only read.
+    #[arg(long, env = "STRATA_VIEWER_TOKEN", hide_env_values = true)]
+    pub viewer_token: Option<String>,
+
+    /// Shared secret peers authenticate with. Required with --peers (every node needs the same
+    /// one); a single node generates one in DATA_DIR/cluster-secret.
+    #[arg(long, env = "STRATA_CLUSTER_SECRET", hide_env_values = true)]
+    pub cluster_secret: Option<String>,
+
+    /// Take a snapshot (and compact the log) after this many applied entries.
+    #[arg(long, env = "STRATA_SNAPSHOT_LOGS", default_value_t = 5000)]
+    pub snapshot_logs: u64,
+
+    /// How often the leader sends heartbeats to followers.
+    #[arg(long, env = "STRATA_RAFT_HEARTBEAT", default_value = "100ms")]
+    pub raft_heartbeat: Duration,
+
+    /// Followers start an election after a random timeout between this and twice this without
+    /// hearing from a leader.
+    #[arg(long, env = "STRATA_ELECTION_TIMEOUT", default_value = "400ms")]
+    pub election_timeout: Duration,
+
+    /// How long a write waits for the cluster before the API answers 503.
+    #[arg(long, env = "STRATA_WRITE_TIMEOUT", default_value = "10s")]
+    pub write_timeout: Duration,
+
+    /// Log filter, in tracing's EnvFilter syntax (RUST_LOG is used when set).
+    #[arg(long, env = "STRATA_LOG", default_value = "info")]
+    pub log: String,
+}
+
+/// The initial member list: node id → advertised address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peers(pub BTreeMap<u64, String>);
+
+fn parse_peers(text: &str) -> Result<Peers, String> {
+    let mut peers = BTreeMap::new();
+    for item in text
+        .split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+    {
+        let (id, address) = item
+            .split_once('=')
+            .ok_or_else(|| format!("{item:?} is not id=host:port"))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .map_err(|_| format!("{id:?} in {item:?} is not a node id"))?;
+        if id == 0 {
+            return Err("node ids start at 1".to_string());
+        }
+        let address = address.trim();
+        if address
+            .rsplit_once(':')
+            .and_then(|(_, port)| port.parse::<u16>().ok())
+            .is_none()
+        {
+            return Err(format!("{address:?} in {item:?} is not host:port"));
+        }
+        if peers.insert(id, address.to_string()).is_some() {
+            return Err(format!("node id {id} appears twice"));
+        }
+    }
+    if peers.is_empty() {
+        return Err("no peers given".to_string());
+    }
+    Ok(Peers(peers))
+}
+
+impl Config {
+    /// The address peers and forwarded requests reach this node on.
+    pub fn advertised_address(&self) -> String {
+        self.advertise
+            .clone()
+            .unwrap_or_else(|| self.listen.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn parses_the_documented_command_line() {
+        let config = Config::try_parse_from([
+            "strata-controller",
+            "--node-id",
+            "1",
+            "--listen",
+            "127.0.0.1:7001",
+            "--data-dir",
+            "/tmp/x",
+            "--peers",
+            "1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003",
+        ]);
+        let config = match config {
+            Ok(config) => config,
+            Err(error) => panic!("{error}"),
+        };
+        let peers = config.peers.map(|p| p.0).unwrap_or_default();
+        assert_eq!(peers.len(), 3);
+        assert_eq!(peers.get(&2).map(String::as_str), Some("127.0.0.1:7002"));
+    }
+
+    #[test]
+    fn rejects_bad_peer_lists() {
+        for bad in [
+            "1",
+            "x=127.0.0.1:1",
+            "1=127.0.0.1",
+            "0=a:1",
+            "1=a:1,1=b:2",
+            ",",
+        ] {
+            assert!(parse_peers(bad).is_err(), "{bad} should be refused");
+        }
+    }
+}

@@ -1,0 +1,322 @@
+//! The public `/v1` API: tiers and the cluster.
+//!
+//! Writes validate first (422 with field paths), then go through `Controller::propose`, which
+//! reaches the leader wherever the request landed. Reads are linearizable unless the client
+//! asks for `?stale=true`.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use strata_api::{AddMemberRequest, FieldError, Problem, ScaleRequest, Tier, TierSpec};
+
+use super::ApiError;
+use crate::node::{Controller, MemberChange};
+use crate::state::{Command, CommandResult, Rejection};
+
+pub fn routes() -> Router<Arc<Controller>> {
+    Router::new()
+        .route("/v1/tiers", get(list_tiers))
+        .route(
+            "/v1/tiers/{name}",
+            get(get_tier).put(put_tier).delete(delete_tier),
+        )
+        .route("/v1/tiers/{name}/scale", post(scale_tier))
+        .route("/v1/cluster", get(cluster_status))
+        .route("/v1/cluster/members", post(add_member))
+        .route("/v1/cluster/members/{id}", delete(remove_member))
+}
+
+/// A JSON request body: checks the content type (415), the size (413) and decodes with field
+/// paths in every error (400 for malformed JSON, 422 for a well-formed body of the wrong shape).
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let content_type = request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let media_type = content_type.split(';').next().unwrap_or("").trim();
+        if !media_type.eq_ignore_ascii_case("application/json") {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported-media-type",
+                "Unsupported media type",
+                format!(
+                    "the body must be application/json, not {:?}",
+                    if content_type.is_empty() {
+                        "(none)"
+                    } else {
+                        &content_type
+                    }
+                ),
+            ));
+        }
+        let bytes = Bytes::from_request(request, state)
+            .await
+            .map_err(body_rejection)?;
+        decode_json(&bytes).map(JsonBody).map_err(ApiError)
+    }
+}
+
+fn body_rejection(rejection: BytesRejection) -> ApiError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too-large",
+            "Request body too large",
+            format!(
+                "request bodies are limited to {} bytes",
+                super::MAX_API_BODY
+            ),
+        )
+    } else {
+        ApiError::bad_request(format!("read request body: {}", rejection.body_text()))
+    }
+}
+
+/// Decodes JSON, naming the offending field in every error.
+fn decode_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
+    let deserializer = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(deserializer).map_err(|error| {
+        let path = error.path().to_string();
+        let inner = error.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            Problem::new(
+                400,
+                "malformed",
+                "Malformed JSON",
+                format!("the body is not valid JSON: {inner}"),
+            )
+        } else {
+            let path = if path == "." { String::new() } else { path };
+            Problem::validation(vec![FieldError::new(path, inner.to_string())])
+        }
+    })
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReadParams {
+    #[serde(default)]
+    stale: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeleteParams {
+    resource_version: Option<u64>,
+}
+
+fn query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    query
+        .map(|Query(params)| params)
+        .map_err(|rejection| ApiError::bad_request(rejection.body_text()))
+}
+
+async fn read_barrier(controller: &Controller, stale: bool) -> Result<(), ApiError> {
+    if !stale {
+        controller.linearizable().await?;
+    }
+    Ok(())
+}
+
+async fn list_tiers(
+    State(controller): State<Arc<Controller>>,
+    params: Result<Query<ReadParams>, QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let params = query(params)?;
+    read_barrier(&controller, params.stale).await?;
+    let (items, applied) = controller.state.read(|machine| {
+        (
+            machine.state.tiers.values().cloned().collect::<Vec<Tier>>(),
+            machine.last_applied.map_or(0, |id| id.index),
+        )
+    });
+    Ok(Json(serde_json::json!({
+        "items": items,
+        "resource_version": applied,
+    })))
+}
+
+async fn get_tier(
+    State(controller): State<Arc<Controller>>,
+    Path(name): Path<String>,
+    params: Result<Query<ReadParams>, QueryRejection>,
+) -> Result<Json<Tier>, ApiError> {
+    let params = query(params)?;
+    read_barrier(&controller, params.stale).await?;
+    controller
+        .state
+        .read(|machine| machine.state.tiers.get(&name).cloned())
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("tier {name:?} does not exist")))
+}
+
+async fn put_tier(
+    State(controller): State<Arc<Controller>>,
+    Path(name): Path<String>,
+    JsonBody(spec): JsonBody<TierSpec>,
+) -> Result<Response, ApiError> {
+    if spec.name != name {
+        return Err(Problem::validation(vec![FieldError::new(
+            "name",
+            format!("must match the name in the path ({name:?})"),
+        )])
+        .into());
+    }
+    if let Some(kind) = &spec.kind {
+        if kind != strata_api::TIER_KIND {
+            return Err(Problem::validation(vec![FieldError::new(
+                "kind",
+                format!("must be {:?}", strata_api::TIER_KIND),
+            )])
+            .into());
+        }
+    }
+    strata_api::validate::tier_spec(&spec).map_err(Problem::validation)?;
+    let result = controller.propose(Command::PutTier { spec }).await?;
+    write_response(result)
+}
+
+async fn delete_tier(
+    State(controller): State<Arc<Controller>>,
+    Path(name): Path<String>,
+    params: Result<Query<DeleteParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let params = query(params)?;
+    let result = controller
+        .propose(Command::DeleteTier {
+            name,
+            expected_version: params.resource_version,
+        })
+        .await?;
+    write_response(result)
+}
+
+async fn scale_tier(
+    State(controller): State<Arc<Controller>>,
+    Path(name): Path<String>,
+    JsonBody(request): JsonBody<ScaleRequest>,
+) -> Result<Response, ApiError> {
+    let result = controller
+        .propose(Command::ScaleTier {
+            name,
+            desired: request.desired,
+            expected_version: request.resource_version,
+        })
+        .await?;
+    write_response(result)
+}
+
+/// Maps an applied command's result to the HTTP answer.
+fn write_response(result: CommandResult) -> Result<Response, ApiError> {
+    match result {
+        CommandResult::Tier { tier, created } => {
+            let status = if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            Ok((status, Json(tier)).into_response())
+        }
+        CommandResult::Deleted { tier } => Ok((StatusCode::OK, Json(tier)).into_response()),
+        CommandResult::Rejected { rejection } => Err(rejection_error(rejection)),
+        CommandResult::None => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "Internal error",
+            "the command produced no result",
+        )),
+    }
+}
+
+fn rejection_error(rejection: Rejection) -> ApiError {
+    match rejection {
+        Rejection::NotFound { kind, name } => {
+            ApiError::not_found(format!("{kind} {name:?} does not exist"))
+        }
+        Rejection::Conflict {
+            name,
+            expected,
+            current,
+        } => {
+            let mut problem = Problem::new(
+                409,
+                "conflict",
+                "Conflict",
+                if current == 0 {
+                    format!("{name:?} does not exist (expected resource_version {expected})")
+                } else {
+                    format!(
+                        "{name:?} is at resource_version {current}, not {expected}; re-read it and retry"
+                    )
+                },
+            );
+            problem.current_resource_version = Some(current);
+            ApiError(problem)
+        }
+        Rejection::Invalid { errors } => ApiError(Problem::validation(errors)),
+    }
+}
+
+async fn cluster_status(
+    State(controller): State<Arc<Controller>>,
+) -> Json<strata_api::ClusterStatus> {
+    Json(controller.cluster_status())
+}
+
+async fn add_member(
+    State(controller): State<Arc<Controller>>,
+    JsonBody(request): JsonBody<AddMemberRequest>,
+) -> Result<Json<strata_api::ClusterStatus>, ApiError> {
+    if request.id == 0 {
+        return Err(Problem::validation(vec![FieldError::new("id", "node ids start at 1")]).into());
+    }
+    if request
+        .address
+        .rsplit_once(':')
+        .and_then(|(_, port)| port.parse::<u16>().ok())
+        .is_none()
+    {
+        return Err(
+            Problem::validation(vec![FieldError::new("address", "must be host:port")]).into(),
+        );
+    }
+    controller
+        .change_membership(MemberChange::Add {
+            id: request.id,
+            address: request.address,
+            voter: request.voter,
+        })
+        .await?;
+    Ok(Json(controller.cluster_status()))
+}
+
+async fn remove_member(
+    State(controller): State<Arc<Controller>>,
+    Path(id): Path<String>,
+) -> Result<Json<strata_api::ClusterStatus>, ApiError> {
+    let id: u64 = id.parse().map_err(|_| {
+        ApiError(Problem::validation(vec![FieldError::new(
+            "id",
+            format!("{id:?} is not a node id"),
+        )]))
+    })?;
+    controller
+        .change_membership(MemberChange::Remove { id })
+        .await?;
+    Ok(Json(controller.cluster_status()))
+}

@@ -1,0 +1,295 @@
+//! The HTTP surface of a controller node (the only module that knows axum): the public API
+//! under `/v1`, peer traffic under `/raft`, `/healthz`, `/readyz` and `/metrics`.
+//!
+//! Invariants:
+//! - Every error body is `application/problem+json`; `problem_bodies` rewrites any error
+//!   response produced outside our handlers (unknown route, wrong method) into one.
+//! - `/v1` needs a bearer token: the admin token may do anything, the viewer token may only use
+//!   safe methods. `/raft` needs the cluster secret. Health endpoints are open.
+//! - Request bodies are limited to 1 MiB on `/v1` (413 beyond); peer bodies may be larger
+//!   because they carry log batches and snapshot chunks.
+
+mod api;
+mod peer;
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use strata_api::{Problem, PROBLEM_CONTENT_TYPE};
+
+use crate::metrics;
+use crate::node::{ClusterError, Controller};
+
+/// Largest request body the public API accepts.
+pub const MAX_API_BODY: usize = 1024 * 1024;
+/// Largest peer message (log batches, snapshot chunks).
+pub const MAX_PEER_BODY: usize = 256 * 1024 * 1024;
+
+/// Builds the node's router.
+pub fn router(controller: Arc<Controller>) -> Router {
+    let public = api::routes()
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_API_BODY))
+        .route_layer(middleware::from_fn_with_state(
+            controller.clone(),
+            require_api_token,
+        ));
+    let peers = peer::routes()
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_PEER_BODY))
+        .route_layer(middleware::from_fn_with_state(
+            controller.clone(),
+            require_cluster_secret,
+        ));
+    Router::new()
+        .merge(public)
+        .merge(peers)
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .fallback(not_found)
+        .layer(middleware::from_fn(problem_bodies))
+        .with_state(controller)
+}
+
+/// An error answered as `application/problem+json`.
+#[derive(Debug)]
+pub struct ApiError(pub Problem);
+
+impl ApiError {
+    pub fn new(status: StatusCode, kind: &str, title: &str, detail: impl Into<String>) -> Self {
+        ApiError(Problem::new(status.as_u16(), kind, title, detail))
+    }
+
+    pub fn bad_request(detail: impl Into<String>) -> Self {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad-request",
+            "Bad request",
+            detail,
+        )
+    }
+
+    pub fn not_found(detail: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::NOT_FOUND, "not-found", "Not found", detail)
+    }
+}
+
+impl From<Problem> for ApiError {
+    fn from(problem: Problem) -> Self {
+        ApiError(problem)
+    }
+}
+
+impl From<ClusterError> for ApiError {
+    fn from(error: ClusterError) -> Self {
+        let (status, kind, title) = match &error {
+            ClusterError::NoLeader(_) | ClusterError::ShuttingDown => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "Cluster unavailable",
+            ),
+            ClusterError::OutcomeUnknown(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "outcome-unknown",
+                "Write outcome unknown",
+            ),
+            ClusterError::Timeout(_) => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                "Cluster did not answer in time",
+            ),
+            ClusterError::Membership(_) => (
+                StatusCode::CONFLICT,
+                "membership",
+                "Membership change refused",
+            ),
+        };
+        ApiError::new(status, kind, title, error.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        problem_response(&self.0)
+    }
+}
+
+fn problem_response(problem: &Problem) -> Response {
+    let status = StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = serde_json::to_vec(problem).unwrap_or_default();
+    let mut response = (status, body).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(PROBLEM_CONTENT_TYPE),
+    );
+    if status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"strata\""),
+        );
+    }
+    response
+}
+
+/// Rewrites error responses that are not problem documents (axum's own 404/405/413 and the
+/// like) into problem documents, so clients meet one error shape.
+async fn problem_bodies(request: Request, next: Next) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_problem = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|value| {
+            value
+                .as_bytes()
+                .starts_with(PROBLEM_CONTENT_TYPE.as_bytes())
+        });
+    if !(status.is_client_error() || status.is_server_error()) || is_problem {
+        return response;
+    }
+    let (kind, title) = match status {
+        StatusCode::NOT_FOUND => ("not-found", "Not found"),
+        StatusCode::METHOD_NOT_ALLOWED => ("method-not-allowed", "Method not allowed"),
+        StatusCode::PAYLOAD_TOO_LARGE => ("too-large", "Request body too large"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ("unsupported-media-type", "Unsupported media type"),
+        _ if status.is_server_error() => ("internal", "Internal error"),
+        _ => ("bad-request", "Bad request"),
+    };
+    let detail = format!(
+        "{method} {path}: {}",
+        status.canonical_reason().unwrap_or("error")
+    );
+    let mut rewritten = problem_response(&Problem::new(status.as_u16(), kind, title, detail));
+    if let Some(allow) = response.headers().get(header::ALLOW) {
+        rewritten.headers_mut().insert(header::ALLOW, allow.clone());
+    }
+    rewritten
+}
+
+async fn not_found(request: Request<Body>) -> ApiError {
+    ApiError::not_found(format!(
+        "no route for {} {}",
+        request.method(),
+        request.uri().path()
+    ))
+}
+
+fn bearer(request: &Request) -> Option<&str> {
+    request
+        .headers()
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+/// Compares secrets without stopping at the first differing byte, so response times do not
+/// reveal how much of a guess was right.
+fn same_secret(given: &str, expected: &str) -> bool {
+    let (given, expected) = (given.as_bytes(), expected.as_bytes());
+    given.len() == expected.len()
+        && given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+async fn require_api_token(
+    State(controller): State<Arc<Controller>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let tokens = &controller.tokens;
+    let Some(token) = bearer(&request) else {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "Unauthorized",
+            "send Authorization: Bearer <token>",
+        )
+        .into_response();
+    };
+    let is_admin = same_secret(token, &tokens.admin);
+    let is_viewer = tokens
+        .viewer
+        .as_deref()
+        .is_some_and(|viewer| same_secret(token, viewer));
+    if !is_admin && !is_viewer {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "Unauthorized",
+            "the bearer token is not valid",
+        )
+        .into_response();
+    }
+    let safe = matches!(
+        *request.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS
+    );
+    if !is_admin && !safe {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "Forbidden",
+            "the viewer token may only read; writes need the admin token",
+        )
+        .into_response();
+    }
+    next.run(request).await
+}
+
+async fn require_cluster_secret(
+    State(controller): State<Arc<Controller>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match bearer(&request) {
+        Some(secret) if same_secret(secret, &controller.tokens.cluster_secret) => {
+            next.run(request).await
+        }
+        _ => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "Unauthorized",
+            "peer requests need the cluster secret",
+        )
+        .into_response(),
+    }
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// Ready when this node knows a leader and has applied what it has seen committed.
+async fn readyz(State(controller): State<Arc<Controller>>) -> Result<&'static str, ApiError> {
+    match controller.leader() {
+        Some(_) => Ok("ready\n"),
+        None => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "Not ready",
+            "this node knows no leader yet",
+        )),
+    }
+}
+
+async fn metrics_text(State(controller): State<Arc<Controller>>) -> Response {
+    let body = metrics::render(&controller);
+    let mut response = body.into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    response
+}

@@ -1,0 +1,208 @@
+//! Raft peer traffic over HTTP: the client half (`RaftNetworkFactory`), and the peer calls the
+//! API layer makes to the leader (forwarded writes, read-index requests).
+//!
+//! Every request carries the cluster secret as a bearer token; the server half lives in
+//! `http::peer`. Bodies are JSON: openraft's messages derive serde with the `serde` feature,
+//! and JSON keeps the wire readable when debugging a cluster.
+//!
+//! Error mapping follows openraft 0.9's `RaftNetwork` docs: a peer we could not reach at all is
+//! `Unreachable` (openraft backs off before retrying), any other transport failure is
+//! `Network`, and an error the remote Raft returned is `RemoteError`.
+
+use std::time::Duration;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::BasicNode;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::raft_types::{NodeId, TypeConfig};
+
+/// Peer routes, shared with the server half.
+pub mod routes {
+    pub const APPEND: &str = "/raft/append";
+    pub const VOTE: &str = "/raft/vote";
+    pub const SNAPSHOT: &str = "/raft/snapshot";
+    pub const WRITE: &str = "/raft/write";
+    pub const READ_INDEX: &str = "/raft/read-index";
+    pub const MEMBERS: &str = "/raft/members";
+}
+
+/// An HTTP client for peers, shared by every Raft connection of this node.
+#[derive(Clone)]
+pub struct PeerClient {
+    http: reqwest::Client,
+    secret: String,
+}
+
+/// How one peer call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// Nothing was delivered: connection refused, host unreachable, or connect timed out.
+    #[error("peer {address} unreachable: {source}")]
+    Unreachable {
+        address: String,
+        source: reqwest::Error,
+    },
+    /// The request may or may not have been delivered.
+    #[error("peer {address}: {source}")]
+    Transport {
+        address: String,
+        source: reqwest::Error,
+    },
+    #[error("peer {address} answered {status}: {body}")]
+    Status {
+        address: String,
+        status: u16,
+        body: String,
+    },
+}
+
+impl PeerClient {
+    pub fn new(secret: String) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(500))
+            .pool_idle_timeout(Duration::from_secs(30))
+            .tcp_nodelay(true)
+            .build()
+            // Only fails when the TLS backend cannot initialise; we build without TLS.
+            .unwrap_or_else(|_| reqwest::Client::new());
+        PeerClient { http, secret }
+    }
+
+    /// POSTs `body` as JSON to `route` on the peer at `address` and decodes the JSON answer.
+    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        address: &str,
+        route: &str,
+        body: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, PeerError> {
+        let response = self
+            .http
+            .post(format!("http://{address}{route}"))
+            .bearer_auth(&self.secret)
+            .timeout(timeout)
+            .json(body)
+            .send()
+            .await
+            .map_err(|source| {
+                if source.is_connect() {
+                    PeerError::Unreachable {
+                        address: address.to_string(),
+                        source,
+                    }
+                } else {
+                    PeerError::Transport {
+                        address: address.to_string(),
+                        source,
+                    }
+                }
+            })?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = response.text().await.unwrap_or_default();
+            return Err(PeerError::Status {
+                address: address.to_string(),
+                status: status.as_u16(),
+                body,
+            });
+        }
+        response
+            .json()
+            .await
+            .map_err(|source| PeerError::Transport {
+                address: address.to_string(),
+                source,
+            })
+    }
+}
+
+/// Creates one `PeerConnection` per replication target.
+pub struct NetworkFactory {
+    pub client: PeerClient,
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = PeerConnection;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
+        PeerConnection {
+            client: self.client.clone(),
+            target,
+            address: node.addr.clone(),
+        }
+    }
+}
+
+pub struct PeerConnection {
+    client: PeerClient,
+    target: NodeId,
+    address: String,
+}
+
+impl PeerConnection {
+    async fn rpc<Req, Resp, E>(
+        &self,
+        route: &str,
+        request: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let answer: Result<Resp, RaftError<NodeId, E>> = self
+            .client
+            .call(&self.address, route, request, option.hard_ttl())
+            .await
+            .map_err(|error| match error {
+                PeerError::Unreachable { .. } => RPCError::Unreachable(Unreachable::new(&error)),
+                _ => RPCError::Network(NetworkError::new(&error)),
+            })?;
+        answer.map_err(|remote| {
+            RPCError::RemoteError(RemoteError::new_with_node(
+                self.target,
+                BasicNode::new(&self.address),
+                remote,
+            ))
+        })
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerConnection {
+    async fn append_entries(
+        &mut self,
+        request: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.rpc(routes::APPEND, &request, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        request: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        self.rpc(routes::SNAPSHOT, &request, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        request: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.rpc(routes::VOTE, &request, &option).await
+    }
+}

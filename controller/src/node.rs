@@ -1,0 +1,521 @@
+//! One controller node: its Raft instance, stores and peer client, and the write and read paths
+//! every API handler goes through.
+//!
+//! Writes: a handler calls `Controller::propose`. On the leader the command is stamped with the
+//! leader's clock and proposed to Raft; on a follower it is forwarded to the leader's
+//! `/raft/write`, which stamps and proposes it there. A forward is retried only when it
+//! certainly was not delivered (the connection was refused) or the leader says it is not the
+//! leader any more; a forward that failed after delivery has an unknown outcome and is reported
+//! as such (503) instead of being retried and possibly applied twice.
+//!
+//! Reads: `Controller::linearizable` implements ReadIndex (openraft's `get_read_log_id`). The
+//! leader confirms its leadership with a quorum and returns its commit index; a follower asks
+//! the leader for that index and waits until its own state machine has applied it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use openraft::error::{
+    CheckIsLeaderError, ClientWriteError, ForwardToLeader, InitializeError, RaftError,
+};
+use openraft::{BasicNode, ChangeMembers, ServerState, SnapshotPolicy};
+use serde::{Deserialize, Serialize};
+use strata_api::{ClusterStatus, Member};
+
+use crate::config::Config;
+use crate::network::{routes, NetworkFactory, PeerClient, PeerError};
+use crate::raft_types::{NodeId, Raft};
+use crate::state::{Command, CommandResult, Request};
+use crate::store::{LogStore, StateMachineStore};
+
+/// Why a write or read could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// No leader is known or reachable right now; the client may retry.
+    #[error("no leader is available: {0}")]
+    NoLeader(String),
+    /// The write may or may not have been applied; the client must re-read before retrying.
+    #[error("the outcome of the write is unknown: {0}")]
+    OutcomeUnknown(String),
+    #[error("timed out after {0:?} waiting for the cluster")]
+    Timeout(Duration),
+    /// A membership change was refused (for example, removing the last voter).
+    #[error("membership change refused: {0}")]
+    Membership(String),
+    #[error("this node is shutting down")]
+    ShuttingDown,
+}
+
+/// What a leader answers to a forwarded write.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ForwardedWrite {
+    Applied(CommandResult),
+    NotLeader { leader: Option<(NodeId, String)> },
+    Failed(String),
+}
+
+/// What a leader answers to a read-index request.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ReadIndex {
+    Index(u64),
+    NotLeader { leader: Option<(NodeId, String)> },
+    Failed(String),
+}
+
+/// A change of the Raft membership, as forwarded to the leader.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum MemberChange {
+    Add {
+        id: NodeId,
+        address: String,
+        voter: bool,
+    },
+    Remove {
+        id: NodeId,
+    },
+}
+
+/// Authentication material, fixed at start.
+#[derive(Clone)]
+pub struct Tokens {
+    pub admin: String,
+    pub viewer: Option<String>,
+    pub cluster_secret: String,
+}
+
+/// A running controller node. Shared by every handler through an `Arc`.
+pub struct Controller {
+    pub id: NodeId,
+    pub raft: Raft,
+    pub state: StateMachineStore,
+    pub log: LogStore,
+    pub peers: PeerClient,
+    pub tokens: Tokens,
+    pub write_timeout: Duration,
+}
+
+impl Controller {
+    /// Opens the stores, starts Raft and, where this node is the one to do it, initialises the
+    /// cluster.
+    pub async fn start(config: &Config, tokens: Tokens) -> anyhow::Result<Arc<Controller>> {
+        use anyhow::Context;
+        tokio::fs::create_dir_all(&config.data_dir)
+            .await
+            .with_context(|| format!("create data dir {}", config.data_dir.display()))?;
+        let (log, state) = crate::store::open(&config.data_dir)
+            .await
+            .context("open node store")?;
+        let heartbeat = config.raft_heartbeat.as_millis().max(10);
+        let election = config.election_timeout.as_millis().max(heartbeat * 3);
+        let raft_config = openraft::Config {
+            cluster_name: "strata".to_string(),
+            heartbeat_interval: heartbeat,
+            election_timeout_min: election,
+            election_timeout_max: election * 2,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_logs.max(1)),
+            // Keep some log after a snapshot so a briefly lagging follower catches up from the
+            // log instead of a full snapshot.
+            max_in_snapshot_log_to_keep: (config.snapshot_logs / 5).clamp(1, 1000),
+            purge_batch_size: 256,
+            max_payload_entries: 512,
+            install_snapshot_timeout: 2_000,
+            ..openraft::Config::default()
+        }
+        .validate()
+        .context("validate raft config")?;
+        let peers = PeerClient::new(tokens.cluster_secret.clone());
+        let network = NetworkFactory {
+            client: peers.clone(),
+        };
+        let raft = Raft::new(
+            config.node_id,
+            Arc::new(raft_config),
+            network,
+            log.clone(),
+            state.clone(),
+        )
+        .await
+        .context("start raft")?;
+
+        let controller = Arc::new(Controller {
+            id: config.node_id,
+            raft,
+            state,
+            log,
+            peers,
+            tokens,
+            write_timeout: config.write_timeout.as_std(),
+        });
+        controller.bootstrap(config).await?;
+        Ok(controller)
+    }
+
+    async fn bootstrap(&self, config: &Config) -> anyhow::Result<()> {
+        use anyhow::Context;
+        let initialized = self
+            .raft
+            .is_initialized()
+            .await
+            .context("read raft state")?;
+        if initialized {
+            tracing::info!(node = self.id, "rejoining the cluster from the data dir");
+            return Ok(());
+        }
+        let members: BTreeMap<NodeId, BasicNode> = match &config.peers {
+            None => BTreeMap::from([(self.id, BasicNode::new(config.advertised_address()))]),
+            Some(peers) => {
+                if !peers.0.contains_key(&self.id) {
+                    anyhow::bail!("--peers does not include this node's id {}", self.id);
+                }
+                let lowest = peers.0.keys().next().copied();
+                if lowest != Some(self.id) {
+                    tracing::info!(
+                        node = self.id,
+                        "waiting for node {} to initialise the cluster",
+                        lowest.unwrap_or_default()
+                    );
+                    return Ok(());
+                }
+                peers
+                    .0
+                    .iter()
+                    .map(|(id, address)| (*id, BasicNode::new(address)))
+                    .collect()
+            }
+        };
+        match self.raft.initialize(members.clone()).await {
+            Ok(()) => {
+                tracing::info!(node = self.id, members = ?members.keys().collect::<Vec<_>>(), "initialised the cluster");
+                Ok(())
+            }
+            // Another path (a leader's append) got here first: nothing to do.
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
+            Err(error) => Err(anyhow::anyhow!("initialise the cluster: {error}")),
+        }
+    }
+
+    /// The leader this node knows of, with its address.
+    pub fn leader(&self) -> Option<(NodeId, String)> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let leader = metrics.current_leader?;
+        let address = metrics
+            .membership_config
+            .membership()
+            .get_node(&leader)
+            .map(|node| node.addr.clone())?;
+        Some((leader, address))
+    }
+
+    /// Proposes `command` and returns its result once applied, forwarding to the leader when
+    /// this node is not the leader.
+    pub async fn propose(&self, command: Command) -> Result<CommandResult, ClusterError> {
+        let timeout = self.write_timeout;
+        tokio::time::timeout(timeout, self.propose_until_done(command))
+            .await
+            .map_err(|_| ClusterError::Timeout(timeout))?
+    }
+
+    async fn propose_until_done(&self, command: Command) -> Result<CommandResult, ClusterError> {
+        let mut backoff = RetryBackoff::new();
+        loop {
+            let leader_hint = match self.propose_local(command.clone()).await {
+                Ok(result) => return Ok(result),
+                Err(LocalWriteError::NotLeader(hint)) => hint,
+                Err(LocalWriteError::Failed(error)) => return Err(error),
+            };
+            match leader_hint {
+                Some((leader, address)) if leader != self.id => {
+                    match self.forward_write(&address, &command).await {
+                        Ok(ForwardedWrite::Applied(result)) => return Ok(result),
+                        Ok(ForwardedWrite::NotLeader { .. }) => {}
+                        Ok(ForwardedWrite::Failed(error)) => {
+                            return Err(ClusterError::NoLeader(error))
+                        }
+                        // Not delivered: safe to try again once a leader is known.
+                        Err(PeerError::Unreachable { .. }) => {}
+                        Err(PeerError::Status { status, body, .. }) if status == 503 => {
+                            tracing::debug!(status, body, "leader not ready for a forwarded write")
+                        }
+                        Err(error) => return Err(ClusterError::OutcomeUnknown(error.to_string())),
+                    }
+                }
+                _ => {}
+            }
+            backoff.wait().await;
+        }
+    }
+
+    /// Proposes on this node if it is the leader. The command is stamped with this node's
+    /// clock here, so followers never decide times.
+    pub async fn propose_local(&self, command: Command) -> Result<CommandResult, LocalWriteError> {
+        let request = Request {
+            at_ms: now_ms(),
+            command,
+        };
+        match self.raft.client_write(request).await {
+            Ok(response) => Ok(response.data),
+            // openraft answers ForwardToLeader either before appending (not the leader) or when
+            // the entry was truncated away by a new leader; both mean "not applied", so a retry
+            // cannot apply the command twice (openraft 0.9 RaftCore, DeleteConflictLog).
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+                Err(LocalWriteError::NotLeader(leader_of(&forward)))
+            }
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(error))) => Err(
+                LocalWriteError::Failed(ClusterError::Membership(error.to_string())),
+            ),
+            Err(RaftError::Fatal(_)) => Err(LocalWriteError::Failed(ClusterError::ShuttingDown)),
+        }
+    }
+
+    async fn forward_write(
+        &self,
+        address: &str,
+        command: &Command,
+    ) -> Result<ForwardedWrite, PeerError> {
+        self.peers
+            .call(address, routes::WRITE, command, self.write_timeout)
+            .await
+    }
+
+    /// Waits until this node's state machine reflects every write acknowledged before the call
+    /// (ReadIndex). Fails when no leader can confirm its leadership in time.
+    pub async fn linearizable(&self) -> Result<(), ClusterError> {
+        let timeout = self.write_timeout;
+        tokio::time::timeout(timeout, self.linearizable_until_done())
+            .await
+            .map_err(|_| ClusterError::Timeout(timeout))?
+    }
+
+    async fn linearizable_until_done(&self) -> Result<(), ClusterError> {
+        let mut backoff = RetryBackoff::new();
+        loop {
+            let hint = match self.local_read_index().await {
+                ReadIndex::Index(index) => return self.wait_applied(index).await,
+                ReadIndex::NotLeader { leader } => leader,
+                ReadIndex::Failed(error) => {
+                    tracing::debug!(%error, "read index on this node");
+                    None
+                }
+            };
+            if let Some((leader, address)) = hint.filter(|(leader, _)| *leader != self.id) {
+                let answer: Result<ReadIndex, PeerError> = self
+                    .peers
+                    .call(&address, routes::READ_INDEX, &(), self.write_timeout)
+                    .await;
+                match answer {
+                    Ok(ReadIndex::Index(index)) => return self.wait_applied(index).await,
+                    Ok(other) => tracing::debug!(leader, answer = ?other, "read index from leader"),
+                    Err(error) => tracing::debug!(leader, %error, "read index from leader"),
+                }
+            }
+            backoff.wait().await;
+        }
+    }
+
+    /// The leader side of ReadIndex: confirms leadership with a quorum, then returns the index
+    /// a read must observe.
+    pub async fn local_read_index(&self) -> ReadIndex {
+        match self.raft.get_read_log_id().await {
+            Ok((read_log_id, _applied)) => ReadIndex::Index(read_log_id.map_or(0, |id| id.index)),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward))) => {
+                ReadIndex::NotLeader {
+                    leader: leader_of(&forward),
+                }
+            }
+            Err(error) => ReadIndex::Failed(error.to_string()),
+        }
+    }
+
+    async fn wait_applied(&self, index: u64) -> Result<(), ClusterError> {
+        if self.applied_index() >= index {
+            return Ok(());
+        }
+        self.raft
+            .wait(Some(self.write_timeout))
+            .applied_index_at_least(Some(index), "linearizable read")
+            .await
+            .map(|_| ())
+            .map_err(|_| ClusterError::Timeout(self.write_timeout))
+    }
+
+    pub fn applied_index(&self) -> u64 {
+        self.state
+            .read(|machine| machine.last_applied.map_or(0, |id| id.index))
+    }
+
+    /// This node's view of the cluster.
+    pub fn cluster_status(&self) -> ClusterStatus {
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let members = membership
+            .nodes()
+            .map(|(id, node)| Member {
+                id: *id,
+                address: node.addr.clone(),
+                voter: voters.contains(id),
+            })
+            .collect();
+        let role = match metrics.state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "shutdown",
+        };
+        ClusterStatus {
+            node_id: self.id,
+            role: role.to_string(),
+            leader_id: metrics.current_leader,
+            term: metrics.current_term,
+            // openraft 0.9 metrics expose the applied, not the committed, index; on the leader
+            // applied trails committed by at most the entries in flight to the state machine.
+            commit_index: metrics.last_applied.map_or(0, |id| id.index),
+            applied_index: metrics.last_applied.map_or(0, |id| id.index),
+            last_log_index: metrics.last_log_index.unwrap_or(0),
+            snapshot_index: metrics.snapshot.map_or(0, |id| id.index),
+            members,
+        }
+    }
+
+    /// Applies a membership change on the leader, forwarding it there from a follower.
+    pub async fn change_membership(&self, change: MemberChange) -> Result<(), ClusterError> {
+        let timeout = self.write_timeout * 3;
+        let attempt = async {
+            let mut backoff = RetryBackoff::new();
+            loop {
+                match self.leader() {
+                    Some((leader, _)) if leader == self.id => {
+                        return self.change_membership_local(change.clone()).await
+                    }
+                    Some((_, address)) => {
+                        let answer: Result<Result<(), String>, PeerError> = self
+                            .peers
+                            .call(&address, routes::MEMBERS, &change, timeout)
+                            .await;
+                        match answer {
+                            Ok(Ok(())) => return Ok(()),
+                            Ok(Err(error)) => return Err(ClusterError::Membership(error)),
+                            Err(PeerError::Unreachable { .. }) => {}
+                            Err(error) => {
+                                return Err(ClusterError::OutcomeUnknown(error.to_string()))
+                            }
+                        }
+                    }
+                    None => {}
+                }
+                backoff.wait().await;
+            }
+        };
+        tokio::time::timeout(timeout, attempt)
+            .await
+            .map_err(|_| ClusterError::Timeout(timeout))?
+    }
+
+    /// The leader side of `change_membership`.
+    pub async fn change_membership_local(&self, change: MemberChange) -> Result<(), ClusterError> {
+        match change {
+            MemberChange::Add { id, address, voter } => self.add_member(id, address, voter).await,
+            MemberChange::Remove { id } => self.remove_member(id).await,
+        }
+    }
+
+    /// Adds a node as a learner, waits for it to catch up, then (if `voter`) promotes it.
+    async fn add_member(
+        &self,
+        id: NodeId,
+        address: String,
+        voter: bool,
+    ) -> Result<(), ClusterError> {
+        self.raft
+            .add_learner(id, BasicNode::new(address), true)
+            .await
+            .map_err(membership_error)?;
+        if voter {
+            self.raft
+                .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                .await
+                .map_err(membership_error)?;
+        }
+        Ok(())
+    }
+
+    /// Removes a node from the voters and from the cluster.
+    async fn remove_member(&self, id: NodeId) -> Result<(), ClusterError> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        if membership.get_node(&id).is_none() {
+            return Err(ClusterError::Membership(format!(
+                "node {id} is not a member"
+            )));
+        }
+        let is_voter = membership.voter_ids().any(|voter| voter == id);
+        if is_voter {
+            self.raft
+                .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
+                .await
+                .map_err(membership_error)?;
+        } else {
+            self.raft
+                .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+                .await
+                .map_err(membership_error)?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a local proposal did not produce a result.
+#[derive(Debug)]
+pub enum LocalWriteError {
+    NotLeader(Option<(NodeId, String)>),
+    Failed(ClusterError),
+}
+
+fn leader_of(forward: &ForwardToLeader<NodeId, BasicNode>) -> Option<(NodeId, String)> {
+    match (&forward.leader_id, &forward.leader_node) {
+        (Some(id), Some(node)) => Some((*id, node.addr.clone())),
+        _ => None,
+    }
+}
+
+fn membership_error(error: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> ClusterError {
+    match error {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => {
+            ClusterError::NoLeader(format!("not the leader (leader: {:?})", forward.leader_id))
+        }
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(error)) => {
+            ClusterError::Membership(error.to_string())
+        }
+        RaftError::Fatal(_) => ClusterError::ShuttingDown,
+    }
+}
+
+/// Unix milliseconds from the system clock. Only leaders call this, to stamp commands.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Exponential backoff with jitter for retries while a leader is being elected.
+struct RetryBackoff {
+    next: Duration,
+}
+
+impl RetryBackoff {
+    fn new() -> Self {
+        RetryBackoff {
+            next: Duration::from_millis(20),
+        }
+    }
+
+    async fn wait(&mut self) {
+        use rand::Rng;
+        let jitter = rand::thread_rng().gen_range(0..=self.next.as_millis() as u64 / 2);
+        tokio::time::sleep(self.next + Duration::from_millis(jitter)).await;
+        self.next = (self.next * 2).min(Duration::from_millis(250));
+    }
+}
