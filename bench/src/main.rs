@@ -172,14 +172,24 @@ struct CompareReport {
 }
 
 #[tokio::main]
-async fn main() -> Result<()> {
+async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    match run_until_signal(cli.command).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_until_signal(command: Command) -> Result<()> {
     // Every cluster lives inside `run`; leaving it by ctrl-c or SIGTERM drops the future and
     // with it the clusters, which kill their processes and remove their directories.
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("install SIGTERM handler")?;
     tokio::select! {
-        result = run(cli.command) => result,
+        result = run(command) => result,
         _ = tokio::signal::ctrl_c() => bail!("interrupted"),
         _ = terminate.recv() => bail!("terminated"),
     }
