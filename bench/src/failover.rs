@@ -17,6 +17,10 @@ use crate::writes::round2;
 /// Per-write timeout while probing for the new leader: a write that hangs on a member still
 /// waiting for an election is abandoned and the next survivor is tried.
 const WRITE_TIMEOUT: Duration = Duration::from_millis(300);
+/// A new write attempt starts this often while none has succeeded: the samples' resolution.
+const PROBE_INTERVAL: Duration = Duration::from_millis(20);
+/// Bounds the attempts in flight (`WRITE_TIMEOUT / PROBE_INTERVAL` would be reached anyway).
+const MAX_ATTEMPTS_IN_FLIGHT: usize = 16;
 /// A failover slower than this is reported as an error rather than waited for.
 const FAILOVER_LIMIT: Duration = Duration::from_secs(30);
 /// How long a restarted member may take to rejoin and catch up.
@@ -31,7 +35,7 @@ pub struct FailoverReport {
     pub samples_ms: Vec<f64>,
     pub median_ms: f64,
     pub max_ms: f64,
-    /// Writes that failed (timeout or error) while a new leader was being found, per kill.
+    /// Write attempts that failed (timeout or error) before the first success, per kill.
     pub failed_writes: Vec<u64>,
 }
 
@@ -57,23 +61,9 @@ pub async fn run(cluster: &mut Cluster, writer: &Writer, kills: usize) -> Result
             .collect();
         let killed_at = cluster.kill(leader).await?;
 
-        let mut failures: u64 = 0;
-        let elapsed = loop {
-            let endpoint = &survivors[seq as usize % survivors.len()];
-            let outcome = writer.write(&http, endpoint, FAILOVER_CLIENT, seq).await;
-            seq += 1;
-            if outcome.is_ok() {
-                break killed_at.elapsed();
-            }
-            failures += 1;
-            if killed_at.elapsed() > FAILOVER_LIMIT {
-                bail!(
-                    "{system}: no write succeeded within {FAILOVER_LIMIT:?} of killing the leader"
-                );
-            }
-            // Quick refusals (no leader yet) would otherwise spin; 5 ms keeps the resolution.
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        };
+        let (elapsed, failures) = first_success(writer, &http, &survivors, &mut seq, killed_at)
+            .await
+            .with_context(|| format!("{system}: kill {kill}"))?;
         let ms = round2(elapsed.as_secs_f64() * 1000.0);
         eprintln!(
             "[{system}] kill {kill}/{kills}: member {} was leader, write succeeded after {ms} ms ({failures} failed attempts)",
@@ -95,6 +85,46 @@ pub async fn run(cluster: &mut Cluster, writer: &Writer, kills: usize) -> Result
         samples_ms,
         failed_writes,
     })
+}
+
+/// Starts a write to the next survivor every `PROBE_INTERVAL`, each with its own short
+/// timeout, and returns the time from the kill to the first acknowledged one along with the
+/// number of attempts that failed before it. Overlapping attempts keep the resolution at the
+/// interval: with one attempt at a time a write that hangs until its timeout just as the new
+/// leader takes over would add up to a whole timeout to the sample.
+async fn first_success(
+    writer: &Writer,
+    http: &reqwest::Client,
+    survivors: &[String],
+    seq: &mut u64,
+    killed_at: Instant,
+) -> Result<(Duration, u64)> {
+    let mut attempts = tokio::task::JoinSet::new();
+    let mut failures: u64 = 0;
+    let mut next_attempt = tokio::time::interval(PROBE_INTERVAL);
+    next_attempt.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        if killed_at.elapsed() > FAILOVER_LIMIT {
+            bail!("no write succeeded within {FAILOVER_LIMIT:?} of killing the leader");
+        }
+        tokio::select! {
+            _ = next_attempt.tick(), if attempts.len() < MAX_ATTEMPTS_IN_FLIGHT => {
+                let endpoint = survivors[*seq as usize % survivors.len()].clone();
+                let (writer, http, this_seq) = (writer.clone(), http.clone(), *seq);
+                *seq += 1;
+                attempts.spawn(async move {
+                    writer.write(&http, &endpoint, FAILOVER_CLIENT, this_seq).await
+                });
+            }
+            Some(done) = attempts.join_next() => {
+                match done.context("join write attempt")? {
+                    // Dropping the JoinSet aborts the attempts still in flight.
+                    Ok(()) => return Ok((killed_at.elapsed(), failures)),
+                    Err(_) => failures += 1,
+                }
+            }
+        }
+    }
 }
 
 /// Waits until the restarted member follows a leader and has applied at least what that
