@@ -227,6 +227,19 @@ impl Cluster {
         }
     }
 
+    /// CPU time (user + system) the running members have used so far, from `/proc`; `None`
+    /// where that is not readable. Comparing it before and after a run tells how much work
+    /// each write cost, a figure that other load on the machine moves much less than writes/s.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        let mut total = 0.0;
+        for member in &self.members {
+            if let Some(pid) = member.child.as_ref().and_then(Child::id) {
+                total += process_cpu_seconds(&format!("/proc/{pid}/stat"))?;
+            }
+        }
+        Some(total)
+    }
+
     pub fn data_dir(&self) -> Option<&Path> {
         self.dir
             .as_ref()
@@ -351,6 +364,19 @@ pub fn probe_client() -> Result<reqwest::Client> {
         .connect_timeout(Duration::from_millis(300))
         .build()
         .context("build HTTP client")
+}
+
+/// User plus system CPU time of one process from its `/proc/.../stat`, assuming the usual
+/// 100 clock ticks per second (sysconf is out of reach without unsafe code).
+pub fn process_cpu_seconds(stat_path: &str) -> Option<f64> {
+    let text = std::fs::read_to_string(stat_path).ok()?;
+    // The command name (field 2) may contain spaces; the fields after its ')' are fixed.
+    let after_name = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
 }
 
 fn log_tail(path: &Path) -> String {

@@ -169,6 +169,9 @@ struct CompareReport {
     /// ratio_writes_per_sec >= 1.25, p99_ok and failover_ok together.
     targets_met: Option<bool>,
     smoke: bool,
+    /// The machine's 1/5/15-minute load average when the run began: other work on a 2-core
+    /// machine moves every figure, so a report says how quiet the machine was.
+    load_average_at_start: Option<[f64; 3]>,
 }
 
 #[tokio::main]
@@ -254,12 +257,26 @@ async fn run_writes(
         config.warmup,
         config.duration
     );
-    let report = writes::run(writer, &cluster.endpoints(), config).await?;
+    let server_cpu_before = cluster.cpu_seconds();
+    let client_cpu_before = cluster::process_cpu_seconds("/proc/self/stat");
+    let mut report = writes::run(writer, &cluster.endpoints(), config).await?;
     // A member that crashed under load would make the figures meaningless.
     cluster.check_alive()?;
+    let cpu_used = |before: Option<f64>, after: Option<f64>| Some(writes::round2(after? - before?));
+    report.server_cpu_s = cpu_used(server_cpu_before, cluster.cpu_seconds());
+    report.client_cpu_s = cpu_used(
+        client_cpu_before,
+        cluster::process_cpu_seconds("/proc/self/stat"),
+    );
     eprintln!(
-        "[{}] {} writes/s, p50 {} ms, p99 {} ms, {} errors",
-        report.system, report.writes_per_sec, report.p50_ms, report.p99_ms, report.errors
+        "[{}] {} writes/s, p50 {} ms, p99 {} ms, {} errors, CPU s: servers {:?}, client {:?}",
+        report.system,
+        report.writes_per_sec,
+        report.p50_ms,
+        report.p99_ms,
+        report.errors,
+        report.server_cpu_s,
+        report.client_cpu_s
     );
     Ok(report)
 }
@@ -290,6 +307,7 @@ async fn compare(args: CompareArgs) -> Result<()> {
         failover_ok: None,
         targets_met: None,
         smoke,
+        load_average_at_start: load_average(),
     };
     let mut systems = args.systems.clone();
     systems.dedup();
@@ -329,6 +347,13 @@ async fn compare(args: CompareArgs) -> Result<()> {
         report.targets_met = Some(ratio >= TARGET_WRITES_RATIO && p99_ok && failover_ok);
     }
     print_json(&report)
+}
+
+/// Linux's `/proc/loadavg`; `None` elsewhere.
+fn load_average() -> Option<[f64; 3]> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    let mut fields = text.split_whitespace().map(|f| f.parse::<f64>().ok());
+    Some([fields.next()??, fields.next()??, fields.next()??])
 }
 
 fn print_json<T: Serialize>(value: &T) -> Result<()> {

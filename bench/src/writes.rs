@@ -35,6 +35,13 @@ pub struct WritesReport {
     pub p90_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
+    /// CPU seconds the cluster's processes used during the run (warm-up included), when the
+    /// benchmark owns the cluster.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_cpu_s: Option<f64>,
+    /// CPU seconds the load generator itself used (it shares the machine with the cluster).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_cpu_s: Option<f64>,
     /// Up to five distinct error messages, to tell a timeout from a rejected write.
     pub error_samples: Vec<String>,
 }
@@ -132,6 +139,8 @@ pub async fn run(
         p90_ms: percentile_ms(&latencies, 0.90),
         p99_ms: percentile_ms(&latencies, 0.99),
         max_ms: percentile_ms(&latencies, 1.0),
+        server_cpu_s: None,
+        client_cpu_s: None,
         error_samples,
     })
 }
