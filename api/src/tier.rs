@@ -61,7 +61,7 @@ pub enum Driver {
 
 /// What every instance of the tier looks like. Which fields apply depends on the provider and
 /// driver; validation names the ones that are missing or out of place.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Template {
     /// local: `process` or `qemu`.
@@ -100,6 +100,28 @@ pub struct Template {
     pub user_data: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub tags: BTreeMap<String, String>,
+}
+
+/// Same values as an empty template in a file, so that code building templates by hand does
+/// not get the invalid `cpu: 0, memory_mb: 0` a derived `Default` would give.
+impl Default for Template {
+    fn default() -> Self {
+        Template {
+            driver: None,
+            command: Vec::new(),
+            env: BTreeMap::new(),
+            image: None,
+            cpu: default_cpu(),
+            memory_mb: default_memory_mb(),
+            port: None,
+            ami: None,
+            instance_type: None,
+            subnets: Vec::new(),
+            security_groups: Vec::new(),
+            user_data: None,
+            tags: BTreeMap::new(),
+        }
+    }
 }
 
 fn default_cpu() -> f64 {

@@ -1,28 +1,121 @@
 //! Validation of resources; every failure carries its field path.
+//!
+//! Checks run after decoding, on values that already have the right types, and they never stop
+//! at the first problem: an operator fixing a file wants the whole list at once. The same
+//! functions run in `stratactl apply` (before anything is sent) and in the controller (before
+//! anything is proposed), so both report identical paths and messages.
 
+use std::collections::BTreeSet;
+
+use crate::cluster::AddMemberRequest;
+use crate::duration::Duration;
+use crate::path;
 use crate::problem::FieldError;
-use crate::tier::TierSpec;
+use crate::tier::{
+    Algorithm, Driver, HealthCheck, LbMode, LoadBalancer, Placement, Provider, ScaleRequest,
+    Scaling, ScalingMetric, Template, TierSpec, TIER_KIND,
+};
+
+/// The largest tier; beyond this a typo (`max: 10000`) would be taken at its word.
+pub const MAX_INSTANCES: u32 = 1000;
+/// Bounds of `template.cpu`, in cores.
+pub const MAX_CPU: f64 = 256.0;
+/// Bounds of `template.memory_mb`.
+pub const MIN_MEMORY_MB: u64 = 16;
+pub const MAX_MEMORY_MB: u64 = 1_048_576;
+/// Environment variables the agent sets itself; a template may not override them.
+pub const RESERVED_ENV: [&str; 2] = ["PORT", "STRATA_INSTANCE_ID"];
+/// EC2 tag keys with this prefix are how the controller finds its own instances again.
+pub const RESERVED_TAG_PREFIX: &str = "strata:";
+/// Bounds of `load_balancer.weight` (HAProxy accepts 0..=256; 0 would mean "no traffic").
+pub const MAX_WEIGHT: u32 = 256;
+/// Bounds of the health check thresholds.
+pub const MAX_THRESHOLD: u32 = 100;
+/// EC2 refuses user data beyond this many bytes.
+pub const MAX_USER_DATA_BYTES: usize = 16 * 1024;
+
+const ONE_SECOND: Duration = Duration::from_secs(1);
+const ONE_HOUR: Duration = Duration::from_secs(3600);
+const ONE_DAY: Duration = Duration::from_secs(86_400);
+const HUNDRED_MILLIS: Duration = Duration::from_millis(100);
 
 /// Checks a tier declaration and returns every problem found, each with its field path.
 pub fn tier_spec(spec: &TierSpec) -> Result<(), Vec<FieldError>> {
-    let mut errors = Vec::new();
+    let mut report = Report::default();
+    if let Some(kind) = &spec.kind {
+        if kind != TIER_KIND {
+            report.fail(
+                "kind",
+                format!("must be {TIER_KIND:?} when present, not {kind:?}"),
+            );
+        }
+    }
     if !is_dns_label(&spec.name) {
-        errors.push(FieldError::new(
+        report.fail(
             "name",
             "must be a DNS label: 1-63 lowercase letters, digits or '-', starting and ending with a letter or digit",
-        ));
+        );
     }
-    if spec.scaling.min > spec.scaling.max {
-        errors.push(FieldError::new(
-            "scaling.min",
-            "must not exceed scaling.max",
-        ));
+    scaling(&mut report, &spec.scaling);
+    template(&mut report, spec.provider, &spec.template);
+    health(&mut report, &spec.health);
+    load_balancer(&mut report, &spec.load_balancer);
+    placement(&mut report, &spec.placement);
+    report.finish()
+}
+
+/// Checks the body of `PUT /v1/tiers/{name}`: the spec itself, and that its `name` is the one
+/// in the URL, since a mismatch would store the tier under a name the caller did not address.
+pub fn put_tier(name_in_path: &str, spec: &TierSpec) -> Result<(), Vec<FieldError>> {
+    let mut errors = tier_spec(spec).err().unwrap_or_default();
+    if spec.name != name_in_path {
+        errors.insert(
+            0,
+            FieldError::new(
+                "name",
+                format!("must match the name in the URL ({name_in_path:?})"),
+            ),
+        );
     }
     if errors.is_empty() {
         Ok(())
     } else {
         Err(errors)
     }
+}
+
+/// Checks `POST /v1/cluster/members`: a positive id and a `host:port` address.
+pub fn add_member(request: &AddMemberRequest) -> Result<(), Vec<FieldError>> {
+    let mut report = Report::default();
+    // Id 0 is openraft's "no node" in several places; refusing it avoids a confusing cluster.
+    if request.id == 0 {
+        report.fail("id", "must be at least 1");
+    }
+    if !is_host_port(&request.address) {
+        report.fail(
+            "address",
+            format!(
+                "must be host:port with a port from 1 to 65535 and no scheme, not {:?}",
+                request.address
+            ),
+        );
+    }
+    report.finish()
+}
+
+/// Checks `POST /v1/tiers/{name}/scale` against the tier's current scaling bounds.
+pub fn scale(request: &ScaleRequest, current: &Scaling) -> Result<(), Vec<FieldError>> {
+    let mut report = Report::default();
+    if request.desired < current.min || request.desired > current.max {
+        report.fail(
+            "desired",
+            format!(
+                "must be between scaling.min ({}) and scaling.max ({}) of the tier",
+                current.min, current.max
+            ),
+        );
+    }
+    report.finish()
 }
 
 /// True for RFC 1123 labels.
@@ -36,3 +129,451 @@ pub fn is_dns_label(name: &str) -> bool {
         && bytes.first() != Some(&b'-')
         && bytes.last() != Some(&b'-')
 }
+
+/// True for a DNS name made of labels separated by dots, at most 253 characters.
+pub fn is_dns_subdomain(name: &str) -> bool {
+    name.len() <= 253 && name.split('.').all(is_dns_label)
+}
+
+/// True for a node label key: `name` or `prefix/name`, where the prefix is a DNS subdomain
+/// (`example.com/zone`) and the name a label name (see [`is_label_value`]).
+pub fn is_label_key(key: &str) -> bool {
+    match key.split_once('/') {
+        Some((prefix, name)) => is_dns_subdomain(prefix) && is_label_value(name),
+        None => is_label_value(key),
+    }
+}
+
+/// True for a node label value (and the name part of a key): 1 to 63 letters, digits, `-`, `_`
+/// or `.`, starting and ending with a letter or digit, as in Kubernetes.
+pub fn is_label_value(value: &str) -> bool {
+    let bytes = value.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && bytes.first().is_some_and(u8::is_ascii_alphanumeric)
+        && bytes.last().is_some_and(u8::is_ascii_alphanumeric)
+}
+
+/// True for `host:port` with a port from 1 to 65535, where host is an IPv4 address, a bracketed
+/// IPv6 address (`[::1]:7001`) or a DNS name. A scheme (`http://`) is refused: members are
+/// addressed by the controllers, which choose it themselves.
+pub fn is_host_port(address: &str) -> bool {
+    let Some((host, port)) = address.rsplit_once(':') else {
+        return false;
+    };
+    let port_ok = !port.is_empty()
+        && port.bytes().all(|b| b.is_ascii_digit())
+        && port.parse::<u16>().is_ok_and(|port| port != 0);
+    let host_ok = if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        inner.parse::<std::net::Ipv6Addr>().is_ok()
+    } else if host.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        host.parse::<std::net::Ipv4Addr>().is_ok()
+    } else {
+        is_dns_subdomain(&host.to_ascii_lowercase())
+    };
+    port_ok && host_ok
+}
+
+/// True for an RFC 6265 cookie name: an HTTP token, that is visible ASCII without separators.
+pub fn is_cookie_token(name: &str) -> bool {
+    const SEPARATORS: &[u8] = b"()<>@,;:\\\"/[]?={} \t";
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !SEPARATORS.contains(&b))
+}
+
+/// Collects failures so that every check runs and the caller gets the complete list.
+#[derive(Default)]
+struct Report {
+    errors: Vec<FieldError>,
+}
+
+impl Report {
+    fn fail(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(FieldError::new(path, message));
+    }
+
+    fn at_most(&mut self, path: &str, value: Duration, limit: Duration) {
+        if value > limit {
+            self.fail(path, format!("must be at most {limit}, not {value}"));
+        }
+    }
+
+    fn at_least(&mut self, path: &str, value: Duration, limit: Duration) {
+        if value < limit {
+            self.fail(path, format!("must be at least {limit}, not {value}"));
+        }
+    }
+
+    fn finish(self) -> Result<(), Vec<FieldError>> {
+        if self.errors.is_empty() {
+            Ok(())
+        } else {
+            Err(self.errors)
+        }
+    }
+}
+
+fn scaling(report: &mut Report, scaling: &Scaling) {
+    if scaling.max < 1 {
+        report.fail("scaling.max", "must be at least 1");
+    }
+    if scaling.max > MAX_INSTANCES {
+        report.fail("scaling.max", format!("must be at most {MAX_INSTANCES}"));
+    }
+    if scaling.min > scaling.max {
+        report.fail(
+            "scaling.min",
+            format!("must not exceed scaling.max ({})", scaling.max),
+        );
+    }
+    if let Some(desired) = scaling.desired {
+        if desired < scaling.min || desired > scaling.max {
+            report.fail(
+                "scaling.desired",
+                format!(
+                    "must be between scaling.min ({}) and scaling.max ({})",
+                    scaling.min, scaling.max
+                ),
+            );
+        }
+    }
+    if scaling.max_step < 1 {
+        report.fail("scaling.max_step", "must be at least 1");
+    }
+    report.at_most("scaling.cooldown", scaling.cooldown, ONE_DAY);
+    report.at_most(
+        "scaling.scale_in_stabilization",
+        scaling.scale_in_stabilization,
+        ONE_DAY,
+    );
+    report.at_least("scaling.step_period", scaling.step_period, ONE_SECOND);
+    report.at_most("scaling.step_period", scaling.step_period, ONE_DAY);
+
+    let mut seen = BTreeSet::new();
+    for (position, policy) in scaling.policies.iter().enumerate() {
+        let policy_path = path::index("scaling.policies", position);
+        let target_path = path::field(&policy_path, "target");
+        if !policy.target.is_finite() || policy.target <= 0.0 {
+            report.fail(target_path, "must be a finite number greater than 0");
+        } else if policy.metric == ScalingMetric::CpuUtilization && policy.target > 100.0 {
+            report.fail(
+                target_path,
+                "must be at most 100: cpu_utilization is a percentage of the reservation",
+            );
+        }
+        // Two targets for one metric would leave the autoscaler to pick one silently.
+        if !seen.insert(policy.metric) {
+            report.fail(
+                path::field(&policy_path, "metric"),
+                "appears in an earlier policy; give each metric one target",
+            );
+        }
+    }
+}
+
+fn template(report: &mut Report, provider: Provider, template: &Template) {
+    if !template.cpu.is_finite() || template.cpu <= 0.0 || template.cpu > MAX_CPU {
+        report.fail(
+            "template.cpu",
+            format!("must be greater than 0 and at most {MAX_CPU} cores"),
+        );
+    }
+    if !(MIN_MEMORY_MB..=MAX_MEMORY_MB).contains(&template.memory_mb) {
+        report.fail(
+            "template.memory_mb",
+            format!("must be between {MIN_MEMORY_MB} and {MAX_MEMORY_MB}"),
+        );
+    }
+    if template.port == Some(0) {
+        report.fail("template.port", "must be between 1 and 65535");
+    }
+    for name in template.env.keys() {
+        let entry_path = path::key("template.env", name);
+        if !path::is_identifier(name) {
+            report.fail(
+                entry_path,
+                "is not a valid environment variable name ([A-Za-z_][A-Za-z0-9_]*)",
+            );
+        } else if RESERVED_ENV.contains(&name.as_str()) {
+            report.fail(
+                entry_path,
+                "is reserved: the agent sets it for every instance",
+            );
+        }
+    }
+    match provider {
+        Provider::Local => local_template(report, template),
+        Provider::Ec2 => ec2_template(report, template),
+    }
+}
+
+fn local_template(report: &mut Report, template: &Template) {
+    const EC2_ONLY: &str = "only applies to provider ec2";
+    if template.ami.is_some() {
+        report.fail("template.ami", EC2_ONLY);
+    }
+    if template.instance_type.is_some() {
+        report.fail("template.instance_type", EC2_ONLY);
+    }
+    if !template.subnets.is_empty() {
+        report.fail("template.subnets", EC2_ONLY);
+    }
+    if !template.security_groups.is_empty() {
+        report.fail("template.security_groups", EC2_ONLY);
+    }
+    if template.user_data.is_some() {
+        report.fail("template.user_data", EC2_ONLY);
+    }
+    if !template.tags.is_empty() {
+        report.fail("template.tags", EC2_ONLY);
+    }
+
+    match template.driver {
+        None => report.fail(
+            "template.driver",
+            "is required for provider local: process or qemu",
+        ),
+        Some(Driver::Process) => {
+            if template.command.is_empty() {
+                report.fail("template.command", "is required for driver process");
+            }
+            for (position, argument) in template.command.iter().enumerate() {
+                if argument.is_empty() {
+                    report.fail(
+                        path::index("template.command", position),
+                        "must not be empty",
+                    );
+                }
+            }
+            if template.image.is_some() {
+                report.fail("template.image", "only applies to driver qemu");
+            }
+        }
+        Some(Driver::Qemu) => {
+            match &template.image {
+                None => report.fail("template.image", "is required for driver qemu"),
+                Some(image) => {
+                    if image.kernel.trim().is_empty() {
+                        report.fail("template.image.kernel", "must not be empty");
+                    }
+                    if image.initrd.trim().is_empty() {
+                        report.fail("template.image.initrd", "must not be empty");
+                    }
+                }
+            }
+            if template.port.is_none() {
+                report.fail(
+                    "template.port",
+                    "is required for driver qemu: the guest port to forward",
+                );
+            }
+            if !template.command.is_empty() {
+                report.fail("template.command", "only applies to driver process");
+            }
+        }
+    }
+}
+
+fn ec2_template(report: &mut Report, template: &Template) {
+    const LOCAL_ONLY: &str = "only applies to provider local";
+    if template.driver.is_some() {
+        report.fail("template.driver", LOCAL_ONLY);
+    }
+    if !template.command.is_empty() {
+        report.fail("template.command", LOCAL_ONLY);
+    }
+    if template.image.is_some() {
+        report.fail("template.image", LOCAL_ONLY);
+    }
+    // An EC2 instance has no agent to hand it environment variables; silently dropping them
+    // would be worse than refusing them.
+    if !template.env.is_empty() {
+        report.fail(
+            "template.env",
+            "only applies to provider local; configure EC2 instances through user_data",
+        );
+    }
+    match &template.ami {
+        None => report.fail("template.ami", "is required for provider ec2"),
+        Some(ami) if !is_ami_id(ami) => report.fail(
+            "template.ami",
+            format!("must look like ami-0123456789abcdef0, not {ami:?}"),
+        ),
+        Some(_) => {}
+    }
+    match &template.instance_type {
+        None => report.fail("template.instance_type", "is required for provider ec2"),
+        Some(instance_type) if !is_instance_type(instance_type) => report.fail(
+            "template.instance_type",
+            format!("must look like t3.micro, not {instance_type:?}"),
+        ),
+        Some(_) => {}
+    }
+    if template.port.is_none() {
+        report.fail(
+            "template.port",
+            "is required for provider ec2: the port the workload listens on",
+        );
+    }
+    for (position, subnet) in template.subnets.iter().enumerate() {
+        if subnet.trim().is_empty() {
+            report.fail(
+                path::index("template.subnets", position),
+                "must not be empty",
+            );
+        }
+    }
+    for (position, group) in template.security_groups.iter().enumerate() {
+        if group.trim().is_empty() {
+            report.fail(
+                path::index("template.security_groups", position),
+                "must not be empty",
+            );
+        }
+    }
+    if template
+        .user_data
+        .as_ref()
+        .is_some_and(|data| data.len() > MAX_USER_DATA_BYTES)
+    {
+        report.fail(
+            "template.user_data",
+            format!("must be at most {MAX_USER_DATA_BYTES} bytes"),
+        );
+    }
+    for (key, value) in &template.tags {
+        let tag_path = path::key("template.tags", key);
+        if key.is_empty() || key.chars().count() > 128 {
+            report.fail(tag_path, "tag keys must have 1 to 128 characters");
+        } else if key.starts_with(RESERVED_TAG_PREFIX) || key.starts_with("aws:") {
+            report.fail(
+                tag_path,
+                "tag keys starting with strata: or aws: are reserved",
+            );
+        } else if value.chars().count() > 256 {
+            report.fail(tag_path, "tag values must have at most 256 characters");
+        }
+    }
+}
+
+/// `ami-` followed by letters and digits (EC2 uses 8 or 17 hex digits; emulators vary).
+fn is_ami_id(ami: &str) -> bool {
+    ami.strip_prefix("ami-").is_some_and(|rest| {
+        !rest.is_empty() && rest.len() <= 64 && rest.bytes().all(|b| b.is_ascii_alphanumeric())
+    })
+}
+
+/// `family.size`, such as `t3.micro` or `m7g.2xlarge`.
+fn is_instance_type(instance_type: &str) -> bool {
+    let part_ok = |part: &str| {
+        !part.is_empty()
+            && part
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    };
+    instance_type
+        .split_once('.')
+        .is_some_and(|(family, size)| part_ok(family) && part_ok(size))
+}
+
+fn health(report: &mut Report, health: &HealthCheck) {
+    if !health.path.starts_with('/') {
+        report.fail("health.path", "must start with '/'");
+    } else if health
+        .path
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control())
+    {
+        report.fail(
+            "health.path",
+            "must not contain spaces or control characters",
+        );
+    }
+    report.at_least("health.interval", health.interval, HUNDRED_MILLIS);
+    report.at_most("health.interval", health.interval, ONE_HOUR);
+    report.at_least("health.timeout", health.timeout, HUNDRED_MILLIS);
+    report.at_most("health.timeout", health.timeout, ONE_HOUR);
+    // A probe still running when the next one starts would pile up probes on a slow instance.
+    if health.timeout > health.interval {
+        report.fail(
+            "health.timeout",
+            format!("must not exceed health.interval ({})", health.interval),
+        );
+    }
+    for (field, threshold) in [
+        ("health.healthy_threshold", health.healthy_threshold),
+        ("health.unhealthy_threshold", health.unhealthy_threshold),
+    ] {
+        if !(1..=MAX_THRESHOLD).contains(&threshold) {
+            report.fail(field, format!("must be between 1 and {MAX_THRESHOLD}"));
+        }
+    }
+    report.at_most("health.grace_period", health.grace_period, ONE_HOUR);
+}
+
+fn load_balancer(report: &mut Report, balancer: &LoadBalancer) {
+    if let Some(listen) = balancer.listen {
+        if listen.port() == 0 {
+            report.fail(
+                "load_balancer.listen",
+                "must name a port: clients need a fixed one to connect to",
+            );
+        }
+    }
+    if let Some(cookie) = &balancer.sticky_cookie {
+        if balancer.mode != LbMode::Http {
+            report.fail(
+                "load_balancer.sticky_cookie",
+                "only applies to mode http: a tcp balancer never sees cookies",
+            );
+        } else if !is_cookie_token(cookie) {
+            report.fail(
+                "load_balancer.sticky_cookie",
+                format!("must be a cookie name (visible ASCII without separators), not {cookie:?}"),
+            );
+        }
+    }
+    if balancer.algorithm == Algorithm::Uri && balancer.mode != LbMode::Http {
+        report.fail(
+            "load_balancer.algorithm",
+            "uri only applies to mode http: a tcp balancer never sees the request URI",
+        );
+    }
+    if !(1..=MAX_WEIGHT).contains(&balancer.weight) {
+        report.fail(
+            "load_balancer.weight",
+            format!("must be between 1 and {MAX_WEIGHT}"),
+        );
+    }
+    report.at_most(
+        "load_balancer.drain_timeout",
+        balancer.drain_timeout,
+        ONE_HOUR,
+    );
+}
+
+fn placement(report: &mut Report, placement: &Placement) {
+    for (key, value) in &placement.node_labels {
+        let entry_path = path::key("placement.node_labels", key);
+        if !is_label_key(key) {
+            report.fail(
+                entry_path.clone(),
+                "key must be 1-63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit, optionally after a DNS prefix and '/' (example.com/zone)",
+            );
+        }
+        if !is_label_value(value) {
+            report.fail(
+                entry_path,
+                format!("value {value:?} must be 1-63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit"),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

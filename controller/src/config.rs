@@ -56,12 +56,13 @@ pub struct Config {
     pub snapshot_logs: u64,
 
     /// How often the leader sends heartbeats to followers.
-    #[arg(long, env = "STRATA_RAFT_HEARTBEAT", default_value = "100ms")]
+    #[arg(long, env = "STRATA_RAFT_HEARTBEAT", default_value = "50ms")]
     pub raft_heartbeat: Duration,
 
-    /// Followers start an election after a random timeout between this and twice this without
-    /// hearing from a leader.
-    #[arg(long, env = "STRATA_ELECTION_TIMEOUT", default_value = "400ms")]
+    /// Base election timeout. A follower that stops hearing from its leader waits out the
+    /// leader's lease (1.75x this) plus a random 1x-1.75x this before it stands for election, so
+    /// failover takes roughly 2x-3.5x this value.
+    #[arg(long, env = "STRATA_ELECTION_TIMEOUT", default_value = "200ms")]
     pub election_timeout: Duration,
 
     /// How long a write waits for the cluster before the API answers 503.

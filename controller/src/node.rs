@@ -112,7 +112,10 @@ impl Controller {
             cluster_name: "strata".to_string(),
             heartbeat_interval: heartbeat,
             election_timeout_min: election,
-            election_timeout_max: election * 2,
+            // openraft 0.9 waits `leader_lease` (= election_timeout_max) plus a random
+            // election timeout after the last heartbeat of a known leader (RaftCore::
+            // handle_tick_election), so failover time is about 2x-3.5x `election`.
+            election_timeout_max: election * 7 / 4,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_logs.max(1)),
             // Keep some log after a snapshot so a briefly lagging follower catches up from the
             // log instead of a full snapshot.

@@ -29,7 +29,7 @@ pub struct Request {
 pub enum Command {
     /// Create or replace a tier. `spec.resource_version` is the compare-and-set precondition:
     /// `Some(0)` means "must not exist yet", `Some(v)` "must be at version v".
-    PutTier { spec: TierSpec },
+    PutTier { spec: Box<TierSpec> },
     DeleteTier {
         name: String,
         expected_version: Option<u64>,
@@ -254,5 +254,193 @@ fn not_found(name: &str) -> CommandResult {
             kind: "tier".to_string(),
             name: name.to_string(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, min: u32, max: u32) -> TierSpec {
+        let body = serde_json::json!({
+            "name": name,
+            "template": {"driver": "process", "command": ["app"]},
+            "scaling": {"min": min, "max": max},
+        });
+        match serde_json::from_value(body) {
+            Ok(spec) => spec,
+            Err(error) => panic!("test spec: {error}"),
+        }
+    }
+
+    fn put(spec: TierSpec) -> Request {
+        Request {
+            at_ms: 1000,
+            command: Command::PutTier {
+                spec: Box::new(spec),
+            },
+        }
+    }
+
+    fn tier_of(result: CommandResult) -> Tier {
+        match result {
+            CommandResult::Tier { tier, .. } | CommandResult::Deleted { tier } => *tier,
+            other => panic!("expected a tier, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn create_sets_version_generation_and_desired_min() {
+        let mut state = State::default();
+        let result = state.apply(7, &put(spec("web", 2, 5)));
+        assert!(matches!(result, CommandResult::Tier { created: true, .. }));
+        let tier = tier_of(result);
+        assert_eq!(tier.resource_version(), 7);
+        assert_eq!(tier.generation, 1);
+        assert_eq!(tier.status.desired, 2);
+        assert_eq!(tier.created_at_ms, 1000);
+    }
+
+    #[test]
+    fn compare_and_set_applies_once() {
+        let mut state = State::default();
+        state.apply(3, &put(spec("web", 1, 5)));
+        let mut cas = spec("web", 1, 6);
+        cas.resource_version = Some(3);
+        assert!(matches!(
+            state.apply(4, &put(cas.clone())),
+            CommandResult::Tier { created: false, .. }
+        ));
+        // The same precondition again (a retry) is a conflict, not a second application.
+        assert_eq!(
+            state.apply(5, &put(cas)),
+            CommandResult::Rejected {
+                rejection: Rejection::Conflict {
+                    name: "web".to_string(),
+                    expected: 3,
+                    current: 4
+                }
+            }
+        );
+        // Version 0 means "must not exist".
+        let mut create_only = spec("web", 1, 5);
+        create_only.resource_version = Some(0);
+        assert!(matches!(
+            state.apply(6, &put(create_only)),
+            CommandResult::Rejected {
+                rejection: Rejection::Conflict { current: 4, .. }
+            }
+        ));
+    }
+
+    #[test]
+    fn unchanged_spec_keeps_generation_and_changed_spec_bumps_it() {
+        let mut state = State::default();
+        state.apply(1, &put(spec("web", 1, 5)));
+        assert_eq!(
+            tier_of(state.apply(2, &put(spec("web", 1, 5)))).generation,
+            1
+        );
+        assert_eq!(
+            tier_of(state.apply(3, &put(spec("web", 1, 9)))).generation,
+            2
+        );
+    }
+
+    #[test]
+    fn scale_checks_bounds_and_records_the_decision() {
+        let mut state = State::default();
+        state.apply(1, &put(spec("web", 1, 5)));
+        let scale = |desired, expected_version| Request {
+            at_ms: 2000,
+            command: Command::ScaleTier {
+                name: "web".to_string(),
+                desired,
+                expected_version,
+            },
+        };
+        assert!(matches!(
+            state.apply(2, &scale(9, None)),
+            CommandResult::Rejected {
+                rejection: Rejection::Invalid { .. }
+            }
+        ));
+        let tier = tier_of(state.apply(3, &scale(4, Some(1))));
+        assert_eq!(tier.status.desired, 4);
+        assert_eq!(tier.resource_version(), 3);
+        let decision = tier
+            .status
+            .last_scaling
+            .unwrap_or_else(|| panic!("no decision"));
+        assert_eq!((decision.from, decision.to, decision.at_ms), (1, 4, 2000));
+        // Narrowing max below the manual count clamps it.
+        assert_eq!(
+            tier_of(state.apply(4, &put(spec("web", 1, 3))))
+                .status
+                .desired,
+            3
+        );
+    }
+
+    #[test]
+    fn delete_and_missing_tiers() {
+        let mut state = State::default();
+        let delete = Request {
+            at_ms: 1,
+            command: Command::DeleteTier {
+                name: "web".to_string(),
+                expected_version: None,
+            },
+        };
+        assert!(matches!(
+            state.apply(1, &delete),
+            CommandResult::Rejected {
+                rejection: Rejection::NotFound { .. }
+            }
+        ));
+        state.apply(2, &put(spec("web", 1, 5)));
+        assert!(matches!(
+            state.apply(3, &delete),
+            CommandResult::Deleted { .. }
+        ));
+        assert!(state.tiers.is_empty());
+    }
+
+    proptest::proptest! {
+        /// Two replicas applying the same log reach the same state, whatever the commands.
+        #[test]
+        fn apply_is_deterministic(ops in proptest::collection::vec((0u8..4, 0u32..6, 0u64..8), 1..60)) {
+            let log: Vec<Request> = ops
+                .iter()
+                .enumerate()
+                .map(|(i, (kind, value, version))| {
+                    let name = format!("t{}", value % 3);
+                    let expected_version = (*version > 0).then_some(*version);
+                    let command = match kind {
+                        0 => Command::PutTier { spec: Box::new(spec(&name, 0, 5 + value)) },
+                        1 => Command::ScaleTier { name, desired: *value, expected_version },
+                        2 => Command::DeleteTier { name, expected_version },
+                        _ => {
+                            let mut s = spec(&name, 1, 5);
+                            s.resource_version = expected_version;
+                            Command::PutTier { spec: Box::new(s) }
+                        }
+                    };
+                    Request { at_ms: 1000 + i as u64, command }
+                })
+                .collect();
+            let mut first = State::default();
+            let mut second = State::default();
+            for (index, request) in log.iter().enumerate() {
+                let a = first.apply(index as u64 + 1, request);
+                let b = second.apply(index as u64 + 1, request);
+                proptest::prop_assert_eq!(a, b);
+            }
+            proptest::prop_assert_eq!(&first, &second);
+            for tier in first.tiers.values() {
+                let scaling = &tier.spec.scaling;
+                proptest::prop_assert!(tier.status.desired >= scaling.min && tier.status.desired <= scaling.max);
+            }
+        }
     }
 }

@@ -1,1 +1,370 @@
-//! placeholder
+//! Harness for end-to-end tests: starts the real Strata binaries as processes on loopback ports
+//! with temporary data dirs, and kills every process it started when dropped (also when a test
+//! fails), so no test leaves strays behind.
+//!
+//! Binaries are found next to the test executable (`target/<profile>/`); `cargo nextest run
+//! --workspace` builds them before running tests.
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use serde_json::{json, Value};
+
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+pub const VIEWER_TOKEN: &str = "test-viewer-token";
+pub const CLUSTER_SECRET: &str = "test-cluster-secret";
+
+/// Path of a workspace binary built alongside the tests.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("."));
+    // target/<profile>/deps/<test-binary> → target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    dir.join(name)
+}
+
+/// A free loopback port. Another process could take it before we bind it again; tests accept
+/// that small race for the simplicity of fixed peer lists.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .unwrap_or(0)
+}
+
+/// A child process killed (SIGKILL) when dropped.
+pub struct ProcessGuard {
+    child: Option<Child>,
+}
+
+impl ProcessGuard {
+    pub fn spawn(command: &mut Command) -> anyhow::Result<Self> {
+        let child = command
+            .spawn()
+            .with_context(|| format!("start {:?}", command.get_program()))?;
+        Ok(ProcessGuard { child: Some(child) })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// kill -9 and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(Child::try_wait), Some(Ok(None)))
+    }
+}
+
+impl Drop for ProcessGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One controller node of a test cluster.
+pub struct ControllerNode {
+    pub id: u64,
+    pub address: String,
+    pub data_dir: PathBuf,
+    pub log_path: PathBuf,
+    process: Option<ProcessGuard>,
+}
+
+/// Options for starting a cluster.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    pub nodes: u64,
+    pub snapshot_logs: u64,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            nodes: 3,
+            snapshot_logs: 5000,
+        }
+    }
+}
+
+/// A cluster of `strata-controller` processes on loopback.
+pub struct Cluster {
+    pub nodes: BTreeMap<u64, ControllerNode>,
+    peers: String,
+    options: ClusterOptions,
+    pub http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Starts `options.nodes` controllers and waits until they agree on a leader.
+    pub async fn start(options: ClusterOptions) -> anyhow::Result<Cluster> {
+        let dir = tempfile::tempdir().context("create temp dir")?;
+        let mut nodes = BTreeMap::new();
+        for id in 1..=options.nodes {
+            let address = format!("127.0.0.1:{}", free_port());
+            nodes.insert(
+                id,
+                ControllerNode {
+                    id,
+                    address,
+                    data_dir: dir.path().join(format!("node-{id}")),
+                    log_path: dir.path().join(format!("node-{id}.log")),
+                    process: None,
+                },
+            );
+        }
+        let peers = nodes
+            .values()
+            .map(|node| format!("{}={}", node.id, node.address))
+            .collect::<Vec<_>>()
+            .join(",");
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(15))
+            .build()
+            .context("build http client")?;
+        let mut cluster = Cluster {
+            nodes,
+            peers,
+            options,
+            http,
+            _dir: dir,
+        };
+        let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
+        for id in ids {
+            cluster.start_node(id)?;
+        }
+        cluster.wait_for_leader(Duration::from_secs(30)).await?;
+        Ok(cluster)
+    }
+
+    /// Starts (or restarts) node `id` with its data dir as it is.
+    pub fn start_node(&mut self, id: u64) -> anyhow::Result<()> {
+        let peers = self.peers.clone();
+        let snapshot_logs = self.options.snapshot_logs;
+        let node = self
+            .nodes
+            .get_mut(&id)
+            .ok_or_else(|| anyhow!("no node {id}"))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log_path)
+            .context("open node log")?;
+        let log_err = log.try_clone().context("clone node log")?;
+        let mut command = Command::new(binary("strata-controller"));
+        command
+            .args(["--node-id", &id.to_string()])
+            .args(["--listen", &node.address])
+            .arg("--data-dir")
+            .arg(&node.data_dir)
+            .args(["--peers", &peers])
+            .args(["--admin-token", ADMIN_TOKEN])
+            .args(["--viewer-token", VIEWER_TOKEN])
+            .args(["--cluster-secret", CLUSTER_SECRET])
+            .args(["--snapshot-logs", &snapshot_logs.to_string()])
+            .env("STRATA_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err);
+        node.process = Some(ProcessGuard::spawn(&mut command)?);
+        Ok(())
+    }
+
+    /// Adds node `id` to the local bookkeeping (not to the Raft membership) and starts it with
+    /// a peer list that includes it, so it waits to be contacted instead of initialising.
+    pub fn start_new_node(&mut self, id: u64) -> anyhow::Result<String> {
+        let address = format!("127.0.0.1:{}", free_port());
+        let dir = self._dir.path().to_path_buf();
+        self.peers = format!("{},{id}={address}", self.peers);
+        self.nodes.insert(
+            id,
+            ControllerNode {
+                id,
+                address: address.clone(),
+                data_dir: dir.join(format!("node-{id}")),
+                log_path: dir.join(format!("node-{id}.log")),
+                process: None,
+            },
+        );
+        self.start_node(id)?;
+        Ok(address)
+    }
+
+    /// kill -9 of node `id`.
+    pub fn kill(&mut self, id: u64) {
+        if let Some(process) = self
+            .nodes
+            .get_mut(&id)
+            .and_then(|node| node.process.as_mut())
+        {
+            process.kill();
+        }
+    }
+
+    pub fn address(&self, id: u64) -> String {
+        self.nodes
+            .get(&id)
+            .map(|node| node.address.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn url(&self, id: u64, path: &str) -> String {
+        format!("http://{}{}", self.address(id), path)
+    }
+
+    /// The node ids whose processes are running.
+    pub fn running(&mut self) -> Vec<u64> {
+        self.nodes
+            .iter_mut()
+            .filter_map(|(id, node)| {
+                node.process
+                    .as_mut()
+                    .is_some_and(ProcessGuard::is_running)
+                    .then_some(*id)
+            })
+            .collect()
+    }
+
+    /// `GET /v1/cluster` on node `id`.
+    pub async fn status(&self, id: u64) -> anyhow::Result<Value> {
+        let response = self
+            .http
+            .get(self.url(id, "/v1/cluster"))
+            .bearer_auth(ADMIN_TOKEN)
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await?;
+        Ok(response.error_for_status()?.json().await?)
+    }
+
+    /// Waits until every running node reports the same leader, and returns it.
+    pub async fn wait_for_leader(&mut self, timeout: Duration) -> anyhow::Result<u64> {
+        self.wait_for_leader_other_than(None, timeout).await
+    }
+
+    /// Like `wait_for_leader`, but a leader equal to `old` (a node just killed or removed)
+    /// does not count.
+    pub async fn wait_for_leader_other_than(
+        &mut self,
+        old: Option<u64>,
+        timeout: Duration,
+    ) -> anyhow::Result<u64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut leaders = Vec::new();
+            for id in self.running() {
+                if let Ok(status) = self.status(id).await {
+                    leaders.push(status["leader_id"].as_u64());
+                } else {
+                    leaders.push(None);
+                }
+            }
+            if let Some(Some(first)) = leaders.first() {
+                if Some(*first) != old && leaders.iter().all(|leader| *leader == Some(*first)) {
+                    return Ok(*first);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("no agreed leader after {timeout:?}: {leaders:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until node `id` has applied at least `index`.
+    pub async fn wait_applied(
+        &self,
+        id: u64,
+        index: u64,
+        timeout: Duration,
+    ) -> anyhow::Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(status) = self.status(id).await {
+                if status["applied_index"].as_u64().unwrap_or(0) >= index {
+                    return Ok(status);
+                }
+                if Instant::now() > deadline {
+                    bail!("node {id} did not apply index {index} within {timeout:?}: {status}");
+                }
+            } else if Instant::now() > deadline {
+                bail!("node {id} unreachable while waiting for index {index}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The tail of node `id`'s log, for failure messages.
+    pub fn log_tail(&self, id: u64) -> String {
+        let text = self
+            .nodes
+            .get(&id)
+            .and_then(|node| std::fs::read_to_string(&node.log_path).ok())
+            .unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+/// A small valid tier declaration.
+pub fn tier_body(name: &str) -> Value {
+    json!({
+        "name": name,
+        "template": {"driver": "process", "command": ["strata-workload"]},
+        "scaling": {"min": 1, "max": 1000},
+    })
+}
+
+/// An HTTP answer reduced to what tests look at.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub content_type: String,
+    pub body: Value,
+}
+
+/// Sends a request with the admin token (or `token`) and a JSON body.
+pub async fn send(
+    http: &reqwest::Client,
+    method: reqwest::Method,
+    url: &str,
+    token: Option<&str>,
+    body: Option<&Value>,
+) -> anyhow::Result<Answer> {
+    let mut request = http.request(method, url);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    if let Some(body) = body {
+        request = request.json(body);
+    }
+    let response = request.send().await?;
+    let status = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let text = response.text().await?;
+    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    Ok(Answer {
+        status,
+        content_type,
+        body,
+    })
+}

@@ -15,7 +15,7 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use strata_api::{AddMemberRequest, FieldError, Problem, ScaleRequest, Tier, TierSpec};
+use strata_api::{AddMemberRequest, FieldError, ItemList, Problem, ScaleRequest, Tier, TierSpec};
 
 use super::ApiError;
 use crate::node::{Controller, MemberChange};
@@ -67,7 +67,9 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
         let bytes = Bytes::from_request(request, state)
             .await
             .map_err(body_rejection)?;
-        decode_json(&bytes).map(JsonBody).map_err(ApiError)
+        strata_api::decode::decode_json(&bytes)
+            .map(JsonBody)
+            .map_err(ApiError)
     }
 }
 
@@ -85,26 +87,6 @@ fn body_rejection(rejection: BytesRejection) -> ApiError {
     } else {
         ApiError::bad_request(format!("read request body: {}", rejection.body_text()))
     }
-}
-
-/// Decodes JSON, naming the offending field in every error.
-fn decode_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
-    let deserializer = &mut serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(deserializer).map_err(|error| {
-        let path = error.path().to_string();
-        let inner = error.into_inner();
-        if inner.is_syntax() || inner.is_eof() {
-            Problem::new(
-                400,
-                "malformed",
-                "Malformed JSON",
-                format!("the body is not valid JSON: {inner}"),
-            )
-        } else {
-            let path = if path == "." { String::new() } else { path };
-            Problem::validation(vec![FieldError::new(path, inner.to_string())])
-        }
-    })
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -136,7 +118,7 @@ async fn read_barrier(controller: &Controller, stale: bool) -> Result<(), ApiErr
 async fn list_tiers(
     State(controller): State<Arc<Controller>>,
     params: Result<Query<ReadParams>, QueryRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<ItemList<Tier>>, ApiError> {
     let params = query(params)?;
     read_barrier(&controller, params.stale).await?;
     let (items, applied) = controller.state.read(|machine| {
@@ -145,10 +127,10 @@ async fn list_tiers(
             machine.last_applied.map_or(0, |id| id.index),
         )
     });
-    Ok(Json(serde_json::json!({
-        "items": items,
-        "resource_version": applied,
-    })))
+    Ok(Json(ItemList {
+        items,
+        resource_version: Some(applied),
+    }))
 }
 
 async fn get_tier(
@@ -170,24 +152,12 @@ async fn put_tier(
     Path(name): Path<String>,
     JsonBody(spec): JsonBody<TierSpec>,
 ) -> Result<Response, ApiError> {
-    if spec.name != name {
-        return Err(Problem::validation(vec![FieldError::new(
-            "name",
-            format!("must match the name in the path ({name:?})"),
-        )])
-        .into());
-    }
-    if let Some(kind) = &spec.kind {
-        if kind != strata_api::TIER_KIND {
-            return Err(Problem::validation(vec![FieldError::new(
-                "kind",
-                format!("must be {:?}", strata_api::TIER_KIND),
-            )])
-            .into());
-        }
-    }
-    strata_api::validate::tier_spec(&spec).map_err(Problem::validation)?;
-    let result = controller.propose(Command::PutTier { spec }).await?;
+    strata_api::validate::put_tier(&name, &spec).map_err(Problem::validation)?;
+    let result = controller
+        .propose(Command::PutTier {
+            spec: Box::new(spec),
+        })
+        .await?;
     write_response(result)
 }
 
@@ -282,19 +252,7 @@ async fn add_member(
     State(controller): State<Arc<Controller>>,
     JsonBody(request): JsonBody<AddMemberRequest>,
 ) -> Result<Json<strata_api::ClusterStatus>, ApiError> {
-    if request.id == 0 {
-        return Err(Problem::validation(vec![FieldError::new("id", "node ids start at 1")]).into());
-    }
-    if request
-        .address
-        .rsplit_once(':')
-        .and_then(|(_, port)| port.parse::<u16>().ok())
-        .is_none()
-    {
-        return Err(
-            Problem::validation(vec![FieldError::new("address", "must be host:port")]).into(),
-        );
-    }
+    strata_api::validate::add_member(&request).map_err(Problem::validation)?;
     controller
         .change_membership(MemberChange::Add {
             id: request.id,

@@ -1,0 +1,376 @@
+//! Text for people: aligned tables, `describe` pages and error lists. Everything here is a pure
+//! function of its arguments (the current time included) so tests can pin the exact output.
+
+use std::fmt::Write as _;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::cluster::ClusterStatus;
+use crate::problem::FieldError;
+use crate::tier::{HealthProtocol, Provider, Tier};
+
+/// Milliseconds since the Unix epoch, the unit of every timestamp in the API.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Columns padded to their widest cell and separated by three spaces, like kubectl.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (column, cell) in row.iter().enumerate() {
+            if let Some(width) = widths.get_mut(column) {
+                *width = (*width).max(cell.chars().count());
+            }
+        }
+    }
+    let header_row: Vec<String> = headers.iter().map(|h| h.to_string()).collect();
+    let mut text = String::new();
+    for row in std::iter::once(&header_row).chain(rows) {
+        let mut line = String::new();
+        for (column, cell) in row.iter().enumerate() {
+            if column + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                let width = widths.get(column).copied().unwrap_or(0);
+                let _ = write!(line, "{cell:<width$}   ");
+            }
+        }
+        text.push_str(line.trim_end());
+        text.push('\n');
+    }
+    text
+}
+
+/// NAME PROVIDER DESIRED CURRENT READY MIN MAX VERSION AGE.
+pub fn tier_table(tiers: &[Tier], now_ms: u64) -> String {
+    let rows: Vec<Vec<String>> = tiers
+        .iter()
+        .map(|tier| {
+            vec![
+                tier.name().to_string(),
+                provider_label(tier),
+                tier.status.desired.to_string(),
+                tier.status.current.to_string(),
+                tier.status.ready.to_string(),
+                tier.spec.scaling.min.to_string(),
+                tier.spec.scaling.max.to_string(),
+                tier.resource_version().to_string(),
+                age(tier.created_at_ms, now_ms),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAME", "PROVIDER", "DESIRED", "CURRENT", "READY", "MIN", "MAX", "VERSION", "AGE",
+        ],
+        &rows,
+    )
+}
+
+/// `local/process`, `local/qemu` or `ec2`: the provider and, for local tiers, the driver.
+fn provider_label(tier: &Tier) -> String {
+    match (tier.spec.provider, tier.spec.template.driver) {
+        (Provider::Local, Some(driver)) => format!("local/{}", wire_name(&driver)),
+        (provider, _) => wire_name(&provider),
+    }
+}
+
+/// The spelling of an enum value in files and JSON (`cpu_utilization`, `static-rr`).
+fn wire_name<T: Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(name)) => name,
+        Ok(other) => other.to_string(),
+        Err(_) => "?".to_string(),
+    }
+}
+
+/// Compact elapsed time as kubectl prints it: `45s`, `12m`, `5h`, `3d`.
+pub fn age(since_ms: u64, now_ms: u64) -> String {
+    if since_ms == 0 {
+        return "<unknown>".to_string();
+    }
+    let seconds = now_ms.saturating_sub(since_ms) / 1000;
+    match seconds {
+        0..120 => format!("{seconds}s"),
+        120..7_200 => format!("{}m", seconds / 60),
+        7_200..172_800 => format!("{}h", seconds / 3600),
+        _ => format!("{}d", seconds / 86_400),
+    }
+}
+
+fn timestamp(at_ms: u64, now_ms: u64) -> String {
+    if at_ms == 0 {
+        return "<unknown>".to_string();
+    }
+    let at = UNIX_EPOCH + std::time::Duration::from_millis(at_ms);
+    format!(
+        "{} ({} ago)",
+        humantime::format_rfc3339_seconds(at),
+        age(at_ms, now_ms)
+    )
+}
+
+/// Label/value lines with the values aligned, as in `kubectl describe`.
+struct Page {
+    lines: Vec<(usize, String, String)>,
+}
+
+impl Page {
+    fn line(&mut self, indent: usize, label: &str, value: impl Into<String>) {
+        self.lines.push((indent, label.to_string(), value.into()));
+    }
+
+    fn render(&self) -> String {
+        let width = self
+            .lines
+            .iter()
+            .filter(|(_, _, value)| !value.is_empty())
+            .map(|(indent, label, _)| indent + label.chars().count() + 1)
+            .max()
+            .unwrap_or(0);
+        let mut text = String::new();
+        for (indent, label, value) in &self.lines {
+            let key = format!("{:indent$}{label}:", "");
+            if value.is_empty() {
+                let _ = writeln!(text, "{key}");
+            } else {
+                let _ = writeln!(text, "{key:<width$}  {value}");
+            }
+        }
+        text
+    }
+}
+
+/// The `describe tier` page: what was asked for, what is, and why it changed last.
+pub fn describe_tier(tier: &Tier, now_ms: u64) -> String {
+    let spec = &tier.spec;
+    let template = &spec.template;
+    let mut page = Page { lines: Vec::new() };
+    page.line(0, "Name", spec.name.clone());
+    page.line(0, "Provider", provider_label(tier));
+    page.line(0, "Resource version", tier.resource_version().to_string());
+    page.line(0, "Generation", tier.generation.to_string());
+    page.line(0, "Created", timestamp(tier.created_at_ms, now_ms));
+    page.line(0, "Updated", timestamp(tier.updated_at_ms, now_ms));
+
+    page.line(0, "Template", "");
+    if !template.command.is_empty() {
+        page.line(2, "Command", template.command.join(" "));
+    }
+    if let Some(image) = &template.image {
+        page.line(2, "Kernel", image.kernel.clone());
+        page.line(2, "Initrd", image.initrd.clone());
+        if let Some(append) = &image.append {
+            page.line(2, "Append", append.clone());
+        }
+    }
+    if let Some(ami) = &template.ami {
+        page.line(2, "AMI", ami.clone());
+    }
+    if let Some(instance_type) = &template.instance_type {
+        page.line(2, "Instance type", instance_type.clone());
+    }
+    if !template.subnets.is_empty() {
+        page.line(2, "Subnets", template.subnets.join(", "));
+    }
+    if !template.security_groups.is_empty() {
+        page.line(2, "Security groups", template.security_groups.join(", "));
+    }
+    if spec.provider == Provider::Local {
+        page.line(
+            2,
+            "Resources",
+            format!("{} CPU, {} MiB", template.cpu, template.memory_mb),
+        );
+    }
+    if let Some(port) = template.port {
+        page.line(2, "Port", port.to_string());
+    }
+    if !template.env.is_empty() {
+        page.line(2, "Environment", key_values(&template.env));
+    }
+    if !template.tags.is_empty() {
+        page.line(2, "Tags", key_values(&template.tags));
+    }
+
+    let health = &spec.health;
+    let probe = match health.protocol {
+        HealthProtocol::Http => format!("http GET {}", health.path),
+        HealthProtocol::Tcp => "tcp connect".to_string(),
+    };
+    page.line(
+        0,
+        "Health",
+        format!(
+            "{probe} every {}, timeout {}, healthy after {}, unhealthy after {}, grace {}",
+            health.interval,
+            health.timeout,
+            health.healthy_threshold,
+            health.unhealthy_threshold,
+            health.grace_period
+        ),
+    );
+
+    let scaling = &spec.scaling;
+    page.line(0, "Scaling", "");
+    let manual = match scaling.desired {
+        Some(desired) => format!("{desired} (set by hand)"),
+        None => "decided by the autoscaler".to_string(),
+    };
+    page.line(2, "Range", format!("{} to {}", scaling.min, scaling.max));
+    page.line(2, "Desired", manual);
+    if scaling.policies.is_empty() {
+        page.line(2, "Policies", "none");
+    } else {
+        let policies: Vec<String> = scaling
+            .policies
+            .iter()
+            .map(|policy| format!("{} target {}", wire_name(&policy.metric), policy.target))
+            .collect();
+        page.line(2, "Policies", policies.join(", "));
+    }
+    page.line(
+        2,
+        "Pacing",
+        format!(
+            "cooldown {}, scale-in stabilization {}, at most {} per {}",
+            scaling.cooldown, scaling.scale_in_stabilization, scaling.max_step, scaling.step_period
+        ),
+    );
+
+    let balancer = &spec.load_balancer;
+    let mut balancing = format!(
+        "mode {}, algorithm {}, weight {}, drain {}",
+        wire_name(&balancer.mode),
+        wire_name(&balancer.algorithm),
+        balancer.weight,
+        balancer.drain_timeout
+    );
+    if let Some(listen) = balancer.listen {
+        balancing = format!("{balancing}, listening on {listen}");
+    }
+    if let Some(cookie) = &balancer.sticky_cookie {
+        balancing = format!("{balancing}, sticky cookie {cookie}");
+    }
+    page.line(0, "Load balancer", balancing);
+
+    let mut placement = format!("spread by {}", wire_name(&spec.placement.spread));
+    if !spec.placement.node_labels.is_empty() {
+        placement = format!(
+            "{placement}, on nodes labelled {}",
+            key_values(&spec.placement.node_labels)
+        );
+    }
+    page.line(0, "Placement", placement);
+
+    let status = &tier.status;
+    page.line(0, "Status", "");
+    page.line(
+        2,
+        "Instances",
+        format!(
+            "{} desired, {} current, {} ready",
+            status.desired, status.current, status.ready
+        ),
+    );
+    match &status.last_scaling {
+        Some(decision) => page.line(
+            2,
+            "Last scaling",
+            format!(
+                "{} to {} at {}: {}",
+                decision.from,
+                decision.to,
+                timestamp(decision.at_ms, now_ms),
+                decision.reason
+            ),
+        ),
+        None => page.line(2, "Last scaling", "none yet"),
+    }
+
+    let mut text = page.render();
+    text.push_str("Conditions:");
+    if status.conditions.is_empty() {
+        text.push_str("  none\n");
+    } else {
+        text.push('\n');
+        let rows: Vec<Vec<String>> = status
+            .conditions
+            .iter()
+            .map(|condition| {
+                vec![
+                    condition.condition_type.clone(),
+                    if condition.status { "True" } else { "False" }.to_string(),
+                    condition.reason.clone(),
+                    age(condition.since_ms, now_ms),
+                    condition.message.clone(),
+                ]
+            })
+            .collect();
+        for line in table(&["TYPE", "STATUS", "REASON", "SINCE", "MESSAGE"], &rows).lines() {
+            let _ = writeln!(text, "  {line}");
+        }
+    }
+    text
+}
+
+fn key_values(map: &std::collections::BTreeMap<String, String>) -> String {
+    map.iter()
+        .map(|(key, value)| format!("{key}={value}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A summary line of the answering node's Raft state, then the members with the leader marked.
+pub fn cluster_status(status: &ClusterStatus) -> String {
+    let leader = match status.leader_id {
+        Some(id) => format!("leader {id}"),
+        None => "no leader".to_string(),
+    };
+    let mut text = format!(
+        "Answered by node {} ({}); {leader}; term {}\nCommit index {}, applied {}, last log {}, snapshot {}\n\n",
+        status.node_id,
+        status.role,
+        status.term,
+        status.commit_index,
+        status.applied_index,
+        status.last_log_index,
+        status.snapshot_index
+    );
+    let rows: Vec<Vec<String>> = status
+        .members
+        .iter()
+        .map(|member| {
+            let role = if status.leader_id == Some(member.id) {
+                "leader"
+            } else if member.voter {
+                "voter"
+            } else {
+                "learner"
+            };
+            let marker = if member.id == status.node_id { "*" } else { "" };
+            vec![
+                member.id.to_string(),
+                member.address.clone(),
+                role.to_string(),
+                marker.to_string(),
+            ]
+        })
+        .collect();
+    text.push_str(&table(&["ID", "ADDRESS", "ROLE", "ANSWERED"], &rows));
+    text
+}
+
+/// `label:` followed by one indented `path: message` line per error.
+pub fn field_errors(label: &str, errors: &[FieldError]) -> String {
+    let mut text = format!("{label} is invalid:");
+    for error in errors {
+        let _ = write!(text, "\n  {}: {}", error.path, error.message);
+    }
+    text
+}

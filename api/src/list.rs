@@ -1,0 +1,40 @@
+//! The envelope of every collection the API returns.
+
+use serde::{Deserialize, Serialize};
+
+/// Body of `GET /v1/tiers` and later collections: `{"items": [...], "resource_version": N}`.
+/// An object rather than a bare array so that fields such as a continuation token can be added
+/// without breaking clients.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ItemList<T> {
+    pub items: Vec<T>,
+    /// The applied log index the list was read at, when the server reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_version: Option<u64>,
+}
+
+impl<T> ItemList<T> {
+    pub fn new(items: Vec<T>) -> Self {
+        ItemList {
+            items,
+            resource_version: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_lists_with_and_without_a_version() {
+        let bare: Result<ItemList<u32>, _> = serde_json::from_str(r#"{"items":[1,2]}"#);
+        assert_eq!(bare.ok(), Some(ItemList::new(vec![1, 2])));
+        let versioned: Result<ItemList<u32>, _> =
+            serde_json::from_str(r#"{"items":[],"resource_version":9}"#);
+        assert_eq!(
+            versioned.ok().and_then(|list| list.resource_version),
+            Some(9)
+        );
+    }
+}

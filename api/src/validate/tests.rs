@@ -1,0 +1,1038 @@
+//! One row per rule: a valid tier, one change, and the exact paths that must be reported.
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::tier::{HealthProtocol, QemuImage, ScalingPolicy};
+
+fn process_tier() -> TierSpec {
+    TierSpec {
+        kind: None,
+        name: "web".to_string(),
+        resource_version: None,
+        provider: Provider::Local,
+        template: Template {
+            driver: Some(Driver::Process),
+            command: vec!["strata-workload".to_string(), "--name".to_string()],
+            ..Template::default()
+        },
+        health: HealthCheck::default(),
+        scaling: Scaling {
+            min: 1,
+            max: 4,
+            desired: None,
+            policies: vec![ScalingPolicy {
+                metric: ScalingMetric::CpuUtilization,
+                target: 60.0,
+            }],
+            cooldown: Duration::from_secs(30),
+            scale_in_stabilization: Duration::from_secs(300),
+            max_step: 2,
+            step_period: Duration::from_secs(60),
+        },
+        load_balancer: LoadBalancer::default(),
+        placement: Placement::default(),
+    }
+}
+
+fn qemu_tier() -> TierSpec {
+    let mut spec = process_tier();
+    spec.template = Template {
+        driver: Some(Driver::Qemu),
+        image: Some(QemuImage {
+            kernel: "/var/lib/strata/vmlinuz".to_string(),
+            initrd: "/var/lib/strata/initrd.img".to_string(),
+            append: None,
+        }),
+        port: Some(8080),
+        ..Template::default()
+    };
+    spec
+}
+
+fn ec2_tier() -> TierSpec {
+    let mut spec = process_tier();
+    spec.provider = Provider::Ec2;
+    spec.template = Template {
+        ami: Some("ami-0123456789abcdef0".to_string()),
+        instance_type: Some("t3.micro".to_string()),
+        port: Some(8080),
+        subnets: vec!["subnet-1".to_string()],
+        security_groups: vec!["sg-1".to_string()],
+        user_data: Some("#!/bin/sh\n".to_string()),
+        tags: BTreeMap::from([("team".to_string(), "web".to_string())]),
+        ..Template::default()
+    };
+    spec
+}
+
+fn paths(spec: &TierSpec) -> Vec<String> {
+    match tier_spec(spec) {
+        Ok(()) => Vec::new(),
+        Err(errors) => errors.into_iter().map(|error| error.path).collect(),
+    }
+}
+
+type Case = (
+    &'static str,
+    fn() -> TierSpec,
+    fn(&mut TierSpec),
+    &'static [&'static str],
+);
+
+fn check(cases: &[Case]) {
+    let mut failures = Vec::new();
+    for (label, base, change, expected) in cases {
+        let mut spec = base();
+        change(&mut spec);
+        let got = paths(&spec);
+        if got != *expected {
+            failures.push(format!("{label}: expected {expected:?}, got {got:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}
+
+#[test]
+fn valid_bases_pass() {
+    for base in [process_tier, qemu_tier, ec2_tier] {
+        assert_eq!(tier_spec(&base()), Ok(()));
+    }
+}
+
+#[test]
+fn identity_rules() {
+    check(&[
+        (
+            "kind Tier",
+            process_tier,
+            |s| s.kind = Some("Tier".into()),
+            &[],
+        ),
+        (
+            "kind other",
+            process_tier,
+            |s| s.kind = Some("Node".into()),
+            &["kind"],
+        ),
+        (
+            "kind lowercase",
+            process_tier,
+            |s| s.kind = Some("tier".into()),
+            &["kind"],
+        ),
+        (
+            "empty name",
+            process_tier,
+            |s| s.name = String::new(),
+            &["name"],
+        ),
+        (
+            "upper name",
+            process_tier,
+            |s| s.name = "Web".into(),
+            &["name"],
+        ),
+        (
+            "leading dash",
+            process_tier,
+            |s| s.name = "-web".into(),
+            &["name"],
+        ),
+        (
+            "trailing dash",
+            process_tier,
+            |s| s.name = "web-".into(),
+            &["name"],
+        ),
+        ("63 chars", process_tier, |s| s.name = "a".repeat(63), &[]),
+        (
+            "64 chars",
+            process_tier,
+            |s| s.name = "a".repeat(64),
+            &["name"],
+        ),
+        ("dot", process_tier, |s| s.name = "a.b".into(), &["name"]),
+    ]);
+}
+
+#[test]
+fn scaling_rules() {
+    check(&[
+        (
+            "max 0",
+            process_tier,
+            |s| {
+                s.scaling.min = 0;
+                s.scaling.max = 0
+            },
+            &["scaling.max"],
+        ),
+        (
+            "min over max",
+            process_tier,
+            |s| s.scaling.min = 5,
+            &["scaling.min"],
+        ),
+        ("min equals max", process_tier, |s| s.scaling.min = 4, &[]),
+        ("max 1000", process_tier, |s| s.scaling.max = 1000, &[]),
+        (
+            "max 1001",
+            process_tier,
+            |s| s.scaling.max = 1001,
+            &["scaling.max"],
+        ),
+        (
+            "desired in range",
+            process_tier,
+            |s| s.scaling.desired = Some(4),
+            &[],
+        ),
+        (
+            "desired above",
+            process_tier,
+            |s| s.scaling.desired = Some(5),
+            &["scaling.desired"],
+        ),
+        (
+            "desired below",
+            process_tier,
+            |s| {
+                s.scaling.min = 2;
+                s.scaling.desired = Some(1)
+            },
+            &["scaling.desired"],
+        ),
+        (
+            "max_step 0",
+            process_tier,
+            |s| s.scaling.max_step = 0,
+            &["scaling.max_step"],
+        ),
+        (
+            "cooldown 24h",
+            process_tier,
+            |s| s.scaling.cooldown = Duration::from_secs(86_400),
+            &[],
+        ),
+        (
+            "cooldown over 24h",
+            process_tier,
+            |s| s.scaling.cooldown = Duration::from_secs(86_401),
+            &["scaling.cooldown"],
+        ),
+        (
+            "stabilization over 24h",
+            process_tier,
+            |s| s.scaling.scale_in_stabilization = Duration::from_secs(86_401),
+            &["scaling.scale_in_stabilization"],
+        ),
+        (
+            "step_period 1s",
+            process_tier,
+            |s| s.scaling.step_period = Duration::from_secs(1),
+            &[],
+        ),
+        (
+            "step_period 999ms",
+            process_tier,
+            |s| s.scaling.step_period = Duration::from_millis(999),
+            &["scaling.step_period"],
+        ),
+        (
+            "step_period over 24h",
+            process_tier,
+            |s| s.scaling.step_period = Duration::from_secs(86_401),
+            &["scaling.step_period"],
+        ),
+    ]);
+}
+
+#[test]
+fn policy_rules() {
+    fn policies(spec: &mut TierSpec, list: &[(ScalingMetric, f64)]) {
+        spec.scaling.policies = list
+            .iter()
+            .map(|&(metric, target)| ScalingPolicy { metric, target })
+            .collect();
+    }
+    check(&[
+        (
+            "zero target",
+            process_tier,
+            |s| policies(s, &[(ScalingMetric::RequestsPerSecond, 0.0)]),
+            &["scaling.policies[0].target"],
+        ),
+        (
+            "negative target",
+            process_tier,
+            |s| policies(s, &[(ScalingMetric::QueueLength, -1.0)]),
+            &["scaling.policies[0].target"],
+        ),
+        (
+            "nan target",
+            process_tier,
+            |s| policies(s, &[(ScalingMetric::QueueLength, f64::NAN)]),
+            &["scaling.policies[0].target"],
+        ),
+        (
+            "infinite target",
+            process_tier,
+            |s| policies(s, &[(ScalingMetric::QueueLength, f64::INFINITY)]),
+            &["scaling.policies[0].target"],
+        ),
+        (
+            "cpu 100",
+            process_tier,
+            |s| policies(s, &[(ScalingMetric::CpuUtilization, 100.0)]),
+            &[],
+        ),
+        (
+            "cpu over 100",
+            process_tier,
+            |s| policies(s, &[(ScalingMetric::CpuUtilization, 100.5)]),
+            &["scaling.policies[0].target"],
+        ),
+        (
+            "rps over 100 is fine",
+            process_tier,
+            |s| policies(s, &[(ScalingMetric::RequestsPerSecond, 5000.0)]),
+            &[],
+        ),
+        (
+            "second policy bad",
+            process_tier,
+            |s| {
+                policies(
+                    s,
+                    &[
+                        (ScalingMetric::CpuUtilization, 50.0),
+                        (ScalingMetric::ResponseTimeMs, 0.0),
+                    ],
+                )
+            },
+            &["scaling.policies[1].target"],
+        ),
+        (
+            "metric twice",
+            process_tier,
+            |s| {
+                policies(
+                    s,
+                    &[
+                        (ScalingMetric::ActiveConnections, 5.0),
+                        (ScalingMetric::CpuUtilization, 50.0),
+                        (ScalingMetric::ActiveConnections, 9.0),
+                    ],
+                )
+            },
+            &["scaling.policies[2].metric"],
+        ),
+    ]);
+}
+
+#[test]
+fn template_resource_rules() {
+    check(&[
+        (
+            "cpu 0",
+            process_tier,
+            |s| s.template.cpu = 0.0,
+            &["template.cpu"],
+        ),
+        (
+            "cpu negative",
+            process_tier,
+            |s| s.template.cpu = -1.0,
+            &["template.cpu"],
+        ),
+        (
+            "cpu nan",
+            process_tier,
+            |s| s.template.cpu = f64::NAN,
+            &["template.cpu"],
+        ),
+        ("cpu 256", process_tier, |s| s.template.cpu = 256.0, &[]),
+        (
+            "cpu 257",
+            process_tier,
+            |s| s.template.cpu = 257.0,
+            &["template.cpu"],
+        ),
+        (
+            "memory 15",
+            process_tier,
+            |s| s.template.memory_mb = 15,
+            &["template.memory_mb"],
+        ),
+        (
+            "memory 16",
+            process_tier,
+            |s| s.template.memory_mb = 16,
+            &[],
+        ),
+        (
+            "memory max",
+            process_tier,
+            |s| s.template.memory_mb = 1_048_576,
+            &[],
+        ),
+        (
+            "memory over",
+            process_tier,
+            |s| s.template.memory_mb = 1_048_577,
+            &["template.memory_mb"],
+        ),
+        (
+            "qemu port 0",
+            qemu_tier,
+            |s| s.template.port = Some(0),
+            &["template.port"],
+        ),
+        (
+            "qemu port max",
+            qemu_tier,
+            |s| s.template.port = Some(65535),
+            &[],
+        ),
+        (
+            "env ok",
+            process_tier,
+            |s| {
+                s.template.env.insert("_LOG_LEVEL2".into(), "debug".into());
+            },
+            &[],
+        ),
+        (
+            "env bad name",
+            process_tier,
+            |s| {
+                s.template.env.insert("1BAD".into(), "x".into());
+            },
+            &["template.env[\"1BAD\"]"],
+        ),
+        (
+            "env dash",
+            process_tier,
+            |s| {
+                s.template.env.insert("A-B".into(), "x".into());
+            },
+            &["template.env[\"A-B\"]"],
+        ),
+        (
+            "env PORT",
+            process_tier,
+            |s| {
+                s.template.env.insert("PORT".into(), "80".into());
+            },
+            &["template.env.PORT"],
+        ),
+        (
+            "env instance id",
+            process_tier,
+            |s| {
+                s.template
+                    .env
+                    .insert("STRATA_INSTANCE_ID".into(), "x".into());
+            },
+            &["template.env.STRATA_INSTANCE_ID"],
+        ),
+    ]);
+}
+
+#[test]
+fn local_template_rules() {
+    check(&[
+        (
+            "no driver",
+            process_tier,
+            |s| s.template.driver = None,
+            &["template.driver"],
+        ),
+        (
+            "process no command",
+            process_tier,
+            |s| s.template.command.clear(),
+            &["template.command"],
+        ),
+        (
+            "process empty argument",
+            process_tier,
+            |s| s.template.command.push(String::new()),
+            &["template.command[2]"],
+        ),
+        (
+            "process empty program",
+            process_tier,
+            |s| s.template.command[0] = String::new(),
+            &["template.command[0]"],
+        ),
+        (
+            "process with image",
+            process_tier,
+            |s| s.template.image = qemu_tier().template.image,
+            &["template.image"],
+        ),
+        (
+            "qemu no image",
+            qemu_tier,
+            |s| s.template.image = None,
+            &["template.image"],
+        ),
+        (
+            "qemu empty kernel and initrd",
+            qemu_tier,
+            |s| {
+                s.template.image = Some(QemuImage {
+                    kernel: String::new(),
+                    initrd: " ".into(),
+                    append: None,
+                })
+            },
+            &["template.image.kernel", "template.image.initrd"],
+        ),
+        (
+            "qemu no port",
+            qemu_tier,
+            |s| s.template.port = None,
+            &["template.port"],
+        ),
+        (
+            "qemu with command",
+            qemu_tier,
+            |s| s.template.command = vec!["x".into()],
+            &["template.command"],
+        ),
+        (
+            "local ami",
+            process_tier,
+            |s| s.template.ami = Some("ami-1".into()),
+            &["template.ami"],
+        ),
+        (
+            "local with every ec2 field",
+            process_tier,
+            |s| {
+                let ec2 = ec2_tier().template;
+                s.template.ami = ec2.ami;
+                s.template.instance_type = ec2.instance_type;
+                s.template.subnets = ec2.subnets;
+                s.template.security_groups = ec2.security_groups;
+                s.template.user_data = ec2.user_data;
+                s.template.tags = ec2.tags;
+            },
+            &[
+                "template.ami",
+                "template.instance_type",
+                "template.subnets",
+                "template.security_groups",
+                "template.user_data",
+                "template.tags",
+            ],
+        ),
+    ]);
+}
+
+#[test]
+fn ec2_template_rules() {
+    check(&[
+        (
+            "no ami",
+            ec2_tier,
+            |s| s.template.ami = None,
+            &["template.ami"],
+        ),
+        (
+            "bad ami prefix",
+            ec2_tier,
+            |s| s.template.ami = Some("img-123".into()),
+            &["template.ami"],
+        ),
+        (
+            "bare ami prefix",
+            ec2_tier,
+            |s| s.template.ami = Some("ami-".into()),
+            &["template.ami"],
+        ),
+        (
+            "ami with symbol",
+            ec2_tier,
+            |s| s.template.ami = Some("ami-12_3".into()),
+            &["template.ami"],
+        ),
+        (
+            "short ami",
+            ec2_tier,
+            |s| s.template.ami = Some("ami-12345678".into()),
+            &[],
+        ),
+        (
+            "no instance type",
+            ec2_tier,
+            |s| s.template.instance_type = None,
+            &["template.instance_type"],
+        ),
+        (
+            "bad instance type",
+            ec2_tier,
+            |s| s.template.instance_type = Some("micro".into()),
+            &["template.instance_type"],
+        ),
+        (
+            "no port",
+            ec2_tier,
+            |s| s.template.port = None,
+            &["template.port"],
+        ),
+        (
+            "port 0",
+            ec2_tier,
+            |s| s.template.port = Some(0),
+            &["template.port"],
+        ),
+        (
+            "driver",
+            ec2_tier,
+            |s| s.template.driver = Some(Driver::Process),
+            &["template.driver"],
+        ),
+        (
+            "command",
+            ec2_tier,
+            |s| s.template.command = vec!["x".into()],
+            &["template.command"],
+        ),
+        (
+            "image",
+            ec2_tier,
+            |s| s.template.image = qemu_tier().template.image,
+            &["template.image"],
+        ),
+        (
+            "env",
+            ec2_tier,
+            |s| {
+                s.template.env.insert("A".into(), "b".into());
+            },
+            &["template.env"],
+        ),
+        (
+            "empty subnet",
+            ec2_tier,
+            |s| s.template.subnets.push(String::new()),
+            &["template.subnets[1]"],
+        ),
+        (
+            "empty security group",
+            ec2_tier,
+            |s| s.template.security_groups.insert(0, String::new()),
+            &["template.security_groups[0]"],
+        ),
+        (
+            "huge user data",
+            ec2_tier,
+            |s| s.template.user_data = Some("x".repeat(16 * 1024 + 1)),
+            &["template.user_data"],
+        ),
+        (
+            "reserved tag",
+            ec2_tier,
+            |s| {
+                s.template.tags.insert("strata:tier".into(), "x".into());
+            },
+            &["template.tags[\"strata:tier\"]"],
+        ),
+        (
+            "aws tag",
+            ec2_tier,
+            |s| {
+                s.template.tags.insert("aws:x".into(), "x".into());
+            },
+            &["template.tags[\"aws:x\"]"],
+        ),
+        (
+            "empty tag key",
+            ec2_tier,
+            |s| {
+                s.template.tags.insert(String::new(), "x".into());
+            },
+            &["template.tags[\"\"]"],
+        ),
+    ]);
+}
+
+#[test]
+fn health_rules() {
+    check(&[
+        (
+            "relative path",
+            process_tier,
+            |s| s.health.path = "healthz".into(),
+            &["health.path"],
+        ),
+        (
+            "path with space",
+            process_tier,
+            |s| s.health.path = "/a b".into(),
+            &["health.path"],
+        ),
+        (
+            "tcp keeps default path",
+            process_tier,
+            |s| s.health.protocol = HealthProtocol::Tcp,
+            &[],
+        ),
+        (
+            "interval 100ms",
+            process_tier,
+            |s| {
+                s.health.interval = Duration::from_millis(100);
+                s.health.timeout = Duration::from_millis(100)
+            },
+            &[],
+        ),
+        (
+            "interval 99ms",
+            process_tier,
+            |s| {
+                s.health.interval = Duration::from_millis(99);
+                s.health.timeout = Duration::from_millis(99)
+            },
+            &["health.interval", "health.timeout"],
+        ),
+        (
+            "interval over 1h",
+            process_tier,
+            |s| s.health.interval = Duration::from_secs(3601),
+            &["health.interval"],
+        ),
+        (
+            "timeout over 1h",
+            process_tier,
+            |s| {
+                s.health.interval = Duration::from_secs(3600);
+                s.health.timeout = Duration::from_secs(3601)
+            },
+            &["health.timeout", "health.timeout"],
+        ),
+        (
+            "timeout over interval",
+            process_tier,
+            |s| s.health.timeout = Duration::from_secs(3),
+            &["health.timeout"],
+        ),
+        (
+            "timeout equals interval",
+            process_tier,
+            |s| s.health.timeout = s.health.interval,
+            &[],
+        ),
+        (
+            "healthy 0",
+            process_tier,
+            |s| s.health.healthy_threshold = 0,
+            &["health.healthy_threshold"],
+        ),
+        (
+            "unhealthy 101",
+            process_tier,
+            |s| s.health.unhealthy_threshold = 101,
+            &["health.unhealthy_threshold"],
+        ),
+        (
+            "thresholds 100",
+            process_tier,
+            |s| {
+                s.health.healthy_threshold = 100;
+                s.health.unhealthy_threshold = 100
+            },
+            &[],
+        ),
+        (
+            "grace 1h",
+            process_tier,
+            |s| s.health.grace_period = Duration::from_secs(3600),
+            &[],
+        ),
+        (
+            "grace over 1h",
+            process_tier,
+            |s| s.health.grace_period = Duration::from_secs(3601),
+            &["health.grace_period"],
+        ),
+    ]);
+}
+
+#[test]
+fn load_balancer_rules() {
+    check(&[
+        (
+            "cookie http",
+            process_tier,
+            |s| s.load_balancer.sticky_cookie = Some("SRV".into()),
+            &[],
+        ),
+        (
+            "cookie tcp",
+            process_tier,
+            |s| {
+                s.load_balancer.mode = LbMode::Tcp;
+                s.load_balancer.sticky_cookie = Some("SRV".into())
+            },
+            &["load_balancer.sticky_cookie"],
+        ),
+        (
+            "cookie with space",
+            process_tier,
+            |s| s.load_balancer.sticky_cookie = Some("my cookie".into()),
+            &["load_balancer.sticky_cookie"],
+        ),
+        (
+            "cookie with equals",
+            process_tier,
+            |s| s.load_balancer.sticky_cookie = Some("a=b".into()),
+            &["load_balancer.sticky_cookie"],
+        ),
+        (
+            "empty cookie",
+            process_tier,
+            |s| s.load_balancer.sticky_cookie = Some(String::new()),
+            &["load_balancer.sticky_cookie"],
+        ),
+        (
+            "uri http",
+            process_tier,
+            |s| s.load_balancer.algorithm = Algorithm::Uri,
+            &[],
+        ),
+        (
+            "uri tcp",
+            process_tier,
+            |s| {
+                s.load_balancer.mode = LbMode::Tcp;
+                s.load_balancer.algorithm = Algorithm::Uri
+            },
+            &["load_balancer.algorithm"],
+        ),
+        (
+            "source tcp",
+            process_tier,
+            |s| {
+                s.load_balancer.mode = LbMode::Tcp;
+                s.load_balancer.algorithm = Algorithm::Source
+            },
+            &[],
+        ),
+        (
+            "weight 0",
+            process_tier,
+            |s| s.load_balancer.weight = 0,
+            &["load_balancer.weight"],
+        ),
+        (
+            "weight 256",
+            process_tier,
+            |s| s.load_balancer.weight = 256,
+            &[],
+        ),
+        (
+            "weight 257",
+            process_tier,
+            |s| s.load_balancer.weight = 257,
+            &["load_balancer.weight"],
+        ),
+        (
+            "drain 1h",
+            process_tier,
+            |s| s.load_balancer.drain_timeout = Duration::from_secs(3600),
+            &[],
+        ),
+        (
+            "drain over 1h",
+            process_tier,
+            |s| s.load_balancer.drain_timeout = Duration::from_secs(3601),
+            &["load_balancer.drain_timeout"],
+        ),
+        (
+            "listen port 0",
+            process_tier,
+            |s| s.load_balancer.listen = "0.0.0.0:0".parse().ok(),
+            &["load_balancer.listen"],
+        ),
+        (
+            "listen port 8080",
+            process_tier,
+            |s| s.load_balancer.listen = "0.0.0.0:8080".parse().ok(),
+            &[],
+        ),
+    ]);
+}
+
+#[test]
+fn placement_rules() {
+    fn label(spec: &mut TierSpec, key: &str, value: &str) {
+        spec.placement.node_labels.insert(key.into(), value.into());
+    }
+    check(&[
+        ("plain label", process_tier, |s| label(s, "zone", "eu-1a"), &[]),
+        ("prefixed key", process_tier, |s| label(s, "example.com/zone", "a"), &[]),
+        ("empty key", process_tier, |s| label(s, "", "a"), &["placement.node_labels[\"\"]"]),
+        ("empty value", process_tier, |s| label(s, "zone", ""), &["placement.node_labels.zone"]),
+        ("63 char key", process_tier, |s| label(s, &"k".repeat(63), "a"), &[]),
+        ("64 char key", process_tier, |s| label(s, &"k".repeat(64), "a"), &["placement.node_labels.kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk"]),
+        ("64 char value", process_tier, |s| label(s, "zone", &"v".repeat(64)), &["placement.node_labels.zone"]),
+        ("empty name after prefix", process_tier, |s| label(s, "example.com/", "a"), &["placement.node_labels[\"example.com/\"]"]),
+        ("bad prefix", process_tier, |s| label(s, "Example_com/zone", "a"), &["placement.node_labels[\"Example_com/zone\"]"]),
+        ("two slashes", process_tier, |s| label(s, "a/b/c", "a"), &["placement.node_labels[\"a/b/c\"]"]),
+        ("value with space", process_tier, |s| label(s, "zone", "a b"), &["placement.node_labels.zone"]),
+        ("bad key and value", process_tier, |s| label(s, "-k", "-v"), &["placement.node_labels[\"-k\"]", "placement.node_labels[\"-k\"]"]),
+    ]);
+}
+
+#[test]
+fn label_key_length_is_counted_on_the_name_part() {
+    // Kubernetes counts 63 on the name and 253 on the prefix; a 64-char plain key is too long.
+    assert!(!is_label_key(&"k".repeat(64)));
+    assert!(is_label_key(&format!("{}/{}", "a.b", "k".repeat(63))));
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let mut spec = process_tier();
+    spec.name = "Bad Name".into();
+    spec.scaling.min = 9;
+    spec.template.cpu = 0.0;
+    spec.health.path = "x".into();
+    spec.load_balancer.weight = 0;
+    assert_eq!(
+        paths(&spec),
+        [
+            "name",
+            "scaling.min",
+            "template.cpu",
+            "health.path",
+            "load_balancer.weight"
+        ]
+    );
+}
+
+#[test]
+fn put_tier_requires_the_url_name() {
+    let spec = process_tier();
+    assert_eq!(put_tier("web", &spec), Ok(()));
+    let paths: Vec<String> = put_tier("api", &spec)
+        .err()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|error| error.path)
+        .collect();
+    assert_eq!(paths, ["name"]);
+    let mut bad = process_tier();
+    bad.scaling.max = 0;
+    bad.scaling.min = 0;
+    let paths: Vec<String> = put_tier("api", &bad)
+        .err()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|error| error.path)
+        .collect();
+    assert_eq!(paths, ["name", "scaling.max"]);
+}
+
+#[test]
+fn add_member_rules() {
+    let cases: &[(u64, &str, &[&str])] = &[
+        (1, "127.0.0.1:7001", &[]),
+        (2, "controller-2.example.com:7001", &[]),
+        (3, "[::1]:7001", &[]),
+        (0, "127.0.0.1:7001", &["id"]),
+        (1, "127.0.0.1", &["address"]),
+        (1, "127.0.0.1:0", &["address"]),
+        (1, "127.0.0.1:65536", &["address"]),
+        (1, "http://127.0.0.1:7001", &["address"]),
+        (1, ":7001", &["address"]),
+        (1, "300.1.1.1:7001", &["address"]),
+        (1, "[nonsense]:7001", &["address"]),
+        (1, "host:+80", &["address"]),
+        (0, "", &["id", "address"]),
+    ];
+    for (id, address, expected) in cases {
+        let request = AddMemberRequest {
+            id: *id,
+            address: address.to_string(),
+            voter: true,
+        };
+        let got: Vec<String> = add_member(&request)
+            .err()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|error| error.path)
+            .collect();
+        assert_eq!(got, *expected, "id {id} address {address:?}");
+    }
+}
+
+#[test]
+fn scale_rules() {
+    let scaling = process_tier().scaling; // min 1, max 4
+    for (desired, ok) in [(0, false), (1, true), (4, true), (5, false)] {
+        let request = ScaleRequest {
+            desired,
+            resource_version: None,
+        };
+        match scale(&request, &scaling) {
+            Ok(()) => assert!(ok, "desired {desired} should be refused"),
+            Err(errors) => {
+                assert!(!ok, "desired {desired} should be accepted");
+                assert_eq!(errors.len(), 1);
+                assert_eq!(errors[0].path, "desired");
+            }
+        }
+    }
+}
+
+#[test]
+fn cookie_tokens() {
+    for good in ["SERVERID", "srv_id", "a-b.c", "x!#$%&'*+^`|~"] {
+        assert!(is_cookie_token(good), "{good:?}");
+    }
+    for bad in ["", "a b", "a;b", "a,b", "é", "a\tb", "a\"b", "(x)"] {
+        assert!(!is_cookie_token(bad), "{bad:?}");
+    }
+}
+
+/// The RFC 1123 label rule written a second, independent way: a three-state scan.
+fn reference_dns_label(name: &str) -> bool {
+    let chars: Vec<char> = name.chars().collect();
+    if chars.is_empty() || chars.len() > 63 {
+        return false;
+    }
+    let alnum = |c: char| c.is_ascii_digit() || c.is_ascii_lowercase();
+    for (position, &c) in chars.iter().enumerate() {
+        let edge = position == 0 || position == chars.len() - 1;
+        let allowed = if edge { alnum(c) } else { alnum(c) || c == '-' };
+        if !allowed {
+            return false;
+        }
+    }
+    true
+}
+
+proptest! {
+    #[test]
+    fn dns_label_matches_reference_on_likely_labels(name in "[a-z0-9-]{0,66}") {
+        prop_assert_eq!(is_dns_label(&name), reference_dns_label(&name));
+    }
+
+    #[test]
+    fn dns_label_matches_reference_on_any_text(name in "\\PC{0,70}") {
+        prop_assert_eq!(is_dns_label(&name), reference_dns_label(&name));
+    }
+
+    #[test]
+    fn dns_label_matches_reference_near_the_edges(name in "[a-zA-Z0-9_. -]{60,65}") {
+        prop_assert_eq!(is_dns_label(&name), reference_dns_label(&name));
+    }
+}

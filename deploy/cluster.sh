@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# A local Strata control plane on one machine, for the quickstart and the demo.
+#
+#   deploy/cluster.sh start [N]   start N controllers (1, 3 or 5; default 3) on 127.0.0.1:7001..
+#   deploy/cluster.sh stop        stop them (SIGTERM)
+#   deploy/cluster.sh status      show the cluster as node 1 sees it
+#   deploy/cluster.sh env         print the exports that point stratactl at this cluster
+#
+# State lives in STRATA_HOME (default .data/ in the checkout): one data dir and log per node,
+# the tokens in STRATA_HOME/env. Binaries come from target/debug unless STRATA_BIN is set.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+home="${STRATA_HOME:-$PWD/.data}"
+bin="${STRATA_BIN:-$PWD/target/debug}"
+base_port="${STRATA_BASE_PORT:-7001}"
+
+# A pid counts as running unless it is gone or a zombie (a killed node whose parent has not
+# reaped it yet still answers kill -0).
+alive() {
+  local state
+  state=$(ps -o stat= -p "$1" 2>/dev/null) && [ -n "$state" ] && [[ "$state" != Z* ]]
+}
+
+ensure_env() {
+  mkdir -p "$home"
+  if [ ! -f "$home/env" ]; then
+    umask 077
+    {
+      echo "export STRATA_TOKEN=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+      echo "export STRATA_VIEWER_TOKEN=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+      echo "export STRATA_CLUSTER_SECRET=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+    } > "$home/env"
+  fi
+  # shellcheck disable=SC1091
+  . "$home/env"
+}
+
+servers() {
+  local n="$1" list=""
+  for i in $(seq 1 "$n"); do list="$list${list:+,}127.0.0.1:$((base_port + i - 1))"; done
+  echo "$list"
+}
+
+start() {
+  local n="${1:-3}"
+  ensure_env
+  [ -x "$bin/strata-controller" ] || cargo build -p strata-controller -p strata-api
+  local peers=""
+  for i in $(seq 1 "$n"); do peers="$peers${peers:+,}$i=127.0.0.1:$((base_port + i - 1))"; done
+  echo "$n" > "$home/nodes"
+  for i in $(seq 1 "$n"); do
+    if [ -f "$home/node-$i.pid" ] && alive "$(cat "$home/node-$i.pid")"; then
+      echo "node $i already running (pid $(cat "$home/node-$i.pid"))"
+      continue
+    fi
+    STRATA_ADMIN_TOKEN="$STRATA_TOKEN" \
+    nohup "$bin/strata-controller" --node-id "$i" --listen "127.0.0.1:$((base_port + i - 1))" \
+      --data-dir "$home/node-$i" --peers "$peers" \
+      --viewer-token "$STRATA_VIEWER_TOKEN" --cluster-secret "$STRATA_CLUSTER_SECRET" \
+      >> "$home/node-$i.log" 2>&1 &
+    echo $! > "$home/node-$i.pid"
+    echo "node $i: pid $!, http://127.0.0.1:$((base_port + i - 1)), log $home/node-$i.log"
+  done
+  local deadline=$((SECONDS + 30))
+  until curl -fsS -H "Authorization: Bearer $STRATA_TOKEN" "http://127.0.0.1:$base_port/v1/cluster" 2>/dev/null | grep -q '"leader_id":[0-9]'; do
+    if [ $SECONDS -gt $deadline ]; then echo "no leader after 30s; see $home/node-*.log" >&2; exit 1; fi
+    sleep 0.2
+  done
+  echo "cluster ready; point stratactl at it with:  eval \"\$(deploy/cluster.sh env)\""
+}
+
+stop() {
+  for pidfile in "$home"/node-*.pid; do
+    [ -e "$pidfile" ] || continue
+    kill "$(cat "$pidfile")" 2>/dev/null || true
+    rm -f "$pidfile"
+  done
+  echo "stopped"
+}
+
+case "${1:-}" in
+  start) start "${2:-3}" ;;
+  stop) stop ;;
+  status)
+    ensure_env
+    curl -fsS -H "Authorization: Bearer $STRATA_TOKEN" "http://127.0.0.1:$base_port/v1/cluster"; echo ;;
+  env)
+    ensure_env
+    cat "$home/env"
+    echo "export STRATA_SERVER=$(servers "$(cat "$home/nodes" 2>/dev/null || echo 3)")" ;;
+  *) sed -n '2,12p' "$0"; exit 2 ;;
+esac

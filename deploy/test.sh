@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints, every unit, component and end-to-end test, and the
+# benchmarks in smoke mode. Slow end-to-end tests run when STRATA_E2E=1 (set here).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash deploy/install-deps.sh
+export STRATA_E2E="${STRATA_E2E:-1}"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo nextest run --workspace --no-fail-fast
+if [ -x bench/smoke.sh ]; then
+  bench/smoke.sh
+fi

@@ -1,0 +1,469 @@
+//! The replicated controller under normal operation and under faults: writes through followers,
+//! kill -9 of the leader under load, kill -9 of every node, snapshot catch-up, and membership
+//! changes with writes continuing. Real `strata-controller` processes on loopback.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::{json, Value};
+use strata_tests::{send, tier_body, Cluster, ClusterOptions, ADMIN_TOKEN};
+
+async fn put_tier(cluster: &Cluster, node: u64, name: &str) -> anyhow::Result<u16> {
+    let answer = send(
+        &cluster.http,
+        Method::PUT,
+        &cluster.url(node, &format!("/v1/tiers/{name}")),
+        Some(ADMIN_TOKEN),
+        Some(&tier_body(name)),
+    )
+    .await?;
+    Ok(answer.status)
+}
+
+async fn tier_names(cluster: &Cluster, node: u64, stale: bool) -> anyhow::Result<BTreeSet<String>> {
+    let suffix = if stale { "?stale=true" } else { "" };
+    let answer = send(
+        &cluster.http,
+        Method::GET,
+        &cluster.url(node, &format!("/v1/tiers{suffix}")),
+        Some(ADMIN_TOKEN),
+        None,
+    )
+    .await?;
+    anyhow::ensure!(answer.status == 200, "list tiers on {node}: {answer:?}");
+    Ok(answer.body["items"]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|tier| tier["name"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+fn follower_of(leader: u64, ids: &[u64]) -> u64 {
+    ids.iter()
+        .copied()
+        .find(|id| *id != leader)
+        .unwrap_or(leader)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_through_a_follower_is_read_back_from_every_node() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(ClusterOptions::default()).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(20)).await?;
+    let follower = follower_of(leader, &[1, 2, 3]);
+
+    assert_eq!(put_tier(&cluster, follower, "web").await?, 201);
+    for node in 1..=3 {
+        let answer = send(
+            &cluster.http,
+            Method::GET,
+            &cluster.url(node, "/v1/tiers/web"),
+            Some(ADMIN_TOKEN),
+            None,
+        )
+        .await?;
+        assert_eq!(answer.status, 200, "node {node}: {answer:?}");
+        assert_eq!(answer.body["name"], "web");
+        assert!(answer.body["resource_version"].as_u64().unwrap_or(0) > 0);
+    }
+    // A replace through another follower bumps the version; the old version is now stale.
+    let second = follower_of(leader, &[3, 2, 1]);
+    let mut body = tier_body("web");
+    body["scaling"]["max"] = json!(7);
+    let replaced = send(
+        &cluster.http,
+        Method::PUT,
+        &cluster.url(second, "/v1/tiers/web"),
+        Some(ADMIN_TOKEN),
+        Some(&body),
+    )
+    .await?;
+    assert_eq!(replaced.status, 200, "{replaced:?}");
+    assert_eq!(replaced.body["generation"], 2);
+    for node in 1..=3 {
+        let answer = send(
+            &cluster.http,
+            Method::GET,
+            &cluster.url(node, "/v1/tiers/web"),
+            Some(ADMIN_TOKEN),
+            None,
+        )
+        .await?;
+        assert_eq!(
+            answer.body["scaling"]["max"], 7,
+            "node {node} read a stale tier"
+        );
+    }
+    Ok(())
+}
+
+/// Writers that record every write the cluster acknowledged.
+struct Writers {
+    acknowledged: Arc<Mutex<Vec<String>>>,
+    /// Values acknowledged by compare-and-set increments of the `counter` tier.
+    increments: Arc<Mutex<Vec<u64>>>,
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Writers {
+    fn start(cluster: &Cluster, clients: usize, prefix: &str) -> Writers {
+        let acknowledged = Arc::new(Mutex::new(Vec::new()));
+        let increments = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let addresses: Vec<String> = cluster.nodes.values().map(|n| n.address.clone()).collect();
+        let mut tasks = Vec::new();
+        for client in 0..clients {
+            let http = cluster.http.clone();
+            let addresses = addresses.clone();
+            let acknowledged = acknowledged.clone();
+            let increments = increments.clone();
+            let stop = stop.clone();
+            let prefix = prefix.to_string();
+            tasks.push(tokio::spawn(async move {
+                let mut sequence = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    sequence += 1;
+                    let address = &addresses[(client + sequence as usize) % addresses.len()];
+                    if client % 4 == 0 {
+                        // Compare-and-set increment of the shared counter.
+                        if let Some(value) = cas_increment(&http, address).await {
+                            increments.lock().map(|mut v| v.push(value)).ok();
+                        }
+                        continue;
+                    }
+                    let name = format!("{prefix}-{client}-{sequence}");
+                    let answer = send(
+                        &http,
+                        Method::PUT,
+                        &format!("http://{address}/v1/tiers/{name}"),
+                        Some(ADMIN_TOKEN),
+                        Some(&tier_body(&name)),
+                    )
+                    .await;
+                    if matches!(answer, Ok(ref a) if a.status == 201) {
+                        acknowledged.lock().map(|mut v| v.push(name)).ok();
+                    }
+                }
+            }));
+        }
+        Writers {
+            acknowledged,
+            increments,
+            stop,
+            tasks,
+        }
+    }
+
+    async fn stop(self) -> (Vec<String>, Vec<u64>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        let acknowledged = self
+            .acknowledged
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or_default();
+        let increments = self
+            .increments
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or_default();
+        (acknowledged, increments)
+    }
+}
+
+/// Reads the counter tier and sets `desired` one higher with compare-and-set. Returns the new
+/// value when the cluster acknowledged it.
+async fn cas_increment(http: &reqwest::Client, address: &str) -> Option<u64> {
+    let current = send(
+        http,
+        Method::GET,
+        &format!("http://{address}/v1/tiers/counter"),
+        Some(ADMIN_TOKEN),
+        None,
+    )
+    .await
+    .ok()?;
+    if current.status != 200 {
+        return None;
+    }
+    let version = current.body["resource_version"].as_u64()?;
+    let value = current.body["status"]["desired"].as_u64()?;
+    let answer = send(
+        http,
+        Method::POST,
+        &format!("http://{address}/v1/tiers/counter/scale"),
+        Some(ADMIN_TOKEN),
+        Some(&json!({"desired": value + 1, "resource_version": version})),
+    )
+    .await
+    .ok()?;
+    (answer.status == 200).then_some(value + 1)
+}
+
+async fn counter_value(cluster: &Cluster, node: u64) -> anyhow::Result<u64> {
+    let answer = send(
+        &cluster.http,
+        Method::GET,
+        &cluster.url(node, "/v1/tiers/counter"),
+        Some(ADMIN_TOKEN),
+        None,
+    )
+    .await?;
+    answer.body["status"]["desired"]
+        .as_u64()
+        .ok_or_else(|| anyhow::anyhow!("counter unreadable on {node}: {answer:?}"))
+}
+
+fn assert_increments_unique(increments: &[u64], final_value: u64) {
+    let unique: BTreeSet<u64> = increments.iter().copied().collect();
+    assert_eq!(
+        unique.len(),
+        increments.len(),
+        "a compare-and-set value was acknowledged twice: {increments:?}"
+    );
+    let highest = unique.iter().next_back().copied().unwrap_or(0);
+    assert!(
+        final_value >= highest && final_value >= increments.len() as u64,
+        "counter {final_value} lost acknowledged increments (highest {highest}, count {})",
+        increments.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_leader_under_concurrent_writes_loses_nothing() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(ClusterOptions::default()).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(20)).await?;
+    assert_eq!(put_tier(&cluster, leader, "counter").await?, 201);
+
+    let writers = Writers::start(&cluster, 12, "load");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.kill(leader);
+    let killed_at = Instant::now();
+
+    // A new leader takes writes.
+    let survivors: Vec<u64> = [1, 2, 3].into_iter().filter(|id| *id != leader).collect();
+    let new_leader = cluster
+        .wait_for_leader_other_than(Some(leader), Duration::from_secs(20))
+        .await?;
+    assert_ne!(new_leader, leader);
+    let mut accepted_after_kill = false;
+    while killed_at.elapsed() < Duration::from_secs(20) {
+        let name = format!("after-kill-{}", killed_at.elapsed().as_millis());
+        if put_tier(&cluster, survivors[0], &name).await.ok() == Some(201) {
+            accepted_after_kill = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        accepted_after_kill,
+        "no write accepted after the leader died"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (acknowledged, increments) = writers.stop().await;
+    assert!(
+        acknowledged.len() > 20,
+        "too few writes to mean anything: {}",
+        acknowledged.len()
+    );
+
+    // The old leader comes back; every acknowledged write is on every node.
+    cluster.start_node(leader)?;
+    cluster.wait_for_leader(Duration::from_secs(20)).await?;
+    for node in 1..=3 {
+        let names = tier_names(&cluster, node, false).await?;
+        let missing: Vec<&String> = acknowledged
+            .iter()
+            .filter(|n| !names.contains(*n))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "node {node} lost acknowledged writes: {missing:?}"
+        );
+        assert_increments_unique(&increments, counter_value(&cluster, node).await?);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_every_node_then_restart_keeps_every_acknowledged_write() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(ClusterOptions::default()).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(20)).await?;
+    assert_eq!(put_tier(&cluster, leader, "counter").await?, 201);
+    let writers = Writers::start(&cluster, 8, "durable");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Kill all three while writes are in flight, so some acknowledged ones were the last.
+    for node in 1..=3 {
+        cluster.kill(node);
+    }
+    let (acknowledged, increments) = writers.stop().await;
+    assert!(!acknowledged.is_empty());
+
+    for node in 1..=3 {
+        cluster.start_node(node)?;
+    }
+    cluster.wait_for_leader(Duration::from_secs(30)).await?;
+    for node in 1..=3 {
+        let names = tier_names(&cluster, node, false).await?;
+        let missing: Vec<&String> = acknowledged
+            .iter()
+            .filter(|n| !names.contains(*n))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "node {node} lost {} acknowledged writes after restart: {missing:?}",
+            missing.len()
+        );
+        assert_increments_unique(&increments, counter_value(&cluster, node).await?);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_down_for_10000_entries_catches_up_through_a_snapshot() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(ClusterOptions {
+        nodes: 3,
+        snapshot_logs: 1000,
+    })
+    .await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(20)).await?;
+    let lagging = follower_of(leader, &[3, 2, 1]);
+    cluster.kill(lagging);
+    let writer_node = follower_of(lagging, &[leader]);
+
+    // 10,000+ entries while the node is down: scale a few tiers back and forth.
+    for name in ["snap-a", "snap-b", "snap-c", "snap-d"] {
+        assert_eq!(put_tier(&cluster, writer_node, name).await?, 201);
+    }
+    let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for client in 0..16u64 {
+        let http = cluster.http.clone();
+        let url = cluster.url(writer_node, "");
+        let written = written.clone();
+        tasks.push(tokio::spawn(async move {
+            let name = ["snap-a", "snap-b", "snap-c", "snap-d"][client as usize % 4];
+            for i in 0..650u64 {
+                let body = json!({"desired": 1 + (client * 650 + i) % 999});
+                let answer = send(
+                    &http,
+                    Method::POST,
+                    &format!("{url}/v1/tiers/{name}/scale"),
+                    Some(ADMIN_TOKEN),
+                    Some(&body),
+                )
+                .await;
+                if matches!(answer, Ok(ref a) if a.status == 200) {
+                    written.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await?;
+    }
+    assert!(written.load(Ordering::Relaxed) >= 10_000);
+    let leader_status = cluster.status(leader).await?;
+    let target = leader_status["applied_index"].as_u64().unwrap_or(0);
+    assert!(
+        leader_status["snapshot_index"].as_u64().unwrap_or(0) > 1000,
+        "the leader took no snapshot: {leader_status}"
+    );
+    let expected = tier_names(&cluster, leader, false).await?;
+
+    cluster.start_node(lagging)?;
+    let status = cluster
+        .wait_applied(lagging, target, Duration::from_secs(60))
+        .await
+        .map_err(|error| anyhow::anyhow!("{error}\n{}", cluster.log_tail(lagging)))?;
+    let snapshot_index = status["snapshot_index"].as_u64().unwrap_or(0);
+    assert!(
+        snapshot_index > 1000,
+        "the node caught up without installing a snapshot: {status}"
+    );
+    assert_eq!(tier_names(&cluster, lagging, true).await?, expected);
+    let log = std::fs::read_to_string(&cluster.nodes[&lagging].log_path).unwrap_or_default();
+    assert!(
+        log.contains("installed snapshot from the leader"),
+        "no snapshot installation in the node's log"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fourth_member_is_added_and_an_old_one_removed_while_writes_continue(
+) -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(ClusterOptions::default()).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(20)).await?;
+    assert_eq!(put_tier(&cluster, leader, "counter").await?, 201);
+    let writers = Writers::start(&cluster, 6, "member");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let address = cluster.start_new_node(4)?;
+    let added = send(
+        &cluster.http,
+        Method::POST,
+        &cluster.url(follower_of(leader, &[1, 2, 3]), "/v1/cluster/members"),
+        Some(ADMIN_TOKEN),
+        Some(&json!({"id": 4, "address": address})),
+    )
+    .await?;
+    assert_eq!(added.status, 200, "{added:?}");
+
+    // Remove the current leader itself: the hardest case for continuing writes.
+    let removed = send(
+        &cluster.http,
+        Method::DELETE,
+        &cluster.url(4, &format!("/v1/cluster/members/{leader}")),
+        Some(ADMIN_TOKEN),
+        None,
+    )
+    .await?;
+    assert_eq!(removed.status, 200, "{removed:?}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.kill(leader);
+    let (acknowledged, increments) = writers.stop().await;
+    assert!(
+        acknowledged.len() > 10,
+        "writes stalled: {}",
+        acknowledged.len()
+    );
+
+    cluster
+        .wait_for_leader_other_than(Some(leader), Duration::from_secs(20))
+        .await?;
+    let status = cluster.status(4).await?;
+    let members: BTreeSet<u64> = status["members"]
+        .as_array()
+        .map(|members| members.iter().filter_map(|m| m["id"].as_u64()).collect())
+        .unwrap_or_default();
+    let expected: BTreeSet<u64> = [1, 2, 3, 4]
+        .into_iter()
+        .filter(|id| *id != leader)
+        .collect();
+    assert_eq!(members, expected, "{status}");
+    assert!(status["members"]
+        .as_array()
+        .is_some_and(|m| m.iter().all(|m| m["voter"] == Value::Bool(true))));
+    let survivors: Vec<u64> = expected.iter().copied().collect();
+    assert_eq!(put_tier(&cluster, survivors[0], "after-change").await?, 201);
+    for node in survivors {
+        let names = tier_names(&cluster, node, false).await?;
+        let missing: Vec<&String> = acknowledged
+            .iter()
+            .filter(|n| !names.contains(*n))
+            .collect();
+        assert!(missing.is_empty(), "node {node} lost writes: {missing:?}");
+        assert_increments_unique(&increments, counter_value(&cluster, node).await?);
+    }
+    Ok(())
+}
