@@ -5,17 +5,20 @@
 # disable it.
 set -euo pipefail
 
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
 if ! command -v etcd >/dev/null 2>&1; then
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq etcd-server >/dev/null
+    echo "install-deps: installing etcd-server"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq etcd-server >/dev/null
 fi
 
 if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
-    systemctl disable --now etcd >/dev/null 2>&1 || true
+    $SUDO systemctl disable --now etcd >/dev/null 2>&1 || true
 elif [ -x /etc/init.d/etcd ]; then
-    /etc/init.d/etcd stop >/dev/null 2>&1 || true
-    update-rc.d etcd disable >/dev/null 2>&1 || true
+    $SUDO /etc/init.d/etcd stop >/dev/null 2>&1 || true
+    $SUDO update-rc.d etcd disable >/dev/null 2>&1 || true
 fi
 
 etcd --version | head -n 1
