@@ -29,6 +29,7 @@ ensure_env() {
       echo "export STRATA_TOKEN=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
       echo "export STRATA_VIEWER_TOKEN=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
       echo "export STRATA_CLUSTER_SECRET=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+      echo "export STRATA_JOIN_TOKEN=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
     } > "$home/env"
   fi
   # shellcheck disable=SC1091
@@ -57,6 +58,7 @@ start() {
     nohup "$bin/strata-controller" --node-id "$i" --listen "127.0.0.1:$((base_port + i - 1))" \
       --data-dir "$home/node-$i" --peers "$peers" \
       --viewer-token "$STRATA_VIEWER_TOKEN" --cluster-secret "$STRATA_CLUSTER_SECRET" \
+      --join-token "$STRATA_JOIN_TOKEN" \
       >> "$home/node-$i.log" 2>&1 &
     echo $! > "$home/node-$i.pid"
     echo "node $i: pid $!, http://127.0.0.1:$((base_port + i - 1)), log $home/node-$i.log"

@@ -22,6 +22,7 @@ use serde::Serialize;
 
 use crate::cluster::{AddMemberRequest, ClusterStatus};
 use crate::list::ItemList;
+use crate::node::{Event, Instance, Node};
 use crate::problem::Problem;
 use crate::tier::{ScaleRequest, Tier, TierSpec};
 
@@ -207,6 +208,78 @@ impl Client {
             .await
     }
 
+    /// `GET /v1/nodes`: every registered agent host.
+    pub async fn list_nodes(&self, stale: bool) -> Result<Vec<Node>, ClientError> {
+        let path = format!("/v1/nodes{}", stale_query(stale));
+        let list: ItemList<Node> = self.call(Method::GET, &path, None).await?;
+        Ok(list.items)
+    }
+
+    /// `GET /v1/nodes/{id}`.
+    pub async fn get_node(&self, id: &str, stale: bool) -> Result<Node, ClientError> {
+        let path = format!("/v1/nodes/{}{}", encode_segment(id), stale_query(stale));
+        self.call(Method::GET, &path, None).await
+    }
+
+    /// `POST /v1/nodes/{id}/cordon`: the node keeps its instances but gets no new ones.
+    pub async fn cordon_node(&self, id: &str) -> Result<Node, ClientError> {
+        self.node_action(id, "cordon").await
+    }
+
+    /// `POST /v1/nodes/{id}/uncordon`: the node takes new instances again.
+    pub async fn uncordon_node(&self, id: &str) -> Result<Node, ClientError> {
+        self.node_action(id, "uncordon").await
+    }
+
+    /// `POST /v1/nodes/{id}/drain`: the node's instances are replaced elsewhere. Answers once
+    /// the drain is recorded, before the instances have moved.
+    pub async fn drain_node(&self, id: &str) -> Result<Node, ClientError> {
+        self.node_action(id, "drain").await
+    }
+
+    /// Instances of one tier (`GET /v1/tiers/{name}/instances`) or of all tiers
+    /// (`GET /v1/instances`). The tier's own route is used so that a mistyped tier name
+    /// answers 404 instead of an empty list.
+    pub async fn list_instances(
+        &self,
+        tier: Option<&str>,
+        stale: bool,
+    ) -> Result<Vec<Instance>, ClientError> {
+        let path = match tier {
+            Some(tier) => format!(
+                "/v1/tiers/{}/instances{}",
+                encode_segment(tier),
+                stale_query(stale)
+            ),
+            None => format!("/v1/instances{}", stale_query(stale)),
+        };
+        let list: ItemList<Instance> = self.call(Method::GET, &path, None).await?;
+        Ok(list.items)
+    }
+
+    /// `GET /v1/events`, optionally only those about `object` (`tier/web`, `node/host-1`,
+    /// `instance/<uuid>`); oldest first.
+    pub async fn list_events(
+        &self,
+        object: Option<&str>,
+        stale: bool,
+    ) -> Result<Vec<Event>, ClientError> {
+        let mut query = Vec::new();
+        if let Some(object) = object {
+            query.push(format!("object={}", encode_query_value(object)));
+        }
+        if stale {
+            query.push("stale=true".to_string());
+        }
+        let path = if query.is_empty() {
+            "/v1/events".to_string()
+        } else {
+            format!("/v1/events?{}", query.join("&"))
+        };
+        let list: ItemList<Event> = self.call(Method::GET, &path, None).await?;
+        Ok(list.items)
+    }
+
     /// Any JSON call, for resources that have no typed method yet. `path` includes the query.
     /// An empty success body (204) gives `Value::Null`.
     pub async fn request_json(
@@ -221,6 +294,12 @@ impl Client {
             return Ok(serde_json::Value::Null);
         }
         from_body(&bytes)
+    }
+
+    /// `POST /v1/nodes/{id}/{action}` with no body; answers the node as changed.
+    async fn node_action(&self, id: &str, action: &str) -> Result<Node, ClientError> {
+        let path = format!("/v1/nodes/{}/{action}", encode_segment(id));
+        self.call(Method::POST, &path, None).await
     }
 
     async fn call<T: DeserializeOwned>(
@@ -416,6 +495,20 @@ fn encode_segment(segment: &str) -> String {
     let mut encoded = String::with_capacity(segment.len());
     for byte in segment.bytes() {
         if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            encoded.push(char::from(byte));
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    encoded
+}
+
+/// Percent-encodes a query value. `/` and `:` are legal in a query and stay readable, so an
+/// object reference goes out as `object=tier/web`; `&`, `=`, `+`, `#` and the rest are escaped.
+fn encode_query_value(value: &str) -> String {
+    let mut encoded = String::with_capacity(value.len());
+    for byte in value.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~' | b'/' | b':') {
             encoded.push(char::from(byte));
         } else {
             encoded.push_str(&format!("%{byte:02X}"));

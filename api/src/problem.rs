@@ -39,6 +39,9 @@ pub struct Problem {
     /// For 409 conflicts: the resource version the object has now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_resource_version: Option<u64>,
+    /// For 421 answers to agents: the address of the leader to talk to instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
 }
 
 impl Problem {
@@ -51,6 +54,7 @@ impl Problem {
             detail: detail.into(),
             errors: Vec::new(),
             current_resource_version: None,
+            leader: None,
         }
     }
 

@@ -577,3 +577,68 @@ fn placement(report: &mut Report, placement: &Placement) {
 
 #[cfg(test)]
 mod tests;
+
+/// Checks an agent's registration: a DNS-label node id, an IP address, a positive capacity and
+/// well-formed labels.
+pub fn register(request: &crate::node::RegisterRequest) -> Result<(), Vec<FieldError>> {
+    let mut report = Report::default();
+    if !is_dns_label(&request.node_id) {
+        report.fail("node_id", "must be a DNS label (lowercase letters, digits, '-')");
+    }
+    if request.address.parse::<std::net::IpAddr>().is_err() {
+        report.fail("address", "must be an IP address");
+    }
+    if !(request.capacity.cpu.is_finite() && request.capacity.cpu > 0.0 && request.capacity.cpu <= 4096.0) {
+        report.fail("capacity.cpu", "must be a number of cores above 0 and at most 4096");
+    }
+    if request.capacity.memory_mb == 0 {
+        report.fail("capacity.memory_mb", "must be above 0");
+    }
+    if let Some(zone) = &request.zone {
+        if !is_label_value(zone) || zone.is_empty() {
+            report.fail("zone", "must be a label value (letters, digits, '-', '_', '.')");
+        }
+    }
+    for (key, value) in &request.labels {
+        if !is_label_key(key) {
+            report.fail(format!("labels.{key}"), "is not a valid label key");
+        } else if !is_label_value(value) {
+            report.fail(format!("labels.{key}"), "is not a valid label value");
+        }
+    }
+    if request.agent_version.len() > 64 {
+        report.fail("agent_version", "must be at most 64 characters");
+    }
+    report.finish()
+}
+
+/// Checks a heartbeat: a DNS-label node id and finite, non-negative figures.
+pub fn heartbeat(request: &crate::node::HeartbeatRequest) -> Result<(), Vec<FieldError>> {
+    let mut report = Report::default();
+    if !is_dns_label(&request.node_id) {
+        report.fail("node_id", "must be a DNS label (lowercase letters, digits, '-')");
+    }
+    let metrics = &request.metrics;
+    for (path, value) in [
+        ("metrics.cpu_percent", metrics.cpu_percent),
+        ("metrics.load1", metrics.load1),
+        ("metrics.load5", metrics.load5),
+        ("metrics.load15", metrics.load15),
+    ] {
+        if !value.is_finite() || value < 0.0 {
+            report.fail(path, "must be a finite number, at least 0");
+        }
+    }
+    if request.instances.len() > 10_000 {
+        report.fail("instances", "at most 10000 instances per heartbeat");
+    }
+    for (index, instance) in request.instances.iter().enumerate() {
+        if !instance.cpu_percent.is_finite() || instance.cpu_percent < 0.0 {
+            report.fail(
+                format!("instances[{index}].cpu_percent"),
+                "must be a finite number, at least 0",
+            );
+        }
+    }
+    report.finish()
+}

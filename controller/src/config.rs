@@ -51,6 +51,20 @@ pub struct Config {
     #[arg(long, env = "STRATA_CLUSTER_SECRET", hide_env_values = true)]
     pub cluster_secret: Option<String>,
 
+    /// Token agents register and heartbeat with. Required with --peers (every node needs the
+    /// same one); a single node generates one in DATA_DIR/join-token.
+    #[arg(long, env = "STRATA_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
+
+    /// A node whose agent is silent for longer than this becomes NotReady and its instances are
+    /// replaced elsewhere.
+    #[arg(long, env = "STRATA_HEARTBEAT_GRACE", default_value = "5s")]
+    pub heartbeat_grace: Duration,
+
+    /// How often the leader runs its reconcilers (they also run when agents report changes).
+    #[arg(long, env = "STRATA_RECONCILE_INTERVAL", default_value = "500ms")]
+    pub reconcile_interval: Duration,
+
     /// Take a snapshot (and compact the log) after this many applied entries.
     #[arg(long, env = "STRATA_SNAPSHOT_LOGS", default_value_t = 5000)]
     pub snapshot_logs: u64,

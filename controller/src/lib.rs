@@ -15,12 +15,15 @@
 //!
 //! `run` wires them together; the binary only parses flags and calls it.
 
+pub mod agents;
 pub mod config;
 pub mod http;
+pub mod lifecycle;
 pub mod metrics;
 pub mod network;
 pub mod node;
 pub mod raft_types;
+pub mod reconcile;
 pub mod state;
 pub mod store;
 
@@ -44,11 +47,27 @@ pub async fn run(
     let controller = Controller::start(&config, tokens).await?;
     let address = listener.local_addr().context("read listener address")?;
     tracing::info!(node = config.node_id, %address, "serving the API and peer traffic");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let reconciler = tokio::spawn(agents::run_reconciler(
+        controller.clone(),
+        agents::ReconcileConfig {
+            interval: config.reconcile_interval.as_std(),
+            plan: reconcile::PlanConfig {
+                heartbeat_grace_ms: config.heartbeat_grace.as_millis(),
+                ..reconcile::PlanConfig::default()
+            },
+        },
+        stop.clone(),
+    ));
     let app = http::router(controller.clone());
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
         .context("serve http");
+    stop.cancel();
+    if let Err(error) = reconciler.await {
+        tracing::warn!(%error, "stop the reconciler");
+    }
     if let Err(error) = controller.raft.shutdown().await {
         tracing::warn!(%error, "stop raft");
     }
@@ -71,10 +90,18 @@ async fn load_tokens(config: &Config) -> anyhow::Result<Tokens> {
             "--cluster-secret (or STRATA_CLUSTER_SECRET) is required with --peers: every node must share it"
         ),
     };
+    let join = match (&config.join_token, &config.peers) {
+        (Some(token), _) => token.clone(),
+        (None, None) => stored_secret(&config.data_dir, "join-token").await?,
+        (None, Some(_)) => anyhow::bail!(
+            "--join-token (or STRATA_JOIN_TOKEN) is required with --peers: agents may talk to any node"
+        ),
+    };
     for (name, value) in [
         ("admin token", Some(&admin)),
         ("viewer token", config.viewer_token.as_ref()),
         ("cluster secret", Some(&cluster_secret)),
+        ("join token", Some(&join)),
     ] {
         if value.is_some_and(|value| value.trim().is_empty()) {
             anyhow::bail!("the {name} must not be empty");
@@ -84,6 +111,7 @@ async fn load_tokens(config: &Config) -> anyhow::Result<Tokens> {
         admin,
         viewer: config.viewer_token.clone(),
         cluster_secret,
+        join,
     })
 }
 

@@ -82,6 +82,8 @@ pub struct Tokens {
     pub admin: String,
     pub viewer: Option<String>,
     pub cluster_secret: String,
+    /// Agents register and heartbeat with this one.
+    pub join: String,
 }
 
 /// A running controller node. Shared by every handler through an `Arc`.
@@ -93,6 +95,8 @@ pub struct Controller {
     pub peers: PeerClient,
     pub tokens: Tokens,
     pub write_timeout: Duration,
+    /// Heartbeat memory; meaningful only while this node leads.
+    pub liveness: crate::agents::Liveness,
 }
 
 impl Controller {
@@ -149,6 +153,7 @@ impl Controller {
             peers,
             tokens,
             write_timeout: config.write_timeout.as_std(),
+            liveness: crate::agents::Liveness::default(),
         });
         controller.bootstrap(config).await?;
         Ok(controller)
@@ -196,6 +201,11 @@ impl Controller {
             Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
             Err(error) => Err(anyhow::anyhow!("initialise the cluster: {error}")),
         }
+    }
+
+    /// Whether this node is the Raft leader right now.
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().state == ServerState::Leader
     }
 
     /// The leader this node knows of, with its address.

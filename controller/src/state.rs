@@ -9,10 +9,19 @@
 //! - Rejections (not found, conflict, invalid) are results, not errors: the entry is still
 //!   applied (as a no-op) and every replica rejects it the same way.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
-use strata_api::{FieldError, ScalingDecision, Tier, TierSpec, TierStatus};
+use strata_api::{
+    Event, FieldError, Health, Instance, Phase, RegisterRequest, Resources, ScalingDecision,
+    Tier, TierSpec, TierStatus,
+};
+use uuid::Uuid;
+
+use crate::lifecycle::{step, InstanceEvent};
+
+/// Events kept in the replicated state; older ones are dropped first.
+pub const EVENT_CAPACITY: usize = 2000;
 
 /// A command with the time the leader stamped on it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -40,6 +49,76 @@ pub enum Command {
         desired: u32,
         expected_version: Option<u64>,
     },
+    /// An agent announced its node (new, or after a restart with new facts).
+    RegisterNode { registration: RegisterRequest },
+    /// The leader saw a node's heartbeats stop (or resume). Instances on a node that becomes
+    /// not ready are Lost.
+    SetNodeReady {
+        node: String,
+        ready: bool,
+        reason: String,
+    },
+    /// Operator flags: cordoned nodes get no new instances; draining nodes lose theirs.
+    SetNodeFlags {
+        node: String,
+        cordoned: bool,
+        draining: bool,
+    },
+    /// Place new instances (ids chosen by the leader, never by apply).
+    CreateInstances {
+        instances: Vec<NewInstance>,
+        reason: String,
+    },
+    /// Lifecycle transitions and observations of existing instances.
+    UpdateInstances { updates: Vec<InstanceUpdate> },
+    /// Forget instances that reached a final phase long ago.
+    RemoveInstances { ids: Vec<Uuid> },
+    /// A decision that changes no object but must be on record (for example "no room").
+    RecordEvent {
+        object: String,
+        reason: String,
+        message: String,
+    },
+}
+
+/// One instance to create.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NewInstance {
+    pub id: Uuid,
+    pub tier: String,
+    pub node: String,
+}
+
+/// One change to an instance.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InstanceUpdate {
+    pub id: Uuid,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<InstanceEvent>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<Health>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Why, for the instance's `reason` and the event log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// A node as the replicated state knows it. Liveness (last heartbeat, metrics) lives in the
+/// leader's memory, not here: heartbeats are not Raft writes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub id: String,
+    pub address: String,
+    pub zone: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub capacity: Resources,
+    pub ready: bool,
+    pub cordoned: bool,
+    pub draining: bool,
+    pub agent_version: String,
+    pub registered_at_ms: u64,
+    pub resource_version: u64,
 }
 
 /// The outcome of applying one entry.
@@ -54,6 +133,13 @@ pub enum CommandResult {
     },
     Deleted {
         tier: Box<Tier>,
+    },
+    Node {
+        node: Box<NodeRecord>,
+    },
+    /// How many objects a batch command changed.
+    Changed {
+        count: usize,
     },
     Rejected {
         rejection: Rejection,
@@ -82,6 +168,17 @@ pub enum Rejection {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct State {
     pub tiers: BTreeMap<String, Tier>,
+    #[serde(default)]
+    pub nodes: BTreeMap<String, NodeRecord>,
+    #[serde(default)]
+    pub instances: BTreeMap<Uuid, Instance>,
+    /// Instance ids per node; derived from `instances`, rebuilt by `reindex` after decoding.
+    #[serde(skip)]
+    pub by_node: BTreeMap<String, BTreeSet<Uuid>>,
+    #[serde(default)]
+    pub events: VecDeque<Event>,
+    #[serde(default)]
+    pub next_event_id: u64,
 }
 
 impl State {
@@ -92,13 +189,285 @@ impl State {
             Command::DeleteTier {
                 name,
                 expected_version,
-            } => self.delete_tier(name, *expected_version),
+            } => self.delete_tier(index, request.at_ms, name, *expected_version),
             Command::ScaleTier {
                 name,
                 desired,
                 expected_version,
             } => self.scale_tier(index, request.at_ms, name, *desired, *expected_version),
+            Command::RegisterNode { registration } => {
+                self.register_node(index, request.at_ms, registration)
+            }
+            Command::SetNodeReady {
+                node,
+                ready,
+                reason,
+            } => self.set_node_ready(index, request.at_ms, node, *ready, reason),
+            Command::SetNodeFlags {
+                node,
+                cordoned,
+                draining,
+            } => self.set_node_flags(index, request.at_ms, node, *cordoned, *draining),
+            Command::CreateInstances { instances, reason } => {
+                self.create_instances(index, request.at_ms, instances, reason)
+            }
+            Command::UpdateInstances { updates } => {
+                self.update_instances(index, request.at_ms, updates)
+            }
+            Command::RemoveInstances { ids } => {
+                let mut count = 0;
+                for id in ids {
+                    if let Some(instance) = self.instances.remove(id) {
+                        if let Some(node) = &instance.node {
+                            if let Some(set) = self.by_node.get_mut(node) {
+                                set.remove(id);
+                            }
+                        }
+                        count += 1;
+                    }
+                }
+                CommandResult::Changed { count }
+            }
+            Command::RecordEvent {
+                object,
+                reason,
+                message,
+            } => {
+                self.record(request.at_ms, object.clone(), reason, message.clone());
+                CommandResult::Changed { count: 0 }
+            }
         }
+    }
+
+    /// Rebuilds derived indexes; call after decoding a snapshot.
+    pub fn reindex(&mut self) {
+        self.by_node.clear();
+        for (id, instance) in &self.instances {
+            if let Some(node) = &instance.node {
+                self.by_node.entry(node.clone()).or_default().insert(*id);
+            }
+        }
+    }
+
+    /// Instances placed on `node`.
+    pub fn instances_on<'a>(&'a self, node: &str) -> impl Iterator<Item = &'a Instance> + 'a {
+        self.by_node
+            .get(node)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.instances.get(id))
+    }
+
+    /// Appends an event, dropping the oldest beyond `EVENT_CAPACITY`.
+    fn record(&mut self, at_ms: u64, object: String, reason: &str, message: String) {
+        self.next_event_id += 1;
+        self.events.push_back(Event {
+            id: self.next_event_id,
+            at_ms,
+            object,
+            reason: reason.to_string(),
+            message,
+        });
+        while self.events.len() > EVENT_CAPACITY {
+            self.events.pop_front();
+        }
+    }
+
+    fn register_node(&mut self, index: u64, at_ms: u64, registration: &RegisterRequest) -> CommandResult {
+        let existing = self.nodes.get(&registration.node_id);
+        let record = NodeRecord {
+            id: registration.node_id.clone(),
+            address: registration.address.clone(),
+            zone: registration.zone.clone(),
+            labels: registration.labels.clone(),
+            capacity: registration.capacity,
+            ready: true,
+            cordoned: existing.is_some_and(|node| node.cordoned),
+            draining: existing.is_some_and(|node| node.draining),
+            agent_version: registration.agent_version.clone(),
+            registered_at_ms: existing.map_or(at_ms, |node| node.registered_at_ms),
+            resource_version: index,
+        };
+        let message = match existing {
+            None => format!("node {} registered at {}", record.id, record.address),
+            Some(old) if !old.ready => format!("node {} registered again and is ready", record.id),
+            Some(_) => format!("node {} registered again", record.id),
+        };
+        self.record(at_ms, format!("node/{}", record.id), "NodeRegistered", message);
+        self.nodes.insert(record.id.clone(), record.clone());
+        CommandResult::Node {
+            node: Box::new(record),
+        }
+    }
+
+    fn set_node_ready(&mut self, index: u64, at_ms: u64, node: &str, ready: bool, reason: &str) -> CommandResult {
+        let Some(record) = self.nodes.get_mut(node) else {
+            return not_found_kind("node", node);
+        };
+        if record.ready == ready {
+            return CommandResult::Node {
+                node: Box::new(record.clone()),
+            };
+        }
+        record.ready = ready;
+        record.resource_version = index;
+        let record = record.clone();
+        if ready {
+            self.record(at_ms, format!("node/{node}"), "NodeReady", reason.to_string());
+        } else {
+            self.record(at_ms, format!("node/{node}"), "NodeNotReady", reason.to_string());
+            let lost: Vec<Uuid> = self
+                .instances_on(node)
+                .filter(|instance| !instance.phase.is_final())
+                .map(|instance| instance.id)
+                .collect();
+            for id in lost {
+                self.transition(index, at_ms, id, InstanceEvent::NodeLost, &format!("node {node} is not ready"));
+            }
+        }
+        CommandResult::Node {
+            node: Box::new(record),
+        }
+    }
+
+    fn set_node_flags(&mut self, index: u64, at_ms: u64, node: &str, cordoned: bool, draining: bool) -> CommandResult {
+        let Some(record) = self.nodes.get_mut(node) else {
+            return not_found_kind("node", node);
+        };
+        let changed = record.cordoned != cordoned || record.draining != draining;
+        record.cordoned = cordoned;
+        record.draining = draining;
+        if changed {
+            record.resource_version = index;
+        }
+        let record = record.clone();
+        if changed {
+            let (reason, message) = match (cordoned, draining) {
+                (_, true) => ("NodeDraining", format!("node {node} is draining: its instances move elsewhere")),
+                (true, false) => ("NodeCordoned", format!("node {node} is cordoned: no new instances")),
+                (false, false) => ("NodeUncordoned", format!("node {node} takes new instances again")),
+            };
+            self.record(at_ms, format!("node/{node}"), reason, message);
+        }
+        CommandResult::Node {
+            node: Box::new(record),
+        }
+    }
+
+    fn create_instances(&mut self, index: u64, at_ms: u64, instances: &[NewInstance], reason: &str) -> CommandResult {
+        let mut count = 0;
+        for new in instances {
+            let (Some(tier), Some(node)) = (self.tiers.get(&new.tier), self.nodes.get(&new.node)) else {
+                continue;
+            };
+            if self.instances.contains_key(&new.id) {
+                continue;
+            }
+            let instance = Instance {
+                id: new.id,
+                tier: new.tier.clone(),
+                provider: tier.spec.provider,
+                node: Some(new.node.clone()),
+                provider_id: None,
+                address: Some(node.address.clone()),
+                port: None,
+                phase: Phase::Pending,
+                health: Health::Unknown,
+                generation: tier.generation,
+                reason: Some(reason.to_string()),
+                created_at_ms: at_ms,
+                updated_at_ms: at_ms,
+                ready_at_ms: 0,
+                resource_version: index,
+            };
+            self.by_node.entry(new.node.clone()).or_default().insert(new.id);
+            self.instances.insert(new.id, instance);
+            self.record(
+                at_ms,
+                format!("tier/{}", new.tier),
+                "InstanceCreated",
+                format!("instance {} placed on node {}: {reason}", new.id, new.node),
+            );
+            count += 1;
+        }
+        CommandResult::Changed { count }
+    }
+
+    fn update_instances(&mut self, index: u64, at_ms: u64, updates: &[InstanceUpdate]) -> CommandResult {
+        let mut count = 0;
+        for update in updates {
+            let Some(instance) = self.instances.get_mut(&update.id) else {
+                continue;
+            };
+            let mut changed = false;
+            if !instance.phase.is_final() {
+                if let Some(health) = update.health {
+                    changed |= instance.health != health;
+                    instance.health = health;
+                }
+                if let Some(port) = update.port {
+                    changed |= instance.port != Some(port);
+                    instance.port = Some(port);
+                }
+            }
+            if changed {
+                instance.updated_at_ms = at_ms;
+                instance.resource_version = index;
+            }
+            let reason = update.reason.clone().unwrap_or_default();
+            let moved = match update.event {
+                Some(event) => self.transition(index, at_ms, update.id, event, &reason),
+                None => false,
+            };
+            if changed || moved {
+                count += 1;
+            }
+        }
+        CommandResult::Changed { count }
+    }
+
+    /// Applies one lifecycle event; records an event when the phase changes. Returns whether it
+    /// changed.
+    fn transition(&mut self, index: u64, at_ms: u64, id: Uuid, event: InstanceEvent, reason: &str) -> bool {
+        let Some(instance) = self.instances.get_mut(&id) else {
+            return false;
+        };
+        let before = instance.phase;
+        let after = step(before, event);
+        if after == before {
+            return false;
+        }
+        instance.phase = after;
+        instance.updated_at_ms = at_ms;
+        instance.resource_version = index;
+        if !reason.is_empty() {
+            instance.reason = Some(reason.to_string());
+        }
+        if after == Phase::Running && instance.ready_at_ms == 0 {
+            instance.ready_at_ms = at_ms;
+        }
+        if matches!(after, Phase::Failed | Phase::Lost | Phase::Terminated) {
+            instance.health = Health::Unknown;
+        }
+        let tier = instance.tier.clone();
+        let node = instance.node.clone().unwrap_or_default();
+        let (name, detail) = match after {
+            Phase::Starting => ("InstanceStarting", String::new()),
+            Phase::Running => ("InstanceRunning", String::new()),
+            Phase::Draining => ("InstanceDraining", String::new()),
+            Phase::Terminated => ("InstanceTerminated", String::new()),
+            Phase::Failed => ("InstanceFailed", String::new()),
+            Phase::Lost => ("InstanceLost", String::new()),
+            Phase::Pending => ("InstancePending", String::new()),
+        };
+        let because = if reason.is_empty() { detail } else { format!(": {reason}") };
+        self.record(
+            at_ms,
+            format!("tier/{tier}"),
+            name,
+            format!("instance {id} on node {node}: {before:?} -> {after:?}{because}"),
+        );
+        true
     }
 
     fn check_version(&self, name: &str, expected: Option<u64>) -> Result<(), Rejection> {
@@ -180,6 +549,18 @@ impl State {
             }
         };
         let created = !self.tiers.contains_key(&spec.name);
+        let previous_generation = self.tiers.get(&spec.name).map(|old| old.generation);
+        let message = match previous_generation {
+            None => Some(("TierCreated", format!("tier created with desired {}", tier.status.desired))),
+            Some(old) if old != tier.generation => Some((
+                "TierUpdated",
+                format!("spec changed: generation {old} -> {}", tier.generation),
+            )),
+            Some(_) => None,
+        };
+        if let Some((reason, message)) = message {
+            self.record(at_ms, format!("tier/{}", spec.name), reason, message);
+        }
         self.tiers.insert(spec.name.clone(), tier.clone());
         CommandResult::Tier {
             tier: Box::new(tier),
@@ -187,7 +568,7 @@ impl State {
         }
     }
 
-    fn delete_tier(&mut self, name: &str, expected: Option<u64>) -> CommandResult {
+    fn delete_tier(&mut self, index: u64, at_ms: u64, name: &str, expected: Option<u64>) -> CommandResult {
         if !self.tiers.contains_key(name) {
             return not_found(name);
         }
@@ -195,9 +576,22 @@ impl State {
             return CommandResult::Rejected { rejection };
         }
         match self.tiers.remove(name) {
-            Some(tier) => CommandResult::Deleted {
-                tier: Box::new(tier),
-            },
+            Some(tier) => {
+                // Deleting a tier drains every instance it has; agents stop them.
+                let doomed: Vec<Uuid> = self
+                    .instances
+                    .values()
+                    .filter(|instance| instance.tier == name && !instance.phase.is_final())
+                    .map(|instance| instance.id)
+                    .collect();
+                for id in doomed {
+                    self.transition(index, at_ms, id, InstanceEvent::Drain, "tier deleted");
+                }
+                self.record(at_ms, format!("tier/{name}"), "TierDeleted", format!("tier {name} deleted"));
+                CommandResult::Deleted {
+                    tier: Box::new(tier),
+                }
+            }
             None => not_found(name),
         }
     }
@@ -241,17 +635,28 @@ impl State {
             to: desired,
             reason: "scaled by an operator".to_string(),
         });
+        let tier = tier.clone();
+        self.record(
+            at_ms,
+            format!("tier/{name}"),
+            "ScaledByOperator",
+            format!("desired {before} -> {desired}: scaled by an operator"),
+        );
         CommandResult::Tier {
-            tier: Box::new(tier.clone()),
+            tier: Box::new(tier),
             created: false,
         }
     }
 }
 
 fn not_found(name: &str) -> CommandResult {
+    not_found_kind("tier", name)
+}
+
+fn not_found_kind(kind: &str, name: &str) -> CommandResult {
     CommandResult::Rejected {
         rejection: Rejection::NotFound {
-            kind: "tier".to_string(),
+            kind: kind.to_string(),
             name: name.to_string(),
         },
     }

@@ -554,10 +554,13 @@ struct StoredSnapshot {
 
 impl StoredSnapshot {
     fn decode_machine(&self) -> Result<StateMachine, StoreError> {
-        serde_json::from_slice(&self.data).map_err(|source| StoreError::Decode {
-            what: "snapshot data",
-            source,
-        })
+        let mut machine: StateMachine =
+            serde_json::from_slice(&self.data).map_err(|source| StoreError::Decode {
+                what: "snapshot data",
+                source,
+            })?;
+        machine.state.reindex();
+        Ok(machine)
     }
 }
 
@@ -701,13 +704,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
-        let machine: StateMachine = serde_json::from_slice(&data).map_err(|error| {
+        let mut machine: StateMachine = serde_json::from_slice(&data).map_err(|error| {
             io_error(
                 ErrorSubject::Snapshot(Some(meta.signature())),
                 ErrorVerb::Read,
                 error,
             )
         })?;
+        machine.state.reindex();
         self.persist_snapshot(StoredSnapshot {
             meta: meta.clone(),
             data,

@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 pub const ADMIN_TOKEN: &str = "test-admin-token";
 pub const VIEWER_TOKEN: &str = "test-viewer-token";
 pub const CLUSTER_SECRET: &str = "test-cluster-secret";
+pub const JOIN_TOKEN: &str = "test-join-token";
 
 /// Path of a workspace binary built alongside the tests.
 pub fn binary(name: &str) -> PathBuf {
@@ -175,6 +176,7 @@ impl Cluster {
             .args(["--admin-token", ADMIN_TOKEN])
             .args(["--viewer-token", VIEWER_TOKEN])
             .args(["--cluster-secret", CLUSTER_SECRET])
+            .args(["--join-token", JOIN_TOKEN])
             .args(["--snapshot-logs", &snapshot_logs.to_string()])
             .env("STRATA_LOG", "info")
             .stdin(Stdio::null())

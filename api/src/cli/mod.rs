@@ -19,6 +19,7 @@ use crate::cluster::AddMemberRequest;
 use crate::decode::DocumentsError;
 use crate::duration::Duration;
 use crate::list::ItemList;
+use crate::node::Node;
 use crate::problem::Problem;
 use crate::tier::ScaleRequest;
 use crate::validate;
@@ -92,7 +93,7 @@ pub enum Command {
         #[command(subcommand)]
         resource: GetResource,
     },
-    /// Show one resource in detail: its spec, status, conditions and last scaling decision.
+    /// Show one resource in detail: its spec and status, its instances and recent events.
     Describe {
         #[command(subcommand)]
         resource: DescribeResource,
@@ -112,6 +113,22 @@ pub enum Command {
         #[command(subcommand)]
         command: ClusterCommand,
     },
+    /// Stop placing new instances on a node; the ones it runs stay.
+    Cordon {
+        /// The node's id (the agent's --node-id).
+        node: String,
+    },
+    /// Let a cordoned node take new instances again.
+    Uncordon {
+        /// The node's id (the agent's --node-id).
+        node: String,
+    },
+    /// Move a node's instances elsewhere; returns once the controller has recorded the drain,
+    /// not when the instances have moved.
+    Drain {
+        /// The node's id (the agent's --node-id).
+        node: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -130,15 +147,57 @@ pub enum GetResource {
         /// The tier to show; all tiers when absent.
         name: Option<String>,
     },
+    /// List nodes (agent hosts), or show the named one.
+    #[command(visible_alias = "nodes")]
+    Node {
+        /// The node to show; all nodes when absent.
+        id: Option<String>,
+    },
+    /// List instances, of every tier or of one.
+    #[command(visible_alias = "instances")]
+    Instance {
+        /// Only the instances of this tier.
+        #[arg(long, value_name = "TIER")]
+        tier: Option<String>,
+    },
+    /// List what the controller decided and why, oldest first.
+    #[command(visible_alias = "events")]
+    Event {
+        /// Only the events about this object: tier/NAME, node/ID or instance/UUID.
+        #[arg(long, value_name = "KIND/NAME", value_parser = parse_object)]
+        object: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum DescribeResource {
-    /// Describe a tier.
+    /// Describe a tier, with its instances and recent events.
     Tier {
         /// The tier to describe.
         name: String,
     },
+    /// Describe a node, with its instances and recent events.
+    Node {
+        /// The node's id.
+        id: String,
+    },
+}
+
+/// The kinds of object events can be about, as they are spelled in `--object`.
+const EVENT_OBJECT_KINDS: [&str; 3] = ["tier", "node", "instance"];
+
+/// Checks `--object` locally, so that a typo such as `tiers/web` is named as such instead of
+/// listing no events.
+fn parse_object(value: &str) -> Result<String, String> {
+    match value.split_once('/') {
+        Some((kind, name)) if EVENT_OBJECT_KINDS.contains(&kind) && !name.is_empty() => {
+            Ok(value.to_string())
+        }
+        _ => Err(format!(
+            "expected KIND/NAME with KIND one of {}, such as tier/web",
+            EVENT_OBJECT_KINDS.join(", ")
+        )),
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -273,6 +332,11 @@ pub async fn execute(cli: Cli, streams: &mut Streams<'_>) -> Result<(), CliError
         Command::Delete { resource } => delete(&context, resource, streams).await,
         Command::Scale { resource } => scale(&context, resource, streams).await,
         Command::Cluster { command } => cluster(&context, command, streams).await,
+        Command::Cordon { node } => node_action(&context, NodeAction::Cordon, &node, streams).await,
+        Command::Uncordon { node } => {
+            node_action(&context, NodeAction::Uncordon, &node, streams).await
+        }
+        Command::Drain { node } => node_action(&context, NodeAction::Drain, &node, streams).await,
     }
 }
 
@@ -326,6 +390,52 @@ async fn get(
                 }
             })
         }
+        GetResource::Node { id: Some(id) } => {
+            let node = context.client.get_node(&id, context.stale).await?;
+            context.print(streams.stdout, &node, || {
+                render::node_table(std::slice::from_ref(&node), render::now_ms())
+            })
+        }
+        GetResource::Node { id: None } => {
+            let nodes = ItemList::new(context.client.list_nodes(context.stale).await?);
+            context.print(streams.stdout, &nodes, || {
+                if nodes.items.is_empty() {
+                    "No nodes.\n".to_string()
+                } else {
+                    render::node_table(&nodes.items, render::now_ms())
+                }
+            })
+        }
+        GetResource::Instance { tier } => {
+            let instances = ItemList::new(
+                context
+                    .client
+                    .list_instances(tier.as_deref(), context.stale)
+                    .await?,
+            );
+            context.print(streams.stdout, &instances, || {
+                if instances.items.is_empty() {
+                    "No instances.\n".to_string()
+                } else {
+                    render::instance_table(&instances.items, render::now_ms())
+                }
+            })
+        }
+        GetResource::Event { object } => {
+            let events = ItemList::new(
+                context
+                    .client
+                    .list_events(object.as_deref(), context.stale)
+                    .await?,
+            );
+            context.print(streams.stdout, &events, || {
+                if events.items.is_empty() {
+                    "No events.\n".to_string()
+                } else {
+                    render::event_table(&events.items, render::now_ms())
+                }
+            })
+        }
     }
 }
 
@@ -337,11 +447,97 @@ async fn describe(
     match resource {
         DescribeResource::Tier { name } => {
             let tier = context.client.get_tier(&name, context.stale).await?;
+            // JSON and YAML print the object alone, as before; only the page needs the rest.
+            let (instances, events) = if context.output == OutputFormat::Table {
+                let instances =
+                    unless_not_found(context.client.list_instances(Some(&name), context.stale))
+                        .await?;
+                let object = format!("tier/{name}");
+                let events =
+                    unless_not_found(context.client.list_events(Some(&object), context.stale))
+                        .await?;
+                (instances, events)
+            } else {
+                (None, None)
+            };
+            let related = render::Related {
+                instances: instances.as_deref(),
+                events: events.as_deref(),
+            };
             context.print(streams.stdout, &tier, || {
-                render::describe_tier(&tier, render::now_ms())
+                render::describe_tier(&tier, related, render::now_ms())
+            })
+        }
+        DescribeResource::Node { id } => {
+            let node = context.client.get_node(&id, context.stale).await?;
+            let (instances, events) = if context.output == OutputFormat::Table {
+                // The API lists instances by tier, not by node; a node's are picked out here.
+                let instances =
+                    unless_not_found(context.client.list_instances(None, context.stale))
+                        .await?
+                        .map(|all| {
+                            all.into_iter()
+                                .filter(|instance| instance.node.as_deref() == Some(id.as_str()))
+                                .collect::<Vec<_>>()
+                        });
+                let object = format!("node/{id}");
+                let events =
+                    unless_not_found(context.client.list_events(Some(&object), context.stale))
+                        .await?;
+                (instances, events)
+            } else {
+                (None, None)
+            };
+            let related = render::Related {
+                instances: instances.as_deref(),
+                events: events.as_deref(),
+            };
+            context.print(streams.stdout, &node, || {
+                render::describe_node(&node, related, render::now_ms())
             })
         }
     }
+}
+
+/// `Ok(None)` when the controller answers 404 for a section of a `describe` page: older
+/// controllers lack the instance and event routes, and the page should still show the rest.
+async fn unless_not_found<T>(
+    call: impl std::future::Future<Output = Result<T, ClientError>>,
+) -> Result<Option<T>, ClientError> {
+    match call.await {
+        Ok(value) => Ok(Some(value)),
+        Err(error) if error.problem().is_some_and(|problem| problem.status == 404) => {
+            tracing::debug!(%error, "controller has no such route; leaving the section out");
+            Ok(None)
+        }
+        Err(error) => Err(error),
+    }
+}
+
+/// The operator's verbs on a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NodeAction {
+    Cordon,
+    Uncordon,
+    Drain,
+}
+
+async fn node_action(
+    context: &Context,
+    action: NodeAction,
+    id: &str,
+    streams: &mut Streams<'_>,
+) -> Result<(), CliError> {
+    let client = &context.client;
+    let (node, done): (Node, &str) = match action {
+        NodeAction::Cordon => (client.cordon_node(id).await?, "cordoned"),
+        NodeAction::Uncordon => (client.uncordon_node(id).await?, "uncordoned"),
+        // The controller only records the drain; instances move afterwards.
+        NodeAction::Drain => (client.drain_node(id).await?, "draining"),
+    };
+    context.print(streams.stdout, &node, || {
+        format!("node/{} {done}\n", node.id)
+    })
 }
 
 async fn delete(

@@ -7,6 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use crate::cluster::ClusterStatus;
+use crate::node::{Event, Instance, Node};
 use crate::problem::FieldError;
 use crate::tier::{HealthProtocol, Provider, Tier};
 
@@ -146,8 +147,20 @@ impl Page {
     }
 }
 
-/// The `describe tier` page: what was asked for, what is, and why it changed last.
-pub fn describe_tier(tier: &Tier, now_ms: u64) -> String {
+/// What `describe` shows besides the object itself. `None` leaves a section out: the
+/// controller did not offer it (an older one without the route).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Related<'a> {
+    pub instances: Option<&'a [Instance]>,
+    pub events: Option<&'a [Event]>,
+}
+
+/// How many of an object's events `describe` shows: the most recent ones.
+pub const DESCRIBE_EVENTS: usize = 20;
+
+/// The `describe tier` page: what was asked for, what is, why it changed last, and, when the
+/// controller offers them, the tier's instances and its recent events.
+pub fn describe_tier(tier: &Tier, related: Related<'_>, now_ms: u64) -> String {
     let spec = &tier.spec;
     let template = &spec.template;
     let mut page = Page { lines: Vec::new() };
@@ -312,11 +325,299 @@ pub fn describe_tier(tier: &Tier, now_ms: u64) -> String {
                 ]
             })
             .collect();
-        for line in table(&["TYPE", "STATUS", "REASON", "SINCE", "MESSAGE"], &rows).lines() {
-            let _ = writeln!(text, "  {line}");
-        }
+        text.push_str(&indented(&table(
+            &["TYPE", "STATUS", "REASON", "SINCE", "MESSAGE"],
+            &rows,
+        )));
+    }
+    if let Some(instances) = related.instances {
+        let rows: Vec<Vec<String>> = instances
+            .iter()
+            .map(|instance| {
+                vec![
+                    short_id(instance),
+                    or_dash(instance.node.as_deref()),
+                    instance_address(instance),
+                    wire_name(&instance.phase),
+                    wire_name(&instance.health),
+                    instance.generation.to_string(),
+                    age(instance.created_at_ms, now_ms),
+                    instance.reason.clone().unwrap_or_default(),
+                ]
+            })
+            .collect();
+        section(
+            &mut text,
+            "Instances",
+            &[
+                "ID", "NODE", "ADDRESS", "PHASE", "HEALTH", "GEN", "AGE", "REASON",
+            ],
+            &rows,
+        );
+    }
+    if let Some(events) = related.events {
+        events_section(&mut text, events, now_ms);
     }
     text
+}
+
+/// `Title:` and an indented table, or `Title:  none`.
+fn section(text: &mut String, title: &str, headers: &[&str], rows: &[Vec<String>]) {
+    if rows.is_empty() {
+        let _ = writeln!(text, "{title}:  none");
+    } else {
+        let _ = writeln!(text, "{title}:");
+        text.push_str(&indented(&table(headers, rows)));
+    }
+}
+
+/// The last `DESCRIBE_EVENTS` events, oldest first as the controller returns them.
+fn events_section(text: &mut String, events: &[Event], now_ms: u64) {
+    let recent = &events[events.len().saturating_sub(DESCRIBE_EVENTS)..];
+    let rows: Vec<Vec<String>> = recent
+        .iter()
+        .map(|event| {
+            vec![
+                age(event.at_ms, now_ms),
+                event.reason.clone(),
+                event.message.clone(),
+            ]
+        })
+        .collect();
+    section(text, "Events", &["AGE", "REASON", "MESSAGE"], &rows);
+}
+
+fn indented(table: &str) -> String {
+    table.lines().map(|line| format!("  {line}\n")).collect()
+}
+
+/// ID STATUS ADDRESS ZONE CPU(ALLOC/CAP) MEMORY(ALLOC/CAP) LOAD HEARTBEAT VERSION.
+pub fn node_table(nodes: &[Node], now_ms: u64) -> String {
+    let rows: Vec<Vec<String>> = nodes
+        .iter()
+        .map(|node| {
+            vec![
+                node.id.clone(),
+                wire_name(&node.status),
+                node.address.clone(),
+                or_dash(node.zone.as_deref()),
+                format!(
+                    "{}/{}",
+                    cores(node.allocatable.cpu),
+                    cores(node.capacity.cpu)
+                ),
+                format!(
+                    "{}/{}",
+                    memory(node.allocatable.memory_mb),
+                    memory(node.capacity.memory_mb)
+                ),
+                format!("{:.2}", node.metrics.load1),
+                heartbeat_age(node, now_ms),
+                node.agent_version.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID",
+            "STATUS",
+            "ADDRESS",
+            "ZONE",
+            "CPU(ALLOC/CAP)",
+            "MEMORY(ALLOC/CAP)",
+            "LOAD",
+            "HEARTBEAT",
+            "VERSION",
+        ],
+        &rows,
+    )
+}
+
+/// Time since the node's last heartbeat, or `-` when the answering controller has not seen
+/// one (only the leader keeps heartbeats, in memory).
+fn heartbeat_age(node: &Node, now_ms: u64) -> String {
+    if node.last_heartbeat_ms == 0 {
+        "-".to_string()
+    } else {
+        age(node.last_heartbeat_ms, now_ms)
+    }
+}
+
+/// ID TIER NODE ADDRESS PHASE HEALTH GEN AGE REASON, with the id cut to 8 characters as
+/// `docker ps` does; `-o json` has the full one.
+pub fn instance_table(instances: &[Instance], now_ms: u64) -> String {
+    let rows: Vec<Vec<String>> = instances
+        .iter()
+        .map(|instance| {
+            vec![
+                short_id(instance),
+                instance.tier.clone(),
+                or_dash(instance.node.as_deref()),
+                instance_address(instance),
+                wire_name(&instance.phase),
+                wire_name(&instance.health),
+                instance.generation.to_string(),
+                age(instance.created_at_ms, now_ms),
+                instance.reason.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID", "TIER", "NODE", "ADDRESS", "PHASE", "HEALTH", "GEN", "AGE", "REASON",
+        ],
+        &rows,
+    )
+}
+
+/// AGE OBJECT REASON MESSAGE, in the order given (the controller's: oldest first).
+pub fn event_table(events: &[Event], now_ms: u64) -> String {
+    let rows: Vec<Vec<String>> = events
+        .iter()
+        .map(|event| {
+            vec![
+                age(event.at_ms, now_ms),
+                event.object.clone(),
+                event.reason.clone(),
+                event.message.clone(),
+            ]
+        })
+        .collect();
+    table(&["AGE", "OBJECT", "REASON", "MESSAGE"], &rows)
+}
+
+/// The `describe node` page: identity, capacity and what is left of it, the agent's last
+/// measurements, and, when the controller offers them, the node's instances and events.
+pub fn describe_node(node: &Node, related: Related<'_>, now_ms: u64) -> String {
+    let mut page = Page { lines: Vec::new() };
+    page.line(0, "Name", node.id.clone());
+    page.line(
+        0,
+        "Status",
+        format!(
+            "{} (ready: {}, cordoned: {}, draining: {})",
+            wire_name(&node.status),
+            yes_no(node.ready),
+            yes_no(node.cordoned),
+            yes_no(node.draining)
+        ),
+    );
+    page.line(0, "Address", node.address.clone());
+    page.line(0, "Zone", or_dash(node.zone.as_deref()));
+    if node.labels.is_empty() {
+        page.line(0, "Labels", "none");
+    } else {
+        page.line(0, "Labels", key_values(&node.labels));
+    }
+    page.line(0, "Agent version", node.agent_version.clone());
+    page.line(0, "Resource version", node.resource_version.to_string());
+    page.line(0, "Registered", timestamp(node.registered_at_ms, now_ms));
+    if node.last_heartbeat_ms == 0 {
+        page.line(0, "Last heartbeat", "not known to the answering controller");
+    } else {
+        page.line(
+            0,
+            "Last heartbeat",
+            timestamp(node.last_heartbeat_ms, now_ms),
+        );
+    }
+    page.line(0, "Capacity", "");
+    page.line(2, "CPU", cores(node.capacity.cpu));
+    page.line(2, "Memory", memory(node.capacity.memory_mb));
+    page.line(0, "Allocatable", "");
+    page.line(2, "CPU", cores(node.allocatable.cpu));
+    page.line(2, "Memory", memory(node.allocatable.memory_mb));
+    let metrics = &node.metrics;
+    if *metrics == Default::default() {
+        page.line(0, "Metrics", "none reported");
+    } else {
+        page.line(0, "Metrics", "");
+        page.line(2, "CPU", format!("{:.1}% busy", metrics.cpu_percent));
+        page.line(
+            2,
+            "Memory",
+            format!(
+                "{} available of {}",
+                memory(metrics.memory_available_mb),
+                memory(metrics.memory_total_mb)
+            ),
+        );
+        page.line(
+            2,
+            "Load",
+            format!(
+                "{:.2} {:.2} {:.2}",
+                metrics.load1, metrics.load5, metrics.load15
+            ),
+        );
+    }
+    let mut text = page.render();
+    if let Some(instances) = related.instances {
+        let rows: Vec<Vec<String>> = instances
+            .iter()
+            .map(|instance| {
+                vec![
+                    short_id(instance),
+                    instance.tier.clone(),
+                    instance_address(instance),
+                    wire_name(&instance.phase),
+                    wire_name(&instance.health),
+                    age(instance.created_at_ms, now_ms),
+                    instance.reason.clone().unwrap_or_default(),
+                ]
+            })
+            .collect();
+        section(
+            &mut text,
+            "Instances",
+            &["ID", "TIER", "ADDRESS", "PHASE", "HEALTH", "AGE", "REASON"],
+            &rows,
+        );
+    }
+    if let Some(events) = related.events {
+        events_section(&mut text, events, now_ms);
+    }
+    text
+}
+
+fn short_id(instance: &Instance) -> String {
+    instance.id.to_string().chars().take(8).collect()
+}
+
+/// `address:port`, the address alone before the port is known, or `-`.
+fn instance_address(instance: &Instance) -> String {
+    match (&instance.address, instance.port) {
+        (Some(address), Some(port)) => format!("{address}:{port}"),
+        (Some(address), None) => address.clone(),
+        (None, _) => "-".to_string(),
+    }
+}
+
+fn or_dash(value: Option<&str>) -> String {
+    value.unwrap_or("-").to_string()
+}
+
+fn yes_no(value: bool) -> &'static str {
+    if value {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+/// CPU cores with at most two decimals and no trailing zeros: `8`, `6.5`, `0.25`.
+fn cores(cpu: f64) -> String {
+    let text = format!("{cpu:.2}");
+    text.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+/// MiB as `512Mi`, or in GiB from 1 GiB up with at most one decimal: `16Gi`, `1.5Gi`.
+fn memory(mb: u64) -> String {
+    if mb < 1024 {
+        return format!("{mb}Mi");
+    }
+    let text = format!("{:.1}", mb as f64 / 1024.0);
+    format!("{}Gi", text.trim_end_matches('0').trim_end_matches('.'))
 }
 
 fn key_values(map: &std::collections::BTreeMap<String, String>) -> String {

@@ -3,8 +3,9 @@ use clap::CommandFactory;
 
 use super::*;
 use crate::cluster::{ClusterStatus, Member};
+use crate::node::{Event, Health, HostMetrics, Instance, Node, NodeStatus, Phase, Resources};
 use crate::test_server::{Answer, FakeServer};
-use crate::tier::{Condition, ScalingDecision, Tier, TierSpec, TierStatus};
+use crate::tier::{Condition, Provider, ScalingDecision, Tier, TierSpec, TierStatus};
 
 fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
     Cli::try_parse_from(std::iter::once("stratactl").chain(args.iter().copied()))
@@ -231,7 +232,7 @@ fn ages_read_like_kubectl() {
 
 #[test]
 fn describe_shows_spec_status_conditions_and_last_decision() {
-    let text = render::describe_tier(&tier("web", 7), 1_160_000);
+    let text = render::describe_tier(&tier("web", 7), render::Related::default(), 1_160_000);
     for expected in [
         "Name:",
         "web\n",
@@ -518,4 +519,684 @@ async fn add_member_is_checked_before_sending() {
         "{message}"
     );
     assert!(server.requests().is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Nodes, instances and events
+
+#[test]
+fn node_instance_and_event_commands_parse() {
+    assert!(matches!(
+        parsed(&["get", "nodes"]).command,
+        Command::Get {
+            resource: GetResource::Node { id: None }
+        }
+    ));
+    assert!(matches!(
+        parsed(&["get", "node", "host-1", "-o", "json"]).command,
+        Command::Get { resource: GetResource::Node { id: Some(ref id) } } if id == "host-1"
+    ));
+    assert!(matches!(
+        parsed(&["get", "instances"]).command,
+        Command::Get {
+            resource: GetResource::Instance { tier: None }
+        }
+    ));
+    assert!(matches!(
+        parsed(&["get", "instance", "--tier", "web"]).command,
+        Command::Get { resource: GetResource::Instance { tier: Some(ref tier) } } if tier == "web"
+    ));
+    assert!(matches!(
+        parsed(&["get", "events"]).command,
+        Command::Get {
+            resource: GetResource::Event { object: None }
+        }
+    ));
+    for object in [
+        "tier/web",
+        "node/host-1",
+        "instance/6f1c2a34-0000-4000-8000-000000000001",
+    ] {
+        assert!(matches!(
+            parsed(&["get", "events", "--object", object]).command,
+            Command::Get { resource: GetResource::Event { object: Some(ref o) } } if o == object
+        ));
+    }
+    assert!(matches!(
+        parsed(&["describe", "node", "host-1"]).command,
+        Command::Describe { resource: DescribeResource::Node { ref id } } if id == "host-1"
+    ));
+    assert!(matches!(
+        parsed(&["cordon", "host-1"]).command,
+        Command::Cordon { ref node } if node == "host-1"
+    ));
+    assert!(matches!(
+        parsed(&["uncordon", "host-1"]).command,
+        Command::Uncordon { ref node } if node == "host-1"
+    ));
+    assert!(matches!(
+        parsed(&["drain", "host-1", "-o", "yaml"]).command,
+        Command::Drain { ref node } if node == "host-1"
+    ));
+}
+
+#[test]
+fn node_command_usage_errors() {
+    let cases: &[(&[&str], ErrorKind)] = &[
+        (&["cordon"], ErrorKind::MissingRequiredArgument),
+        (&["drain", "a", "b"], ErrorKind::UnknownArgument),
+        (&["describe", "node"], ErrorKind::MissingRequiredArgument),
+        (&["get", "instances", "web"], ErrorKind::UnknownArgument),
+        (
+            &["get", "events", "--object", "tiers/web"],
+            ErrorKind::ValueValidation,
+        ),
+        (
+            &["get", "events", "--object", "tier/"],
+            ErrorKind::ValueValidation,
+        ),
+        (
+            &["get", "events", "--object", "web"],
+            ErrorKind::ValueValidation,
+        ),
+    ];
+    for (args, kind) in cases {
+        match parse(args) {
+            Ok(cli) => panic!("{args:?} parsed as {cli:?}"),
+            Err(error) => {
+                assert_eq!(error.kind(), *kind, "{args:?}: {error}");
+                assert_eq!(error.exit_code(), 2, "{args:?}");
+            }
+        }
+    }
+}
+
+/// The reference time of the rendering tests.
+const NOW_MS: u64 = 10_000_000;
+
+fn node(id: &str) -> Node {
+    Node {
+        id: id.to_string(),
+        address: "10.0.0.5".into(),
+        zone: Some("a".into()),
+        labels: [("disk".to_string(), "ssd".to_string())].into(),
+        capacity: Resources {
+            cpu: 8.0,
+            memory_mb: 16384,
+        },
+        allocatable: Resources {
+            cpu: 6.5,
+            memory_mb: 12288,
+        },
+        status: NodeStatus::Ready,
+        ready: true,
+        cordoned: false,
+        draining: false,
+        agent_version: "0.1.0".into(),
+        last_heartbeat_ms: NOW_MS - 3_000,
+        metrics: HostMetrics {
+            cpu_percent: 37.5,
+            memory_total_mb: 16384,
+            memory_available_mb: 10240,
+            load1: 0.52,
+            load5: 0.4,
+            load15: 0.31,
+        },
+        registered_at_ms: NOW_MS - 7_200_000,
+        resource_version: 12,
+    }
+}
+
+/// A node that has not heartbeated since the answering controller started.
+fn silent_node() -> Node {
+    Node {
+        id: "host-22".into(),
+        address: "10.0.0.22".into(),
+        zone: None,
+        labels: Default::default(),
+        capacity: Resources {
+            cpu: 4.0,
+            memory_mb: 2048,
+        },
+        allocatable: Resources {
+            cpu: 0.25,
+            memory_mb: 512,
+        },
+        status: NodeStatus::NotReady,
+        ready: false,
+        cordoned: true,
+        draining: false,
+        agent_version: "0.1.1".into(),
+        last_heartbeat_ms: 0,
+        metrics: HostMetrics::default(),
+        registered_at_ms: NOW_MS - 600_000,
+        resource_version: 30,
+    }
+}
+
+fn instances() -> Vec<Instance> {
+    let instance = |id: &str, tier: &str| Instance {
+        id: id
+            .parse()
+            .unwrap_or_else(|error| panic!("uuid {id}: {error}")),
+        tier: tier.to_string(),
+        provider: Provider::Local,
+        node: Some("host-1".into()),
+        provider_id: None,
+        address: Some("10.0.0.5".into()),
+        port: Some(20001),
+        phase: Phase::Running,
+        health: Health::Healthy,
+        generation: 2,
+        reason: None,
+        created_at_ms: NOW_MS - 300_000,
+        updated_at_ms: NOW_MS - 250_000,
+        ready_at_ms: NOW_MS - 250_000,
+        resource_version: 14,
+    };
+    let running = instance("6f1c2a34-0000-4000-8000-000000000001", "web");
+    let mut pending = instance("0b9e77d1-0000-4000-8000-000000000002", "web");
+    pending.node = Some("host-22".into());
+    pending.address = None;
+    pending.port = None;
+    pending.phase = Phase::Pending;
+    pending.health = Health::Unknown;
+    pending.generation = 3;
+    pending.reason = Some("replaces 6f1c2a34".into());
+    pending.created_at_ms = NOW_MS - 45_000;
+    let mut failed = instance("c3d4e5f6-0000-4000-8000-000000000003", "api");
+    failed.provider = Provider::Ec2;
+    failed.node = None;
+    failed.provider_id = Some("i-0abc".into());
+    failed.address = Some("172.31.0.9".into());
+    failed.port = None;
+    failed.phase = Phase::Failed;
+    failed.health = Health::Unhealthy;
+    failed.reason = Some("exited with status 1".into());
+    vec![running, pending, failed]
+}
+
+fn events() -> Vec<Event> {
+    vec![
+        Event {
+            id: 15,
+            at_ms: NOW_MS - 600_000,
+            object: "tier/web".into(),
+            reason: "ScaledOut".into(),
+            message: "requests_per_second 260 > target 200: 2 to 3".into(),
+        },
+        Event {
+            id: 31,
+            at_ms: NOW_MS - 30_000,
+            object: "node/host-22".into(),
+            reason: "NodeNotReady".into(),
+            message: "no heartbeat for 40s".into(),
+        },
+    ]
+}
+
+#[test]
+fn node_table_shows_allocatable_of_capacity_and_heartbeat_age() {
+    assert_eq!(
+        render::node_table(&[node("host-1"), silent_node()], NOW_MS),
+        "\
+ID        STATUS     ADDRESS     ZONE   CPU(ALLOC/CAP)   MEMORY(ALLOC/CAP)   LOAD   HEARTBEAT   VERSION
+host-1    Ready      10.0.0.5    a      6.5/8            12Gi/16Gi           0.52   3s          0.1.0
+host-22   NotReady   10.0.0.22   -      0.25/4           512Mi/2Gi           0.00   -           0.1.1
+"
+    );
+}
+
+#[test]
+fn instance_table_shortens_ids_and_joins_address_and_port() {
+    assert_eq!(
+        render::instance_table(&instances(), NOW_MS),
+        "\
+ID         TIER   NODE      ADDRESS          PHASE     HEALTH      GEN   AGE   REASON
+6f1c2a34   web    host-1    10.0.0.5:20001   Running   Healthy     2     5m
+0b9e77d1   web    host-22   -                Pending   Unknown     3     45s   replaces 6f1c2a34
+c3d4e5f6   api    -         172.31.0.9       Failed    Unhealthy   2     5m    exited with status 1
+"
+    );
+}
+
+#[test]
+fn event_table_keeps_the_controllers_order() {
+    assert_eq!(
+        render::event_table(&events(), NOW_MS),
+        "\
+AGE   OBJECT         REASON         MESSAGE
+10m   tier/web       ScaledOut      requests_per_second 260 > target 200: 2 to 3
+30s   node/host-22   NodeNotReady   no heartbeat for 40s
+"
+    );
+}
+
+#[test]
+fn describe_tier_lists_instances_and_the_last_twenty_events() {
+    let web: Vec<Instance> = instances()
+        .into_iter()
+        .filter(|instance| instance.tier == "web")
+        .collect();
+    let many: Vec<Event> = (1..=25)
+        .map(|n| Event {
+            id: n,
+            at_ms: NOW_MS - (30 - n) * 1_000,
+            object: "tier/web".into(),
+            reason: "ScaledOut".into(),
+            message: format!("step {n}"),
+        })
+        .collect();
+    let text = render::describe_tier(
+        &tier("web", 7),
+        render::Related {
+            instances: Some(&web),
+            events: Some(&many),
+        },
+        NOW_MS,
+    );
+    let sections = text
+        .split_once("\nInstances:\n")
+        .map(|(_, rest)| format!("Instances:\n{rest}"))
+        .unwrap_or_default();
+    let mut expected = "\
+Instances:
+  ID         NODE      ADDRESS          PHASE     HEALTH    GEN   AGE   REASON
+  6f1c2a34   host-1    10.0.0.5:20001   Running   Healthy   2     5m
+  0b9e77d1   host-22   -                Pending   Unknown   3     45s   replaces 6f1c2a34
+Events:
+  AGE   REASON      MESSAGE
+"
+    .to_string();
+    for n in 6..=25 {
+        let age = format!("{}s", 30 - n);
+        expected.push_str(&format!("  {age:<3}   ScaledOut   step {n}\n"));
+    }
+    assert_eq!(sections, expected);
+    assert!(text.contains("Conditions:\n  TYPE"), "{text}");
+
+    let empty = render::describe_tier(
+        &tier("web", 7),
+        render::Related {
+            instances: Some(&[]),
+            events: Some(&[]),
+        },
+        NOW_MS,
+    );
+    assert!(
+        empty.ends_with("Instances:  none\nEvents:  none\n"),
+        "{empty}"
+    );
+    // The status block has an indented `Instances:` line of its own; the sections start a line.
+    let older = render::describe_tier(&tier("web", 7), render::Related::default(), NOW_MS);
+    assert!(
+        !older.contains("\nInstances:") && !older.contains("\nEvents:"),
+        "{older}"
+    );
+}
+
+#[test]
+fn describe_node_shows_capacity_metrics_instances_and_events() {
+    let on_node: Vec<Instance> = instances().into_iter().take(1).collect();
+    let text = render::describe_node(
+        &node("host-1"),
+        render::Related {
+            instances: Some(&on_node),
+            events: Some(&[]),
+        },
+        NOW_MS,
+    );
+    assert_eq!(
+        text,
+        "\
+Name:              host-1
+Status:            Ready (ready: yes, cordoned: no, draining: no)
+Address:           10.0.0.5
+Zone:              a
+Labels:            disk=ssd
+Agent version:     0.1.0
+Resource version:  12
+Registered:        1970-01-01T00:46:40Z (2h ago)
+Last heartbeat:    1970-01-01T02:46:37Z (3s ago)
+Capacity:
+  CPU:             8
+  Memory:          16Gi
+Allocatable:
+  CPU:             6.5
+  Memory:          12Gi
+Metrics:
+  CPU:             37.5% busy
+  Memory:          10Gi available of 16Gi
+  Load:            0.52 0.40 0.31
+Instances:
+  ID         TIER   ADDRESS          PHASE     HEALTH    AGE   REASON
+  6f1c2a34   web    10.0.0.5:20001   Running   Healthy   5m
+Events:  none
+"
+    );
+    let silent = render::describe_node(&silent_node(), render::Related::default(), NOW_MS);
+    for expected in [
+        "NotReady (ready: no, cordoned: yes, draining: no)",
+        "Zone:              -\n",
+        "Labels:            none\n",
+        "not known to the answering controller",
+        "Metrics:           none reported\n",
+        "Memory:          512Mi\n",
+    ] {
+        assert!(
+            silent.contains(expected),
+            "missing {expected:?} in\n{silent}"
+        );
+    }
+}
+
+/// Commands render ages against the real clock, so the fake controller moves the fixtures'
+/// timestamps (every nonzero `*_ms` field) from `NOW_MS` to now: a heartbeat 3 s before
+/// `NOW_MS` is 3 s old when printed.
+fn at_real_time(value: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    let offset = render::now_ms().saturating_sub(NOW_MS);
+    match value {
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(key, value)| match value.as_u64() {
+                    Some(ms) if key.ends_with("_ms") && ms != 0 => (key, Value::from(ms + offset)),
+                    _ => (key, at_real_time(value)),
+                })
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.into_iter().map(at_real_time).collect()),
+        other => other,
+    }
+}
+
+fn json_answer<T: serde::Serialize>(value: &T) -> Option<Answer> {
+    let value = serde_json::to_value(value).unwrap_or_default();
+    Some((200, "application/json", at_real_time(value).to_string()))
+}
+
+fn json_list<T: serde::Serialize>(items: Vec<T>) -> Option<Answer> {
+    json_answer(&ItemList {
+        items,
+        resource_version: Some(40),
+    })
+}
+
+fn not_found() -> Option<Answer> {
+    Some((
+        404,
+        "application/problem+json",
+        r#"{"type":"urn:strata:problem:not-found","title":"Not found","status":404,"detail":"no route"}"#.into(),
+    ))
+}
+
+/// A controller with the node, instance and event routes; `with_events: false` is one from
+/// before they existed, which knows only tiers.
+fn node_server_answer(with_events: bool) -> impl Fn(&str) -> Option<Answer> + Send + Sync {
+    move |target| {
+        if target.starts_with("GET /v1/tiers/web") && !target.contains("/instances") {
+            return Some((200, "application/json", tier_json("web", 7)));
+        }
+        if !with_events {
+            return not_found();
+        }
+        let node_json = |node: Node| json_answer(&node);
+        match target {
+            "GET /v1/nodes" => json_list(vec![node("host-1"), silent_node()]),
+            "GET /v1/nodes/host-1" => node_json(node("host-1")),
+            "POST /v1/nodes/host-1/cordon" => {
+                let mut cordoned = node("host-1");
+                cordoned.cordoned = true;
+                cordoned.status = NodeStatus::Cordoned;
+                node_json(cordoned)
+            }
+            "POST /v1/nodes/host-1/uncordon" => node_json(node("host-1")),
+            "POST /v1/nodes/host-1/drain" => {
+                let mut draining = node("host-1");
+                draining.draining = true;
+                draining.status = NodeStatus::Draining;
+                node_json(draining)
+            }
+            "GET /v1/instances" => json_list(instances()),
+            "GET /v1/tiers/web/instances" => json_list(
+                instances()
+                    .into_iter()
+                    .filter(|instance| instance.tier == "web")
+                    .collect(),
+            ),
+            "GET /v1/events" => json_list(events()),
+            "GET /v1/events?object=tier/web" => json_list(events()[..1].to_vec()),
+            "GET /v1/events?object=node/host-1" | "GET /v1/events?object=tier/empty" => {
+                json_list(Vec::<Event>::new())
+            }
+            _ => not_found(),
+        }
+    }
+}
+
+fn targets(server: &FakeServer) -> Vec<String> {
+    server
+        .requests()
+        .iter()
+        .map(|request| request.split('|').next().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn describe_tier_adds_instances_and_events() {
+    let server = FakeServer::start(node_server_answer(true)).await;
+    let (result, stdout, _) = run_against(&server, &["describe", "tier", "web"], "").await;
+    assert!(result.is_ok(), "{result:?}");
+    assert!(stdout.starts_with("Name:"), "{stdout}");
+    assert!(
+        stdout.contains("\nInstances:\n  ID         NODE      ADDRESS          PHASE"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("\n  6f1c2a34   host-1    10.0.0.5:20001   Running"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("\n  0b9e77d1   host-22   -"), "{stdout}");
+    assert!(!stdout.contains("c3d4e5f6"), "{stdout}");
+    assert!(
+        stdout.contains("\nEvents:\n  AGE   REASON      MESSAGE\n"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("ScaledOut   requests_per_second 260 > target 200: 2 to 3\n"),
+        "{stdout}"
+    );
+    assert_eq!(
+        targets(&server),
+        [
+            "GET /v1/tiers/web",
+            "GET /v1/tiers/web/instances",
+            "GET /v1/events?object=tier/web",
+        ]
+    );
+}
+
+#[tokio::test]
+async fn describe_tier_works_against_a_controller_without_instances_or_events() {
+    let server = FakeServer::start(node_server_answer(false)).await;
+    let (result, stdout, stderr) =
+        run_against(&server, &["describe", "tier", "web", "--stale"], "").await;
+    assert!(result.is_ok(), "{result:?} {stderr}");
+    assert!(stdout.starts_with("Name:"), "{stdout}");
+    assert!(stdout.contains("\nConditions:\n"), "{stdout}");
+    assert!(!stdout.contains("\nInstances:"), "{stdout}");
+    assert!(!stdout.contains("\nEvents:"), "{stdout}");
+    assert!(stderr.is_empty(), "{stderr}");
+    assert_eq!(
+        targets(&server),
+        [
+            "GET /v1/tiers/web?stale=true",
+            "GET /v1/tiers/web/instances?stale=true",
+            "GET /v1/events?object=tier/web&stale=true",
+        ]
+    );
+}
+
+#[tokio::test]
+async fn describe_fails_on_errors_other_than_a_missing_route() {
+    let server = FakeServer::start(|target| {
+        if target == "GET /v1/tiers/web" {
+            Some((200, "application/json", tier_json("web", 7)))
+        } else {
+            Some((500, "text/plain", "boom".into()))
+        }
+    })
+    .await;
+    let (result, stdout, _) = run_against(&server, &["describe", "tier", "web"], "").await;
+    assert_eq!(
+        result.err().map(|error| error.to_string()).as_deref(),
+        Some("Internal Server Error (500): boom")
+    );
+    assert!(stdout.is_empty(), "{stdout}");
+}
+
+#[tokio::test]
+async fn describe_as_json_prints_the_object_alone() {
+    let server = FakeServer::start(node_server_answer(true)).await;
+    let (result, stdout, _) =
+        run_against(&server, &["describe", "tier", "web", "-o", "json"], "").await;
+    assert!(result.is_ok(), "{result:?}");
+    let printed: Tier =
+        serde_json::from_str(&stdout).unwrap_or_else(|error| panic!("{error}: {stdout}"));
+    assert_eq!(printed, tier("web", 7));
+    assert_eq!(targets(&server), ["GET /v1/tiers/web"]);
+}
+
+#[tokio::test]
+async fn describe_node_picks_out_its_instances() {
+    let server = FakeServer::start(node_server_answer(true)).await;
+    let (result, stdout, _) = run_against(&server, &["describe", "node", "host-1"], "").await;
+    assert!(result.is_ok(), "{result:?}");
+    assert!(
+        stdout.starts_with("Name:              host-1\n"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("\nInstances:\n  ID         TIER   ADDRESS          PHASE     HEALTH    AGE   REASON\n  6f1c2a34   web    10.0.0.5:20001   Running   Healthy   "),
+        "{stdout}"
+    );
+    // Only host-1's instance: the pending one is on host-22 and the EC2 one on no node.
+    assert_eq!(stdout.matches("   web    ").count(), 1, "{stdout}");
+    assert!(!stdout.contains("c3d4e5f6"), "{stdout}");
+    assert!(stdout.ends_with("\nEvents:  none\n"), "{stdout}");
+    assert_eq!(
+        targets(&server),
+        [
+            "GET /v1/nodes/host-1",
+            "GET /v1/instances",
+            "GET /v1/events?object=node/host-1",
+        ]
+    );
+}
+
+#[tokio::test]
+async fn get_nodes_instances_and_events() {
+    let server = FakeServer::start(node_server_answer(true)).await;
+
+    let (result, stdout, _) = run_against(&server, &["get", "nodes"], "").await;
+    assert!(result.is_ok(), "{result:?}");
+    assert!(
+        stdout.starts_with("ID        STATUS     ADDRESS"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("\nhost-22   NotReady   10.0.0.22   -      0.25/4"),
+        "{stdout}"
+    );
+
+    let (result, stdout, _) =
+        run_against(&server, &["get", "node", "host-1", "-o", "yaml"], "").await;
+    assert!(result.is_ok(), "{result:?}");
+    let printed: Node =
+        serde_norway::from_str(&stdout).unwrap_or_else(|error| panic!("{error}: {stdout}"));
+    // The fake controller moved the timestamps to the present; everything else is as sent.
+    assert_eq!(
+        printed,
+        Node {
+            last_heartbeat_ms: printed.last_heartbeat_ms,
+            registered_at_ms: printed.registered_at_ms,
+            ..node("host-1")
+        }
+    );
+
+    let (result, stdout, _) =
+        run_against(&server, &["get", "instances", "--tier", "web"], "").await;
+    assert!(result.is_ok(), "{result:?}");
+    assert_eq!(stdout.lines().count(), 3, "{stdout}");
+    assert!(stdout.starts_with("ID         TIER   NODE"), "{stdout}");
+
+    let (result, stdout, _) = run_against(&server, &["get", "instances", "-o", "json"], "").await;
+    assert!(result.is_ok(), "{result:?}");
+    let printed: ItemList<Instance> =
+        serde_json::from_str(&stdout).unwrap_or_else(|error| panic!("{error}: {stdout}"));
+    let ids: Vec<_> = printed.items.iter().map(|instance| instance.id).collect();
+    let expected: Vec<_> = instances().iter().map(|instance| instance.id).collect();
+    assert_eq!(ids, expected);
+
+    let (result, stdout, _) = run_against(&server, &["get", "events"], "").await;
+    assert!(result.is_ok(), "{result:?}");
+    assert!(
+        stdout.starts_with("AGE   OBJECT         REASON"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("   node/host-22   NodeNotReady   no heartbeat for 40s\n"),
+        "{stdout}"
+    );
+
+    let (result, stdout, _) =
+        run_against(&server, &["get", "events", "--object", "tier/empty"], "").await;
+    assert!(result.is_ok(), "{result:?}");
+    assert_eq!(stdout, "No events.\n");
+
+    assert_eq!(
+        targets(&server),
+        [
+            "GET /v1/nodes",
+            "GET /v1/nodes/host-1",
+            "GET /v1/tiers/web/instances",
+            "GET /v1/instances",
+            "GET /v1/events",
+            "GET /v1/events?object=tier/empty",
+        ]
+    );
+}
+
+#[tokio::test]
+async fn cordon_uncordon_and_drain_say_what_happened() {
+    let server = FakeServer::start(node_server_answer(true)).await;
+    for (verb, expected) in [
+        ("cordon", "node/host-1 cordoned\n"),
+        ("uncordon", "node/host-1 uncordoned\n"),
+        ("drain", "node/host-1 draining\n"),
+    ] {
+        let (result, stdout, _) = run_against(&server, &[verb, "host-1"], "").await;
+        assert!(result.is_ok(), "{verb}: {result:?}");
+        assert_eq!(stdout, expected);
+    }
+    let (result, stdout, _) = run_against(&server, &["drain", "host-1", "-o", "json"], "").await;
+    assert!(result.is_ok(), "{result:?}");
+    let printed: Node =
+        serde_json::from_str(&stdout).unwrap_or_else(|error| panic!("{error}: {stdout}"));
+    assert_eq!(printed.status, NodeStatus::Draining);
+    // No body: the verb is the whole request.
+    assert_eq!(
+        server.requests()[..3],
+        [
+            "POST /v1/nodes/host-1/cordon||",
+            "POST /v1/nodes/host-1/uncordon||",
+            "POST /v1/nodes/host-1/drain||",
+        ]
+    );
+
+    let (result, _, _) = run_against(&server, &["cordon", "host-9"], "").await;
+    assert_eq!(
+        result.err().map(|error| error.to_string()).as_deref(),
+        Some("Not found (404): no route")
+    );
 }

@@ -348,3 +348,146 @@ fn backoff_grows_and_stays_bounded() {
         );
     }
 }
+
+const NODE_JSON: &str = r#"{"id":"host-1","address":"10.0.0.5","zone":"a","capacity":{"cpu":8.0,"memory_mb":16384},"allocatable":{"cpu":6.5,"memory_mb":12288},"status":"Cordoned","ready":true,"cordoned":true,"draining":false,"agent_version":"0.1.0","last_heartbeat_ms":5000,"registered_at_ms":1000,"resource_version":12}"#;
+
+const INSTANCE_JSON: &str = r#"{"id":"6f1c2a34-0000-4000-8000-000000000001","tier":"web","provider":"local","node":"host-1","address":"10.0.0.5","port":20001,"phase":"Running","health":"Healthy","generation":2,"created_at_ms":1000,"updated_at_ms":2000,"resource_version":14}"#;
+
+const EVENT_JSON: &str =
+    r#"{"id":15,"at_ms":3000,"object":"tier/web","reason":"ScaledOut","message":"2 to 3"}"#;
+
+fn list_of(item: &str) -> Option<Answer> {
+    Some((
+        200,
+        "application/json",
+        format!(r#"{{"items":[{item}],"resource_version":20}}"#),
+    ))
+}
+
+/// Answers every node, instance and event route this client knows, and 404 for anything
+/// else, so a wrong path or query string fails the call.
+fn node_routes(target: &str) -> Option<Answer> {
+    match target {
+        "GET /v1/nodes" | "GET /v1/nodes?stale=true" => list_of(NODE_JSON),
+        "GET /v1/nodes/host-1"
+        | "GET /v1/nodes/host-1?stale=true"
+        | "POST /v1/nodes/host-1/cordon"
+        | "POST /v1/nodes/host-1/uncordon"
+        | "POST /v1/nodes/host-1/drain" => Some((200, "application/json", NODE_JSON.to_string())),
+        "GET /v1/instances" | "GET /v1/tiers/web/instances?stale=true" => list_of(INSTANCE_JSON),
+        "GET /v1/events" | "GET /v1/events?object=tier/web&stale=true" => list_of(EVENT_JSON),
+        "GET /v1/events?object=instance/a%26b%3Dc" => list_of(""),
+        _ => Some((
+            404,
+            "application/problem+json",
+            r#"{"type":"urn:strata:problem:not-found","title":"Not found","status":404,"detail":"no route"}"#.to_string(),
+        )),
+    }
+}
+
+#[tokio::test]
+async fn node_instance_and_event_calls_use_their_routes() {
+    let server = FakeServer::start(node_routes).await;
+    let client = client(vec![server.url()], 1_000);
+    let fail = |error: ClientError| -> ! { panic!("{error}") };
+
+    let nodes = client.list_nodes(false).await.unwrap_or_else(|e| fail(e));
+    assert_eq!(nodes.len(), 1);
+    assert_eq!(nodes[0].status, crate::node::NodeStatus::Cordoned);
+    assert_eq!(nodes[0].allocatable.memory_mb, 12288);
+    client.list_nodes(true).await.unwrap_or_else(|e| fail(e));
+    let node = client
+        .get_node("host-1", true)
+        .await
+        .unwrap_or_else(|e| fail(e));
+    assert_eq!(node.zone.as_deref(), Some("a"));
+    client
+        .get_node("host-1", false)
+        .await
+        .unwrap_or_else(|e| fail(e));
+    client
+        .cordon_node("host-1")
+        .await
+        .unwrap_or_else(|e| fail(e));
+    client
+        .uncordon_node("host-1")
+        .await
+        .unwrap_or_else(|e| fail(e));
+    client
+        .drain_node("host-1")
+        .await
+        .unwrap_or_else(|e| fail(e));
+
+    let all = client
+        .list_instances(None, false)
+        .await
+        .unwrap_or_else(|e| fail(e));
+    assert_eq!(all[0].port, Some(20001));
+    let web = client
+        .list_instances(Some("web"), true)
+        .await
+        .unwrap_or_else(|e| fail(e));
+    assert_eq!(web[0].phase, crate::node::Phase::Running);
+
+    let events = client
+        .list_events(None, false)
+        .await
+        .unwrap_or_else(|e| fail(e));
+    assert_eq!(events[0].reason, "ScaledOut");
+    client
+        .list_events(Some("tier/web"), true)
+        .await
+        .unwrap_or_else(|e| fail(e));
+    // Characters that would split the query are escaped; `/` stays readable.
+    assert!(client
+        .list_events(Some("instance/a&b=c"), false)
+        .await
+        .unwrap_or_else(|e| fail(e))
+        .is_empty());
+
+    let requests = server.requests();
+    let targets: Vec<&str> = requests
+        .iter()
+        .map(|r| r.split('|').next().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        targets,
+        [
+            "GET /v1/nodes",
+            "GET /v1/nodes?stale=true",
+            "GET /v1/nodes/host-1?stale=true",
+            "GET /v1/nodes/host-1",
+            "POST /v1/nodes/host-1/cordon",
+            "POST /v1/nodes/host-1/uncordon",
+            "POST /v1/nodes/host-1/drain",
+            "GET /v1/instances",
+            "GET /v1/tiers/web/instances?stale=true",
+            "GET /v1/events",
+            "GET /v1/events?object=tier/web&stale=true",
+            "GET /v1/events?object=instance/a%26b%3Dc",
+        ]
+    );
+    // Node actions carry no body, and every call carries the token.
+    assert_eq!(
+        requests[4],
+        "POST /v1/nodes/host-1/cordon|Bearer secret-token|"
+    );
+}
+
+#[tokio::test]
+async fn node_ids_cannot_change_the_route() {
+    let server = FakeServer::start(node_routes).await;
+    let client = client(vec![server.url()], 1_000);
+    let error = client.drain_node("../tiers/web").await.err();
+    assert_eq!(
+        error
+            .as_ref()
+            .and_then(ClientError::problem)
+            .map(|p| p.status),
+        Some(404)
+    );
+    assert_eq!(
+        server.requests()[0],
+        "POST /v1/nodes/..%2Ftiers%2Fweb/drain|Bearer secret-token|"
+    );
+}

@@ -15,11 +15,14 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use strata_api::{AddMemberRequest, FieldError, ItemList, Problem, ScaleRequest, Tier, TierSpec};
+use strata_api::{
+    AddMemberRequest, Condition, Event, FieldError, Health, Instance, ItemList, Node, NodeStatus,
+    Phase, Problem, Resources, ScaleRequest, Tier, TierSpec,
+};
 
 use super::ApiError;
-use crate::node::{Controller, MemberChange};
-use crate::state::{Command, CommandResult, Rejection};
+use crate::node::{now_ms, Controller, MemberChange};
+use crate::state::{Command, CommandResult, NodeRecord, Rejection, State as Replicated};
 
 pub fn routes() -> Router<Arc<Controller>> {
     Router::new()
@@ -29,6 +32,12 @@ pub fn routes() -> Router<Arc<Controller>> {
             get(get_tier).put(put_tier).delete(delete_tier),
         )
         .route("/v1/tiers/{name}/scale", post(scale_tier))
+        .route("/v1/tiers/{name}/instances", get(tier_instances))
+        .route("/v1/instances", get(list_instances))
+        .route("/v1/nodes", get(list_nodes))
+        .route("/v1/nodes/{id}", get(get_node))
+        .route("/v1/nodes/{id}/{action}", post(node_action))
+        .route("/v1/events", get(list_events))
         .route("/v1/cluster", get(cluster_status))
         .route("/v1/cluster/members", post(add_member))
         .route("/v1/cluster/members/{id}", delete(remove_member))
@@ -121,9 +130,15 @@ async fn list_tiers(
 ) -> Result<Json<ItemList<Tier>>, ApiError> {
     let params = query(params)?;
     read_barrier(&controller, params.stale).await?;
+    let now = now_ms();
     let (items, applied) = controller.state.read(|machine| {
         (
-            machine.state.tiers.values().cloned().collect::<Vec<Tier>>(),
+            machine
+                .state
+                .tiers
+                .values()
+                .map(|tier| tier_view(&machine.state, tier, now))
+                .collect::<Vec<Tier>>(),
             machine.last_applied.map_or(0, |id| id.index),
         )
     });
@@ -140,9 +155,16 @@ async fn get_tier(
 ) -> Result<Json<Tier>, ApiError> {
     let params = query(params)?;
     read_barrier(&controller, params.stale).await?;
+    let now = now_ms();
     controller
         .state
-        .read(|machine| machine.state.tiers.get(&name).cloned())
+        .read(|machine| {
+            machine
+                .state
+                .tiers
+                .get(&name)
+                .map(|tier| tier_view(&machine.state, tier, now))
+        })
         .map(Json)
         .ok_or_else(|| ApiError::not_found(format!("tier {name:?} does not exist")))
 }
@@ -203,6 +225,9 @@ fn write_response(result: CommandResult) -> Result<Response, ApiError> {
             Ok((status, Json(tier)).into_response())
         }
         CommandResult::Deleted { tier } => Ok((StatusCode::OK, Json(tier)).into_response()),
+        CommandResult::Node { .. } | CommandResult::Changed { .. } => {
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
         CommandResult::Rejected { rejection } => Err(rejection_error(rejection)),
         CommandResult::None => Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -277,4 +302,253 @@ async fn remove_member(
         .change_membership(MemberChange::Remove { id })
         .await?;
     Ok(Json(controller.cluster_status()))
+}
+
+/// How long a failed instance keeps its tier's `Degraded` condition up.
+const DEGRADED_WINDOW_MS: u64 = 120_000;
+
+/// A tier with the status fields derived from its instances: current, ready and conditions.
+pub fn tier_view(state: &Replicated, tier: &Tier, now_ms: u64) -> Tier {
+    let mut view = tier.clone();
+    let mut current = 0;
+    let mut ready = 0;
+    let mut latest_failure: Option<&Instance> = None;
+    for instance in state.instances.values().filter(|i| i.tier == tier.name()) {
+        if instance.phase.is_live() {
+            current += 1;
+        }
+        if instance.phase == Phase::Running && instance.health == Health::Healthy {
+            ready += 1;
+        }
+        if instance.phase == Phase::Failed
+            && now_ms.saturating_sub(instance.updated_at_ms) < DEGRADED_WINDOW_MS
+            && latest_failure.is_none_or(|f| f.updated_at_ms < instance.updated_at_ms)
+        {
+            latest_failure = Some(instance);
+        }
+    }
+    view.status.current = current;
+    view.status.ready = ready;
+    let desired = view.status.desired;
+    view.status.conditions = vec![Condition {
+        condition_type: "Ready".to_string(),
+        status: ready >= desired,
+        reason: if ready >= desired { "AllReady" } else { "Converging" }.to_string(),
+        message: format!("{ready} of {desired} desired instances are ready"),
+        since_ms: tier.updated_at_ms,
+    }];
+    if let Some(failed) = latest_failure {
+        view.status.conditions.push(Condition {
+            condition_type: "Degraded".to_string(),
+            status: true,
+            reason: "InstanceFailed".to_string(),
+            message: format!(
+                "instance {} failed: {}",
+                failed.id,
+                failed.reason.as_deref().unwrap_or("no reason given")
+            ),
+            since_ms: failed.updated_at_ms,
+        });
+    }
+    view
+}
+
+/// A node as the API shows it: the replicated record, allocatable capacity, and (on the
+/// leader) heartbeat data.
+pub fn node_view(controller: &Controller, state: &Replicated, record: &NodeRecord) -> Node {
+    let mut used = Resources::default();
+    for instance in state.instances_on(&record.id) {
+        if instance.phase.is_final() {
+            continue;
+        }
+        if let Some(tier) = state.tiers.get(&instance.tier) {
+            used.cpu += tier.spec.template.cpu;
+            used.memory_mb += tier.spec.template.memory_mb;
+        }
+    }
+    let (last_heartbeat_ms, metrics) = controller
+        .liveness
+        .observation(&record.id)
+        .unwrap_or_default();
+    let status = if !record.ready {
+        NodeStatus::NotReady
+    } else if record.draining {
+        NodeStatus::Draining
+    } else if record.cordoned {
+        NodeStatus::Cordoned
+    } else {
+        NodeStatus::Ready
+    };
+    Node {
+        id: record.id.clone(),
+        address: record.address.clone(),
+        zone: record.zone.clone(),
+        labels: record.labels.clone(),
+        capacity: record.capacity,
+        allocatable: Resources {
+            cpu: (record.capacity.cpu - used.cpu).max(0.0),
+            memory_mb: record.capacity.memory_mb.saturating_sub(used.memory_mb),
+        },
+        status,
+        ready: record.ready,
+        cordoned: record.cordoned,
+        draining: record.draining,
+        agent_version: record.agent_version.clone(),
+        last_heartbeat_ms,
+        metrics,
+        registered_at_ms: record.registered_at_ms,
+        resource_version: record.resource_version,
+    }
+}
+
+async fn list_nodes(
+    State(controller): State<Arc<Controller>>,
+    params: Result<Query<ReadParams>, QueryRejection>,
+) -> Result<Json<ItemList<Node>>, ApiError> {
+    let params = query(params)?;
+    read_barrier(&controller, params.stale).await?;
+    Ok(Json(controller.state.read(|machine| ItemList {
+        items: machine
+            .state
+            .nodes
+            .values()
+            .map(|record| node_view(&controller, &machine.state, record))
+            .collect(),
+        resource_version: machine.last_applied.map(|id| id.index),
+    })))
+}
+
+async fn get_node(
+    State(controller): State<Arc<Controller>>,
+    Path(id): Path<String>,
+    params: Result<Query<ReadParams>, QueryRejection>,
+) -> Result<Json<Node>, ApiError> {
+    let params = query(params)?;
+    read_barrier(&controller, params.stale).await?;
+    controller
+        .state
+        .read(|machine| {
+            machine
+                .state
+                .nodes
+                .get(&id)
+                .map(|record| node_view(&controller, &machine.state, record))
+        })
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("node {id:?} does not exist")))
+}
+
+/// `POST /v1/nodes/{id}/cordon|uncordon|drain`.
+async fn node_action(
+    State(controller): State<Arc<Controller>>,
+    Path((id, action)): Path<(String, String)>,
+) -> Result<Json<Node>, ApiError> {
+    let (cordoned, draining) = match action.as_str() {
+        "cordon" => (true, false),
+        "uncordon" => (false, false),
+        "drain" => (true, true),
+        _ => {
+            return Err(ApiError::not_found(format!(
+                "no node action {action:?}; use cordon, uncordon or drain"
+            )))
+        }
+    };
+    let result = controller
+        .propose(Command::SetNodeFlags {
+            node: id.clone(),
+            cordoned,
+            draining,
+        })
+        .await?;
+    match result {
+        CommandResult::Node { node } => {
+            controller.liveness.wake.notify_one();
+            Ok(Json(controller.state.read(|machine| {
+                node_view(&controller, &machine.state, &node)
+            })))
+        }
+        CommandResult::Rejected { rejection } => Err(rejection_error(rejection)),
+        other => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "Internal error",
+            format!("node action produced {other:?}"),
+        )),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InstanceParams {
+    #[serde(default)]
+    stale: bool,
+    tier: Option<String>,
+}
+
+async fn tier_instances(
+    State(controller): State<Arc<Controller>>,
+    Path(name): Path<String>,
+    params: Result<Query<ReadParams>, QueryRejection>,
+) -> Result<Json<ItemList<Instance>>, ApiError> {
+    let params = query(params)?;
+    read_barrier(&controller, params.stale).await?;
+    controller
+        .state
+        .read(|machine| {
+            machine.state.tiers.contains_key(&name).then(|| ItemList {
+                items: instances_of(&machine.state, Some(&name)),
+                resource_version: machine.last_applied.map(|id| id.index),
+            })
+        })
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("tier {name:?} does not exist")))
+}
+
+async fn list_instances(
+    State(controller): State<Arc<Controller>>,
+    params: Result<Query<InstanceParams>, QueryRejection>,
+) -> Result<Json<ItemList<Instance>>, ApiError> {
+    let params = query(params)?;
+    read_barrier(&controller, params.stale).await?;
+    Ok(Json(controller.state.read(|machine| ItemList {
+        items: instances_of(&machine.state, params.tier.as_deref()),
+        resource_version: machine.last_applied.map(|id| id.index),
+    })))
+}
+
+fn instances_of(state: &Replicated, tier: Option<&str>) -> Vec<Instance> {
+    let mut items: Vec<Instance> = state
+        .instances
+        .values()
+        .filter(|instance| tier.is_none_or(|tier| instance.tier == tier))
+        .cloned()
+        .collect();
+    items.sort_by_key(|instance| (instance.tier.clone(), instance.created_at_ms, instance.id));
+    items
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventParams {
+    #[serde(default)]
+    stale: bool,
+    object: Option<String>,
+}
+
+async fn list_events(
+    State(controller): State<Arc<Controller>>,
+    params: Result<Query<EventParams>, QueryRejection>,
+) -> Result<Json<ItemList<Event>>, ApiError> {
+    let params = query(params)?;
+    read_barrier(&controller, params.stale).await?;
+    Ok(Json(controller.state.read(|machine| ItemList {
+        items: machine
+            .state
+            .events
+            .iter()
+            .filter(|event| params.object.as_ref().is_none_or(|object| &event.object == object))
+            .cloned()
+            .collect(),
+        resource_version: machine.last_applied.map(|id| id.index),
+    })))
 }

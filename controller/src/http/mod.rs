@@ -9,6 +9,7 @@
 //! - Request bodies are limited to 1 MiB on `/v1` (413 beyond); peer bodies may be larger
 //!   because they carry log batches and snapshot chunks.
 
+mod agents;
 mod api;
 mod peer;
 
@@ -34,6 +35,7 @@ pub const MAX_PEER_BODY: usize = 256 * 1024 * 1024;
 /// Builds the node's router.
 pub fn router(controller: Arc<Controller>) -> Router {
     let public = api::routes()
+        .merge(agents::routes())
         .layer(axum::extract::DefaultBodyLimit::max(MAX_API_BODY))
         .route_layer(middleware::from_fn_with_state(
             controller.clone(),
@@ -203,12 +205,37 @@ fn same_secret(given: &str, expected: &str) -> bool {
             == 0
 }
 
+/// Who a bearer token speaks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    Admin,
+    Viewer,
+    Agent,
+}
+
+fn role_of(tokens: &crate::node::Tokens, token: &str) -> Option<Role> {
+    if same_secret(token, &tokens.admin) {
+        Some(Role::Admin)
+    } else if tokens
+        .viewer
+        .as_deref()
+        .is_some_and(|viewer| same_secret(token, viewer))
+    {
+        Some(Role::Viewer)
+    } else if same_secret(token, &tokens.join) {
+        Some(Role::Agent)
+    } else {
+        None
+    }
+}
+
+/// `/v1/agents/*` is for agents (join token) and admins; everything else under `/v1` is for
+/// admins, and for viewers on safe methods.
 async fn require_api_token(
     State(controller): State<Arc<Controller>>,
     request: Request,
     next: Next,
 ) -> Response {
-    let tokens = &controller.tokens;
     let Some(token) = bearer(&request) else {
         return ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -218,12 +245,7 @@ async fn require_api_token(
         )
         .into_response();
     };
-    let is_admin = same_secret(token, &tokens.admin);
-    let is_viewer = tokens
-        .viewer
-        .as_deref()
-        .is_some_and(|viewer| same_secret(token, viewer));
-    if !is_admin && !is_viewer {
+    let Some(role) = role_of(&controller.tokens, token) else {
         return ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -231,21 +253,22 @@ async fn require_api_token(
             "the bearer token is not valid",
         )
         .into_response();
+    };
+    let agent_route = request.uri().path().starts_with("/v1/agents/");
+    let safe = matches!(*request.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    let refusal = match (role, agent_route) {
+        (Role::Admin, _) | (Role::Agent, true) => None,
+        (Role::Viewer, false) if safe => None,
+        (Role::Viewer, false) => Some("the viewer token may only read; writes need the admin token"),
+        (Role::Viewer, true) => Some("agent endpoints need the join token"),
+        (Role::Agent, false) => Some("the join token may only register and heartbeat"),
+    };
+    match refusal {
+        Some(detail) => {
+            ApiError::new(StatusCode::FORBIDDEN, "forbidden", "Forbidden", detail).into_response()
+        }
+        None => next.run(request).await,
     }
-    let safe = matches!(
-        *request.method(),
-        Method::GET | Method::HEAD | Method::OPTIONS
-    );
-    if !is_admin && !safe {
-        return ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "Forbidden",
-            "the viewer token may only read; writes need the admin token",
-        )
-        .into_response();
-    }
-    next.run(request).await
 }
 
 async fn require_cluster_secret(

@@ -1,0 +1,178 @@
+//! `strata-agent`: runs this host's instances. See `strata_agent::standalone`.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::signal::unix::{signal, SignalKind};
+
+use strata_agent::driver::{AccelChoice, QemuConfig};
+use strata_agent::connected::{self, ConnectedConfig};
+use strata_agent::standalone::{self, StandaloneConfig};
+use strata_agent::SupervisorConfig;
+
+/// The Strata agent: registers this host with the controllers, heartbeats (host metrics and
+/// the phase, health and CPU of each instance), and starts, supervises and health-checks the
+/// instances the controllers assign to it (process or qemu drivers).
+///
+/// Instances survive an agent restart: the next agent process adopts them from --data-dir and
+/// starts no duplicates. SIGTERM/SIGINT stop the agent, not the instances.
+///
+/// With --assignments FILE instead of --controllers, the agent runs standalone: it converges to
+/// the instances listed in FILE (a JSON array of {instance_id, tier, template, health}, re-read
+/// every interval) and prints each heartbeat as a JSON line on stdout.
+#[derive(Debug, Parser)]
+#[command(name = "strata-agent", version)]
+struct Args {
+    /// This node's name, a DNS label (lowercase letters, digits, '-').
+    #[arg(long, env = "STRATA_NODE_ID")]
+    node_id: String,
+    /// Controller addresses (host:port), comma separated; any of them will do.
+    #[arg(long, env = "STRATA_CONTROLLERS", value_delimiter = ',', required_unless_present = "assignments")]
+    controllers: Vec<String>,
+    /// The cluster's join token (the controllers' --join-token).
+    #[arg(long, env = "STRATA_JOIN_TOKEN", hide_env_values = true, required_unless_present = "assignments")]
+    join_token: Option<String>,
+    /// State directory: one record per instance, and the instances' logs.
+    #[arg(long, env = "STRATA_DATA_DIR")]
+    data_dir: PathBuf,
+    /// Failure zone of this host, for spreading tiers across zones.
+    #[arg(long, env = "STRATA_ZONE")]
+    zone: Option<String>,
+    /// Node labels as k=v pairs, comma separated; tiers can require them.
+    #[arg(long, env = "STRATA_LABELS", value_delimiter = ',', value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Address instances are reached at; their ports are allocated on it.
+    #[arg(long, env = "STRATA_ADVERTISE_IP", default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
+    advertise_ip: IpAddr,
+    /// CPU cores offered to instances (default: all of this host's).
+    #[arg(long, env = "STRATA_CPU")]
+    cpu: Option<f64>,
+    /// Memory offered to instances, in MiB (default: this host's total).
+    #[arg(long, env = "STRATA_MEMORY_MB")]
+    memory_mb: Option<u64>,
+    /// Time between two heartbeats, like 1s or 500ms.
+    #[arg(long, env = "STRATA_HEARTBEAT_INTERVAL", default_value = "1s")]
+    heartbeat_interval: strata_api::Duration,
+    /// Standalone mode: JSON file with the instances this node must run (no controllers).
+    #[arg(long, conflicts_with_all = ["controllers", "join_token"])]
+    assignments: Option<PathBuf>,
+    /// Time an instance gets to exit after SIGTERM before SIGKILL.
+    #[arg(long, default_value = "10s")]
+    stop_grace: strata_api::Duration,
+    /// The qemu binary for the qemu driver.
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    qemu_binary: PathBuf,
+    /// qemu accelerator: auto uses KVM only where a KVM guest can run, else TCG.
+    #[arg(long, value_enum, default_value = "auto")]
+    qemu_accel: Accel,
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not key=value"))?;
+    if !strata_api::validate::is_label_key(key) {
+        return Err(format!("{key:?} is not a valid label key"));
+    }
+    if !strata_api::validate::is_label_value(value) {
+        return Err(format!("{value:?} is not a valid label value"));
+    }
+    Ok((key.to_string(), value.to_string()))
+}
+
+fn host_memory_mb() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|line| line.strip_prefix("MemTotal:"))
+                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map(|kib| kib / 1024)
+        .unwrap_or(1024)
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Accel {
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    // Logs go to stderr; stdout carries the heartbeat lines.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+    if !strata_api::validate::is_dns_label(&args.node_id) {
+        anyhow::bail!("--node-id {:?} must be a DNS label (lowercase letters, digits, '-')", args.node_id);
+    }
+    let supervisor = SupervisorConfig {
+        data_dir: args.data_dir,
+        advertise_ip: args.advertise_ip,
+        stop_grace: args.stop_grace.as_std(),
+        qemu: QemuConfig {
+            binary: args.qemu_binary,
+            accel: match args.qemu_accel {
+                Accel::Auto => AccelChoice::Auto,
+                Accel::Kvm => AccelChoice::Kvm,
+                Accel::Tcg => AccelChoice::Tcg,
+            },
+        },
+    };
+    let interval = args
+        .heartbeat_interval
+        .as_std()
+        .max(std::time::Duration::from_millis(50));
+    let mut terminate = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+        tracing::info!("stopping the agent; instances keep running");
+    };
+    match args.assignments {
+        Some(assignments) => standalone::run(
+            StandaloneConfig {
+                node_id: args.node_id,
+                supervisor,
+                assignments,
+                interval,
+            },
+            shutdown,
+        )
+        .await
+        .context("run agent")?,
+        None => {
+            let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+            connected::run(
+                ConnectedConfig {
+                    node_id: args.node_id,
+                    controllers: args.controllers,
+                    join_token: args.join_token.unwrap_or_default(),
+                    zone: args.zone,
+                    labels: args.labels.into_iter().collect(),
+                    capacity: strata_api::Resources {
+                        cpu: args.cpu.unwrap_or(cpus as f64),
+                        memory_mb: args.memory_mb.unwrap_or_else(host_memory_mb),
+                    },
+                    supervisor,
+                    interval,
+                },
+                shutdown,
+            )
+            .await
+            .context("run agent")?
+        }
+    }
+    Ok(())
+}

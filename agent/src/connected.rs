@@ -1,0 +1,275 @@
+//! Connected mode: the agent registers its node with the controllers, heartbeats with host and
+//! instance reports, and converges to the assignments each heartbeat answer carries.
+//!
+//! Invariants:
+//! - Only a successful heartbeat answer changes what runs. While no controller answers, the
+//!   agent keeps every instance as it is (a controller outage never stops workloads).
+//! - Heartbeats go to the leader. The agent talks to any controller it was given; a follower
+//!   answers 421 with the leader's address, which the agent then uses until it fails.
+//! - A 404 to a heartbeat (the node is unknown, for example after the cluster was rebuilt)
+//!   makes the agent register again.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::Duration;
+
+use strata_api::{
+    Health, HeartbeatRequest, HeartbeatResponse, InstanceReport as ApiReport, Phase, Problem,
+    RegisterRequest, Resources,
+};
+
+use crate::health::HealthStatus;
+use crate::host_metrics::HostMetricsSampler;
+use crate::supervisor::{
+    Assignment, InstancePhase, InstanceReport, Supervisor, SupervisorConfig, SupervisorError,
+};
+
+/// Settings of connected mode.
+#[derive(Clone, Debug)]
+pub struct ConnectedConfig {
+    pub node_id: String,
+    /// Controller addresses (`host:port`), any of them.
+    pub controllers: Vec<String>,
+    pub join_token: String,
+    pub zone: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub capacity: Resources,
+    pub supervisor: SupervisorConfig,
+    pub interval: Duration,
+}
+
+/// Why a call to the controllers failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("the controllers do not know this node")]
+    NotRegistered,
+    #[error("no controller answered: {0}")]
+    Unreachable(String),
+    /// A controller refused the request for good (bad token, invalid data).
+    #[error("refused: {0}")]
+    Refused(Problem),
+}
+
+/// The agent's connection to the controller cluster.
+pub struct ControllerLink {
+    http: reqwest::Client,
+    controllers: Vec<String>,
+    token: String,
+    /// The controller to try first: the leader when known.
+    preferred: Option<String>,
+}
+
+impl ControllerLink {
+    pub fn new(controllers: Vec<String>, token: String, timeout: Duration) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_millis(500)))
+            .tcp_nodelay(true)
+            .build()
+            .unwrap_or_else(|_| reqwest::Client::new());
+        ControllerLink {
+            http,
+            controllers,
+            token,
+            preferred: None,
+        }
+    }
+
+    /// Candidates in the order to try: the preferred one, then the configured list.
+    fn candidates(&self) -> Vec<String> {
+        let mut list: Vec<String> = self.preferred.iter().cloned().collect();
+        for controller in &self.controllers {
+            if !list.contains(controller) {
+                list.push(controller.clone());
+            }
+        }
+        list
+    }
+
+    async fn post<B: serde::Serialize, R: serde::de::DeserializeOwned>(
+        &mut self,
+        path: &str,
+        body: &B,
+    ) -> Result<R, LinkError> {
+        let mut failures = Vec::new();
+        let mut queue = self.candidates();
+        let mut hops = 0;
+        while let Some(address) = (!queue.is_empty()).then(|| queue.remove(0)) {
+            hops += 1;
+            if hops > 8 {
+                break;
+            }
+            let answer = self
+                .http
+                .post(format!("http://{address}{path}"))
+                .bearer_auth(&self.token)
+                .json(body)
+                .send()
+                .await;
+            let response = match answer {
+                Ok(response) => response,
+                Err(error) => {
+                    failures.push(format!("{address}: {error}"));
+                    if self.preferred.as_deref() == Some(address.as_str()) {
+                        self.preferred = None;
+                    }
+                    continue;
+                }
+            };
+            let status = response.status().as_u16();
+            if response.status().is_success() {
+                self.preferred = Some(address.clone());
+                return response
+                    .json()
+                    .await
+                    .map_err(|error| LinkError::Unreachable(format!("{address}: decode answer: {error}")));
+            }
+            let text = response.text().await.unwrap_or_default();
+            let problem: Option<Problem> = serde_json::from_str(&text).ok();
+            match status {
+                421 => {
+                    if let Some(leader) = problem.as_ref().and_then(|p| p.leader.clone()) {
+                        self.preferred = Some(leader.clone());
+                        queue.retain(|candidate| candidate != &leader);
+                        queue.insert(0, leader);
+                    }
+                    failures.push(format!("{address}: not the leader"));
+                }
+                404 if path.ends_with("/heartbeat") => return Err(LinkError::NotRegistered),
+                400..=499 => {
+                    return Err(LinkError::Refused(problem.unwrap_or_else(|| {
+                        Problem::new(status, "refused", "Refused", text)
+                    })))
+                }
+                _ => failures.push(format!("{address}: {status} {text}")),
+            }
+        }
+        Err(LinkError::Unreachable(failures.join("; ")))
+    }
+
+    pub async fn register(&mut self, request: &RegisterRequest) -> Result<strata_api::Node, LinkError> {
+        self.post("/v1/agents/register", request).await
+    }
+
+    pub async fn heartbeat(&mut self, request: &HeartbeatRequest) -> Result<HeartbeatResponse, LinkError> {
+        self.post("/v1/agents/heartbeat", request).await
+    }
+}
+
+/// Runs connected mode until `shutdown` resolves. Instances keep running afterwards; the next
+/// agent process adopts them.
+pub async fn run(config: ConnectedConfig, shutdown: impl Future<Output = ()>) -> Result<(), SupervisorError> {
+    let mut supervisor = Supervisor::open(config.supervisor.clone()).await?;
+    let mut sampler = HostMetricsSampler::new();
+    let timeout = config.interval.clamp(Duration::from_millis(500), Duration::from_secs(3));
+    let mut link = ControllerLink::new(config.controllers.clone(), config.join_token.clone(), timeout);
+    let registration = RegisterRequest {
+        node_id: config.node_id.clone(),
+        address: config.supervisor.advertise_ip.to_string(),
+        zone: config.zone.clone(),
+        labels: config.labels.clone(),
+        capacity: config.capacity,
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let mut registered = false;
+    let mut ticker = tokio::time::interval(config.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            _ = ticker.tick() => {}
+        }
+        if !registered {
+            match link.register(&registration).await {
+                Ok(node) => {
+                    tracing::info!(node = %node.id, status = ?node.status, "registered");
+                    registered = true;
+                }
+                Err(LinkError::Refused(problem)) => {
+                    tracing::error!(%problem, "registration refused; check --join-token and the flags");
+                    continue;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "register; retrying");
+                    continue;
+                }
+            }
+        }
+        let metrics = sampler
+            .sample()
+            .inspect_err(|error| tracing::warn!(%error, "sample host metrics"))
+            .ok();
+        let request = HeartbeatRequest {
+            node_id: config.node_id.clone(),
+            metrics: metrics.map(api_metrics).unwrap_or_default(),
+            instances: supervisor.report().await.iter().map(api_report).collect(),
+        };
+        match link.heartbeat(&request).await {
+            Ok(answer) => {
+                let desired: Vec<Assignment> = answer
+                    .assignments
+                    .into_iter()
+                    .map(|assignment| Assignment {
+                        instance_id: assignment.instance_id,
+                        tier: assignment.tier,
+                        template: assignment.template,
+                        health: assignment.health,
+                    })
+                    .collect();
+                let outcome = supervisor.converge(&desired).await;
+                for failure in &outcome.failures {
+                    tracing::warn!(instance = %failure.instance_id, error = %failure.error,
+                        "converge action failed; retrying next tick");
+                }
+                if !outcome.actions.is_empty() {
+                    // Report what changed without waiting a whole interval.
+                    ticker.reset_immediately();
+                }
+            }
+            Err(LinkError::NotRegistered) => {
+                tracing::warn!("the controllers do not know this node; registering again");
+                registered = false;
+                ticker.reset_immediately();
+            }
+            Err(error) => tracing::warn!(%error, "heartbeat failed; instances keep running"),
+        }
+    }
+    supervisor.shutdown().await;
+    Ok(())
+}
+
+fn api_metrics(metrics: crate::host_metrics::HostMetrics) -> strata_api::HostMetrics {
+    strata_api::HostMetrics {
+        cpu_percent: metrics.cpu_utilization.unwrap_or(0.0) * 100.0,
+        memory_total_mb: metrics.memory_total_mb,
+        memory_available_mb: metrics.memory_available_mb,
+        load1: metrics.load_1m,
+        load5: metrics.load_5m,
+        load15: metrics.load_15m,
+    }
+}
+
+/// The controller's view of one supervisor report.
+pub fn api_report(report: &InstanceReport) -> ApiReport {
+    ApiReport {
+        id: report.instance_id,
+        phase: match report.phase {
+            InstancePhase::Starting => Phase::Starting,
+            InstancePhase::Running => Phase::Running,
+            InstancePhase::Failed => Phase::Failed,
+            InstancePhase::Terminated => Phase::Terminated,
+        },
+        health: match report.health {
+            HealthStatus::Unknown => Health::Unknown,
+            HealthStatus::Healthy => Health::Healthy,
+            HealthStatus::Unhealthy => Health::Unhealthy,
+        },
+        port: report.address.map(|address| address.port()),
+        reason: report.reason.clone(),
+        cpu_percent: report
+            .cpu_utilization_percent
+            .filter(|value| value.is_finite() && *value >= 0.0)
+            .unwrap_or(0.0),
+    }
+}

@@ -1,0 +1,213 @@
+//! Nodes (agent hosts) and the instances the control plane runs on them, as the API shows them.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::tier::{HealthCheck, Provider, Template};
+
+/// CPU and memory, as capacity or reservation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// CPU cores.
+    pub cpu: f64,
+    pub memory_mb: u64,
+}
+
+/// What the control plane thinks of a node. Derived from readiness and the operator's
+/// cordon/drain flags, in that order of precedence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeStatus {
+    /// Heartbeating and schedulable.
+    Ready,
+    /// Missed heartbeats for longer than the grace period.
+    NotReady,
+    /// Heartbeating; keeps its instances but gets no new ones.
+    Cordoned,
+    /// Heartbeating; its instances are being moved elsewhere.
+    Draining,
+}
+
+/// Host measurements an agent sends with every heartbeat.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HostMetrics {
+    /// Busy share of all CPUs over the last interval, 0 to 100.
+    pub cpu_percent: f64,
+    pub memory_total_mb: u64,
+    pub memory_available_mb: u64,
+    pub load1: f64,
+    pub load5: f64,
+    pub load15: f64,
+}
+
+/// An agent host.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    /// The agent's `--node-id`, a DNS label.
+    pub id: String,
+    /// The IP instances on this node are reached at.
+    pub address: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    pub capacity: Resources,
+    /// Capacity minus what live instances on the node reserve.
+    pub allocatable: Resources,
+    pub status: NodeStatus,
+    pub ready: bool,
+    pub cordoned: bool,
+    pub draining: bool,
+    pub agent_version: String,
+    /// Unix ms of the last heartbeat the answering node knows of (leader memory; 0 if unknown).
+    pub last_heartbeat_ms: u64,
+    #[serde(default)]
+    pub metrics: HostMetrics,
+    pub registered_at_ms: u64,
+    pub resource_version: u64,
+}
+
+/// The lifecycle of an instance.
+///
+/// `Pending → Starting → Running → Draining → Terminated`, with `Failed` (it could not start
+/// or exited) and `Lost` (its node stopped heartbeating) as ends of their own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Phase {
+    /// Placed on a node; the agent has not reported it yet.
+    Pending,
+    /// The agent started it; not yet healthy.
+    Starting,
+    Running,
+    /// Being stopped: removed from pools, then terminated.
+    Draining,
+    Terminated,
+    Failed,
+    Lost,
+}
+
+impl Phase {
+    /// Phases in which the instance exists or will soon exist on its node.
+    pub fn is_live(self) -> bool {
+        matches!(self, Phase::Pending | Phase::Starting | Phase::Running)
+    }
+
+    /// Phases from which there is no way back.
+    pub fn is_final(self) -> bool {
+        matches!(self, Phase::Terminated | Phase::Failed | Phase::Lost)
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Health {
+    #[default]
+    Unknown,
+    Healthy,
+    Unhealthy,
+}
+
+/// One VM of a tier.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Instance {
+    pub id: Uuid,
+    pub tier: String,
+    pub provider: Provider,
+    /// The node it is placed on (local provider).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// The provider's id for it (EC2 instance id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    pub phase: Phase,
+    pub health: Health,
+    /// The tier generation whose template it runs.
+    pub generation: u64,
+    /// Why it is in its phase, when that needs saying (a failure, a replacement).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+    /// When it last became Running and healthy (0: never).
+    #[serde(default)]
+    pub ready_at_ms: u64,
+    pub resource_version: u64,
+}
+
+/// Something the control plane decided, and why.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// The log index that recorded it; orders events.
+    pub id: u64,
+    pub at_ms: u64,
+    /// The object it is about: `tier/web`, `node/host-1`, `instance/<uuid>`.
+    pub object: String,
+    /// A short CamelCase reason: `ScaledOut`, `NodeNotReady`, `InstanceReplaced`, ...
+    pub reason: String,
+    pub message: String,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Agent protocol
+
+/// `POST /v1/agents/register`: an agent announces its node (authenticated by the join token).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    pub node_id: String,
+    pub address: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    pub capacity: Resources,
+    pub agent_version: String,
+}
+
+/// What an agent reports about one instance it runs (or ran).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceReport {
+    pub id: Uuid,
+    /// `Starting`, `Running`, `Failed` or `Terminated` (stopped and gone).
+    pub phase: Phase,
+    pub health: Health,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// CPU use as a share of the instance's reservation, 0 to 100 (may exceed 100).
+    #[serde(default)]
+    pub cpu_percent: f64,
+}
+
+/// `POST /v1/agents/heartbeat`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatRequest {
+    pub node_id: String,
+    #[serde(default)]
+    pub metrics: HostMetrics,
+    #[serde(default)]
+    pub instances: Vec<InstanceReport>,
+}
+
+/// One instance an agent must run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub instance_id: Uuid,
+    pub tier: String,
+    pub template: Template,
+    pub health: HealthCheck,
+}
+
+/// The answer to a heartbeat: the complete set of instances the node must run. Anything else
+/// the agent runs must be stopped.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HeartbeatResponse {
+    pub assignments: Vec<Assignment>,
+}

@@ -1,0 +1,163 @@
+//! The leader's side of agents: liveness kept in memory (heartbeats are not Raft writes), and
+//! the reconcile loop that runs the planners in `reconcile` and proposes their commands.
+//!
+//! Invariants:
+//! - Only the leader records heartbeats and reconciles; followers answer agents with a hint
+//!   pointing at the leader.
+//! - When a node becomes leader (a new term), every node gets a fresh grace period: the
+//!   planners treat each as seen when leadership began.
+//! - Only transitions are committed (`Ready → NotReady`, instance phase and health changes);
+//!   a steady heartbeat costs no Raft write.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use openraft::ServerState;
+use strata_api::{HostMetrics, InstanceReport};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::node::{now_ms, Controller, LocalWriteError};
+use crate::reconcile::{plan, NodeObservation, Observed, PlanConfig};
+
+/// Heartbeat memory of the current leadership.
+#[derive(Default)]
+pub struct Liveness {
+    inner: Mutex<LivenessInner>,
+    /// Wakes the reconcile loop early (a report changed something, a node registered).
+    pub wake: Notify,
+}
+
+#[derive(Default)]
+pub struct LivenessInner {
+    /// The term this node leads in; 0 when it does not lead.
+    pub term: u64,
+    pub leader_since_ms: u64,
+    pub nodes: HashMap<String, NodeObservation>,
+}
+
+impl Liveness {
+    pub fn lock(&self) -> MutexGuard<'_, LivenessInner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records a heartbeat. Returns whether the reports differ from the previous heartbeat's
+    /// (a hint that the reconciler has something to do).
+    pub fn record(&self, node: &str, at_ms: u64, metrics: HostMetrics, reports: Vec<InstanceReport>) -> bool {
+        let mut inner = self.lock();
+        let observation = inner.nodes.entry(node.to_string()).or_default();
+        let changed = observation.last_seen_ms == 0 || observation.reports != reports;
+        observation.last_seen_ms = at_ms;
+        observation.metrics = metrics;
+        observation.reports = reports;
+        changed
+    }
+
+    /// Last heartbeat and metrics of `node`, when this node leads and has heard from it.
+    pub fn observation(&self, node: &str) -> Option<(u64, HostMetrics)> {
+        let inner = self.lock();
+        inner
+            .nodes
+            .get(node)
+            .map(|observation| (observation.last_seen_ms, observation.metrics.clone()))
+    }
+}
+
+/// Settings of the reconcile loop.
+#[derive(Clone, Debug)]
+pub struct ReconcileConfig {
+    pub interval: Duration,
+    pub plan: PlanConfig,
+}
+
+/// Runs the reconcile loop until `shutdown` is cancelled. Acts only while this node leads.
+pub async fn run_reconciler(controller: Arc<Controller>, config: ReconcileConfig, shutdown: CancellationToken) {
+    let mut round: u64 = 0;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(config.interval) => {}
+            () = controller.liveness.wake.notified() => {}
+        }
+        let metrics = controller.raft.metrics().borrow().clone();
+        if metrics.state != ServerState::Leader {
+            let mut inner = controller.liveness.lock();
+            if inner.term != 0 {
+                tracing::info!(term = inner.term, "no longer leader; dropping heartbeat memory");
+                *inner = LivenessInner::default();
+            }
+            continue;
+        }
+        {
+            let mut inner = controller.liveness.lock();
+            if inner.term != metrics.current_term {
+                tracing::info!(
+                    term = metrics.current_term,
+                    "became leader; every node gets a fresh heartbeat grace period"
+                );
+                *inner = LivenessInner {
+                    term: metrics.current_term,
+                    leader_since_ms: now_ms(),
+                    nodes: HashMap::new(),
+                };
+            }
+        }
+        round += 1;
+        let span = tracing::debug_span!("reconcile", round);
+        reconcile_once(&controller, &config.plan).instrument(span).await;
+    }
+}
+
+async fn reconcile_once(controller: &Controller, config: &PlanConfig) {
+    let now = now_ms();
+    let commands = {
+        let liveness = controller.liveness.lock();
+        let observed = Observed {
+            leader_since_ms: liveness.leader_since_ms,
+            nodes: &liveness.nodes,
+        };
+        controller.state.read(|machine| {
+            plan(&machine.state, &observed, config, now, &mut uuid::Uuid::new_v4)
+        })
+    };
+    for command in commands {
+        let summary = describe(&command);
+        match controller.propose_local(command).await {
+            Ok(_) => tracing::info!(action = %summary, "reconciled"),
+            Err(LocalWriteError::NotLeader(_)) => {
+                tracing::info!(action = %summary, "lost leadership; leaving it to the next leader");
+                return;
+            }
+            Err(LocalWriteError::Failed(error)) => {
+                tracing::warn!(action = %summary, %error, "reconcile action failed");
+                return;
+            }
+        }
+    }
+}
+
+fn describe(command: &crate::state::Command) -> String {
+    use crate::state::Command as C;
+    match command {
+        C::SetNodeReady {
+            node,
+            ready,
+            reason,
+        } => format!(
+            "node {node} {}: {reason}",
+            if *ready { "Ready" } else { "NotReady" }
+        ),
+        C::CreateInstances { instances, reason } => {
+            let tiers: Vec<&str> = instances.iter().map(|i| i.tier.as_str()).collect();
+            format!("create {} instance(s) of {tiers:?}: {reason}", instances.len())
+        }
+        C::UpdateInstances { updates } => format!("update {} instance(s)", updates.len()),
+        C::RemoveInstances { ids } => format!("forget {} final instance(s)", ids.len()),
+        C::RecordEvent { object, reason, .. } => format!("record {reason} on {object}"),
+        other => format!("{other:?}"),
+    }
+}
