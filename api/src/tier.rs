@@ -359,7 +359,9 @@ pub enum Spread {
 pub struct Tier {
     #[serde(flatten)]
     pub spec: TierSpec,
-    /// Incremented each time the spec changes (not on status or scale changes).
+    /// Incremented when what instances are started with changes (template, health check,
+    /// provider); instances of an older generation are rolled. Scaling, load balancer and
+    /// placement changes take effect without a new generation.
     pub generation: u64,
     /// Unix milliseconds, stamped by the leader that proposed the creating command.
     pub created_at_ms: u64,

@@ -589,9 +589,14 @@ impl State {
                 }
             }
             Some(existing) => {
-                let mut old_spec = existing.spec.clone();
-                old_spec.resource_version = stored_spec.resource_version;
-                let generation = if old_spec == stored_spec {
+                // Only what an instance is started with (template, health check) makes a new
+                // generation, which rolls the instances; scaling, load balancer and placement
+                // changes apply without restarting anything.
+                let old_spec = &existing.spec;
+                let generation = if old_spec.template == stored_spec.template
+                    && old_spec.health == stored_spec.health
+                    && old_spec.provider == stored_spec.provider
+                {
                     existing.generation
                 } else {
                     existing.generation + 1
@@ -831,17 +836,22 @@ mod tests {
     }
 
     #[test]
-    fn unchanged_spec_keeps_generation_and_changed_spec_bumps_it() {
+    fn only_template_and_health_changes_make_a_new_generation() {
         let mut state = State::default();
         state.apply(1, &put(spec("web", 1, 5)));
         assert_eq!(
             tier_of(state.apply(2, &put(spec("web", 1, 5)))).generation,
             1
         );
+        // Scaling bounds apply without a new generation (no rollout)...
         assert_eq!(
             tier_of(state.apply(3, &put(spec("web", 1, 9)))).generation,
-            2
+            1
         );
+        // ...a new template makes one.
+        let mut changed = spec("web", 1, 9);
+        changed.template.command = vec!["app".to_string(), "--v2".to_string()];
+        assert_eq!(tier_of(state.apply(4, &put(changed))).generation, 2);
     }
 
     #[test]

@@ -90,6 +90,8 @@ pub struct ControllerNode {
 pub struct ClusterOptions {
     pub nodes: u64,
     pub snapshot_logs: u64,
+    /// `--heartbeat-grace` of the controllers.
+    pub heartbeat_grace: &'static str,
 }
 
 impl Default for ClusterOptions {
@@ -97,6 +99,7 @@ impl Default for ClusterOptions {
         ClusterOptions {
             nodes: 3,
             snapshot_logs: 5000,
+            heartbeat_grace: "3s",
         }
     }
 }
@@ -156,6 +159,7 @@ impl Cluster {
     pub fn start_node(&mut self, id: u64) -> anyhow::Result<()> {
         let peers = self.peers.clone();
         let snapshot_logs = self.options.snapshot_logs;
+        let heartbeat_grace = self.options.heartbeat_grace;
         let node = self
             .nodes
             .get_mut(&id)
@@ -178,6 +182,8 @@ impl Cluster {
             .args(["--cluster-secret", CLUSTER_SECRET])
             .args(["--join-token", JOIN_TOKEN])
             .args(["--snapshot-logs", &snapshot_logs.to_string()])
+            .args(["--heartbeat-grace", heartbeat_grace])
+            .args(["--reconcile-interval", "200ms"])
             .env("STRATA_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log)
@@ -369,4 +375,166 @@ pub async fn send(
         content_type,
         body,
     })
+}
+
+/// Whether the slow end-to-end suites should run (CI sets `STRATA_E2E=1`). Prints the skip
+/// reason otherwise.
+pub fn e2e_enabled(test: &str) -> bool {
+    let enabled = std::env::var("STRATA_E2E").is_ok_and(|value| value == "1");
+    if !enabled {
+        println!("skipped: {test} needs STRATA_E2E=1 (deploy/test.sh and CI set it)");
+    }
+    enabled
+}
+
+/// One `strata-agent` process.
+pub struct AgentProcess {
+    pub node_id: String,
+    pub data_dir: PathBuf,
+    pub log_path: PathBuf,
+    args: Vec<String>,
+    process: Option<ProcessGuard>,
+}
+
+impl AgentProcess {
+    /// Starts an agent for `node_id` against `controllers`, with its state under `dir`.
+    pub fn start(
+        dir: &Path,
+        node_id: &str,
+        controllers: &[String],
+        extra: &[&str],
+    ) -> anyhow::Result<AgentProcess> {
+        let data_dir = dir.join(format!("agent-{node_id}"));
+        let log_path = dir.join(format!("agent-{node_id}.log"));
+        let mut args = vec![
+            "--node-id".to_string(),
+            node_id.to_string(),
+            "--controllers".to_string(),
+            controllers.join(","),
+            "--join-token".to_string(),
+            JOIN_TOKEN.to_string(),
+            "--data-dir".to_string(),
+            data_dir.display().to_string(),
+            "--heartbeat-interval".to_string(),
+            "300ms".to_string(),
+            "--stop-grace".to_string(),
+            "3s".to_string(),
+            "--cpu".to_string(),
+            "4".to_string(),
+            "--memory-mb".to_string(),
+            "4096".to_string(),
+        ];
+        args.extend(extra.iter().map(|arg| arg.to_string()));
+        let mut agent = AgentProcess {
+            node_id: node_id.to_string(),
+            data_dir,
+            log_path,
+            args,
+            process: None,
+        };
+        agent.restart()?;
+        Ok(agent)
+    }
+
+    /// Starts the process again with the same flags and data dir.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .context("open agent log")?;
+        let log_err = log.try_clone().context("clone agent log")?;
+        let mut command = Command::new(binary("strata-agent"));
+        command
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err);
+        self.process = Some(ProcessGuard::spawn(&mut command)?);
+        Ok(())
+    }
+
+    /// kill -9 of the agent alone: its instances keep running, as after a real crash.
+    pub fn kill(&mut self) {
+        if let Some(process) = self.process.as_mut() {
+            process.kill();
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+/// Process ids whose environment or command line carries `STRATA_INSTANCE_ID=<id>`: the
+/// processes of one instance (a workload process, or the qemu running its VM).
+pub fn processes_of_instance(id: &str) -> Vec<u32> {
+    let needle = format!("STRATA_INSTANCE_ID={id}");
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let carries = |file: &str| {
+            std::fs::read(entry.path().join(file)).is_ok_and(|bytes| {
+                bytes
+                    .split(|byte| *byte == 0 || *byte == b' ')
+                    .any(|word| word == needle.as_bytes())
+            })
+        };
+        {
+            if carries("environ") || carries("cmdline") {
+                // Zombies keep their environ readable for a moment; count only live ones.
+                let state = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+                let zombie = state
+                    .rsplit_once(')')
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+                if !zombie {
+                    found.push(pid);
+                }
+            }
+        }
+    }
+    found
+}
+
+/// Kills (SIGKILL) every process of the given instances; test cleanup after crashes.
+pub fn kill_instances(ids: &[String]) {
+    for id in ids {
+        for pid in processes_of_instance(id) {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+    }
+}
+
+/// Polls `check` every 200 ms until it returns `Some`, or fails after `timeout` with the last
+/// observation.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>, String>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        match check().await {
+            Ok(Some(value)) => return Ok(value),
+            Ok(None) => {}
+            Err(observation) => last = observation,
+        }
+        if Instant::now() > deadline {
+            bail!("{what}: not true after {timeout:?}; last seen: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -76,6 +76,7 @@ async fn write_through_a_follower_is_read_back_from_every_node() -> anyhow::Resu
     let second = follower_of(leader, &[3, 2, 1]);
     let mut body = tier_body("web");
     body["scaling"]["max"] = json!(7);
+    body["template"]["cpu"] = json!(1.0);
     let replaced = send(
         &cluster.http,
         Method::PUT,
@@ -333,6 +334,7 @@ async fn a_node_down_for_10000_entries_catches_up_through_a_snapshot() -> anyhow
     let mut cluster = Cluster::start(ClusterOptions {
         nodes: 3,
         snapshot_logs: 1000,
+        ..ClusterOptions::default()
     })
     .await?;
     let leader = cluster.wait_for_leader(Duration::from_secs(20)).await?;
