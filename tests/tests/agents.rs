@@ -86,7 +86,7 @@ impl Env {
             || async move {
                 let nodes = env_ref.nodes().await.map_err(|e| e.to_string())?;
                 let ready = nodes.iter().filter(|n| n["status"] == "Ready").count();
-                Ok((ready == expected).then_some(())).or_else(|_: String| Err(format!("{nodes:?}")))
+                until(ready == expected, (), || format!("{nodes:?}"))
             },
         )
         .await?;
@@ -210,6 +210,19 @@ impl Env {
     }
 }
 
+/// `Ok(Some(value))` when `done`, otherwise the observation for the failure message.
+fn until<T>(
+    done: bool,
+    value: T,
+    observation: impl FnOnce() -> String,
+) -> Result<Option<T>, String> {
+    if done {
+        Ok(Some(value))
+    } else {
+        Err(observation())
+    }
+}
+
 fn summary(instances: &[Value]) -> String {
     instances
         .iter()
@@ -317,7 +330,7 @@ async fn a_tier_spreads_over_three_agents_scales_and_is_deleted_without_strays(
                 .iter()
                 .flat_map(|id| processes_of_instance(id))
                 .collect();
-            Ok(left.is_empty().then_some(())).or_else(|_: String| Err(format!("{left:?}")))
+            until(left.is_empty(), (), || format!("{left:?}"))
         },
     )
     .await?;
@@ -381,8 +394,9 @@ async fn a_killed_agent_makes_its_node_not_ready_and_its_instances_move_then_sta
                 .iter()
                 .find(|n| n["id"] == "host-a")
                 .map(|n| n["status"].clone());
-            Ok((status == Some(json!("NotReady"))).then_some(()))
-                .or_else(|_: String| Err(format!("{status:?}")))
+            until(status == Some(json!("NotReady")), (), || {
+                format!("{status:?}")
+            })
         },
     )
     .await?;
@@ -538,8 +552,7 @@ async fn an_instance_that_fails_its_health_checks_is_replaced() -> anyhow::Resul
                         && i["health"] == "Healthy"
                 })
                 .count();
-            Ok((victim_gone && healthy == 2).then_some(()))
-                .or_else(|_: String| Err(summary(&instances)))
+            until(victim_gone && healthy == 2, (), || summary(&instances))
         },
     )
     .await?;
@@ -553,7 +566,7 @@ async fn an_instance_that_fails_its_health_checks_is_replaced() -> anyhow::Resul
         "the unhealthy instance's process stopped",
         || async {
             let left = processes_of_instance(&victim_id);
-            Ok(left.is_empty().then_some(())).or_else(|_: String| Err(format!("{left:?}")))
+            until(left.is_empty(), (), || format!("{left:?}"))
         },
     )
     .await?;
@@ -626,7 +639,8 @@ async fn bad_commands_tokens_and_heartbeats_are_refused_clearly() -> anyhow::Res
                 .filter(|i| i["phase"] == "Failed")
                 .cloned()
                 .collect();
-            Ok((failed.len() >= 2).then_some(failed)).or_else(|_: String| Err(summary(&instances)))
+            let enough = failed.len() >= 2;
+            until(enough, failed, || summary(&instances))
         },
     )
     .await?;
@@ -693,7 +707,7 @@ async fn bad_commands_tokens_and_heartbeats_are_refused_clearly() -> anyhow::Res
         answer.status, 403,
         "the join token must not read tiers: {answer:?}"
     );
-    let addresses = vec![env.cluster.address(1)];
+    let addresses = [env.cluster.address(1)];
     let mut command = std::process::Command::new(binary("strata-agent"));
     command
         .args([
@@ -819,7 +833,7 @@ async fn a_qemu_tier_boots_a_vm_that_answers_its_health_check() -> anyhow::Resul
     let id = ready[0]["id"].as_str().unwrap_or_default().to_string();
     eventually(Duration::from_secs(60), "the VM stopped", || async {
         let left = processes_of_instance(&id);
-        Ok(left.is_empty().then_some(())).or_else(|_: String| Err(format!("{left:?}")))
+        until(left.is_empty(), (), || format!("{left:?}"))
     })
     .await?;
     Ok(())
