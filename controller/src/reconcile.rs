@@ -372,6 +372,7 @@ fn plan_tier(
     }
 
     let mut placed = Vec::new();
+    let mut unschedulable = None;
     let mut spread_counts = spread_counts(state, tier);
     for _ in 0..creates {
         match choose_node(state, tier, reservations, &spread_counts) {
@@ -387,7 +388,7 @@ fn plan_tier(
             }
             None => {
                 if last_event_reason(state, name) != Some("Unschedulable") {
-                    commands.push(Command::RecordEvent {
+                    unschedulable = Some(Command::RecordEvent {
                         object: format!("tier/{name}"),
                         reason: "Unschedulable".to_string(),
                         message: format!(
@@ -420,6 +421,9 @@ fn plan_tier(
             reason,
         });
     }
+    // Recorded after the creations so that it is the tier's latest event, which keeps the
+    // next rounds from recording it again while nothing changes.
+    commands.extend(unschedulable);
     commands
 }
 
@@ -528,4 +532,521 @@ fn plan_orphans_and_forgetting(state: &State, config: &PlanConfig, now_ms: u64) 
 
 fn millis(ms: u64) -> String {
     humantime::format_duration(std::time::Duration::from_millis(ms)).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use strata_api::{RegisterRequest, Resources, TierSpec};
+
+    use super::*;
+    use crate::state::{CommandResult, Request};
+
+    /// A state built the way the cluster builds it: by applying commands.
+    struct World {
+        state: State,
+        index: u64,
+        now: u64,
+        next_id: u128,
+        observed: HashMap<String, NodeObservation>,
+        leader_since: u64,
+    }
+
+    impl World {
+        fn new() -> Self {
+            World {
+                state: State::default(),
+                index: 0,
+                now: 1_000_000,
+                next_id: 1,
+                observed: HashMap::new(),
+                leader_since: 1_000_000,
+            }
+        }
+
+        fn apply(&mut self, command: Command) -> CommandResult {
+            self.index += 1;
+            self.state.apply(
+                self.index,
+                &Request {
+                    at_ms: self.now,
+                    command,
+                },
+            )
+        }
+
+        fn node(&mut self, id: &str, zone: &str, cpu: f64) {
+            self.apply(Command::RegisterNode {
+                registration: RegisterRequest {
+                    node_id: id.to_string(),
+                    address: "127.0.0.1".to_string(),
+                    zone: Some(zone.to_string()),
+                    labels: BTreeMap::from([("disk".to_string(), "ssd".to_string())]),
+                    capacity: Resources {
+                        cpu,
+                        memory_mb: 4096,
+                    },
+                    agent_version: "test".to_string(),
+                },
+            });
+            self.heartbeat(id, Vec::new());
+        }
+
+        fn heartbeat(&mut self, id: &str, reports: Vec<InstanceReport>) {
+            self.observed.insert(
+                id.to_string(),
+                NodeObservation {
+                    last_seen_ms: self.now,
+                    metrics: HostMetrics::default(),
+                    reports,
+                },
+            );
+        }
+
+        fn tier(&mut self, name: &str, min: u32, max: u32, extra: serde_json::Value) {
+            let mut body = serde_json::json!({
+                "name": name,
+                "template": {"driver": "process", "command": ["app"], "cpu": 0.5, "memory_mb": 64},
+                "scaling": {"min": min, "max": max},
+            });
+            if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+                for (key, value) in extra {
+                    body.insert(key.clone(), value.clone());
+                }
+            }
+            let spec: TierSpec = serde_json::from_value(body).unwrap_or_else(|e| panic!("{e}"));
+            self.apply(Command::PutTier {
+                spec: Box::new(spec),
+            });
+        }
+
+        fn plan(&mut self) -> Vec<Command> {
+            let config = PlanConfig {
+                heartbeat_grace_ms: 3_000,
+                ..PlanConfig::default()
+            };
+            let observed = Observed {
+                leader_since_ms: self.leader_since,
+                nodes: &self.observed,
+            };
+            let mut next = self.next_id;
+            let commands = plan(&self.state, &observed, &config, self.now, &mut || {
+                next += 1;
+                Uuid::from_u128(next)
+            });
+            self.next_id = next;
+            commands
+        }
+
+        /// Plans and applies until nothing is left to do (at most `rounds`).
+        fn settle(&mut self, rounds: usize) {
+            for _ in 0..rounds {
+                let commands = self.plan();
+                if commands.is_empty() {
+                    return;
+                }
+                for command in commands {
+                    self.apply(command);
+                }
+            }
+        }
+
+        /// Agents report every live instance Running and healthy.
+        fn all_healthy(&mut self) {
+            let mut per_node: BTreeMap<String, Vec<InstanceReport>> = BTreeMap::new();
+            for instance in self.state.instances.values() {
+                if instance.phase.is_live() {
+                    per_node
+                        .entry(instance.node.clone().unwrap_or_default())
+                        .or_default()
+                        .push(report(instance.id, Phase::Running, Health::Healthy));
+                }
+            }
+            let nodes: Vec<String> = self.state.nodes.keys().cloned().collect();
+            for node in nodes {
+                let reports = per_node.remove(&node).unwrap_or_default();
+                self.heartbeat(&node, reports);
+            }
+        }
+
+        fn live(&self, tier: &str) -> Vec<&Instance> {
+            self.state
+                .instances
+                .values()
+                .filter(|i| i.tier == tier && i.phase.is_live())
+                .collect()
+        }
+
+        fn per_node(&self, tier: &str) -> BTreeMap<String, usize> {
+            let mut counts = BTreeMap::new();
+            for instance in self.live(tier) {
+                *counts
+                    .entry(instance.node.clone().unwrap_or_default())
+                    .or_default() += 1;
+            }
+            counts
+        }
+    }
+
+    fn report(id: Uuid, phase: Phase, health: Health) -> InstanceReport {
+        InstanceReport {
+            id,
+            phase,
+            health,
+            port: Some(40000),
+            reason: None,
+            cpu_percent: 0.0,
+        }
+    }
+
+    #[test]
+    fn a_new_tier_is_placed_spread_over_nodes_with_golden_actions() {
+        let mut world = World::new();
+        for node in ["a", "b", "c"] {
+            world.node(node, "z1", 2.0);
+        }
+        world.tier("web", 3, 10, serde_json::json!({}));
+        let commands = world.plan();
+        assert_eq!(
+            commands,
+            vec![Command::CreateInstances {
+                instances: vec![
+                    NewInstance {
+                        id: Uuid::from_u128(2),
+                        tier: "web".to_string(),
+                        node: "a".to_string()
+                    },
+                    NewInstance {
+                        id: Uuid::from_u128(3),
+                        tier: "web".to_string(),
+                        node: "b".to_string()
+                    },
+                    NewInstance {
+                        id: Uuid::from_u128(4),
+                        tier: "web".to_string(),
+                        node: "c".to_string()
+                    },
+                ],
+                reason: "3 of 3 desired".to_string(),
+            }]
+        );
+    }
+
+    #[test]
+    fn scaling_out_and_in_converges_and_scale_in_removes_the_newest() {
+        let mut world = World::new();
+        for node in ["a", "b"] {
+            world.node(node, "z1", 4.0);
+        }
+        world.tier("web", 1, 10, serde_json::json!({}));
+        world.settle(3);
+        world.all_healthy();
+        world.settle(3);
+        let first = world.live("web")[0].id;
+        world.now += 1000;
+        world.apply(Command::ScaleTier {
+            name: "web".to_string(),
+            desired: 4,
+            expected_version: None,
+        });
+        world.settle(3);
+        assert_eq!(world.live("web").len(), 4);
+        assert_eq!(
+            world.per_node("web").values().copied().collect::<Vec<_>>(),
+            vec![2, 2]
+        );
+        world.all_healthy();
+        world.settle(3);
+        world.apply(Command::ScaleTier {
+            name: "web".to_string(),
+            desired: 1,
+            expected_version: None,
+        });
+        world.settle(3);
+        let live = world.live("web");
+        assert_eq!(live.len(), 1);
+        assert_eq!(live[0].id, first, "scale-in keeps the oldest instance");
+        let draining = world
+            .state
+            .instances
+            .values()
+            .filter(|i| i.phase == Phase::Draining)
+            .count();
+        assert_eq!(draining, 3);
+    }
+
+    #[test]
+    fn a_silent_node_goes_not_ready_after_the_grace_and_its_instances_move() {
+        let mut world = World::new();
+        for node in ["a", "b", "c"] {
+            world.node(node, "z1", 4.0);
+        }
+        world.tier("web", 3, 10, serde_json::json!({}));
+        world.settle(3);
+        world.all_healthy();
+        world.settle(3);
+        // Two seconds later, a and b report; c is silent. Not yet past the 3 s grace.
+        world.now += 2_000;
+        world.all_healthy();
+        world.observed.get_mut("c").map(|o| o.last_seen_ms -= 2_000);
+        assert!(world.plan().is_empty(), "judged before the grace ran out");
+        world.now += 1_500;
+        let commands = world.plan();
+        assert!(matches!(
+            commands.first(),
+            Some(Command::SetNodeReady { node, ready: false, .. }) if node == "c"
+        ));
+        world.settle(3);
+        assert!(!world.state.nodes["c"].ready);
+        let lost = world
+            .state
+            .instances
+            .values()
+            .filter(|i| i.phase == Phase::Lost)
+            .count();
+        assert_eq!(lost, 1);
+        assert_eq!(world.live("web").len(), 3);
+        assert!(world
+            .live("web")
+            .iter()
+            .all(|i| i.node.as_deref() != Some("c")));
+        // c comes back: Ready again, and nothing of its old instance is assigned to it.
+        world.now += 1_000;
+        world.heartbeat("c", Vec::new());
+        world.settle(3);
+        assert!(world.state.nodes["c"].ready);
+    }
+
+    #[test]
+    fn a_new_leader_grants_every_node_a_fresh_grace() {
+        let mut world = World::new();
+        world.node("a", "z1", 4.0);
+        // The new leader has heard nothing yet, but took over only a second ago.
+        world.observed.clear();
+        world.now += 60_000;
+        world.leader_since = world.now - 1_000;
+        assert!(world.plan().is_empty());
+        world.now += 2_500;
+        assert!(matches!(
+            world.plan().first(),
+            Some(Command::SetNodeReady { ready: false, .. })
+        ));
+    }
+
+    #[test]
+    fn an_unhealthy_instance_is_drained_and_replaced() {
+        let mut world = World::new();
+        for node in ["a", "b"] {
+            world.node(node, "z1", 4.0);
+        }
+        world.tier("web", 2, 4, serde_json::json!({}));
+        world.settle(3);
+        world.all_healthy();
+        world.settle(3);
+        let victim = world.live("web")[0].id;
+        let node = world.state.instances[&victim]
+            .node
+            .clone()
+            .unwrap_or_default();
+        let reports: Vec<InstanceReport> = world
+            .state
+            .instances_on(&node)
+            .map(|i| {
+                let health = if i.id == victim {
+                    Health::Unhealthy
+                } else {
+                    Health::Healthy
+                };
+                report(i.id, Phase::Running, health)
+            })
+            .collect();
+        world.heartbeat(&node, reports);
+        world.settle(4);
+        assert_eq!(world.state.instances[&victim].phase, Phase::Draining);
+        assert_eq!(world.live("web").len(), 2);
+        assert!(world.live("web").iter().all(|i| i.id != victim));
+    }
+
+    #[test]
+    fn a_template_change_rolls_with_a_surge_of_one_and_no_lost_capacity() {
+        let mut world = World::new();
+        for node in ["a", "b", "c"] {
+            world.node(node, "z1", 8.0);
+        }
+        world.tier("web", 3, 10, serde_json::json!({}));
+        world.settle(3);
+        world.all_healthy();
+        world.settle(3);
+        let old: Vec<Uuid> = world.live("web").iter().map(|i| i.id).collect();
+        world.tier(
+            "web",
+            3,
+            10,
+            serde_json::json!({"template": {"driver": "process", "command": ["app", "--v2"]}}),
+        );
+        let mut rounds = 0;
+        loop {
+            rounds += 1;
+            assert!(rounds < 30, "the rollout did not finish");
+            let commands = world.plan();
+            for command in commands {
+                world.apply(command);
+            }
+            let live = world.live("web");
+            let ready = live
+                .iter()
+                .filter(|i| i.phase == Phase::Running && i.health == Health::Healthy)
+                .count();
+            assert!(live.len() <= 4, "surge above one: {}", live.len());
+            assert!(ready >= 3, "ready capacity dropped to {ready}");
+            if live.iter().all(|i| i.generation == 2) && live.len() == 3 && ready == 3 {
+                break;
+            }
+            world.now += 500;
+            world.all_healthy();
+        }
+        assert!(world.live("web").iter().all(|i| !old.contains(&i.id)));
+    }
+
+    #[test]
+    fn draining_a_node_moves_its_instances_and_cordon_stops_placement() {
+        let mut world = World::new();
+        for node in ["a", "b"] {
+            world.node(node, "z1", 8.0);
+        }
+        world.tier("web", 2, 10, serde_json::json!({}));
+        world.settle(3);
+        world.all_healthy();
+        world.settle(3);
+        world.apply(Command::SetNodeFlags {
+            node: "a".to_string(),
+            cordoned: true,
+            draining: true,
+        });
+        for _ in 0..10 {
+            world.settle(1);
+            world.now += 500;
+            world.all_healthy();
+        }
+        assert_eq!(
+            world.per_node("web"),
+            BTreeMap::from([("b".to_string(), 2)])
+        );
+        // Uncordoned: new instances may go to a again.
+        world.apply(Command::SetNodeFlags {
+            node: "a".to_string(),
+            cordoned: false,
+            draining: false,
+        });
+        world.apply(Command::ScaleTier {
+            name: "web".to_string(),
+            desired: 4,
+            expected_version: None,
+        });
+        world.settle(3);
+        assert_eq!(world.per_node("web").get("a"), Some(&2));
+    }
+
+    #[test]
+    fn labels_zones_and_room_decide_placement() {
+        let mut world = World::new();
+        world.node("a", "z1", 1.0);
+        world.node("b", "z1", 1.0);
+        world.node("c", "z2", 1.0);
+        world.tier(
+            "web",
+            4,
+            10,
+            serde_json::json!({"placement": {"spread": "zone", "node_labels": {"disk": "ssd"}}}),
+        );
+        world.settle(3);
+        // 0.5 CPU each on 1-CPU nodes: two fit per node; zone spread puts two in z2.
+        let per_node = world.per_node("web");
+        assert_eq!(per_node.get("c"), Some(&2), "{per_node:?}");
+        assert_eq!(world.live("web").len(), 4);
+        // No room for more: the tier records Unschedulable once, not every round.
+        world.apply(Command::ScaleTier {
+            name: "web".to_string(),
+            desired: 8,
+            expected_version: None,
+        });
+        world.settle(3);
+        assert_eq!(world.live("web").len(), 6);
+        let unschedulable = world
+            .state
+            .events
+            .iter()
+            .filter(|e| e.reason == "Unschedulable")
+            .count();
+        assert_eq!(unschedulable, 1);
+        // A label nobody has: nothing is placed.
+        world.tier(
+            "gpu",
+            1,
+            2,
+            serde_json::json!({"placement": {"node_labels": {"gpu": "yes"}}}),
+        );
+        world.settle(2);
+        assert!(world.live("gpu").is_empty());
+    }
+
+    #[test]
+    fn failing_instances_back_off() {
+        let mut world = World::new();
+        world.node("a", "z1", 8.0);
+        world.tier("broken", 2, 4, serde_json::json!({}));
+        for _ in 0..10 {
+            world.settle(1);
+            let reports: Vec<InstanceReport> = world
+                .state
+                .instances
+                .values()
+                .filter(|i| i.phase.is_live())
+                .map(|i| InstanceReport {
+                    reason: Some("exec: no such file".to_string()),
+                    ..report(i.id, Phase::Failed, Health::Unknown)
+                })
+                .collect();
+            world.heartbeat("a", reports);
+            world.now += 200;
+        }
+        let failed = world
+            .state
+            .instances
+            .values()
+            .filter(|i| i.phase == Phase::Failed)
+            .count();
+        assert!(failed <= 4, "kept creating failing instances: {failed}");
+        assert!(world.state.events.iter().any(|e| e.reason == "BackingOff"));
+    }
+
+    proptest::proptest! {
+        /// Whatever the node count, capacity and desired count, settling never places more
+        /// than desired, never overcommits a node, and places everything that fits.
+        #[test]
+        fn settling_respects_desired_and_capacity(
+            nodes in 1usize..5,
+            cpu in proptest::sample::select(vec![0.5f64, 1.0, 2.0]),
+            desired in 0u32..12,
+        ) {
+            let mut world = World::new();
+            for n in 0..nodes {
+                world.node(&format!("n{n}"), if n % 2 == 0 { "z1" } else { "z2" }, cpu);
+            }
+            world.tier("web", 0, 20, serde_json::json!({}));
+            world.apply(Command::ScaleTier { name: "web".to_string(), desired, expected_version: None });
+            world.settle(4);
+            let live = world.live("web").len();
+            let fit = nodes * (cpu / 0.5) as usize;
+            proptest::prop_assert_eq!(live, (desired as usize).min(fit));
+            for count in world.per_node("web").values() {
+                proptest::prop_assert!((*count as f64) * 0.5 <= cpu + 1e-9);
+            }
+            // Settled: another round plans nothing but, at most, one Unschedulable record.
+            let again = world.plan();
+            let only_records = again.iter().all(|c| matches!(c, Command::RecordEvent { .. }));
+            proptest::prop_assert!(only_records, "{:?}", again);
+        }
+    }
 }

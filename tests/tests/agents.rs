@@ -838,3 +838,98 @@ async fn a_qemu_tier_boots_a_vm_that_answers_its_health_check() -> anyhow::Resul
     .await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stratactl_drains_and_cordons_a_node_and_a_template_change_rolls() -> anyhow::Result<()> {
+    if !e2e_enabled("agents") {
+        return Ok(());
+    }
+    let mut env = Env::start(1, "5s", &["host-a", "host-b"]).await?;
+    env.write(
+        Method::PUT,
+        "/v1/tiers/web",
+        Some(&workload_tier("web", 2, 6)),
+    )
+    .await?;
+    let before = env.wait_ready("web", 2, Duration::from_secs(60)).await?;
+    let ctl = |args: &[&str]| {
+        let output = std::process::Command::new(binary("stratactl"))
+            .args(["--server", &env.cluster.address(1), "--token", ADMIN_TOKEN])
+            .args(args)
+            .output();
+        match output {
+            Ok(output) => (
+                output.status.success(),
+                String::from_utf8_lossy(&output.stdout).to_string()
+                    + &String::from_utf8_lossy(&output.stderr),
+            ),
+            Err(error) => (false, error.to_string()),
+        }
+    };
+    let (ok, out) = ctl(&["drain", "host-a"]);
+    assert!(ok, "{out}");
+    let moved = env.wait_ready("web", 2, Duration::from_secs(30)).await;
+    let moved = match moved {
+        Ok(instances) if instances.iter().all(|i| i["node"] == "host-b") => instances,
+        _ => {
+            eventually(
+                Duration::from_secs(30),
+                "instances moved off host-a",
+                || async {
+                    let instances = env.instances("web").await.map_err(|e| e.to_string())?;
+                    let live: Vec<Value> = instances
+                        .iter()
+                        .filter(|i| i["phase"] == "Running" && i["health"] == "Healthy")
+                        .cloned()
+                        .collect();
+                    let off = live.len() == 2 && live.iter().all(|i| i["node"] == "host-b");
+                    let others_gone = instances
+                        .iter()
+                        .filter(|i| i["node"] == "host-a")
+                        .all(|i| i["phase"] == "Terminated");
+                    until(off && others_gone, live, || summary(&instances))
+                },
+            )
+            .await?
+        }
+    };
+    assert!(ids(&moved).intersection(&ids(&before)).all(|id| !before
+        .iter()
+        .any(|b| b["id"] == id.as_str() && b["node"] == "host-a")));
+    let (ok, out) = ctl(&["get", "nodes"]);
+    assert!(ok && out.contains("Draining"), "{out}");
+
+    let (ok, out) = ctl(&["uncordon", "host-a"]);
+    assert!(ok, "{out}");
+    let (ok, out) = ctl(&["cordon", "host-b"]);
+    assert!(ok, "{out}");
+    // A new template rolls every instance; with host-b cordoned they all land on host-a.
+    let mut tier = workload_tier("web", 2, 6);
+    tier["template"]["env"] = json!({"VERSION": "2"});
+    env.write(Method::PUT, "/v1/tiers/web", Some(&tier)).await?;
+    let rolled = eventually(
+        Duration::from_secs(60),
+        "rolled to generation 2 on host-a",
+        || async {
+            let instances = env.instances("web").await.map_err(|e| e.to_string())?;
+            let live: Vec<Value> = instances
+                .iter()
+                .filter(|i| {
+                    matches!(
+                        i["phase"].as_str(),
+                        Some("Pending" | "Starting" | "Running")
+                    )
+                })
+                .cloned()
+                .collect();
+            let done = live.len() == 2
+                && live.iter().all(|i| {
+                    i["generation"] == 2 && i["health"] == "Healthy" && i["node"] == "host-a"
+                });
+            until(done, live, || summary(&instances))
+        },
+    )
+    .await?;
+    assert!(ids(&rolled).is_disjoint(&ids(&moved)));
+    Ok(())
+}
