@@ -894,6 +894,13 @@ async fn stratactl_drains_and_cordons_a_node_and_a_template_change_rolls() -> an
         }
     };
     assert!(moved.iter().all(|i| i["node"] == "host-b"));
+    // Draining host-a left host-b's instance alone.
+    let kept: BTreeSet<String> = ids(&before
+        .iter()
+        .filter(|i| i["node"] == "host-b")
+        .cloned()
+        .collect::<Vec<_>>());
+    assert!(kept.is_subset(&ids(&moved)), "{}", summary(&moved));
     let (ok, out) = ctl(&["get", "nodes"]);
     assert!(ok && out.contains("Draining"), "{out}");
 
