@@ -107,9 +107,9 @@ mkdir -p "$work/kernel" "$work/busybox" "$work/root"
 dpkg-deb -x "$kernel_deb" "$work/kernel"
 dpkg-deb -x "$busybox_deb" "$work/busybox"
 
-vmlinuz=$(find "$work/kernel/boot" -maxdepth 1 -name 'vmlinuz-*' | head -n1)
+vmlinuz=$(find "$work/kernel/boot" -maxdepth 1 -name 'vmlinuz-*' -print -quit)
 [ -n "$vmlinuz" ] || die "no vmlinuz in $kernel_deb"
-moddir=$(find "$work/kernel" -type d -path '*/lib/modules/*' -prune -name '[0-9]*' | head -n1)
+moddir=$(find "$work/kernel" -type d -path '*/lib/modules/*' -prune -name '[0-9]*' -print -quit)
 [ -n "$moddir" ] || die "no lib/modules/VERSION in $kernel_deb"
 
 root=$work/root

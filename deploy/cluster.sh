@@ -2,7 +2,9 @@
 # A local Strata control plane on one machine, for the quickstart and the demo.
 #
 #   deploy/cluster.sh start [N]   start N controllers (1, 3 or 5; default 3) on 127.0.0.1:7001..
-#   deploy/cluster.sh stop        stop them (SIGTERM)
+#   deploy/cluster.sh agents [N]  start N agents (default 2), nodes host-1..host-N on this machine
+#   deploy/cluster.sh stop        stop agents and controllers (SIGTERM; instances keep running
+#                                 until their tiers are deleted or the agents come back)
 #   deploy/cluster.sh status      show the cluster as node 1 sees it
 #   deploy/cluster.sh env         print the exports that point stratactl at this cluster
 #
@@ -64,15 +66,36 @@ start() {
     echo "node $i: pid $!, http://127.0.0.1:$((base_port + i - 1)), log $home/node-$i.log"
   done
   local deadline=$((SECONDS + 30))
-  until curl -fsS -H "Authorization: Bearer $STRATA_TOKEN" "http://127.0.0.1:$base_port/v1/cluster" 2>/dev/null | grep -q '"leader_id":[0-9]'; do
+  until curl -fsS -H "Authorization: Bearer $STRATA_TOKEN" "http://127.0.0.1:$base_port/v1/cluster" 2>/dev/null | grep '"leader_id":[0-9]' >/dev/null; do
     if [ $SECONDS -gt $deadline ]; then echo "no leader after 30s; see $home/node-*.log" >&2; exit 1; fi
     sleep 0.2
   done
   echo "cluster ready; point stratactl at it with:  eval \"\$(deploy/cluster.sh env)\""
 }
 
+agents() {
+  local n="${1:-2}" nodes
+  ensure_env
+  nodes="$(cat "$home/nodes" 2>/dev/null || echo 3)"
+  [ -x "$bin/strata-agent" ] || cargo build -p strata-agent
+  for i in $(seq 1 "$n"); do
+    if [ -f "$home/agent-$i.pid" ] && alive "$(cat "$home/agent-$i.pid")"; then
+      echo "agent host-$i already running (pid $(cat "$home/agent-$i.pid"))"
+      continue
+    fi
+    # PATH carries the build dir so tiers can name strata-workload without a path.
+    PATH="$bin:$PATH" nohup "$bin/strata-agent" --node-id "host-$i" \
+      --controllers "$(servers "$nodes")" --join-token "$STRATA_JOIN_TOKEN" \
+      --data-dir "$home/agent-$i" --zone "zone-$(( (i - 1) % 2 + 1 ))" --labels "disk=ssd" \
+      --cpu 2 --memory-mb 2048 --heartbeat-interval 1s \
+      >> "$home/agent-$i.log" 2>&1 &
+    echo $! > "$home/agent-$i.pid"
+    echo "agent host-$i: pid $!, log $home/agent-$i.log"
+  done
+}
+
 stop() {
-  for pidfile in "$home"/node-*.pid; do
+  for pidfile in "$home"/agent-*.pid "$home"/node-*.pid; do
     [ -e "$pidfile" ] || continue
     kill "$(cat "$pidfile")" 2>/dev/null || true
     rm -f "$pidfile"
@@ -82,6 +105,7 @@ stop() {
 
 case "${1:-}" in
   start) start "${2:-3}" ;;
+  agents) agents "${2:-2}" ;;
   stop) stop ;;
   status)
     ensure_env
@@ -90,5 +114,5 @@ case "${1:-}" in
     ensure_env
     cat "$home/env"
     echo "export STRATA_SERVER=$(servers "$(cat "$home/nodes" 2>/dev/null || echo 3)")" ;;
-  *) sed -n '2,12p' "$0"; exit 2 ;;
+  *) sed -n '2,14p' "$0"; exit 2 ;;
 esac

@@ -1,33 +1,57 @@
 #!/usr/bin/env bash
-# The demo: installs what is missing, builds, starts a local 3-node control plane, applies the
-# example tiers and shows what the cluster holds. Leaves the cluster running; stop it with
-# deploy/cluster.sh stop.
+# The demo: installs what is missing, builds, starts a local 3-node control plane and two
+# agents, applies the example web tier (strata-workload processes) and shows the control plane
+# placing, scaling and replacing instances, also through a leader failure. Leaves everything
+# running; stop it with deploy/cluster.sh stop (delete the tiers first to stop their instances).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deploy/install-deps.sh
 cargo build --workspace --bins
 deploy/cluster.sh start 3
+deploy/cluster.sh agents 2
 eval "$(deploy/cluster.sh env)"
 ctl=target/debug/stratactl
 
 step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; "$@"; }
+wait_ready() {
+  local tier="$1" want="$2" deadline=$((SECONDS + 60))
+  until [ "$($ctl get instances --tier "$tier" -o json | grep -c '"health": "Healthy"')" -ge "$want" ]; do
+    if [ $SECONDS -gt $deadline ]; then echo "tier $tier did not reach $want healthy instances" >&2; return 1; fi
+    sleep 0.5
+  done
+}
+
 step $ctl cluster status
+sleep 2
+step $ctl get nodes
 step $ctl apply -f deploy/examples/web.yaml
-step $ctl apply -f deploy/examples/api.yaml
-step $ctl get tiers
+wait_ready web 2
+step $ctl get instances --tier web
 step $ctl scale tier web --replicas 4
-step $ctl describe tier web
+wait_ready web 4
+step $ctl get instances --tier web
+
+port=$($ctl get instances --tier web -o json | sed -n 's/.*"port": *\([0-9]*\).*/\1/p' | sed -n 1p)
+printf '\n\033[1mthe instance on port %s fails its health check; the control plane replaces it\033[0m\n' "$port"
+step curl -fsS -X POST "http://127.0.0.1:$port/fail"
+sleep 4
+wait_ready web 4
+step $ctl get instances --tier web
 
 leader=$($ctl cluster status -o json | sed -n 's/.*"leader_id": *\([0-9]*\).*/\1/p')
 printf '\n\033[1mkill -9 of the leader (node %s); the API keeps answering through the others\033[0m\n' "$leader"
 kill -9 "$(cat .data/node-"$leader".pid)"
-step $ctl scale tier web --replicas 5
+step $ctl scale tier web --replicas 3
 step $ctl cluster status
 deploy/cluster.sh start 3 >/dev/null
+wait_ready web 3
+step $ctl describe tier web
 cat <<MSG
 
-The cluster is running (node $leader was restarted and rejoined). Try:
+Everything is running (node $leader was restarted and rejoined). Try:
   eval "\$(deploy/cluster.sh env)"
-  target/debug/stratactl get tiers -o yaml
+  target/debug/stratactl get nodes
+  target/debug/stratactl get events --object tier/web
+  target/debug/stratactl delete tier web      # stops its instances
 Stop it with: deploy/cluster.sh stop
 MSG

@@ -21,4 +21,4 @@ elif [ -x /etc/init.d/etcd ]; then
     $SUDO update-rc.d etcd disable >/dev/null 2>&1 || true
 fi
 
-etcd --version | head -n 1
+etcd --version | sed -n 1p
