@@ -38,6 +38,34 @@ pub struct TierSpec {
     pub load_balancer: LoadBalancer,
     #[serde(default)]
     pub placement: Placement,
+    #[serde(default)]
+    pub rollout: Rollout,
+}
+
+/// How instances are replaced when the template changes or their node drains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rollout {
+    /// Instances allowed above `desired` while replacing (new ones start before old ones go).
+    #[serde(default = "default_max_surge")]
+    pub max_surge: u32,
+    /// Ready instances allowed below `desired` while replacing (old ones go before new ones
+    /// are ready).
+    #[serde(default)]
+    pub max_unavailable: u32,
+}
+
+impl Default for Rollout {
+    fn default() -> Self {
+        Rollout {
+            max_surge: default_max_surge(),
+            max_unavailable: 0,
+        }
+    }
+}
+
+fn default_max_surge() -> u32 {
+    1
 }
 
 /// Where a tier's VMs run.

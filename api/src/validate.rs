@@ -61,7 +61,23 @@ pub fn tier_spec(spec: &TierSpec) -> Result<(), Vec<FieldError>> {
     health(&mut report, &spec.health);
     load_balancer(&mut report, &spec.load_balancer);
     placement(&mut report, &spec.placement);
+    rollout(&mut report, &spec.rollout);
     report.finish()
+}
+
+fn rollout(report: &mut Report, rollout: &crate::tier::Rollout) {
+    if rollout.max_surge == 0 && rollout.max_unavailable == 0 {
+        report.fail(
+            "rollout",
+            "max_surge and max_unavailable cannot both be 0: a rollout could never progress",
+        );
+    }
+    if rollout.max_surge > 100 {
+        report.fail("rollout.max_surge", "must be at most 100");
+    }
+    if rollout.max_unavailable > 100 {
+        report.fail("rollout.max_unavailable", "must be at most 100");
+    }
 }
 
 /// Checks the body of `PUT /v1/tiers/{name}`: the spec itself, and that its `name` is the one

@@ -11,7 +11,7 @@
 //! 2. turns agent reports into lifecycle transitions (only changes are proposed);
 //! 3. plans each tier: replace unhealthy instances, scale in and out to `status.desired`, roll
 //!    instances of an old generation or on draining nodes with a surge of one and no loss of
-//!    ready capacity, and place new instances on Ready nodes with room, spread across nodes or
+//!    ready capacity (the tier's `rollout.max_surge` / `max_unavailable`), and place new instances on Ready nodes with room, spread across nodes or
 //!    zones and honouring node labels; back off creating when instances keep failing;
 //! 4. drains instances of deleted tiers and forgets final instances after a while.
 
@@ -56,8 +56,6 @@ pub struct PlanConfig {
     /// ones until the window passes.
     pub failure_window_ms: u64,
     pub max_failures_in_window: usize,
-    /// Extra instances allowed while rolling to a new template or off draining nodes.
-    pub max_surge: u32,
 }
 
 impl Default for PlanConfig {
@@ -69,7 +67,6 @@ impl Default for PlanConfig {
             forget_after_ms: 600_000,
             failure_window_ms: 60_000,
             max_failures_in_window: 3,
-            max_surge: 1,
         }
     }
 }
@@ -327,7 +324,8 @@ fn plan_tier(
         .iter()
         .filter(|instance| instance.phase == Phase::Running)
         .count();
-    let keep_outdated = desired.saturating_sub(ready_current);
+    let rollout = tier.spec.rollout;
+    let keep_outdated = desired.saturating_sub(ready_current + rollout.max_unavailable as usize);
     for (position, instance) in outdated.iter().enumerate() {
         if position >= keep_outdated {
             let reason = if node_draining(instance) {
@@ -341,7 +339,7 @@ fn plan_tier(
     let kept_outdated = outdated.len().min(keep_outdated);
 
     // Scale out and replace, with a surge of at most `max_surge` over desired.
-    let ceiling = desired + config.max_surge as usize;
+    let ceiling = desired + rollout.max_surge as usize;
     let live_after = current.len() + kept_outdated;
     let mut creates = desired
         .saturating_sub(current.len())
@@ -907,6 +905,60 @@ mod tests {
             world.all_healthy();
         }
         assert!(world.live("web").iter().all(|i| !old.contains(&i.id)));
+    }
+
+    #[test]
+    fn a_rollout_without_surge_takes_one_down_at_a_time() {
+        let mut world = World::new();
+        world.node("a", "z1", 1.5);
+        world.tier("web", 3, 10, serde_json::json!({}));
+        world.settle(3);
+        world.all_healthy();
+        world.settle(3);
+        // The node is full (3 x 0.5 CPU): only max_unavailable can make room.
+        world.tier(
+            "web",
+            3,
+            10,
+            serde_json::json!({
+                "template": {"driver": "process", "command": ["app", "--v2"]},
+                "rollout": {"max_surge": 0, "max_unavailable": 1},
+            }),
+        );
+        for _ in 0..30 {
+            for command in world.plan() {
+                world.apply(command);
+            }
+            let live = world.live("web");
+            assert!(live.len() <= 3, "surged without permission");
+            let ready = live.iter().filter(|i| i.phase == Phase::Running).count();
+            assert!(ready >= 2, "more than one unavailable");
+            if live.len() == 3
+                && live
+                    .iter()
+                    .all(|i| i.generation == 2 && i.phase == Phase::Running)
+            {
+                return;
+            }
+            world.now += 500;
+            // Draining instances stop; the rest report healthy.
+            world.all_healthy();
+            let node = "a".to_string();
+            let draining: Vec<Uuid> = world
+                .state
+                .instances_on(&node)
+                .filter(|i| i.phase == Phase::Draining)
+                .map(|i| i.id)
+                .collect();
+            if let Some(observation) = world.observed.get_mut(&node) {
+                for id in draining {
+                    observation
+                        .reports
+                        .push(report(id, Phase::Terminated, Health::Unknown));
+                }
+            }
+        }
+        panic!("the rollout did not finish");
     }
 
     #[test]

@@ -34,6 +34,7 @@ fn process_tier() -> TierSpec {
         },
         load_balancer: LoadBalancer::default(),
         placement: Placement::default(),
+        rollout: crate::tier::Rollout::default(),
     }
 }
 
@@ -1035,4 +1036,26 @@ proptest! {
     fn dns_label_matches_reference_near_the_edges(name in "[a-zA-Z0-9_. -]{60,65}") {
         prop_assert_eq!(is_dns_label(&name), reference_dns_label(&name));
     }
+}
+
+#[test]
+fn rollout_must_make_progress_and_stay_bounded() {
+    let mut spec = process_tier();
+    spec.rollout = crate::tier::Rollout {
+        max_surge: 0,
+        max_unavailable: 0,
+    };
+    let errors = crate::validate::tier_spec(&spec).err().unwrap_or_default();
+    assert!(errors.iter().any(|e| e.path == "rollout"), "{errors:?}");
+    spec.rollout.max_surge = 101;
+    let errors = crate::validate::tier_spec(&spec).err().unwrap_or_default();
+    assert!(
+        errors.iter().any(|e| e.path == "rollout.max_surge"),
+        "{errors:?}"
+    );
+    spec.rollout = crate::tier::Rollout {
+        max_surge: 0,
+        max_unavailable: 1,
+    };
+    assert!(crate::validate::tier_spec(&spec).is_ok());
 }
