@@ -787,7 +787,9 @@ mod tests {
         // Two seconds later, a and b report; c is silent. Not yet past the 3 s grace.
         world.now += 2_000;
         world.all_healthy();
-        world.observed.get_mut("c").map(|o| o.last_seen_ms -= 2_000);
+        if let Some(observation) = world.observed.get_mut("c") {
+            observation.last_seen_ms -= 2_000;
+        }
         assert!(world.plan().is_empty(), "judged before the grace ran out");
         world.now += 1_500;
         let commands = world.plan();
