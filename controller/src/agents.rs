@@ -10,6 +10,7 @@
 //!   a steady heartbeat costs no Raft write.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -28,6 +29,12 @@ pub struct Liveness {
     inner: Mutex<LivenessInner>,
     /// Wakes the reconcile loop early (a report changed something, a node registered).
     pub wake: Notify,
+    /// Reconcile rounds run while leading, actions proposed, and actions that failed.
+    pub rounds: AtomicU64,
+    pub actions: AtomicU64,
+    pub failures: AtomicU64,
+    /// Heartbeats answered while leading.
+    pub heartbeats: AtomicU64,
 }
 
 #[derive(Default)]
@@ -57,10 +64,22 @@ impl Liveness {
         let mut inner = self.lock();
         let observation = inner.nodes.entry(node.to_string()).or_default();
         let changed = observation.last_seen_ms == 0 || observation.reports != reports;
+        self.heartbeats.fetch_add(1, Ordering::Relaxed);
         observation.last_seen_ms = at_ms;
         observation.metrics = metrics;
         observation.reports = reports;
         changed
+    }
+
+    /// The longest time since any node's last heartbeat, in ms (0 when no node is known).
+    pub fn max_heartbeat_lag_ms(&self, now_ms: u64) -> u64 {
+        let inner = self.lock();
+        inner
+            .nodes
+            .values()
+            .map(|observation| now_ms.saturating_sub(observation.last_seen_ms))
+            .max()
+            .unwrap_or(0)
     }
 
     /// Last heartbeat and metrics of `node`, when this node leads and has heard from it.
@@ -120,6 +139,7 @@ pub async fn run_reconciler(
             }
         }
         round += 1;
+        controller.liveness.rounds.fetch_add(1, Ordering::Relaxed);
         let span = tracing::debug_span!("reconcile", round);
         reconcile_once(&controller, &config.plan)
             .instrument(span)
@@ -147,6 +167,7 @@ async fn reconcile_once(controller: &Controller, config: &PlanConfig) {
     };
     for command in commands {
         let summary = describe(&command);
+        controller.liveness.actions.fetch_add(1, Ordering::Relaxed);
         match controller.propose_local(command).await {
             Ok(_) => tracing::info!(action = %summary, "reconciled"),
             Err(LocalWriteError::NotLeader(_)) => {
@@ -154,6 +175,7 @@ async fn reconcile_once(controller: &Controller, config: &PlanConfig) {
                 return;
             }
             Err(LocalWriteError::Failed(error)) => {
+                controller.liveness.failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(action = %summary, %error, "reconcile action failed");
                 return;
             }

@@ -1,6 +1,8 @@
 //! Prometheus text exposition of a node's Raft and state figures.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
+use std::sync::atomic::Ordering;
 
 use openraft::ServerState;
 
@@ -57,5 +59,79 @@ pub fn render(controller: &Controller) -> String {
         "Tiers in the replicated state.",
         tiers as u64,
     );
+    let now = crate::node::now_ms();
+    gauge(
+        "strata_heartbeat_lag_max_ms",
+        "Longest time since a node's last heartbeat (leader only; 0 elsewhere).",
+        controller.liveness.max_heartbeat_lag_ms(now),
+    );
+    let liveness = &controller.liveness;
+    let mut counter = |name: &str, help: &str, value: u64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+        );
+    };
+    counter(
+        "strata_reconcile_rounds_total",
+        "Reconcile rounds run while this node led.",
+        liveness.rounds.load(Ordering::Relaxed),
+    );
+    counter(
+        "strata_reconcile_actions_total",
+        "Commands the planners proposed.",
+        liveness.actions.load(Ordering::Relaxed),
+    );
+    counter(
+        "strata_reconcile_failures_total",
+        "Proposed commands that failed.",
+        liveness.failures.load(Ordering::Relaxed),
+    );
+    counter(
+        "strata_heartbeats_total",
+        "Agent heartbeats answered while this node led.",
+        liveness.heartbeats.load(Ordering::Relaxed),
+    );
+    let (nodes, instances, events) = controller.state.read(|machine| {
+        let mut nodes: BTreeMap<&'static str, u64> = BTreeMap::new();
+        for node in machine.state.nodes.values() {
+            let status = if !node.ready {
+                "NotReady"
+            } else if node.draining {
+                "Draining"
+            } else if node.cordoned {
+                "Cordoned"
+            } else {
+                "Ready"
+            };
+            *nodes.entry(status).or_default() += 1;
+        }
+        let mut instances: BTreeMap<String, u64> = BTreeMap::new();
+        for instance in machine.state.instances.values() {
+            *instances
+                .entry(format!("{:?}", instance.phase))
+                .or_default() += 1;
+        }
+        (nodes, instances, machine.state.next_event_id)
+    });
+    let _ = writeln!(
+        out,
+        "# HELP strata_nodes Nodes by status.\n# TYPE strata_nodes gauge"
+    );
+    for status in ["Ready", "NotReady", "Cordoned", "Draining"] {
+        let _ = writeln!(
+            out,
+            "strata_nodes{{status=\"{status}\"}} {}",
+            nodes.get(status).copied().unwrap_or(0)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP strata_instances Instances by phase.\n# TYPE strata_instances gauge"
+    );
+    for (phase, count) in instances {
+        let _ = writeln!(out, "strata_instances{{phase=\"{phase}\"}} {count}");
+    }
+    let _ = writeln!(out, "# HELP strata_events_total Events recorded (scaling decisions, node and instance changes).\n# TYPE strata_events_total counter\nstrata_events_total {events}");
     out
 }
