@@ -101,6 +101,27 @@ async fn write_through_a_follower_is_read_back_from_every_node() -> anyhow::Resu
             "node {node} read a stale tier"
         );
     }
+    // Health, readiness and metrics need no token.
+    for path in ["/healthz", "/readyz"] {
+        let response = cluster.http.get(cluster.url(follower, path)).send().await?;
+        assert_eq!(response.status().as_u16(), 200, "{path}");
+    }
+    let metrics = cluster
+        .http
+        .get(cluster.url(leader, "/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    for name in [
+        "strata_raft_is_leader 1",
+        "strata_tiers 1",
+        "strata_raft_applied_index",
+        "strata_reconcile_rounds_total",
+        "strata_nodes{status=\"Ready\"} 0",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
+    }
     Ok(())
 }
 
