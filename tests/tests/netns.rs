@@ -393,12 +393,12 @@ fn remove_namespace(namespace: &str) {
 
 /// Removes what an earlier run left behind when it was killed before its cleanup ran: the
 /// namespaces and links whose pid is no longer a live process (or is this process, which has
-/// created nothing yet, so they are from a dead run whose pid was reused).
+/// created nothing yet, so they are from a dead run whose pid was reused), and the controllers
+/// that run listened on its bridge, which outlive a killed test in the root namespace.
 fn sweep_stale(own_pid: u32) {
     let stale = |pid: &str| {
-        pid.parse::<u32>().is_ok_and(|pid| {
-            pid == own_pid || !std::path::Path::new(&format!("/proc/{pid}")).exists()
-        })
+        pid.parse::<u32>()
+            .is_ok_and(|pid| pid == own_pid || !alive(pid))
     };
     let namespaces = ip(&["netns", "list"]).unwrap_or_default();
     for name in namespaces
@@ -427,9 +427,53 @@ fn sweep_stale(own_pid: u32) {
                 .strip_prefix(prefix)
                 .map(|rest| rest.trim_end_matches(|c: char| c.is_ascii_lowercase()));
             if pid.is_some_and(stale) {
+                if prefix == BRIDGE_PREFIX {
+                    kill_listeners_on_bridge(name);
+                }
                 let _ = ip(&["link", "del", name]);
                 break;
             }
+        }
+    }
+}
+
+/// Whether `pid` is a process that has not exited. A killed test whose parent is gone can stay
+/// a zombie for a while, until pid 1 reaps it; it counts as dead.
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
+    })
+}
+
+/// Kills (SIGKILL) the processes started with an argument `<address>:<port>` (a controller's
+/// `--listen`) for the IPv4 address of `bridge`.
+fn kill_listeners_on_bridge(bridge: &str) {
+    // `ip -4 -o addr` lines read "9: stbr1234    inet 10.251.7.1/24 brd ...".
+    let text = ip(&["-4", "-o", "addr", "show", "dev", bridge]).unwrap_or_default();
+    let Some(address) = text
+        .split_whitespace()
+        .skip_while(|word| *word != "inet")
+        .nth(1)
+        .and_then(|cidr| cidr.split('/').next())
+    else {
+        return;
+    };
+    let prefix = format!("{address}:");
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        let listens = std::fs::read(entry.path().join("cmdline")).is_ok_and(|bytes| {
+            bytes
+                .split(|byte| *byte == 0)
+                .any(|arg| arg.starts_with(prefix.as_bytes()))
+        });
+        if listens && pid.parse::<u32>().is_ok() {
+            let _ = Command::new("kill").args(["-9", &pid]).status();
         }
     }
 }
