@@ -6,7 +6,7 @@
 //! --workspace` builds them before running tests.
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -34,10 +34,20 @@ pub fn binary(name: &str) -> PathBuf {
 /// A free loopback port. Another process could take it before we bind it again; tests accept
 /// that small race for the simplicity of fixed peer lists.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
+    free_port_on(IpAddr::V4(Ipv4Addr::LOCALHOST))
+}
+
+/// A free port on `host`, with the same small race as `free_port`.
+pub fn free_port_on(host: IpAddr) -> u16 {
+    TcpListener::bind((host, 0))
         .and_then(|listener| listener.local_addr())
         .map(|address| address.port())
         .unwrap_or(0)
+}
+
+/// `host:port` with a free port on `host` (IPv6 in brackets).
+fn free_address_on(host: IpAddr) -> String {
+    SocketAddr::new(host, free_port_on(host)).to_string()
 }
 
 /// A child process killed (SIGKILL) when dropped.
@@ -92,6 +102,9 @@ pub struct ClusterOptions {
     pub snapshot_logs: u64,
     /// `--heartbeat-grace` of the controllers.
     pub heartbeat_grace: &'static str,
+    /// The address controllers listen on (and advertise to each other and to agents):
+    /// loopback by default, a bridge address when agents run in network namespaces.
+    pub listen_host: IpAddr,
 }
 
 impl Default for ClusterOptions {
@@ -100,6 +113,7 @@ impl Default for ClusterOptions {
             nodes: 3,
             snapshot_logs: 5000,
             heartbeat_grace: "3s",
+            listen_host: IpAddr::V4(Ipv4Addr::LOCALHOST),
         }
     }
 }
@@ -119,7 +133,7 @@ impl Cluster {
         let dir = tempfile::tempdir().context("create temp dir")?;
         let mut nodes = BTreeMap::new();
         for id in 1..=options.nodes {
-            let address = format!("127.0.0.1:{}", free_port());
+            let address = free_address_on(options.listen_host);
             nodes.insert(
                 id,
                 ControllerNode {
@@ -195,7 +209,7 @@ impl Cluster {
     /// Adds node `id` to the local bookkeeping (not to the Raft membership) and starts it with
     /// a peer list that includes it, so it waits to be contacted instead of initialising.
     pub fn start_new_node(&mut self, id: u64) -> anyhow::Result<String> {
-        let address = format!("127.0.0.1:{}", free_port());
+        let address = free_address_on(self.options.listen_host);
         let dir = self._dir.path().to_path_buf();
         self.peers = format!("{},{id}={address}", self.peers);
         self.nodes.insert(
@@ -393,6 +407,9 @@ pub struct AgentProcess {
     pub data_dir: PathBuf,
     pub log_path: PathBuf,
     args: Vec<String>,
+    /// The network namespace the agent (and so every instance it starts) runs in, entered
+    /// through `ip netns exec`; `None` for the test's own namespace.
+    namespace: Option<String>,
     process: Option<ProcessGuard>,
 }
 
@@ -403,6 +420,34 @@ impl AgentProcess {
         node_id: &str,
         controllers: &[String],
         extra: &[&str],
+    ) -> anyhow::Result<AgentProcess> {
+        AgentProcess::start_with(dir, node_id, controllers, extra, None)
+    }
+
+    /// Like `start`, but the agent runs inside network namespace `namespace` (`ip netns exec`,
+    /// which needs root) and advertises `advertise_ip`, an address of that namespace, so its
+    /// instances listen there. `ip netns exec` execs the agent, so the process this handle
+    /// kills is the agent itself.
+    pub fn start_in_namespace(
+        dir: &Path,
+        node_id: &str,
+        controllers: &[String],
+        namespace: &str,
+        advertise_ip: IpAddr,
+        extra: &[&str],
+    ) -> anyhow::Result<AgentProcess> {
+        let advertise = advertise_ip.to_string();
+        let mut flags = vec!["--advertise-ip", advertise.as_str()];
+        flags.extend_from_slice(extra);
+        AgentProcess::start_with(dir, node_id, controllers, &flags, Some(namespace))
+    }
+
+    fn start_with(
+        dir: &Path,
+        node_id: &str,
+        controllers: &[String],
+        extra: &[&str],
+        namespace: Option<&str>,
     ) -> anyhow::Result<AgentProcess> {
         let data_dir = dir.join(format!("agent-{node_id}"));
         let log_path = dir.join(format!("agent-{node_id}.log"));
@@ -430,6 +475,7 @@ impl AgentProcess {
             data_dir,
             log_path,
             args,
+            namespace: namespace.map(str::to_string),
             process: None,
         };
         agent.restart()?;
@@ -444,7 +490,16 @@ impl AgentProcess {
             .open(&self.log_path)
             .context("open agent log")?;
         let log_err = log.try_clone().context("clone agent log")?;
-        let mut command = Command::new(binary("strata-agent"));
+        let mut command = match &self.namespace {
+            Some(namespace) => {
+                let mut command = Command::new("ip");
+                command
+                    .args(["netns", "exec", namespace])
+                    .arg(binary("strata-agent"));
+                command
+            }
+            None => Command::new(binary("strata-agent")),
+        };
         command
             .args(&self.args)
             .env("RUST_LOG", "info")
@@ -460,6 +515,11 @@ impl AgentProcess {
         if let Some(process) = self.process.as_mut() {
             process.kill();
         }
+    }
+
+    /// Whether the agent process is alive (it has not exited or been killed).
+    pub fn is_running(&mut self) -> bool {
+        self.process.as_mut().is_some_and(ProcessGuard::is_running)
     }
 
     pub fn log_tail(&self) -> String {
