@@ -76,6 +76,22 @@ pub enum MemberChange {
     },
 }
 
+/// A membership change forwarded to the leader.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MembershipRequest {
+    pub change: MemberChange,
+    /// Set after a leader change: "already done" counts as success.
+    pub retry: bool,
+}
+
+/// Why the leader did not make a forwarded membership change.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum MembershipFailure {
+    /// Leadership moved; the caller should find the new leader and retry.
+    NotLeader,
+    Refused(String),
+}
+
 /// Authentication material, fixed at start.
 #[derive(Clone)]
 pub struct Tokens {
@@ -397,28 +413,44 @@ impl Controller {
         let timeout = self.write_timeout * 3;
         let attempt = async {
             let mut backoff = RetryBackoff::new();
+            // After a leader change mid-way, the change may already be (partly) applied: a
+            // retry treats "already done" as success.
+            let mut retry = false;
             loop {
-                match self.leader() {
+                let outcome = match self.leader() {
                     Some((leader, _)) if leader == self.id => {
-                        return self.change_membership_local(change.clone()).await
+                        Some(self.change_membership_local(change.clone(), retry).await)
                     }
                     Some((_, address)) => {
-                        let answer: Result<Result<(), String>, PeerError> = self
+                        let request = MembershipRequest {
+                            change: change.clone(),
+                            retry,
+                        };
+                        let answer: Result<Result<(), MembershipFailure>, PeerError> = self
                             .peers
-                            .call(&address, routes::MEMBERS, &change, timeout)
+                            .call(&address, routes::MEMBERS, &request, timeout)
                             .await;
                         match answer {
-                            Ok(Ok(())) => return Ok(()),
-                            Ok(Err(error)) => return Err(ClusterError::Membership(error)),
-                            Err(PeerError::Unreachable { .. }) => {}
+                            Ok(Ok(())) => Some(Ok(())),
+                            Ok(Err(MembershipFailure::NotLeader)) => None,
+                            Ok(Err(MembershipFailure::Refused(error))) => {
+                                Some(Err(ClusterError::Membership(error)))
+                            }
+                            Err(PeerError::Unreachable { .. }) => None,
                             Err(error) => {
-                                return Err(ClusterError::OutcomeUnknown(error.to_string()))
+                                Some(Err(ClusterError::OutcomeUnknown(error.to_string())))
                             }
                         }
                     }
-                    None => {}
+                    None => None,
+                };
+                match outcome {
+                    None | Some(Err(ClusterError::NoLeader(_))) => {
+                        retry = true;
+                        backoff.wait().await;
+                    }
+                    Some(result) => return result,
                 }
-                backoff.wait().await;
             }
         };
         tokio::time::timeout(timeout, attempt)
@@ -426,11 +458,16 @@ impl Controller {
             .map_err(|_| ClusterError::Timeout(timeout))?
     }
 
-    /// The leader side of `change_membership`.
-    pub async fn change_membership_local(&self, change: MemberChange) -> Result<(), ClusterError> {
+    /// The leader side of `change_membership`. With `retry`, a change found already made
+    /// (the node already removed) counts as done.
+    pub async fn change_membership_local(
+        &self,
+        change: MemberChange,
+        retry: bool,
+    ) -> Result<(), ClusterError> {
         match change {
             MemberChange::Add { id, address, voter } => self.add_member(id, address, voter).await,
-            MemberChange::Remove { id } => self.remove_member(id).await,
+            MemberChange::Remove { id } => self.remove_member(id, retry).await,
         }
     }
 
@@ -455,10 +492,13 @@ impl Controller {
     }
 
     /// Removes a node from the voters and from the cluster.
-    async fn remove_member(&self, id: NodeId) -> Result<(), ClusterError> {
+    async fn remove_member(&self, id: NodeId, retry: bool) -> Result<(), ClusterError> {
         let metrics = self.raft.metrics().borrow().clone();
         let membership = metrics.membership_config.membership();
         if membership.get_node(&id).is_none() {
+            if retry {
+                return Ok(());
+            }
             return Err(ClusterError::Membership(format!(
                 "node {id} is not a member"
             )));

@@ -5,7 +5,7 @@
 //! Binaries are found next to the test executable (`target/<profile>/`); `cargo nextest run
 //! --workspace` builds them before running tests.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -597,4 +597,85 @@ where
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+// Helpers shared by the agent and partition suites.
+
+/// A tier of `strata-workload` processes with quick health checks (as in tests/agents.rs).
+/// A tier of `strata-workload` processes with quick health checks.
+pub fn workload_tier(name: &str, min: u32, max: u32) -> Value {
+    json!({
+        "name": name,
+        "template": {
+            "driver": "process",
+            "command": [binary("strata-workload").display().to_string()],
+            "cpu": 0.25,
+            "memory_mb": 64,
+        },
+        "health": {
+            "path": "/healthz",
+            "interval": "300ms",
+            "timeout": "300ms",
+            "healthy_threshold": 1,
+            "unhealthy_threshold": 2,
+            "grace_period": "5s",
+        },
+        "scaling": {"min": min, "max": max},
+    })
+}
+
+/// `Ok(Some(value))` when `done`, otherwise the observation for the failure message.
+pub fn until<T>(
+    done: bool,
+    value: T,
+    observation: impl FnOnce() -> String,
+) -> Result<Option<T>, String> {
+    if done {
+        Ok(Some(value))
+    } else {
+        Err(observation())
+    }
+}
+
+/// One line per instance: short id, node, phase, health, reason.
+pub fn summary(instances: &[Value]) -> String {
+    instances
+        .iter()
+        .map(|i| {
+            format!(
+                "{} {} {} {} {}",
+                i["id"].as_str().unwrap_or("?").get(..8).unwrap_or("?"),
+                i["node"].as_str().unwrap_or("-"),
+                i["phase"].as_str().unwrap_or("?"),
+                i["health"].as_str().unwrap_or("?"),
+                i["reason"].as_str().unwrap_or("")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The ids of `instances`.
+pub fn ids(instances: &[Value]) -> BTreeSet<String> {
+    instances
+        .iter()
+        .filter_map(|i| i["id"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// `GET /` on an instance; the workload answers with its instance id.
+pub async fn workload_answers(http: &reqwest::Client, instance: &Value) -> anyhow::Result<String> {
+    let url = format!(
+        "http://{}:{}/",
+        instance["address"].as_str().unwrap_or("127.0.0.1"),
+        instance["port"].as_u64().unwrap_or(0)
+    );
+    Ok(http
+        .get(url)
+        .timeout(Duration::from_secs(1))
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?)
 }

@@ -10,31 +10,10 @@ use std::time::{Duration, Instant};
 use reqwest::Method;
 use serde_json::{json, Value};
 use strata_tests::{
-    binary, e2e_enabled, eventually, kill_instances, processes_of_instance, send, AgentProcess,
-    Cluster, ClusterOptions, ADMIN_TOKEN, JOIN_TOKEN, VIEWER_TOKEN,
+    binary, e2e_enabled, eventually, ids, kill_instances, processes_of_instance, send, summary,
+    until, workload_answers, workload_tier, AgentProcess, Cluster, ClusterOptions, ADMIN_TOKEN,
+    JOIN_TOKEN, VIEWER_TOKEN,
 };
-
-/// A tier of `strata-workload` processes with quick health checks.
-fn workload_tier(name: &str, min: u32, max: u32) -> Value {
-    json!({
-        "name": name,
-        "template": {
-            "driver": "process",
-            "command": [binary("strata-workload").display().to_string()],
-            "cpu": 0.25,
-            "memory_mb": 64,
-        },
-        "health": {
-            "path": "/healthz",
-            "interval": "300ms",
-            "timeout": "300ms",
-            "healthy_threshold": 1,
-            "unhealthy_threshold": 2,
-            "grace_period": "5s",
-        },
-        "scaling": {"min": min, "max": max},
-    })
-}
 
 struct Env {
     cluster: Cluster,
@@ -208,52 +187,6 @@ impl Env {
             .collect::<Vec<_>>()
             .join("\n")
     }
-}
-
-/// `Ok(Some(value))` when `done`, otherwise the observation for the failure message.
-fn until<T>(
-    done: bool,
-    value: T,
-    observation: impl FnOnce() -> String,
-) -> Result<Option<T>, String> {
-    if done {
-        Ok(Some(value))
-    } else {
-        Err(observation())
-    }
-}
-
-fn summary(instances: &[Value]) -> String {
-    instances
-        .iter()
-        .map(|i| {
-            format!(
-                "{} {} {} {} {}",
-                i["id"].as_str().unwrap_or("?").get(..8).unwrap_or("?"),
-                i["node"].as_str().unwrap_or("-"),
-                i["phase"].as_str().unwrap_or("?"),
-                i["health"].as_str().unwrap_or("?"),
-                i["reason"].as_str().unwrap_or("")
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("; ")
-}
-
-fn ids(instances: &[Value]) -> BTreeSet<String> {
-    instances
-        .iter()
-        .filter_map(|i| i["id"].as_str().map(str::to_string))
-        .collect()
-}
-
-async fn workload_answers(http: &reqwest::Client, instance: &Value) -> anyhow::Result<String> {
-    let url = format!(
-        "http://{}:{}/",
-        instance["address"].as_str().unwrap_or("127.0.0.1"),
-        instance["port"].as_u64().unwrap_or(0)
-    );
-    Ok(http.get(url).send().await?.text().await?)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,7 +14,10 @@ use openraft::raft::{
 };
 
 use crate::network::routes;
-use crate::node::{Controller, ForwardedWrite, LocalWriteError, MemberChange, ReadIndex};
+use crate::node::{
+    ClusterError, Controller, ForwardedWrite, LocalWriteError, MembershipFailure,
+    MembershipRequest, ReadIndex,
+};
 use crate::raft_types::{NodeId, TypeConfig};
 use crate::state::Command;
 
@@ -72,12 +75,15 @@ async fn read_index(State(controller): State<Arc<Controller>>) -> Json<ReadIndex
 
 async fn members(
     State(controller): State<Arc<Controller>>,
-    Json(change): Json<MemberChange>,
-) -> Json<Result<(), String>> {
+    Json(request): Json<MembershipRequest>,
+) -> Json<Result<(), MembershipFailure>> {
     Json(
         controller
-            .change_membership_local(change)
+            .change_membership_local(request.change, request.retry)
             .await
-            .map_err(|error| error.to_string()),
+            .map_err(|error| match error {
+                ClusterError::NoLeader(_) => MembershipFailure::NotLeader,
+                other => MembershipFailure::Refused(other.to_string()),
+            }),
     )
 }
