@@ -7,6 +7,8 @@ bash deploy/install-deps.sh
 export STRATA_E2E="${STRATA_E2E:-1}"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+# The end-to-end tests start the real binaries, which test builds do not produce by themselves.
+cargo build --workspace --bins
 cargo nextest run --workspace --no-fail-fast
 if [ -x bench/smoke.sh ]; then
   bench/smoke.sh

@@ -57,9 +57,12 @@ pub struct ProcessGuard {
 
 impl ProcessGuard {
     pub fn spawn(command: &mut Command) -> anyhow::Result<Self> {
-        let child = command
-            .spawn()
-            .with_context(|| format!("start {:?}", command.get_program()))?;
+        let child = command.spawn().with_context(|| {
+            format!(
+                "start {:?} (build the binaries first: cargo build --workspace --bins)",
+                command.get_program()
+            )
+        })?;
         Ok(ProcessGuard { child: Some(child) })
     }
 
