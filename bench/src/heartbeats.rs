@@ -263,8 +263,10 @@ async fn measure(
     );
     tokio::time::sleep(config.warmup).await;
 
+    // An election during registration (seen with a large pool on a loaded machine) settles
+    // within seconds; measure the leader that then leads.
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
     let probe = probe_client()?;
-    let leader = cluster.current_leader(&probe).await?;
     let pids: Vec<Option<u32>> = cluster.members.iter().map(|m| m.pid()).collect();
     let cpu = |pids: &[Option<u32>]| -> Vec<Option<f64>> {
         pids.iter()

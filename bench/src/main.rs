@@ -3,7 +3,9 @@
 //!
 //! Layout: `system` holds what differs between the two systems (the write request, the
 //! status probe); `cluster` spawns, kills and restarts their processes; `writes` is the
-//! load generator; `failover` the kill loop. Results go to stdout as JSON, progress to stderr.
+//! load generator; `failover` the kill loop. `heartbeats` (simulated agents) and `start_latency`
+//! (scale-up to ready, with `local`'s controller and agent) measure the agent side; `stats`
+//! holds their percentiles and CPU readings. Results go to stdout as JSON, progress to stderr.
 //! These are benchmarks, never timed tests: nothing here fails on a slow number.
 
 mod cluster;
