@@ -23,7 +23,8 @@ use crate::system::{Probe, System};
 pub const STRATA_ADMIN_TOKEN: &str = "bench-admin-token";
 const STRATA_VIEWER_TOKEN: &str = "bench-viewer-token";
 const STRATA_CLUSTER_SECRET: &str = "bench-cluster-secret";
-const STRATA_JOIN_TOKEN: &str = "bench-join-token";
+/// Agents (real or simulated) register and heartbeat with this token.
+pub const STRATA_JOIN_TOKEN: &str = "bench-join-token";
 
 /// How long a fresh cluster may take to elect its first leader.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -45,6 +46,13 @@ pub struct Member {
     log_path: PathBuf,
     /// `None` between a kill and the restart.
     child: Option<Child>,
+}
+
+impl Member {
+    /// The running process's id; `None` between a kill and the restart.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
 }
 
 pub struct Cluster {

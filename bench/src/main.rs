@@ -3,11 +3,17 @@
 //!
 //! Layout: `system` holds what differs between the two systems (the write request, the
 //! status probe); `cluster` spawns, kills and restarts their processes; `writes` is the
-//! load generator; `failover` the kill loop. Results go to stdout as JSON, progress to stderr.
+//! load generator; `failover` the kill loop. `heartbeats` (simulated agents) and `start_latency`
+//! (scale-up to ready, with `local`'s controller and agent) measure the agent side; `stats`
+//! holds their percentiles and CPU readings. Results go to stdout as JSON, progress to stderr.
 //! These are benchmarks, never timed tests: nothing here fails on a slow number.
 
 mod cluster;
 mod failover;
+mod heartbeats;
+mod local;
+mod start_latency;
+mod stats;
 mod system;
 mod writes;
 
@@ -56,6 +62,10 @@ enum Command {
     Failover(FailoverArgs),
     /// Both measurements on both systems in one run, with the targets checked.
     Compare(CompareArgs),
+    /// Heartbeat capacity: N simulated agents at 1 Hz against a 3-member Strata cluster.
+    Heartbeats(heartbeats::HeartbeatsArgs),
+    /// Scale-up to Running and healthy, process and qemu drivers, with 1 controller and an agent.
+    StartLatency(start_latency::StartLatencyArgs),
 }
 
 #[derive(Args)]
@@ -242,6 +252,8 @@ async fn run(command: Command) -> Result<()> {
             print_json(&report?)
         }
         Command::Compare(args) => compare(args).await,
+        Command::Heartbeats(args) => print_json(&heartbeats::run_cli(args).await?),
+        Command::StartLatency(args) => print_json(&start_latency::run_cli(args).await?),
     }
 }
 
