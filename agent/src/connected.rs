@@ -24,6 +24,10 @@ use crate::supervisor::{
     Assignment, InstancePhase, InstanceReport, Supervisor, SupervisorConfig, SupervisorError,
 };
 
+/// How soon the next heartbeat goes out after the agent started or stopped something, or
+/// while an instance is starting.
+const STARTUP_REPORT_DELAY: Duration = Duration::from_millis(50);
+
 /// Settings of connected mode.
 #[derive(Clone, Debug)]
 pub struct ConnectedConfig {
@@ -57,12 +61,13 @@ pub struct ControllerLink {
     token: String,
     /// The controller to try first: the leader when known.
     preferred: Option<String>,
+    /// Per-request limit, on top of any time the leader may hold a long-polled heartbeat.
+    timeout: Duration,
 }
 
 impl ControllerLink {
     pub fn new(controllers: Vec<String>, token: String, timeout: Duration) -> Self {
         let http = reqwest::Client::builder()
-            .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_millis(500)))
             .tcp_nodelay(true)
             .build()
@@ -72,6 +77,7 @@ impl ControllerLink {
             controllers,
             token,
             preferred: None,
+            timeout,
         }
     }
 
@@ -90,6 +96,7 @@ impl ControllerLink {
         &mut self,
         path: &str,
         body: &B,
+        hold: Duration,
     ) -> Result<R, LinkError> {
         let mut failures = Vec::new();
         let mut queue = self.candidates();
@@ -103,6 +110,7 @@ impl ControllerLink {
                 .http
                 .post(format!("http://{address}{path}"))
                 .bearer_auth(&self.token)
+                .timeout(self.timeout + hold)
                 .json(body)
                 .send()
                 .await;
@@ -150,14 +158,20 @@ impl ControllerLink {
         &mut self,
         request: &RegisterRequest,
     ) -> Result<strata_api::Node, LinkError> {
-        self.post("/v1/agents/register", request).await
+        self.post("/v1/agents/register", request, Duration::ZERO)
+            .await
     }
 
     pub async fn heartbeat(
         &mut self,
         request: &HeartbeatRequest,
     ) -> Result<HeartbeatResponse, LinkError> {
-        self.post("/v1/agents/heartbeat", request).await
+        self.post(
+            "/v1/agents/heartbeat",
+            request,
+            Duration::from_millis(request.wait_ms),
+        )
+        .await
     }
 }
 
@@ -186,14 +200,18 @@ pub async fn run(
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
     };
     let mut registered = false;
-    let mut ticker = tokio::time::interval(config.interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // When the next heartbeat goes out. A long-polled heartbeat already waited at the leader,
+    // so the next one follows its answer at once; otherwise the agent waits an interval, or
+    // only a moment while an instance is starting, so that its becoming healthy is reported
+    // promptly.
+    let mut next_delay = Duration::ZERO;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
-            _ = ticker.tick() => {}
+            () = tokio::time::sleep(next_delay) => {}
         }
+        next_delay = config.interval;
         if !registered {
             match link.register(&registration).await {
                 Ok(node) => {
@@ -214,10 +232,20 @@ pub async fn run(
             .sample()
             .inspect_err(|error| tracing::warn!(%error, "sample host metrics"))
             .ok();
+        let instances: Vec<ApiReport> = supervisor.report().await.iter().map(api_report).collect();
+        let starting = instances
+            .iter()
+            .any(|report| report.phase == Phase::Starting && report.health == Health::Unknown);
+        let wait_ms = if starting {
+            0
+        } else {
+            u64::try_from(config.interval.as_millis()).unwrap_or(u64::MAX)
+        };
         let request = HeartbeatRequest {
             node_id: config.node_id.clone(),
             metrics: metrics.map(api_metrics).unwrap_or_default(),
-            instances: supervisor.report().await.iter().map(api_report).collect(),
+            instances,
+            wait_ms,
         };
         match link.heartbeat(&request).await {
             Ok(answer) => {
@@ -236,15 +264,20 @@ pub async fn run(
                     tracing::warn!(instance = %failure.instance_id, error = %failure.error,
                         "converge action failed; retrying next tick");
                 }
-                if !outcome.actions.is_empty() {
-                    // Report what changed without waiting a whole interval.
-                    ticker.reset_immediately();
-                }
+                next_delay = if !outcome.actions.is_empty() || starting {
+                    // Report what changed, and a start-up's progress, without waiting an
+                    // interval.
+                    STARTUP_REPORT_DELAY
+                } else if wait_ms > 0 {
+                    Duration::ZERO
+                } else {
+                    config.interval
+                };
             }
             Err(LinkError::NotRegistered) => {
                 tracing::warn!("the controllers do not know this node; registering again");
                 registered = false;
-                ticker.reset_immediately();
+                next_delay = Duration::ZERO;
             }
             Err(error) => tracing::warn!(%error, "heartbeat failed; instances keep running"),
         }

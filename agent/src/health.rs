@@ -219,6 +219,9 @@ impl Drop for ProberHandle {
     }
 }
 
+/// Probe interval before an instance's first verdict, during its start-up grace.
+const STARTUP_PROBE_INTERVAL: Duration = Duration::from_millis(50);
+
 /// Starts a task that probes `target` every `interval` and publishes each new state.
 /// `started_ago` is how long the instance has already been running (non-zero for an adopted
 /// instance), so the grace period is measured from the instance's start, not the task's.
@@ -259,9 +262,19 @@ pub fn spawn_prober(
             }
             state = next;
             sender.send_replace(state.clone());
+            // Until the first verdict, within the start-up grace, probe quickly: a new
+            // instance is reported healthy (and joins its pool) as soon as it serves, not an
+            // interval later.
+            let starting = state.status == HealthStatus::Unknown
+                && epoch.elapsed() < target.check.grace_period.as_std();
+            let pause = if starting {
+                interval.min(STARTUP_PROBE_INTERVAL)
+            } else {
+                interval
+            };
             tokio::select! {
                 () = task_cancel.cancelled() => return,
-                () = tokio::time::sleep(interval) => {}
+                () = tokio::time::sleep(pause) => {}
             }
         }
     });

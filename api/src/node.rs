@@ -194,6 +194,11 @@ pub struct HeartbeatRequest {
     pub metrics: HostMetrics,
     #[serde(default)]
     pub instances: Vec<InstanceReport>,
+    /// Long poll: when the node already runs exactly what it is assigned, the leader may hold
+    /// the answer up to this many milliseconds (at most 10,000) and answers as soon as the
+    /// assignments change. 0 answers at once.
+    #[serde(default)]
+    pub wait_ms: u64,
 }
 
 /// One instance an agent must run.

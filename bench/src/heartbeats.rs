@@ -484,6 +484,7 @@ fn heartbeat_body(node_id: &str, index: usize) -> Vec<u8> {
             load15: 0.3,
         },
         instances,
+        wait_ms: 0,
     };
     serde_json::to_vec(&request).unwrap_or_default()
 }

@@ -23,6 +23,40 @@ use tracing::Instrument;
 use crate::node::{now_ms, Controller, LocalWriteError};
 use crate::reconcile::{plan, NodeObservation, Observed, PlanConfig};
 
+/// What a committed command may change for agents, noted before it is proposed.
+#[derive(Debug)]
+pub enum Touch {
+    /// Assignments of these nodes may have changed.
+    Nodes(Vec<String>),
+    /// Assignments of the nodes running these instances may have changed.
+    Instances(Vec<uuid::Uuid>),
+    /// A tier's desired state changed: the planners have work, and (on delete) the nodes
+    /// running its instances have new assignments.
+    Tier(String),
+    Nothing,
+}
+
+impl Touch {
+    pub fn of(command: &crate::state::Command) -> Touch {
+        use crate::state::Command as C;
+        match command {
+            C::CreateInstances { instances, .. } => {
+                Touch::Nodes(instances.iter().map(|i| i.node.clone()).collect())
+            }
+            C::UpdateInstances { updates } => {
+                Touch::Instances(updates.iter().map(|u| u.id).collect())
+            }
+            C::SetNodeReady { node, .. } | C::SetNodeFlags { node, .. } => {
+                Touch::Nodes(vec![node.clone()])
+            }
+            C::RegisterNode { registration } => Touch::Nodes(vec![registration.node_id.clone()]),
+            C::PutTier { spec } => Touch::Tier(spec.name.clone()),
+            C::DeleteTier { name, .. } | C::ScaleTier { name, .. } => Touch::Tier(name.clone()),
+            C::RemoveInstances { .. } | C::RecordEvent { .. } => Touch::Nothing,
+        }
+    }
+}
+
 /// Heartbeat memory of the current leadership.
 #[derive(Default)]
 pub struct Liveness {
@@ -35,6 +69,9 @@ pub struct Liveness {
     pub failures: AtomicU64,
     /// Heartbeats answered while leading.
     pub heartbeats: AtomicU64,
+    /// Per node: woken when the node's assignments may have changed (held heartbeats wait on
+    /// it).
+    signals: Mutex<HashMap<String, Arc<Notify>>>,
 }
 
 #[derive(Default)]
@@ -69,6 +106,58 @@ impl Liveness {
         observation.metrics = metrics;
         observation.reports = reports;
         changed
+    }
+
+    /// The signal of `node`'s assignments.
+    pub fn signal(&self, node: &str) -> Arc<Notify> {
+        let mut signals = self
+            .signals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        signals.entry(node.to_string()).or_default().clone()
+    }
+
+    fn notify(&self, nodes: impl IntoIterator<Item = String>) {
+        let signals = self
+            .signals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for node in nodes {
+            if let Some(signal) = signals.get(&node) {
+                signal.notify_waiters();
+            }
+        }
+    }
+
+    /// Called after a command committed on this node: wakes held heartbeats of the nodes whose
+    /// assignments may have changed, and the planners when desired state changed.
+    pub fn after_write(&self, state: &crate::store::StateMachineStore, touch: Touch) {
+        match touch {
+            Touch::Nothing => {}
+            Touch::Nodes(nodes) => self.notify(nodes),
+            Touch::Instances(ids) => {
+                let nodes: Vec<String> = state.read(|machine| {
+                    ids.iter()
+                        .filter_map(|id| machine.state.instances.get(id))
+                        .filter_map(|instance| instance.node.clone())
+                        .collect()
+                });
+                self.notify(nodes);
+            }
+            Touch::Tier(tier) => {
+                let nodes: Vec<String> = state.read(|machine| {
+                    machine
+                        .state
+                        .instances
+                        .values()
+                        .filter(|instance| instance.tier == tier)
+                        .filter_map(|instance| instance.node.clone())
+                        .collect()
+                });
+                self.notify(nodes);
+                self.wake.notify_one();
+            }
+        }
     }
 
     /// The longest time since any node's last heartbeat, in ms (0 when no node is known).

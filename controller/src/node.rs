@@ -278,12 +278,18 @@ impl Controller {
     /// Proposes on this node if it is the leader. The command is stamped with this node's
     /// clock here, so followers never decide times.
     pub async fn propose_local(&self, command: Command) -> Result<CommandResult, LocalWriteError> {
+        let touch = crate::agents::Touch::of(&command);
         let request = Request {
             at_ms: now_ms(),
             command,
         };
         match self.raft.client_write(request).await {
-            Ok(response) => Ok(response.data),
+            Ok(response) => {
+                // Agents waiting in a heartbeat for new assignments, and the planners, hear of
+                // the change now rather than at their next period.
+                self.liveness.after_write(&self.state, touch);
+                Ok(response.data)
+            }
             // openraft answers ForwardToLeader either before appending (not the leader) or when
             // the entry was truncated away by a new leader; both mean "not applied", so a retry
             // cannot apply the command twice (openraft 0.9 RaftCore, DeleteConflictLog).
