@@ -23,6 +23,8 @@ use crate::system::{Probe, System};
 pub const STRATA_ADMIN_TOKEN: &str = "bench-admin-token";
 const STRATA_VIEWER_TOKEN: &str = "bench-viewer-token";
 const STRATA_CLUSTER_SECRET: &str = "bench-cluster-secret";
+/// Required with `--peers` since agents may register with any member; no agent runs here.
+const STRATA_JOIN_TOKEN: &str = "bench-join-token";
 
 /// How long a fresh cluster may take to elect its first leader.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -283,6 +285,8 @@ fn strata_members(program: &Path, dir: &Path, ports: &[u16]) -> Vec<Member> {
                 STRATA_VIEWER_TOKEN.into(),
                 "--cluster-secret".into(),
                 STRATA_CLUSTER_SECRET.into(),
+                "--join-token".into(),
+                STRATA_JOIN_TOKEN.into(),
             ];
             Member {
                 node_id,
