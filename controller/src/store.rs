@@ -38,7 +38,7 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
-use sqlx::{ConnectOptions, Connection, Row, SqliteConnection};
+use sqlx::{ConnectOptions, Row, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::raft_types::{
@@ -188,10 +188,13 @@ async fn load(connection: &mut SqliteConnection) -> Result<Loaded, StoreError> {
     })
 }
 
+/// One log entry to insert: index, term, JSON of the entry.
+type AppendRow = (u64, u64, Vec<u8>);
+
 /// Work for the writer task, in the order openraft issued it.
 enum WriteOp {
     Append {
-        rows: Vec<(u64, u64, Vec<u8>)>,
+        rows: Vec<AppendRow>,
         callback: LogFlushed<TypeConfig>,
     },
     Truncate {
@@ -251,66 +254,118 @@ async fn run_writer(mut connection: SqliteConnection, mut queue: mpsc::Unbounded
     }
 }
 
+/// Rows per multi-row `INSERT`: three parameters a row stays far below SQLite's limit of
+/// 32,766 bound parameters (SQLITE_MAX_VARIABLE_NUMBER since 3.32), and a handful of statement
+/// shapes keeps sqlx's prepared-statement cache warm.
+const ROWS_PER_INSERT: usize = 64;
+
+/// Persists `batch` in one transaction with a single round trip to sqlx's SQLite worker thread.
+///
+/// openraft 0.9 appends one client write at a time and waits for its flush before it handles
+/// the next (`RaftCore::append_to_log` turns the non-blocking `append` into a blocking one), so
+/// the time from `append` to `LogFlushed` bounds the leader's write rate. sqlx runs every
+/// statement on the connection's worker thread and answers over a channel
+/// (sqlx-sqlite 0.8 `connection/worker.rs`): `begin()`, one `INSERT` per row and `commit()`
+/// cost one cross-thread round trip each. Instead the whole transaction is one query string,
+/// `BEGIN; ...; COMMIT`; sqlx-sqlite prepares and steps each statement of a multi-statement
+/// query in turn and binds positional parameters across them (`connection/execute.rs`,
+/// `args_used`). Consecutive appends become multi-row `INSERT`s.
 async fn write_batch(
     connection: &mut SqliteConnection,
     batch: &[WriteOp],
 ) -> Result<(), sqlx::Error> {
-    let mut transaction = connection.begin().await?;
+    let mut sql = String::from("BEGIN;");
+    let mut arguments = sqlx::sqlite::SqliteArguments::default();
+    let mut rows: Vec<&AppendRow> = Vec::new();
     for op in batch {
+        if let WriteOp::Append { rows: appended, .. } = op {
+            rows.extend(appended.iter());
+            continue;
+        }
+        push_inserts(&mut sql, &mut arguments, &mut rows)?;
         match op {
-            WriteOp::Append { rows, .. } => {
-                for (index, term, entry) in rows {
-                    sqlx::query(
-                        "INSERT OR REPLACE INTO raft_log (idx, term, entry) VALUES (?, ?, ?)",
-                    )
-                    .bind(i64_from(*index))
-                    .bind(i64_from(*term))
-                    .bind(entry.as_slice())
-                    .execute(&mut *transaction)
-                    .await?;
-                }
-            }
+            WriteOp::Append { .. } => {}
             WriteOp::Truncate { from_index } => {
-                sqlx::query("DELETE FROM raft_log WHERE idx >= ?")
-                    .bind(i64_from(*from_index))
-                    .execute(&mut *transaction)
-                    .await?;
+                sql.push_str("DELETE FROM raft_log WHERE idx >= ?;");
+                bind(&mut arguments, i64_from(*from_index))?;
             }
             WriteOp::Purge { upto } => {
-                sqlx::query("DELETE FROM raft_log WHERE idx <= ?")
-                    .bind(i64_from(upto.index))
-                    .execute(&mut *transaction)
-                    .await?;
+                sql.push_str("DELETE FROM raft_log WHERE idx <= ?;");
+                bind(&mut arguments, i64_from(upto.index))?;
                 let value = serde_json::to_vec(&Some(upto)).map_err(encode_error)?;
-                upsert_meta(&mut transaction, "last_purged", &value).await?;
+                push_meta(&mut sql, &mut arguments, "last_purged", value)?;
             }
-            WriteOp::Meta { key, value, .. } => upsert_meta(&mut transaction, key, value).await?,
+            WriteOp::Meta { key, value, .. } => {
+                push_meta(&mut sql, &mut arguments, key, value.as_slice())?
+            }
             WriteOp::Snapshot { snapshot, .. } => {
                 let meta = serde_json::to_vec(&snapshot.meta).map_err(encode_error)?;
-                sqlx::query(
-                    "INSERT OR REPLACE INTO raft_snapshot (id, meta, data) VALUES (1, ?, ?)",
-                )
-                .bind(meta)
-                .bind(snapshot.data.as_slice())
-                .execute(&mut *transaction)
-                .await?;
+                sql.push_str(
+                    "INSERT OR REPLACE INTO raft_snapshot (id, meta, data) VALUES (1, ?, ?);",
+                );
+                bind(&mut arguments, meta)?;
+                bind(&mut arguments, snapshot.data.as_slice())?;
             }
         }
     }
-    transaction.commit().await
+    push_inserts(&mut sql, &mut arguments, &mut rows)?;
+    sql.push_str("COMMIT;");
+    let outcome = sqlx::query_with(&sql, arguments)
+        .execute(&mut *connection)
+        .await;
+    if outcome.is_err() {
+        // A failed statement leaves the transaction open: roll it back so the next batch starts
+        // clean. This fails harmlessly when SQLite already rolled back (or never began).
+        let _ = sqlx::query("ROLLBACK").execute(&mut *connection).await;
+    }
+    outcome.map(|_| ())
 }
 
-async fn upsert_meta(
-    transaction: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-    key: &str,
-    value: &[u8],
+/// Appends `INSERT`s for the queued `rows` (in order, `ROWS_PER_INSERT` at a time) and empties
+/// it.
+fn push_inserts<'q>(
+    sql: &mut String,
+    arguments: &mut sqlx::sqlite::SqliteArguments<'q>,
+    rows: &mut Vec<&'q AppendRow>,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("INSERT OR REPLACE INTO raft_meta (key, value) VALUES (?, ?)")
-        .bind(key)
-        .bind(value)
-        .execute(&mut **transaction)
-        .await?;
+    for chunk in rows.chunks(ROWS_PER_INSERT) {
+        sql.push_str("INSERT OR REPLACE INTO raft_log (idx, term, entry) VALUES ");
+        for (position, (index, term, entry)) in chunk.iter().enumerate() {
+            sql.push_str(if position == 0 {
+                "(?, ?, ?)"
+            } else {
+                ", (?, ?, ?)"
+            });
+            bind(arguments, i64_from(*index))?;
+            bind(arguments, i64_from(*term))?;
+            bind(arguments, entry.as_slice())?;
+        }
+        sql.push(';');
+    }
+    rows.clear();
     Ok(())
+}
+
+fn push_meta<'q>(
+    sql: &mut String,
+    arguments: &mut sqlx::sqlite::SqliteArguments<'q>,
+    key: &'static str,
+    value: impl sqlx::Encode<'q, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite> + 'q,
+) -> Result<(), sqlx::Error> {
+    sql.push_str("INSERT OR REPLACE INTO raft_meta (key, value) VALUES (?, ?);");
+    bind(arguments, key)?;
+    bind(arguments, value)
+}
+
+fn bind<'q, T>(
+    arguments: &mut sqlx::sqlite::SqliteArguments<'q>,
+    value: T,
+) -> Result<(), sqlx::Error>
+where
+    T: sqlx::Encode<'q, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite> + 'q,
+{
+    use sqlx::Arguments;
+    arguments.add(value).map_err(sqlx::Error::Encode)
 }
 
 fn encode_error(error: serde_json::Error) -> sqlx::Error {

@@ -15,10 +15,26 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("listen on {}", config.listen))?;
+    let listener = listen(config.listen).with_context(|| format!("listen on {}", config.listen))?;
     strata_controller::run(config, listener, shutdown_signal()).await
+}
+
+/// Binds the API and peer listener with `TCP_NODELAY` set on it. axum 0.8's `serve` leaves
+/// accepted sockets as they come (its docs point to `ListenerExt::tap_io` for `set_nodelay`),
+/// and Linux copies `TCP_NODELAY` from a listening socket to the sockets it accepts, so setting
+/// it here keeps Nagle's algorithm from holding back a small response (a Raft reply, a write's
+/// answer) behind an unacknowledged segment. `SO_REUSEADDR` and the backlog match what
+/// `TcpListener::bind` does.
+fn listen(address: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(address)?;
+    socket.listen(1024)
 }
 
 async fn shutdown_signal() {
