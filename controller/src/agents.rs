@@ -52,7 +52,7 @@ impl Touch {
             C::RegisterNode { registration } => Touch::Nodes(vec![registration.node_id.clone()]),
             C::PutTier { spec } => Touch::Tier(spec.name.clone()),
             C::DeleteTier { name, .. } | C::ScaleTier { name, .. } => Touch::Tier(name.clone()),
-            C::RemoveInstances { .. } | C::RecordEvent { .. } => Touch::Nothing,
+            C::RemoveInstances { .. } | C::RecordEvent { .. } | C::Batch { .. } => Touch::Nothing,
         }
     }
 }

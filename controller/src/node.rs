@@ -22,6 +22,7 @@ use openraft::error::{
 use openraft::{BasicNode, ChangeMembers, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 use strata_api::{ClusterStatus, Member};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Config;
 use crate::network::{routes, NetworkFactory, PeerClient, PeerError};
@@ -30,7 +31,7 @@ use crate::state::{Command, CommandResult, Request};
 use crate::store::{LogStore, StateMachineStore};
 
 /// Why a write or read could not be served.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum ClusterError {
     /// No leader is known or reachable right now; the client may retry.
     #[error("no leader is available: {0}")]
@@ -113,6 +114,8 @@ pub struct Controller {
     pub write_timeout: Duration,
     /// Heartbeat memory; meaningful only while this node leads.
     pub liveness: crate::agents::Liveness,
+    /// Client commands on their way into a (batched) log entry.
+    batcher: mpsc::UnboundedSender<Pending>,
 }
 
 impl Controller {
@@ -161,6 +164,8 @@ impl Controller {
         .await
         .context("start raft")?;
 
+        let (batcher, queue) = mpsc::unbounded_channel();
+        tokio::spawn(run_batcher(raft.clone(), queue));
         let controller = Arc::new(Controller {
             id: config.node_id,
             raft,
@@ -170,6 +175,7 @@ impl Controller {
             tokens,
             write_timeout: config.write_timeout.as_std(),
             liveness: crate::agents::Liveness::default(),
+            batcher,
         });
         controller.bootstrap(config).await?;
         Ok(controller)
@@ -279,28 +285,24 @@ impl Controller {
     /// clock here, so followers never decide times.
     pub async fn propose_local(&self, command: Command) -> Result<CommandResult, LocalWriteError> {
         let touch = crate::agents::Touch::of(&command);
-        let request = Request {
-            at_ms: now_ms(),
-            command,
+        let result = match batch_key(&command) {
+            Some(_) => {
+                let (reply, answer) = oneshot::channel();
+                if self.batcher.send(Pending { command, reply }).is_err() {
+                    return Err(LocalWriteError::Failed(ClusterError::ShuttingDown));
+                }
+                answer
+                    .await
+                    .unwrap_or(Err(LocalWriteError::Failed(ClusterError::ShuttingDown)))
+            }
+            None => write_entry(&self.raft, command).await,
         };
-        match self.raft.client_write(request).await {
-            Ok(response) => {
-                // Agents waiting in a heartbeat for new assignments, and the planners, hear of
-                // the change now rather than at their next period.
-                self.liveness.after_write(&self.state, touch);
-                Ok(response.data)
-            }
-            // openraft answers ForwardToLeader either before appending (not the leader) or when
-            // the entry was truncated away by a new leader; both mean "not applied", so a retry
-            // cannot apply the command twice (openraft 0.9 RaftCore, DeleteConflictLog).
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
-                Err(LocalWriteError::NotLeader(leader_of(&forward)))
-            }
-            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(error))) => Err(
-                LocalWriteError::Failed(ClusterError::Membership(error.to_string())),
-            ),
-            Err(RaftError::Fatal(_)) => Err(LocalWriteError::Failed(ClusterError::ShuttingDown)),
+        if result.is_ok() {
+            // Agents waiting in a heartbeat for new assignments, and the planners, hear of
+            // the change now rather than at their next period.
+            self.liveness.after_write(&self.state, touch);
         }
+        result
     }
 
     async fn forward_write(
@@ -525,8 +527,138 @@ impl Controller {
     }
 }
 
+/// A client command waiting for the batcher.
+pub struct Pending {
+    command: Command,
+    reply: oneshot::Sender<Result<CommandResult, LocalWriteError>>,
+}
+
+/// Client commands on distinct objects may share a log entry; this is the object a command
+/// is about (`None`: never batched, such as the planners' commands).
+fn batch_key(command: &Command) -> Option<String> {
+    match command {
+        Command::PutTier { spec } => Some(format!("tier/{}", spec.name)),
+        Command::ScaleTier { name, .. } | Command::DeleteTier { name, .. } => {
+            Some(format!("tier/{name}"))
+        }
+        Command::RegisterNode { registration } => Some(format!("node/{}", registration.node_id)),
+        _ => None,
+    }
+}
+
+/// Entries one node may have proposed and not yet seen applied.
+const MAX_BATCHES_IN_FLIGHT: usize = 4;
+/// Commands in one entry at most.
+const MAX_BATCH: usize = 256;
+
+/// Groups concurrent client writes into log entries.
+///
+/// Why: openraft 0.9 appends and fsyncs each client write as its own entry, one at a time
+/// (`RaftCore::append_to_log` waits for the flush before the next message), so the leader's
+/// write rate would be one per fsync. While `MAX_BATCHES_IN_FLIGHT` entries are in flight, new
+/// commands queue up here and go out together in the next entry. Commands on the same object
+/// never share an entry (they wait for the next one), which keeps "resource version = the index
+/// of the entry that last changed the object" unambiguous.
+async fn run_batcher(raft: Raft, mut queue: mpsc::UnboundedReceiver<Pending>) {
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_BATCHES_IN_FLIGHT));
+    let mut held: std::collections::VecDeque<Pending> = std::collections::VecDeque::new();
+    loop {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        let first = match held.pop_front() {
+            Some(pending) => pending,
+            None => match queue.recv().await {
+                Some(pending) => pending,
+                None => return,
+            },
+        };
+        let mut keys = BTreeSet::new();
+        keys.insert(batch_key(&first.command).unwrap_or_default());
+        let mut batch = vec![first];
+        let mut still_held = std::collections::VecDeque::new();
+        let mut consider = |pending: Pending, batch: &mut Vec<Pending>| {
+            let key = batch_key(&pending.command).unwrap_or_default();
+            if batch.len() < MAX_BATCH && keys.insert(key) {
+                batch.push(pending);
+            } else {
+                still_held.push_back(pending);
+            }
+        };
+        while let Some(pending) = held.pop_front() {
+            consider(pending, &mut batch);
+        }
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(pending) => consider(pending, &mut batch),
+                Err(_) => break,
+            }
+        }
+        held = still_held;
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            submit_batch(&raft, batch).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn submit_batch(raft: &Raft, mut batch: Vec<Pending>) {
+    if batch.len() == 1 {
+        if let Some(pending) = batch.pop() {
+            let result = write_entry(raft, pending.command).await;
+            let _ = pending.reply.send(result);
+        }
+        return;
+    }
+    let (commands, replies): (Vec<Command>, Vec<_>) = batch
+        .into_iter()
+        .map(|pending| (pending.command, pending.reply))
+        .unzip();
+    match write_entry(raft, Command::Batch { commands }).await {
+        Ok(CommandResult::Batch { results }) if results.len() == replies.len() => {
+            for (reply, result) in replies.into_iter().zip(results) {
+                let _ = reply.send(Ok(result));
+            }
+        }
+        Ok(other) => {
+            let error = ClusterError::OutcomeUnknown(format!("a batch produced {other:?}"));
+            for reply in replies {
+                let _ = reply.send(Err(LocalWriteError::Failed(error.clone())));
+            }
+        }
+        Err(error) => {
+            for reply in replies {
+                let _ = reply.send(Err(error.clone()));
+            }
+        }
+    }
+}
+
+/// Proposes one entry on this node, stamped with this node's clock (followers never decide
+/// times), and waits until it is applied.
+async fn write_entry(raft: &Raft, command: Command) -> Result<CommandResult, LocalWriteError> {
+    let request = Request {
+        at_ms: now_ms(),
+        command,
+    };
+    match raft.client_write(request).await {
+        Ok(response) => Ok(response.data),
+        // openraft answers ForwardToLeader either before appending (not the leader) or when
+        // the entry was truncated away by a new leader; both mean "not applied", so a retry
+        // cannot apply the command twice (openraft 0.9 RaftCore, DeleteConflictLog).
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+            Err(LocalWriteError::NotLeader(leader_of(&forward)))
+        }
+        Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(error))) => Err(
+            LocalWriteError::Failed(ClusterError::Membership(error.to_string())),
+        ),
+        Err(RaftError::Fatal(_)) => Err(LocalWriteError::Failed(ClusterError::ShuttingDown)),
+    }
+}
+
 /// Why a local proposal did not produce a result.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum LocalWriteError {
     NotLeader(Option<(NodeId, String)>),
     Failed(ClusterError),

@@ -79,6 +79,10 @@ pub enum Command {
         reason: String,
         message: String,
     },
+    /// Several client commands in one log entry, applied in order, each with its own result.
+    /// The leader batches only commands on distinct objects, so no two versions of an object
+    /// ever share a resource version (the entry's index).
+    Batch { commands: Vec<Command> },
 }
 
 /// One instance to create.
@@ -140,6 +144,10 @@ pub enum CommandResult {
     /// How many objects a batch command changed.
     Changed {
         count: usize,
+    },
+    /// The results of a `Command::Batch`, in order.
+    Batch {
+        results: Vec<CommandResult>,
     },
     Rejected {
         rejection: Rejection,
@@ -236,6 +244,20 @@ impl State {
                 self.record(request.at_ms, object.clone(), reason, message.clone());
                 CommandResult::Changed { count: 0 }
             }
+            Command::Batch { commands } => CommandResult::Batch {
+                results: commands
+                    .iter()
+                    .map(|command| {
+                        self.apply(
+                            index,
+                            &Request {
+                                at_ms: request.at_ms,
+                                command: command.clone(),
+                            },
+                        )
+                    })
+                    .collect(),
+            },
         }
     }
 
@@ -911,6 +933,47 @@ mod tests {
             CommandResult::Deleted { .. }
         ));
         assert!(state.tiers.is_empty());
+    }
+
+    #[test]
+    fn a_batch_applies_each_command_with_its_own_result_at_the_entry_index() {
+        let mut state = State::default();
+        state.apply(1, &put(spec("web", 1, 5)));
+        let batch = Request {
+            at_ms: 2000,
+            command: Command::Batch {
+                commands: vec![
+                    Command::PutTier {
+                        spec: Box::new(spec("api", 1, 5)),
+                    },
+                    Command::ScaleTier {
+                        name: "web".to_string(),
+                        desired: 3,
+                        expected_version: Some(1),
+                    },
+                    Command::ScaleTier {
+                        name: "nope".to_string(),
+                        desired: 3,
+                        expected_version: None,
+                    },
+                ],
+            },
+        };
+        let CommandResult::Batch { results } = state.apply(7, &batch) else {
+            panic!("a batch answers with a batch");
+        };
+        assert!(
+            matches!(&results[0], CommandResult::Tier { created: true, tier } if tier.resource_version() == 7)
+        );
+        assert!(
+            matches!(&results[1], CommandResult::Tier { created: false, tier } if tier.status.desired == 3 && tier.resource_version() == 7)
+        );
+        assert!(matches!(
+            &results[2],
+            CommandResult::Rejected {
+                rejection: Rejection::NotFound { .. }
+            }
+        ));
     }
 
     proptest::proptest! {

@@ -225,9 +225,9 @@ fn write_response(result: CommandResult) -> Result<Response, ApiError> {
             Ok((status, Json(tier)).into_response())
         }
         CommandResult::Deleted { tier } => Ok((StatusCode::OK, Json(tier)).into_response()),
-        CommandResult::Node { .. } | CommandResult::Changed { .. } => {
-            Ok(StatusCode::NO_CONTENT.into_response())
-        }
+        CommandResult::Node { .. }
+        | CommandResult::Changed { .. }
+        | CommandResult::Batch { .. } => Ok(StatusCode::NO_CONTENT.into_response()),
         CommandResult::Rejected { rejection } => Err(rejection_error(rejection)),
         CommandResult::None => Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
