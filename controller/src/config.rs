@@ -70,13 +70,13 @@ pub struct Config {
     pub snapshot_logs: u64,
 
     /// How often the leader sends heartbeats to followers.
-    #[arg(long, env = "STRATA_RAFT_HEARTBEAT", default_value = "50ms")]
+    #[arg(long, env = "STRATA_RAFT_HEARTBEAT", default_value = "100ms")]
     pub raft_heartbeat: Duration,
 
-    /// Base election timeout. A follower that stops hearing from its leader waits out the
-    /// leader's lease (1.75x this) plus a random 1x-1.75x this before it stands for election, so
-    /// failover takes roughly 2x-3.5x this value.
-    #[arg(long, env = "STRATA_ELECTION_TIMEOUT", default_value = "200ms")]
+    /// Base election timeout (at least twice the heartbeat). A follower that stops hearing from
+    /// its leader waits out the leader's lease (1.2x this) plus a random 1x-1.2x this before it
+    /// stands for election, so failover takes roughly 2.2x-2.4x this value.
+    #[arg(long, env = "STRATA_ELECTION_TIMEOUT", default_value = "250ms")]
     pub election_timeout: Duration,
 
     /// How long a write waits for the cluster before the API answers 503.

@@ -130,21 +130,26 @@ impl Controller {
             .await
             .context("open node store")?;
         let heartbeat = config.raft_heartbeat.as_millis().max(10);
-        let election = config.election_timeout.as_millis().max(heartbeat * 3);
+        let election = config.election_timeout.as_millis().max(heartbeat * 2);
         let raft_config = openraft::Config {
             cluster_name: "strata".to_string(),
+            // openraft 0.9 also uses the heartbeat interval as the deadline of every
+            // AppendEntries (replication/mod.rs); too short a one starves a follower catching
+            // up under load, whose larger requests keep timing out and being resent.
             heartbeat_interval: heartbeat,
             election_timeout_min: election,
             // openraft 0.9 waits `leader_lease` (= election_timeout_max) plus a random
             // election timeout after the last heartbeat of a known leader (RaftCore::
-            // handle_tick_election), so failover time is about 2x-3.5x `election`.
-            election_timeout_max: election * 7 / 4,
+            // handle_tick_election), so failover takes about 2.2x-2.4x `election`. A narrow
+            // random window costs an occasional split vote, retried after one more timeout.
+            election_timeout_max: election * 6 / 5,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_logs.max(1)),
             // Keep some log after a snapshot so a briefly lagging follower catches up from the
             // log instead of a full snapshot.
             max_in_snapshot_log_to_keep: (config.snapshot_logs / 5).clamp(1, 1000),
             purge_batch_size: 256,
-            max_payload_entries: 512,
+            // Small enough that one AppendEntries is persisted well within its deadline.
+            max_payload_entries: 64,
             install_snapshot_timeout: 2_000,
             ..openraft::Config::default()
         }
@@ -549,7 +554,7 @@ fn batch_key(command: &Command) -> Option<String> {
 /// Entries one node may have proposed and not yet seen applied.
 const MAX_BATCHES_IN_FLIGHT: usize = 4;
 /// Commands in one entry at most.
-const MAX_BATCH: usize = 256;
+const MAX_BATCH: usize = 64;
 
 /// Groups concurrent client writes into log entries.
 ///
