@@ -30,9 +30,12 @@ pub enum Touch {
     Nodes(Vec<String>),
     /// Assignments of the nodes running these instances may have changed.
     Instances(Vec<uuid::Uuid>),
-    /// A tier's desired state changed: the planners have work, and (on delete) the nodes
-    /// running its instances have new assignments.
-    Tier(String),
+    /// A tier's desired state changed: the planners have work. No assignment changes until
+    /// they act (their commands touch the nodes they place on or drain from).
+    TierChanged,
+    /// A tier was deleted, which drains its instances in the same entry: the nodes running
+    /// them have new assignments, and the planners have work.
+    TierDeleted(String),
     Nothing,
 }
 
@@ -50,8 +53,8 @@ impl Touch {
                 Touch::Nodes(vec![node.clone()])
             }
             C::RegisterNode { registration } => Touch::Nodes(vec![registration.node_id.clone()]),
-            C::PutTier { spec } => Touch::Tier(spec.name.clone()),
-            C::DeleteTier { name, .. } | C::ScaleTier { name, .. } => Touch::Tier(name.clone()),
+            C::PutTier { .. } | C::ScaleTier { .. } => Touch::TierChanged,
+            C::DeleteTier { name, .. } => Touch::TierDeleted(name.clone()),
             C::RemoveInstances { .. } | C::RecordEvent { .. } | C::Batch { .. } => Touch::Nothing,
         }
     }
@@ -144,7 +147,8 @@ impl Liveness {
                 });
                 self.notify(nodes);
             }
-            Touch::Tier(tier) => {
+            Touch::TierChanged => self.wake.notify_one(),
+            Touch::TierDeleted(tier) => {
                 let nodes: Vec<String> = state.read(|machine| {
                     machine
                         .state

@@ -464,18 +464,6 @@ impl LogStore {
             Err(_) => Err(writer_gone(ErrorSubject::Vote)),
         }
     }
-
-    /// Index of the last entry in the log (0 when empty), for metrics.
-    pub fn last_index(&self) -> u64 {
-        let cache = self.cache();
-        cache
-            .entries
-            .keys()
-            .next_back()
-            .copied()
-            .or(cache.last_purged.map(|id| id.index))
-            .unwrap_or(0)
-    }
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
