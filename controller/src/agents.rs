@@ -192,6 +192,13 @@ pub struct ReconcileConfig {
     pub plan: PlanConfig,
 }
 
+/// The least time between two rounds that a wake-up (rather than the period) started. Under a
+/// stream of writes every commit wakes the planners; spacing the rounds makes a burst of
+/// writes cost one round instead of one per commit, while a lone write still reaches the
+/// planners within this delay. Wake-ups in the meantime coalesce into one (`Notify` keeps a
+/// single permit).
+const MIN_WAKE_SPACING: Duration = Duration::from_millis(10);
+
 /// Runs the reconcile loop until `shutdown` is cancelled. Acts only while this node leads.
 pub async fn run_reconciler(
     controller: Arc<Controller>,
@@ -199,12 +206,20 @@ pub async fn run_reconciler(
     shutdown: CancellationToken,
 ) {
     let mut round: u64 = 0;
+    let mut last_round = tokio::time::Instant::now();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(config.interval) => {}
-            () = controller.liveness.wake.notified() => {}
+            () = controller.liveness.wake.notified() => {
+                let spacing = tokio::time::sleep_until(last_round + MIN_WAKE_SPACING);
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = spacing => {}
+                }
+            }
         }
+        last_round = tokio::time::Instant::now();
         let metrics = controller.raft.metrics().borrow().clone();
         if metrics.state != ServerState::Leader {
             let mut inner = controller.liveness.lock();

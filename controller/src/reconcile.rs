@@ -88,9 +88,11 @@ pub fn plan(
         commands.push(Command::UpdateInstances { updates });
     }
     let mut reservations = Reservations::of(state);
+    let index = RoundIndex::of(state);
     for tier in state.tiers.values() {
         commands.extend(plan_tier(
             state,
+            &index,
             tier,
             config,
             now_ms,
@@ -208,6 +210,47 @@ fn plan_reports(
     updates
 }
 
+/// Lookups every tier's plan needs, built once per round so that a round costs time linear in
+/// the state's size rather than tiers x (instances + events).
+struct RoundIndex<'a> {
+    /// Every instance of each tier (any phase), in instance id order.
+    by_tier: HashMap<&'a str, Vec<&'a Instance>>,
+    /// The reason of each object's latest event.
+    last_reason: HashMap<&'a str, &'a str>,
+}
+
+impl<'a> RoundIndex<'a> {
+    fn of(state: &'a State) -> Self {
+        let mut by_tier: HashMap<&str, Vec<&Instance>> = HashMap::new();
+        for instance in state.instances.values() {
+            by_tier
+                .entry(instance.tier.as_str())
+                .or_default()
+                .push(instance);
+        }
+        // Events are oldest first: later ones overwrite earlier ones.
+        let last_reason = state
+            .events
+            .iter()
+            .map(|event| (event.object.as_str(), event.reason.as_str()))
+            .collect();
+        RoundIndex {
+            by_tier,
+            last_reason,
+        }
+    }
+
+    fn instances_of(&self, tier: &str) -> &[&'a Instance] {
+        self.by_tier.get(tier).map_or(&[], Vec::as_slice)
+    }
+
+    fn last_event_reason(&self, tier: &str) -> Option<&'a str> {
+        self.last_reason
+            .get(format!("tier/{tier}").as_str())
+            .copied()
+    }
+}
+
 /// CPU and memory reserved on each node, including instances planned this round.
 struct Reservations {
     used: BTreeMap<String, (f64, u64)>,
@@ -255,6 +298,7 @@ impl Reservations {
 
 fn plan_tier(
     state: &State,
+    index: &RoundIndex<'_>,
     tier: &Tier,
     config: &PlanConfig,
     now_ms: u64,
@@ -263,10 +307,11 @@ fn plan_tier(
 ) -> Vec<Command> {
     let name = tier.name();
     let desired = tier.status.desired as usize;
-    let mut instances: Vec<&Instance> = state
-        .instances
-        .values()
-        .filter(|instance| instance.tier == name && instance.phase.is_live())
+    let mut instances: Vec<&Instance> = index
+        .instances_of(name)
+        .iter()
+        .copied()
+        .filter(|instance| instance.phase.is_live())
         .collect();
     // Oldest first: scale-in and rolling remove the newest surplus and the oldest outdated.
     instances.sort_by_key(|instance| (instance.created_at_ms, instance.id));
@@ -345,19 +390,18 @@ fn plan_tier(
         .saturating_sub(current.len())
         .min(ceiling.saturating_sub(live_after));
 
-    let recent_failures = state
-        .instances
-        .values()
+    let recent_failures = index
+        .instances_of(name)
+        .iter()
         .filter(|instance| {
-            instance.tier == name
-                && instance.phase == Phase::Failed
+            instance.phase == Phase::Failed
                 && now_ms.saturating_sub(instance.updated_at_ms) < config.failure_window_ms
         })
         .count();
     let mut commands = Vec::new();
     if creates > 0 && recent_failures >= config.max_failures_in_window {
         creates = 0;
-        if last_event_reason(state, name) != Some("BackingOff") {
+        if index.last_event_reason(name) != Some("BackingOff") {
             commands.push(Command::RecordEvent {
                 object: format!("tier/{name}"),
                 reason: "BackingOff".to_string(),
@@ -371,7 +415,7 @@ fn plan_tier(
 
     let mut placed = Vec::new();
     let mut unschedulable = None;
-    let mut spread_counts = spread_counts(state, tier);
+    let mut spread_counts = spread_counts(state, index, tier);
     for _ in 0..creates {
         match choose_node(state, tier, reservations, &spread_counts) {
             Some(node) => {
@@ -385,7 +429,7 @@ fn plan_tier(
                 });
             }
             None => {
-                if last_event_reason(state, name) != Some("Unschedulable") {
+                if index.last_event_reason(name) != Some("Unschedulable") {
                     unschedulable = Some(Command::RecordEvent {
                         object: format!("tier/{name}"),
                         reason: "Unschedulable".to_string(),
@@ -425,16 +469,6 @@ fn plan_tier(
     commands
 }
 
-fn last_event_reason<'a>(state: &'a State, tier: &str) -> Option<&'a str> {
-    let object = format!("tier/{tier}");
-    state
-        .events
-        .iter()
-        .rev()
-        .find(|event| event.object == object)
-        .map(|event| event.reason.as_str())
-}
-
 fn spread_key(tier: &Tier, node: &NodeRecord) -> String {
     match tier.spec.placement.spread {
         Spread::Node => node.id.clone(),
@@ -443,10 +477,10 @@ fn spread_key(tier: &Tier, node: &NodeRecord) -> String {
 }
 
 /// Live instances of `tier` per spread domain.
-fn spread_counts(state: &State, tier: &Tier) -> BTreeMap<String, usize> {
+fn spread_counts(state: &State, index: &RoundIndex<'_>, tier: &Tier) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();
-    for instance in state.instances.values() {
-        if instance.tier != tier.name() || !instance.phase.is_live() {
+    for instance in index.instances_of(tier.name()) {
+        if !instance.phase.is_live() {
             continue;
         }
         if let Some(node) = instance
