@@ -20,7 +20,15 @@ use crate::problem::{FieldError, Problem};
 /// Errors: syntax or premature end of input → 400 with kind `malformed` and the line and column
 /// in `detail`; a value that does not fit `T` (unknown or missing field, wrong type, bad enum
 /// value, bad duration) → 422 with one `errors[]` entry holding the field path.
+///
+/// A body that decodes is decoded once, without path tracking (which costs an allocation per
+/// field on every request); only a failing body is decoded again with `serde_path_to_error` to
+/// name the field. Both passes run the same `Deserialize` impl on the same bytes, so they fail
+/// alike.
 pub fn decode_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, Problem> {
+    if let Ok(value) = serde_json::from_slice(body) {
+        return Ok(value);
+    }
     let mut deserializer = serde_json::Deserializer::from_slice(body);
     let value = serde_path_to_error::deserialize(&mut deserializer).map_err(problem_from)?;
     deserializer.end().map_err(|error| malformed(&error))?;

@@ -10,6 +10,7 @@
 //! - `network`: Raft RPCs and forwarded requests to peers over HTTP.
 //! - `node`: a running node: start and bootstrap, the write path (propose, forward to the
 //!   leader) and the read path (ReadIndex).
+//! - `forward`: a follower's forwarding of client writes to the leader, several per request.
 //! - `http`: the only module that knows axum: `/v1`, `/raft`, health and metrics.
 //! - `metrics`: Prometheus text.
 //!
@@ -17,6 +18,7 @@
 
 pub mod agents;
 pub mod config;
+pub mod forward;
 pub mod http;
 pub mod lifecycle;
 pub mod metrics;

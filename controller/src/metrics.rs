@@ -92,6 +92,17 @@ pub fn render(controller: &Controller) -> String {
         "Agent heartbeats answered while this node led.",
         liveness.heartbeats.load(Ordering::Relaxed),
     );
+    let forwarded = controller.forwarder.counts();
+    counter(
+        "strata_forwarded_writes_total",
+        "Client writes this node forwarded to the leader.",
+        forwarded.writes.load(Ordering::Relaxed),
+    );
+    counter(
+        "strata_forward_requests_total",
+        "Requests to the leader that carried the forwarded writes (several writes each under load).",
+        forwarded.requests.load(Ordering::Relaxed),
+    );
     let (nodes, instances, events) = controller.state.read(|machine| {
         let mut nodes: BTreeMap<&'static str, u64> = BTreeMap::new();
         for node in machine.state.nodes.values() {

@@ -30,7 +30,7 @@ pub mod routes {
     pub const APPEND: &str = "/raft/append";
     pub const VOTE: &str = "/raft/vote";
     pub const SNAPSHOT: &str = "/raft/snapshot";
-    pub const WRITE: &str = "/raft/write";
+    pub const WRITE_BATCH: &str = "/raft/write-batch";
     pub const READ_INDEX: &str = "/raft/read-index";
     pub const MEMBERS: &str = "/raft/members";
 }

@@ -25,6 +25,7 @@ use strata_api::{ClusterStatus, Member};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Config;
+use crate::forward::{ForwardFailure, Forwarder};
 use crate::network::{routes, NetworkFactory, PeerClient, PeerError};
 use crate::raft_types::{NodeId, Raft};
 use crate::state::{Command, CommandResult, Request};
@@ -116,6 +117,8 @@ pub struct Controller {
     pub liveness: crate::agents::Liveness,
     /// Client commands on their way into a (batched) log entry.
     batcher: mpsc::UnboundedSender<Pending>,
+    /// Client commands on their way to the leader, when this node follows.
+    pub forwarder: Forwarder,
 }
 
 impl Controller {
@@ -169,6 +172,7 @@ impl Controller {
         .await
         .context("start raft")?;
 
+        let peers_for_forwarding = peers.clone();
         let (batcher, queue) = mpsc::unbounded_channel();
         tokio::spawn(run_batcher(raft.clone(), queue));
         let controller = Arc::new(Controller {
@@ -181,6 +185,7 @@ impl Controller {
             write_timeout: config.write_timeout.as_std(),
             liveness: crate::agents::Liveness::default(),
             batcher,
+            forwarder: Forwarder::start(peers_for_forwarding, config.write_timeout.as_std()),
         });
         controller.bootstrap(config).await?;
         Ok(controller)
@@ -237,7 +242,9 @@ impl Controller {
 
     /// The leader this node knows of, with its address.
     pub fn leader(&self) -> Option<(NodeId, String)> {
-        let metrics = self.raft.metrics().borrow().clone();
+        // Every write asks this: read the metrics in place rather than cloning them.
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
         let leader = metrics.current_leader?;
         let address = metrics
             .membership_config
@@ -259,25 +266,33 @@ impl Controller {
     async fn propose_until_done(&self, command: Command) -> Result<CommandResult, ClusterError> {
         let mut backoff = RetryBackoff::new();
         loop {
-            let leader_hint = match self.propose_local(command.clone()).await {
-                Ok(result) => return Ok(result),
-                Err(LocalWriteError::NotLeader(hint)) => hint,
-                Err(LocalWriteError::Failed(error)) => return Err(error),
+            // A follower that knows the leader forwards at once; only a node that believes it
+            // leads, or knows no leader, asks its own Raft (which answers with a hint).
+            let leader_hint = match self.leader() {
+                Some(known) if known.0 != self.id => Some(known),
+                _ => match self.propose_local(command.clone()).await {
+                    Ok(result) => return Ok(result),
+                    Err(LocalWriteError::NotLeader(hint)) => hint,
+                    Err(LocalWriteError::Failed(error)) => return Err(error),
+                },
             };
             match leader_hint {
                 Some((leader, address)) if leader != self.id => {
-                    match self.forward_write(&address, &command).await {
+                    match self.forwarder.forward(&address, command.clone()).await {
                         Ok(ForwardedWrite::Applied(result)) => return Ok(result),
                         Ok(ForwardedWrite::NotLeader { .. }) => {}
                         Ok(ForwardedWrite::Failed(error)) => {
                             return Err(ClusterError::NoLeader(error))
                         }
-                        // Not delivered: safe to try again once a leader is known.
-                        Err(PeerError::Unreachable { .. }) => {}
-                        Err(PeerError::Status { status, body, .. }) if status == 503 => {
-                            tracing::debug!(status, body, "leader not ready for a forwarded write")
+                        // Not delivered, or refused before proposing: safe to try again once a
+                        // leader is known.
+                        Err(ForwardFailure::NotDelivered) => {}
+                        Err(ForwardFailure::NotReady) => {
+                            tracing::debug!("leader not ready for a forwarded write")
                         }
-                        Err(error) => return Err(ClusterError::OutcomeUnknown(error.to_string())),
+                        Err(ForwardFailure::Unknown(error)) => {
+                            return Err(ClusterError::OutcomeUnknown(error))
+                        }
                     }
                 }
                 _ => {}
@@ -308,16 +323,6 @@ impl Controller {
             self.liveness.after_write(&self.state, touch);
         }
         result
-    }
-
-    async fn forward_write(
-        &self,
-        address: &str,
-        command: &Command,
-    ) -> Result<ForwardedWrite, PeerError> {
-        self.peers
-            .call(address, routes::WRITE, command, self.write_timeout)
-            .await
     }
 
     /// Waits until this node's state machine reflects every write acknowledged before the call

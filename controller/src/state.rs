@@ -33,8 +33,13 @@ pub struct Request {
 
 /// Every change of replicated state. Closed: adding a variant is a protocol change that every
 /// node must understand before the leader may propose it.
+///
+/// Adjacently tagged (`{"type": "put_tier", "args": {...}}`) rather than internally: serde
+/// decodes an internally tagged enum by buffering the whole object first (and a `Batch` of
+/// them twice), while an adjacent tag that comes first, as serde writes it, lets the arguments
+/// decode in place. Every entry is decoded on every follower, so this is on the write path.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(tag = "type", content = "args", rename_all = "snake_case")]
 pub enum Command {
     /// Create or replace a tier. `spec.resource_version` is the compare-and-set precondition:
     /// `Some(0)` means "must not exist yet", `Some(v)` "must be at version v".
@@ -126,8 +131,9 @@ pub struct NodeRecord {
 }
 
 /// The outcome of applying one entry.
+/// Adjacently tagged for the same reason as `Command`: forwarded writes carry it back.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "outcome", rename_all = "snake_case")]
+#[serde(tag = "outcome", content = "value", rename_all = "snake_case")]
 pub enum CommandResult {
     /// Entries without a command (blank, membership) have no outcome.
     None,
@@ -155,7 +161,7 @@ pub enum CommandResult {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "reason", rename_all = "snake_case")]
+#[serde(tag = "reason", content = "details", rename_all = "snake_case")]
 pub enum Rejection {
     NotFound {
         kind: String,
@@ -192,36 +198,38 @@ pub struct State {
 impl State {
     /// Applies one command at log index `index`. Deterministic: see the module invariants.
     pub fn apply(&mut self, index: u64, request: &Request) -> CommandResult {
-        match &request.command {
-            Command::PutTier { spec } => self.put_tier(index, request.at_ms, spec),
+        self.apply_command(index, request.at_ms, &request.command)
+    }
+
+    fn apply_command(&mut self, index: u64, at_ms: u64, command: &Command) -> CommandResult {
+        match command {
+            Command::PutTier { spec } => self.put_tier(index, at_ms, spec),
             Command::DeleteTier {
                 name,
                 expected_version,
-            } => self.delete_tier(index, request.at_ms, name, *expected_version),
+            } => self.delete_tier(index, at_ms, name, *expected_version),
             Command::ScaleTier {
                 name,
                 desired,
                 expected_version,
-            } => self.scale_tier(index, request.at_ms, name, *desired, *expected_version),
+            } => self.scale_tier(index, at_ms, name, *desired, *expected_version),
             Command::RegisterNode { registration } => {
-                self.register_node(index, request.at_ms, registration)
+                self.register_node(index, at_ms, registration)
             }
             Command::SetNodeReady {
                 node,
                 ready,
                 reason,
-            } => self.set_node_ready(index, request.at_ms, node, *ready, reason),
+            } => self.set_node_ready(index, at_ms, node, *ready, reason),
             Command::SetNodeFlags {
                 node,
                 cordoned,
                 draining,
-            } => self.set_node_flags(index, request.at_ms, node, *cordoned, *draining),
+            } => self.set_node_flags(index, at_ms, node, *cordoned, *draining),
             Command::CreateInstances { instances, reason } => {
-                self.create_instances(index, request.at_ms, instances, reason)
+                self.create_instances(index, at_ms, instances, reason)
             }
-            Command::UpdateInstances { updates } => {
-                self.update_instances(index, request.at_ms, updates)
-            }
+            Command::UpdateInstances { updates } => self.update_instances(index, at_ms, updates),
             Command::RemoveInstances { ids } => {
                 let mut count = 0;
                 for id in ids {
@@ -241,21 +249,13 @@ impl State {
                 reason,
                 message,
             } => {
-                self.record(request.at_ms, object.clone(), reason, message.clone());
+                self.record(at_ms, object.clone(), reason, message.clone());
                 CommandResult::Changed { count: 0 }
             }
             Command::Batch { commands } => CommandResult::Batch {
                 results: commands
                     .iter()
-                    .map(|command| {
-                        self.apply(
-                            index,
-                            &Request {
-                                at_ms: request.at_ms,
-                                command: command.clone(),
-                            },
-                        )
-                    })
+                    .map(|command| self.apply_command(index, at_ms, command))
                     .collect(),
             },
         }

@@ -125,6 +125,82 @@ async fn write_through_a_follower_is_read_back_from_every_node() -> anyhow::Resu
     Ok(())
 }
 
+/// Concurrent writes through one follower travel to the leader together (several per forwarded
+/// request, several per log entry); each caller must still get the answer to its own write:
+/// its own tier back, or its own rejection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_through_a_follower_each_get_their_own_answer() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(ClusterOptions::default()).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(20)).await?;
+    let follower = follower_of(leader, &[1, 2, 3]);
+    // A tier to send stale compare-and-set writes against.
+    assert_eq!(put_tier(&cluster, follower, "fixed").await?, 201);
+
+    let mut writes = Vec::new();
+    for round in 0..4 {
+        for client in 0..48u32 {
+            let http = cluster.http.clone();
+            let url_of = |name: &str| cluster.url(follower, &format!("/v1/tiers/{name}"));
+            let (name, url) = if client % 8 == 7 {
+                ("fixed".to_string(), url_of("fixed"))
+            } else {
+                let name = format!("w{round}-{client}");
+                let url = url_of(&name);
+                (name, url)
+            };
+            writes.push(tokio::spawn(async move {
+                let mut body = tier_body(&name);
+                // Distinct maxima tell the answers apart.
+                body["scaling"]["max"] = json!(100 + client);
+                if name == "fixed" {
+                    body["resource_version"] = json!(1);
+                }
+                let answer = send(&http, Method::PUT, &url, Some(ADMIN_TOKEN), Some(&body)).await;
+                (name, client, answer)
+            }));
+        }
+    }
+    let mut created = 0;
+    for write in writes {
+        let (name, client, answer) = write.await?;
+        let answer = answer?;
+        if name == "fixed" {
+            assert_eq!(answer.status, 409, "stale write on {name}: {answer:?}");
+            continue;
+        }
+        assert_eq!(answer.status, 201, "{name}: {answer:?}");
+        assert_eq!(answer.body["name"], name.as_str(), "{answer:?}");
+        assert_eq!(answer.body["scaling"]["max"], 100 + client, "{answer:?}");
+        created += 1;
+    }
+    assert_eq!(created, 4 * 42);
+    let names = tier_names(&cluster, leader, false).await?;
+    assert_eq!(names.len(), 4 * 42 + 1);
+    // They did travel together: fewer forwarding requests than forwarded writes.
+    let metrics = cluster
+        .http
+        .get(cluster.url(follower, "/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let value = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let forwarded = value("strata_forwarded_writes_total");
+    let requests = value("strata_forward_requests_total");
+    // `fixed` and the 192 concurrent writes all went through the follower.
+    assert!(forwarded > 4 * 48, "forwarded {forwarded}:\n{metrics}");
+    assert!(
+        requests < forwarded,
+        "{requests} requests for {forwarded} writes"
+    );
+    Ok(())
+}
+
 /// Writers that record every write the cluster acknowledged.
 struct Writers {
     acknowledged: Arc<Mutex<Vec<String>>>,

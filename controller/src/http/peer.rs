@@ -4,14 +4,18 @@
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{FromRequest, Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
+use bytes::Bytes;
 use openraft::error::{InstallSnapshotError, RaftError};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
+use serde::de::DeserializeOwned;
 
 use crate::network::routes;
 use crate::node::{
@@ -26,47 +30,80 @@ pub fn routes() -> Router<Arc<Controller>> {
         .route(routes::APPEND, post(append))
         .route(routes::VOTE, post(vote))
         .route(routes::SNAPSHOT, post(snapshot))
-        .route(routes::WRITE, post(write))
+        .route(routes::WRITE_BATCH, post(write_batch))
         .route(routes::READ_INDEX, post(read_index))
         .route(routes::MEMBERS, post(members))
 }
 
+/// A JSON body from a peer. Unlike axum's `Json`, it decodes without `serde_path_to_error`:
+/// peers send what this same code encoded, so a field path would help nobody, and tracking it
+/// costs an allocation per field on every AppendEntries. A body that does not decode is a 400
+/// with serde's message.
+struct PeerJson<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for PeerJson<T> {
+    type Rejection = Response;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(request, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        serde_json::from_slice(&bytes)
+            .map(PeerJson)
+            .map_err(|error| {
+                (
+                    StatusCode::BAD_REQUEST,
+                    format!("decode peer request: {error}"),
+                )
+                    .into_response()
+            })
+    }
+}
+
 async fn append(
     State(controller): State<Arc<Controller>>,
-    Json(request): Json<AppendEntriesRequest<TypeConfig>>,
+    PeerJson(request): PeerJson<AppendEntriesRequest<TypeConfig>>,
 ) -> Json<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>> {
     Json(controller.raft.append_entries(request).await)
 }
 
 async fn vote(
     State(controller): State<Arc<Controller>>,
-    Json(request): Json<VoteRequest<NodeId>>,
+    PeerJson(request): PeerJson<VoteRequest<NodeId>>,
 ) -> Json<Result<VoteResponse<NodeId>, RaftError<NodeId>>> {
     Json(controller.raft.vote(request).await)
 }
 
 async fn snapshot(
     State(controller): State<Arc<Controller>>,
-    Json(request): Json<InstallSnapshotRequest<TypeConfig>>,
+    PeerJson(request): PeerJson<InstallSnapshotRequest<TypeConfig>>,
 ) -> Json<Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>> {
     Json(controller.raft.install_snapshot(request).await)
 }
 
-/// A follower forwarded a client write: propose it here if this node still leads.
-async fn write(
+/// A follower forwarded client writes: propose each here if this node still leads, all at
+/// once so that they share log entries, and answer one outcome per command, in order.
+async fn write_batch(
     State(controller): State<Arc<Controller>>,
-    Json(command): Json<Command>,
-) -> Json<ForwardedWrite> {
+    PeerJson(commands): PeerJson<Vec<Command>>,
+) -> Json<Vec<ForwardedWrite>> {
     let timeout = controller.write_timeout;
-    let outcome = tokio::time::timeout(timeout, controller.propose_local(command)).await;
-    Json(match outcome {
-        Ok(Ok(result)) => ForwardedWrite::Applied(result),
-        Ok(Err(LocalWriteError::NotLeader(leader))) => ForwardedWrite::NotLeader { leader },
-        Ok(Err(LocalWriteError::Failed(error))) => ForwardedWrite::Failed(error.to_string()),
-        Err(_) => ForwardedWrite::Failed(format!(
-            "the leader did not commit the write within {timeout:?}; its outcome is unknown"
-        )),
-    })
+    let proposals = commands.into_iter().map(|command| {
+        let controller = &controller;
+        async move {
+            match tokio::time::timeout(timeout, controller.propose_local(command)).await {
+                Ok(Ok(result)) => ForwardedWrite::Applied(result),
+                Ok(Err(LocalWriteError::NotLeader(leader))) => ForwardedWrite::NotLeader { leader },
+                Ok(Err(LocalWriteError::Failed(error))) => {
+                    ForwardedWrite::Failed(error.to_string())
+                }
+                Err(_) => ForwardedWrite::Failed(format!(
+                    "the leader did not commit the write within {timeout:?}; its outcome is unknown"
+                )),
+            }
+        }
+    });
+    Json(futures::future::join_all(proposals).await)
 }
 
 async fn read_index(State(controller): State<Arc<Controller>>) -> Json<ReadIndex> {
@@ -75,7 +112,7 @@ async fn read_index(State(controller): State<Arc<Controller>>) -> Json<ReadIndex
 
 async fn members(
     State(controller): State<Arc<Controller>>,
-    Json(request): Json<MembershipRequest>,
+    PeerJson(request): PeerJson<MembershipRequest>,
 ) -> Json<Result<(), MembershipFailure>> {
     Json(
         controller
