@@ -27,8 +27,9 @@ use crate::state::Command;
 
 /// Forwarding requests one follower keeps in flight to the leader. More than one, so that a
 /// write arriving just after a request left does not wait for that request's whole commit
-/// round; few, so that writes arriving meanwhile queue up and share the next request.
-const MAX_REQUESTS_IN_FLIGHT: usize = 2;
+/// round; few, so that writes arriving meanwhile queue up and share the next request. With 64
+/// clients on 2 cores, 4 measured about 3% more writes/s than 2 or 8, and 1 about 10% fewer.
+const MAX_REQUESTS_IN_FLIGHT: usize = 4;
 /// Commands in one forwarding request at most (the leader's entries hold 64).
 const MAX_COMMANDS_PER_REQUEST: usize = 64;
 
