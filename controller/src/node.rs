@@ -47,6 +47,9 @@ pub enum ClusterError {
     Membership(String),
     #[error("this node is shutting down")]
     ShuttingDown,
+    /// A fault of this node, not of the request or the cluster; nothing was proposed.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 /// What a leader answers to a forwarded write.
@@ -656,7 +659,15 @@ async fn write_entry(raft: &Raft, command: Command) -> Result<CommandResult, Loc
         at_ms: now_ms(),
         command,
     };
-    match raft.client_write(request).await {
+    let proposal = match crate::raft_types::Proposal::new(request) {
+        Ok(proposal) => proposal,
+        Err(error) => {
+            return Err(LocalWriteError::Failed(ClusterError::Internal(format!(
+                "encode the command: {error}"
+            ))))
+        }
+    };
+    match raft.client_write(proposal).await {
         Ok(response) => Ok(response.data),
         // openraft answers ForwardToLeader either before appending (not the leader) or when
         // the entry was truncated away by a new leader; both mean "not applied", so a retry

@@ -722,7 +722,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             machine.last_applied = Some(log_id);
             let result = match entry.payload {
                 EntryPayload::Blank => CommandResult::None,
-                EntryPayload::Normal(request) => machine.state.apply(log_id.index, &request),
+                EntryPayload::Normal(proposal) => {
+                    // Only text this same code encoded gets here; a node that cannot read an
+                    // entry must stop rather than diverge from the others.
+                    let request = proposal.request().map_err(|error| {
+                        io_error(ErrorSubject::Apply(log_id), ErrorVerb::Read, error)
+                    })?;
+                    machine.state.apply(log_id.index, &request)
+                }
                 EntryPayload::Membership(membership) => {
                     machine.last_membership = StoredMembership::new(Some(log_id), membership);
                     CommandResult::None

@@ -110,6 +110,11 @@ impl From<ClusterError> for ApiError {
                 "membership",
                 "Membership change refused",
             ),
+            ClusterError::Internal(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "Internal error",
+            ),
         };
         ApiError::new(status, kind, title, error.to_string())
     }
