@@ -268,10 +268,12 @@ impl Controller {
 
     async fn propose_until_done(&self, command: Command) -> Result<CommandResult, ClusterError> {
         let mut backoff = RetryBackoff::new();
+        // The leader named by a node that said it no longer leads, to try next.
+        let mut named_by_old_leader: Option<(NodeId, String)> = None;
         loop {
             // A follower that knows the leader forwards at once; only a node that believes it
             // leads, or knows no leader, asks its own Raft (which answers with a hint).
-            let leader_hint = match self.leader() {
+            let leader_hint = match named_by_old_leader.take().or_else(|| self.leader()) {
                 Some(known) if known.0 != self.id => Some(known),
                 _ => match self.propose_local(command.clone()).await {
                     Ok(result) => return Ok(result),
@@ -283,7 +285,7 @@ impl Controller {
                 Some((leader, address)) if leader != self.id => {
                     match self.forwarder.forward(&address, command.clone()).await {
                         Ok(ForwardedWrite::Applied(result)) => return Ok(result),
-                        Ok(ForwardedWrite::NotLeader { .. }) => {}
+                        Ok(ForwardedWrite::NotLeader { leader }) => named_by_old_leader = leader,
                         Ok(ForwardedWrite::Failed(error)) => {
                             return Err(ClusterError::NoLeader(error))
                         }
@@ -573,9 +575,9 @@ const MAX_BATCH: usize = 64;
 /// Why: openraft 0.9 appends and fsyncs each client write as its own entry, one at a time
 /// (`RaftCore::append_to_log` waits for the flush before the next message), so the leader's
 /// write rate would be one per fsync. While a batched entry is in flight, new commands queue
-/// up here and go out together in the next entry, so the batch grows with the load. Commands on the same object
-/// never share an entry (they wait for the next one), which keeps "resource version = the index
-/// of the entry that last changed the object" unambiguous.
+/// up here and go out together in the next entry, so the batch grows with the load. Commands
+/// on the same object never share an entry (they wait for the next one), which keeps
+/// "resource version = the index of the entry that last changed the object" unambiguous.
 async fn run_batcher(raft: Raft, mut queue: mpsc::UnboundedReceiver<Pending>) {
     let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_BATCHES_IN_FLIGHT));
     let mut held: std::collections::VecDeque<Pending> = std::collections::VecDeque::new();
