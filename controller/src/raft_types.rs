@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::io::Cursor;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::value::RawValue;
@@ -39,31 +39,41 @@ pub type Snapshot = openraft::Snapshot<TypeConfig>;
 /// those steps; carried as JSON text it is copied verbatim into the log row and the
 /// AppendEntries body (serde_json writes a `RawValue` as it is and reads one by scanning for
 /// its end), and decoded once per node, when it is applied. Clones share one allocation,
-/// which is what openraft's log reads for replication and apply make.
+/// which is what openraft's log reads for replication and apply make. The in-memory log
+/// therefore holds each entry once, as text, on leader and followers alike.
 #[derive(Clone)]
 pub struct Proposal(Arc<ProposalInner>);
 
 struct ProposalInner {
     json: Box<RawValue>,
-    /// The request on the leader that proposed it (no need to decode what it just encoded).
-    decoded: OnceLock<Request>,
+    /// The request on the leader that proposed it, until it is applied (no need to decode
+    /// what it just encoded; afterwards the log keeps only the text).
+    decoded: Mutex<Option<Request>>,
 }
 
 impl Proposal {
     /// Encodes `request` for the log.
     pub fn new(request: Request) -> Result<Proposal, serde_json::Error> {
         let json = serde_json::value::to_raw_value(&request)?;
-        let decoded = OnceLock::new();
-        let _ = decoded.set(request);
-        Ok(Proposal(Arc::new(ProposalInner { json, decoded })))
+        Ok(Proposal(Arc::new(ProposalInner {
+            json,
+            decoded: Mutex::new(Some(request)),
+        })))
     }
 
-    /// The request: the proposer's own copy, or decoded from the JSON. Not cached, so a
-    /// follower's log holds each entry once, as text.
-    pub fn request(&self) -> Result<std::borrow::Cow<'_, Request>, serde_json::Error> {
-        match self.0.decoded.get() {
-            Some(request) => Ok(std::borrow::Cow::Borrowed(request)),
-            None => serde_json::from_str(self.0.json.get()).map(std::borrow::Cow::Owned),
+    /// The request, for applying it: the proposer's own copy, which leaves the log holding
+    /// only the text, or else decoded from the text. A node applies each entry once per
+    /// process, so the copy is never wanted twice (and decoding would still answer if it were).
+    pub fn take_request(&self) -> Result<Request, serde_json::Error> {
+        let taken = self
+            .0
+            .decoded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        match taken {
+            Some(request) => Ok(request),
+            None => serde_json::from_str(self.0.json.get()),
         }
     }
 
@@ -96,7 +106,7 @@ impl<'de> Deserialize<'de> for Proposal {
         let json = Box::<RawValue>::deserialize(deserializer)?;
         Ok(Proposal(Arc::new(ProposalInner {
             json,
-            decoded: OnceLock::new(),
+            decoded: Mutex::new(None),
         })))
     }
 }
@@ -132,7 +142,10 @@ mod tests {
             panic!("not a normal entry: {text}");
         };
         assert_eq!(decoded, proposal);
-        assert_eq!(decoded.request()?.into_owned(), request());
+        assert_eq!(decoded.take_request()?, request());
+        // The proposer's copy, then the text once the copy is taken.
+        assert_eq!(proposal.take_request()?, request());
+        assert_eq!(proposal.take_request()?, request());
         Ok(())
     }
 
@@ -140,7 +153,7 @@ mod tests {
     #[test]
     fn a_proposal_that_is_not_a_request_fails_to_decode() -> Result<(), serde_json::Error> {
         let proposal: Proposal = serde_json::from_str(r#"{"at_ms": 1, "command": 5}"#)?;
-        assert!(proposal.request().is_err());
+        assert!(proposal.take_request().is_err());
         Ok(())
     }
 }

@@ -725,7 +725,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 EntryPayload::Normal(proposal) => {
                     // Only text this same code encoded gets here; a node that cannot read an
                     // entry must stop rather than diverge from the others.
-                    let request = proposal.request().map_err(|error| {
+                    let request = proposal.take_request().map_err(|error| {
                         io_error(ErrorSubject::Apply(log_id), ErrorVerb::Read, error)
                     })?;
                     machine.state.apply(log_id.index, &request)
