@@ -69,6 +69,12 @@ pub struct Config {
     #[arg(long, env = "STRATA_SNAPSHOT_LOGS", default_value_t = 5000)]
     pub snapshot_logs: u64,
 
+    /// Also take a snapshot when the log entries since the last one hold more than this many
+    /// MiB: a batched entry carries from one to 64 writes, so a count alone does not bound the
+    /// log a node keeps in memory.
+    #[arg(long, env = "STRATA_SNAPSHOT_LOG_MIB", default_value_t = 64)]
+    pub snapshot_log_mib: u64,
+
     /// How often the leader sends heartbeats to followers.
     #[arg(long, env = "STRATA_RAFT_HEARTBEAT", default_value = "100ms")]
     pub raft_heartbeat: Duration,

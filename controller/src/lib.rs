@@ -61,6 +61,12 @@ pub async fn run(
         },
         stop.clone(),
     ));
+    let snapshots = {
+        let controller = controller.clone();
+        let limit = config.snapshot_log_mib.max(1).saturating_mul(1024 * 1024);
+        let stop = stop.clone();
+        tokio::spawn(async move { controller.snapshot_by_size(limit, stop).await })
+    };
     let app = http::router(controller.clone());
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
@@ -69,6 +75,9 @@ pub async fn run(
     stop.cancel();
     if let Err(error) = reconciler.await {
         tracing::warn!(%error, "stop the reconciler");
+    }
+    if let Err(error) = snapshots.await {
+        tracing::warn!(%error, "stop the snapshot trigger");
     }
     if let Err(error) = controller.raft.shutdown().await {
         tracing::warn!(%error, "stop raft");

@@ -50,6 +50,11 @@ pub fn render(controller: &Controller) -> String {
         metrics.snapshot.map_or(0, |id| id.index),
     );
     gauge(
+        "strata_raft_log_bytes",
+        "Bytes of request text in the log entries this node holds (since the last purge).",
+        controller.log.bytes(),
+    );
+    gauge(
         "strata_raft_members",
         "Nodes in the current membership (voters and learners).",
         metrics.membership_config.membership().nodes().count() as u64,

@@ -444,6 +444,25 @@ impl LogStore {
             .map_err(|_| writer_gone(subject))
     }
 
+    /// Bytes of request text in the log entries after `index` (blank and membership entries
+    /// count as nothing). Linear in the entries kept, which the snapshot policy bounds.
+    pub fn bytes_after(&self, index: u64) -> u64 {
+        let cache = self.cache();
+        cache
+            .entries
+            .range(index.saturating_add(1)..)
+            .map(|(_, entry)| match &entry.payload {
+                EntryPayload::Normal(proposal) => proposal.json().len() as u64,
+                EntryPayload::Blank | EntryPayload::Membership(_) => 0,
+            })
+            .sum()
+    }
+
+    /// Bytes of request text in every log entry this node holds.
+    pub fn bytes(&self) -> u64 {
+        self.bytes_after(0)
+    }
+
     async fn persist_meta(&self, key: &'static str, value: Vec<u8>) -> Result<(), StorageError> {
         let (done, wait) = oneshot::channel();
         self.send(

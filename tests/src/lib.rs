@@ -103,6 +103,8 @@ pub struct ControllerNode {
 pub struct ClusterOptions {
     pub nodes: u64,
     pub snapshot_logs: u64,
+    /// `--snapshot-log-mib` of the controllers.
+    pub snapshot_log_mib: u64,
     /// `--heartbeat-grace` of the controllers.
     pub heartbeat_grace: &'static str,
     /// The address controllers listen on (and advertise to each other and to agents):
@@ -115,6 +117,7 @@ impl Default for ClusterOptions {
         ClusterOptions {
             nodes: 3,
             snapshot_logs: 5000,
+            snapshot_log_mib: 64,
             heartbeat_grace: "3s",
             listen_host: IpAddr::V4(Ipv4Addr::LOCALHOST),
         }
@@ -176,6 +179,7 @@ impl Cluster {
     pub fn start_node(&mut self, id: u64) -> anyhow::Result<()> {
         let peers = self.peers.clone();
         let snapshot_logs = self.options.snapshot_logs;
+        let snapshot_log_mib = self.options.snapshot_log_mib;
         let heartbeat_grace = self.options.heartbeat_grace;
         let node = self
             .nodes
@@ -199,6 +203,7 @@ impl Cluster {
             .args(["--cluster-secret", CLUSTER_SECRET])
             .args(["--join-token", JOIN_TOKEN])
             .args(["--snapshot-logs", &snapshot_logs.to_string()])
+            .args(["--snapshot-log-mib", &snapshot_log_mib.to_string()])
             .args(["--heartbeat-grace", heartbeat_grace])
             .args(["--reconcile-interval", "200ms"])
             .env("STRATA_LOG", "info")

@@ -201,6 +201,77 @@ async fn concurrent_writes_through_a_follower_each_get_their_own_answer() -> any
     Ok(())
 }
 
+/// openraft's snapshot policy counts entries, and a batched entry may hold 64 writes: the log
+/// is also snapshotted when its size since the last snapshot passes `--snapshot-log-mib`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_is_snapshotted_when_it_outgrows_its_size_limit() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(ClusterOptions {
+        // Far beyond what the test writes: only the size limit can trigger a snapshot.
+        snapshot_logs: 1_000_000,
+        snapshot_log_mib: 1,
+        ..ClusterOptions::default()
+    })
+    .await?;
+    cluster.wait_for_leader(Duration::from_secs(20)).await?;
+    let metric = |text: &str, name: &str| -> u64 {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    // About 2 MiB of tiers of 5 KiB each, from 8 writers spread over the nodes.
+    let padding = "x".repeat(5000);
+    let mut writers = Vec::new();
+    for writer in 0..8u64 {
+        let http = cluster.http.clone();
+        let url = cluster.url(1 + writer % 3, "/v1/tiers");
+        let padding = padding.clone();
+        writers.push(tokio::spawn(async move {
+            for n in 0..50 {
+                let name = format!("big-{writer}-{n}");
+                let mut body = tier_body(&name);
+                body["template"]["env"] = json!({ "PADDING": padding });
+                let answer = send(
+                    &http,
+                    Method::PUT,
+                    &format!("{url}/{name}"),
+                    Some(ADMIN_TOKEN),
+                    Some(&body),
+                )
+                .await?;
+                anyhow::ensure!(answer.status == 201, "{name}: {answer:?}");
+            }
+            Ok(())
+        }));
+    }
+    for writer in writers {
+        writer.await??;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for node in 1..=3 {
+        loop {
+            let text = cluster
+                .http
+                .get(cluster.url(node, "/metrics"))
+                .send()
+                .await?
+                .text()
+                .await?;
+            let snapshot = metric(&text, "strata_raft_snapshot_index");
+            let log_bytes = metric(&text, "strata_raft_log_bytes");
+            if snapshot > 0 {
+                assert!(log_bytes > 0, "node {node}: {text}");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {node} took no snapshot with {log_bytes} bytes of log:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    Ok(())
+}
+
 /// Writers that record every write the cluster acknowledged.
 struct Writers {
     acknowledged: Arc<Mutex<Vec<String>>>,
