@@ -27,6 +27,23 @@ use crate::supervisor::{
 /// How soon the next heartbeat goes out after the agent started or stopped something, or
 /// while an instance is starting.
 const STARTUP_REPORT_DELAY: Duration = Duration::from_millis(50);
+/// Registration retries back off exponentially from one heartbeat interval up to this, each
+/// wait drawn at random below its bound ("full jitter"), so that agents refused or cut off
+/// together (a controller outage, a fleet restarted at once) do not retry in step: every
+/// registration is a Raft write.
+const MAX_REGISTER_BACKOFF: Duration = Duration::from_secs(10);
+
+/// The bound after one more failed registration: doubled, at most `MAX_REGISTER_BACKOFF`.
+fn next_register_backoff(bound: Duration) -> Duration {
+    (bound * 2).min(MAX_REGISTER_BACKOFF)
+}
+
+/// A wait drawn uniformly from `[0, bound]`.
+fn jittered(bound: Duration) -> Duration {
+    use rand::Rng;
+    let millis = u64::try_from(bound.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis(rand::thread_rng().gen_range(0..=millis))
+}
 
 /// Settings of connected mode.
 #[derive(Clone, Debug)]
@@ -200,6 +217,8 @@ pub async fn run(
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
     };
     let mut registered = false;
+    // The bound of the next registration retry's wait; doubles with each failure.
+    let mut register_backoff = config.interval;
     // When the next heartbeat goes out. A long-polled heartbeat already waited at the leader,
     // so the next one follows its answer at once; otherwise the agent waits an interval, or
     // only a moment while an instance is starting, so that its becoming healthy is reported
@@ -217,13 +236,20 @@ pub async fn run(
                 Ok(node) => {
                     tracing::info!(node = %node.id, status = ?node.status, "registered");
                     registered = true;
+                    register_backoff = config.interval;
                 }
-                Err(LinkError::Refused(problem)) => {
-                    tracing::error!(%problem, "registration refused; check --join-token and the flags");
-                    continue;
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "register; retrying");
+                Err(failure) => {
+                    next_delay = jittered(register_backoff);
+                    register_backoff = next_register_backoff(register_backoff);
+                    match failure {
+                        LinkError::Refused(problem) => tracing::error!(
+                            %problem, retry_in = ?next_delay,
+                            "registration refused; check --join-token and the flags"
+                        ),
+                        error => {
+                            tracing::warn!(%error, retry_in = ?next_delay, "register; retrying")
+                        }
+                    }
                     continue;
                 }
             }
@@ -277,7 +303,9 @@ pub async fn run(
             Err(LinkError::NotRegistered) => {
                 tracing::warn!("the controllers do not know this node; registering again");
                 registered = false;
-                next_delay = Duration::ZERO;
+                // Whatever made the controllers forget this node likely made them forget
+                // every node: spread the re-registrations over an interval.
+                next_delay = jittered(config.interval);
             }
             Err(error) => tracing::warn!(%error, "heartbeat failed; instances keep running"),
         }
@@ -318,5 +346,26 @@ pub fn api_report(report: &InstanceReport) -> ApiReport {
             .cpu_utilization_percent
             .filter(|value| value.is_finite() && *value >= 0.0)
             .unwrap_or(0.0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registration_retries_back_off_to_a_cap_with_jitter_below_the_bound() {
+        let mut bound = Duration::from_secs(1);
+        let mut bounds = Vec::new();
+        for _ in 0..6 {
+            bounds.push(bound.as_secs());
+            bound = next_register_backoff(bound);
+        }
+        assert_eq!(bounds, [1, 2, 4, 8, 10, 10]);
+        let waits: Vec<Duration> = (0..200).map(|_| jittered(bound)).collect();
+        assert!(waits.iter().all(|wait| *wait <= bound));
+        // Spread out, not in step: 200 draws from 10,001 values are not all alike.
+        assert!(waits.iter().any(|wait| *wait != waits[0]));
+        assert_eq!(jittered(Duration::ZERO), Duration::ZERO);
     }
 }
