@@ -164,6 +164,21 @@ impl Liveness {
         }
     }
 
+    /// Last heartbeat and metrics of every node heard from in this leadership.
+    pub fn observations(&self) -> HashMap<String, (u64, HostMetrics)> {
+        let inner = self.lock();
+        inner
+            .nodes
+            .iter()
+            .map(|(node, observation)| {
+                (
+                    node.clone(),
+                    (observation.last_seen_ms, observation.metrics.clone()),
+                )
+            })
+            .collect()
+    }
+
     /// The longest time since any node's last heartbeat, in ms (0 when no node is known).
     pub fn max_heartbeat_lag_ms(&self, now_ms: u64) -> u64 {
         let inner = self.lock();

@@ -33,6 +33,7 @@ pub mod routes {
     pub const WRITE_BATCH: &str = "/raft/write-batch";
     pub const READ_INDEX: &str = "/raft/read-index";
     pub const MEMBERS: &str = "/raft/members";
+    pub const LIVENESS: &str = "/raft/liveness";
 }
 
 /// An HTTP client for peers, shared by every Raft connection of this node.

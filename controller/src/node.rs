@@ -12,7 +12,7 @@
 //! leader confirms its leadership with a quorum and returns its commit index; a follower asks
 //! the leader for that index and waits until its own state machine has applied it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -21,7 +21,7 @@ use openraft::error::{
 };
 use openraft::{BasicNode, ChangeMembers, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
-use strata_api::{ClusterStatus, Member};
+use strata_api::{ClusterStatus, HostMetrics, Member};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Config;
@@ -394,6 +394,26 @@ impl Controller {
     pub fn applied_index(&self) -> u64 {
         self.state
             .read(|machine| machine.last_applied.map_or(0, |id| id.index))
+    }
+
+    /// Last heartbeat and host metrics of every node, as the leader knows them: heartbeats go
+    /// to the leader only and live in its memory, so a follower asks it. Empty when no leader
+    /// answers within a second (the node records are still served, without heartbeat data).
+    pub async fn heartbeats(&self) -> HashMap<String, (u64, HostMetrics)> {
+        match self.leader() {
+            Some((leader, _)) if leader == self.id => self.liveness.observations(),
+            Some((leader, address)) => {
+                let answer: Result<HashMap<String, (u64, HostMetrics)>, PeerError> = self
+                    .peers
+                    .call(&address, routes::LIVENESS, &(), Duration::from_secs(1))
+                    .await;
+                answer.unwrap_or_else(|error| {
+                    tracing::debug!(leader, %error, "heartbeat data from the leader");
+                    HashMap::new()
+                })
+            }
+            None => HashMap::new(),
+        }
     }
 
     /// This node's view of the cluster.

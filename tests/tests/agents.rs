@@ -547,6 +547,32 @@ async fn a_controller_leader_failover_marks_no_node_not_ready() -> anyhow::Resul
     assert!(nodes.iter().all(|n| n["status"] == "Ready"), "{nodes:?}");
     let after = env.wait_ready("web", 2, Duration::from_secs(10)).await?;
     assert_eq!(ids(&after), ids(&before));
+    // Heartbeats live in the new leader's memory only; the follower's answer carries them too.
+    let new_leader = env.cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    for node in (1..=3).filter(|node| *node != leader) {
+        let answer = send(
+            &env.cluster.http,
+            Method::GET,
+            &env.cluster.url(node, "/v1/nodes"),
+            Some(ADMIN_TOKEN),
+            None,
+        )
+        .await?;
+        let items = answer.body["items"].as_array().cloned().unwrap_or_default();
+        assert_eq!(items.len(), 2, "{answer:?}");
+        for item in items {
+            let role = if node == new_leader {
+                "leader"
+            } else {
+                "follower"
+            };
+            assert!(
+                item["last_heartbeat_ms"].as_u64().unwrap_or(0) > 0
+                    && item["metrics"]["memory_total_mb"].as_u64().unwrap_or(0) > 0,
+                "node {node} ({role}) has no heartbeat data for {item}"
+            );
+        }
+    }
     Ok(())
 }
 

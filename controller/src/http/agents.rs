@@ -36,9 +36,12 @@ async fn register(
     controller.liveness.wake.notify_one();
     match result {
         CommandResult::Node { node } => {
-            Ok(Json(controller.state.read(|machine| {
-                node_view(&controller, &machine.state, &node)
-            })))
+            let heard = controller.liveness.observation(&node.id);
+            Ok(Json(
+                controller
+                    .state
+                    .read(|machine| node_view(&machine.state, &node, heard)),
+            ))
         }
         other => Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,

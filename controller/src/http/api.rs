@@ -16,8 +16,8 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use strata_api::{
-    AddMemberRequest, Condition, Event, FieldError, Health, Instance, ItemList, Node, NodeStatus,
-    Phase, Problem, Resources, ScaleRequest, Tier, TierSpec,
+    AddMemberRequest, Condition, Event, FieldError, Health, HostMetrics, Instance, ItemList, Node,
+    NodeStatus, Phase, Problem, Resources, ScaleRequest, Tier, TierSpec,
 };
 
 use super::ApiError;
@@ -358,9 +358,13 @@ pub fn tier_view(state: &Replicated, tier: &Tier, now_ms: u64) -> Tier {
     view
 }
 
-/// A node as the API shows it: the replicated record, allocatable capacity, and (on the
-/// leader) heartbeat data.
-pub fn node_view(controller: &Controller, state: &Replicated, record: &NodeRecord) -> Node {
+/// A node as the API shows it: the replicated record, allocatable capacity, and the leader's
+/// heartbeat data (`heard`: last heartbeat and metrics, when known).
+pub fn node_view(
+    state: &Replicated,
+    record: &NodeRecord,
+    heard: Option<(u64, HostMetrics)>,
+) -> Node {
     let mut used = Resources::default();
     for instance in state.instances_on(&record.id) {
         if instance.phase.is_final() {
@@ -371,10 +375,7 @@ pub fn node_view(controller: &Controller, state: &Replicated, record: &NodeRecor
             used.memory_mb += tier.spec.template.memory_mb;
         }
     }
-    let (last_heartbeat_ms, metrics) = controller
-        .liveness
-        .observation(&record.id)
-        .unwrap_or_default();
+    let (last_heartbeat_ms, metrics) = heard.unwrap_or_default();
     let status = if !record.ready {
         NodeStatus::NotReady
     } else if record.draining {
@@ -412,13 +413,14 @@ async fn list_nodes(
 ) -> Result<Json<ItemList<Node>>, ApiError> {
     let params = query(params)?;
     read_barrier(&controller, params.stale).await?;
+    let mut heartbeats = heartbeats_for_read(&controller, params.stale).await;
     Ok(Json(controller.state.read(|machine| {
         ItemList {
             items: machine
                 .state
                 .nodes
                 .values()
-                .map(|record| node_view(&controller, &machine.state, record))
+                .map(|record| node_view(&machine.state, record, heartbeats.remove(&record.id)))
                 .collect(),
             resource_version: machine.last_applied.map(|id| id.index),
         }
@@ -432,6 +434,7 @@ async fn get_node(
 ) -> Result<Json<Node>, ApiError> {
     let params = query(params)?;
     read_barrier(&controller, params.stale).await?;
+    let mut heartbeats = heartbeats_for_read(&controller, params.stale).await;
     controller
         .state
         .read(|machine| {
@@ -439,10 +442,23 @@ async fn get_node(
                 .state
                 .nodes
                 .get(&id)
-                .map(|record| node_view(&controller, &machine.state, record))
+                .map(|record| node_view(&machine.state, record, heartbeats.remove(&id)))
         })
         .map(Json)
         .ok_or_else(|| ApiError::not_found(format!("node {id:?} does not exist")))
+}
+
+/// Heartbeat data for a node read: the leader's (asked for when this node follows), or this
+/// node's own memory alone for a `?stale=true` read, which must not wait on the leader.
+async fn heartbeats_for_read(
+    controller: &Controller,
+    stale: bool,
+) -> std::collections::HashMap<String, (u64, HostMetrics)> {
+    if stale {
+        controller.liveness.observations()
+    } else {
+        controller.heartbeats().await
+    }
 }
 
 /// `POST /v1/nodes/{id}/cordon|uncordon|drain`.
@@ -470,9 +486,12 @@ async fn node_action(
     match result {
         CommandResult::Node { node } => {
             controller.liveness.wake.notify_one();
-            Ok(Json(controller.state.read(|machine| {
-                node_view(&controller, &machine.state, &node)
-            })))
+            let heard = controller.liveness.observation(&node.id);
+            Ok(Json(
+                controller
+                    .state
+                    .read(|machine| node_view(&machine.state, &node, heard)),
+            ))
         }
         CommandResult::Rejected { rejection } => Err(rejection_error(rejection)),
         other => Err(ApiError::new(

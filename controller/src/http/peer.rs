@@ -33,6 +33,7 @@ pub fn routes() -> Router<Arc<Controller>> {
         .route(routes::WRITE_BATCH, post(write_batch))
         .route(routes::READ_INDEX, post(read_index))
         .route(routes::MEMBERS, post(members))
+        .route(routes::LIVENESS, post(liveness))
 }
 
 /// A JSON body from a peer. Unlike axum's `Json`, it decodes without `serde_path_to_error`:
@@ -104,6 +105,18 @@ async fn write_batch(
         }
     });
     Json(futures::future::join_all(proposals).await)
+}
+
+/// The leader's heartbeat memory, for a follower answering a node read. A node that does not
+/// lead has none (its memory is dropped when leadership ends) and answers an empty map.
+async fn liveness(
+    State(controller): State<Arc<Controller>>,
+) -> Json<std::collections::HashMap<String, (u64, strata_api::HostMetrics)>> {
+    if controller.is_leader() {
+        Json(controller.liveness.observations())
+    } else {
+        Json(Default::default())
+    }
 }
 
 async fn read_index(State(controller): State<Arc<Controller>>) -> Json<ReadIndex> {
