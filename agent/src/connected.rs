@@ -38,6 +38,23 @@ fn next_register_backoff(bound: Duration) -> Duration {
     (bound * 2).min(MAX_REGISTER_BACKOFF)
 }
 
+/// An error with its causes, outermost first: reqwest's own message ("error sending request
+/// for url ...") says nothing of why; the cause (connection refused, timed out, reset) does.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        // hyper and reqwest sometimes repeat a cause's text in their own.
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 /// A wait drawn uniformly from `[0, bound]`.
 fn jittered(bound: Duration) -> Duration {
     use rand::Rng;
@@ -134,7 +151,7 @@ impl ControllerLink {
             let response = match answer {
                 Ok(response) => response,
                 Err(error) => {
-                    failures.push(format!("{address}: {error}"));
+                    failures.push(format!("{address}: {}", error_chain(&error)));
                     if self.preferred.as_deref() == Some(address.as_str()) {
                         self.preferred = None;
                     }
@@ -145,7 +162,10 @@ impl ControllerLink {
             if response.status().is_success() {
                 self.preferred = Some(address.clone());
                 return response.json().await.map_err(|error| {
-                    LinkError::Unreachable(format!("{address}: decode answer: {error}"))
+                    LinkError::Unreachable(format!(
+                        "{address}: decode answer: {}",
+                        error_chain(&error)
+                    ))
                 });
             }
             let text = response.text().await.unwrap_or_default();
@@ -367,5 +387,32 @@ mod tests {
         // Spread out, not in step: 200 draws from 10,001 values are not all alike.
         assert!(waits.iter().any(|wait| *wait != waits[0]));
         assert_eq!(jittered(Duration::ZERO), Duration::ZERO);
+    }
+
+    /// A failed heartbeat says why it failed, not only that a request failed.
+    #[tokio::test]
+    async fn a_failed_request_is_explained_by_its_cause() -> anyhow::Result<()> {
+        // A port nothing listens on: bind one, note it, close it.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut link = ControllerLink::new(
+            vec![format!("127.0.0.1:{port}")],
+            "token".to_string(),
+            Duration::from_millis(500),
+        );
+        let request = HeartbeatRequest {
+            node_id: "host-a".to_string(),
+            metrics: strata_api::HostMetrics::default(),
+            instances: Vec::new(),
+            wait_ms: 0,
+        };
+        match link.heartbeat(&request).await {
+            Err(LinkError::Unreachable(text)) => {
+                assert!(text.to_lowercase().contains("refused"), "{text}")
+            }
+            other => anyhow::bail!("expected an unreachable controller, got {other:?}"),
+        }
+        Ok(())
     }
 }
