@@ -355,10 +355,29 @@ async fn a_killed_agent_makes_its_node_not_ready_and_its_instances_move_then_sta
         |i| i["phase"] == "Lost" && on_a.contains(&i["id"].as_str().unwrap_or("").to_string())
     ));
     // The agent's instance kept running on the "lost" host all along.
-    assert!(
-        !processes_of_instance(&on_a[0]).is_empty(),
-        "a crashed agent must not take its instances down"
-    );
+    if processes_of_instance(&on_a[0]).is_empty() {
+        // Say what the instance and its agent last wrote, so a failure explains itself.
+        let (agent_log, instance_dir) = env
+            .agents
+            .get("host-a")
+            .map(|agent| {
+                (
+                    agent.log_tail(),
+                    agent.data_dir.join("instances").join(&on_a[0]),
+                )
+            })
+            .unwrap_or_default();
+        let read =
+            |file: &str| std::fs::read_to_string(instance_dir.join(file)).unwrap_or_default();
+        panic!(
+            "a crashed agent must not take its instances down: instance {} is gone\n\
+             record: {}\nstderr: {}\nagent log:\n{agent_log}\ninstances: {}",
+            on_a[0],
+            read("record.json"),
+            read("stderr.log"),
+            summary(&lost)
+        );
+    }
 
     // The node comes back: it is Ready again, and its stale instance is stopped.
     if let Some(agent) = env.agents.get_mut("host-a") {
