@@ -14,13 +14,13 @@
 //! - anything else after the request may have been delivered (`Unknown`): the writes may or may
 //!   not have been applied, and are never retried blindly.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use crate::batch::Gatherer;
 use crate::network::{routes, PeerClient, PeerError};
 use crate::node::ForwardedWrite;
 use crate::state::Command;
@@ -106,42 +106,24 @@ impl Forwarder {
 async fn run(
     peers: PeerClient,
     timeout: Duration,
-    mut queue: mpsc::UnboundedReceiver<Forward>,
+    queue: mpsc::UnboundedReceiver<Forward>,
     counts: Arc<ForwardCounts>,
 ) {
     let in_flight = Arc::new(Semaphore::new(MAX_REQUESTS_IN_FLIGHT));
-    // Forwards to another address than the batch being gathered wait for the next request.
-    let mut held: VecDeque<Forward> = VecDeque::new();
+    let mut gatherer = Gatherer::new(queue);
     loop {
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             return;
         };
-        let first = match held.pop_front() {
-            Some(forward) => forward,
-            None => match queue.recv().await {
-                Some(forward) => forward,
-                None => return,
-            },
+        // Forwards to another address than the batch's wait for a later request.
+        let batch = gatherer
+            .next_batch(MAX_COMMANDS_PER_REQUEST, |batch, forward| {
+                forward.address == batch[0].address
+            })
+            .await;
+        let Some(batch) = batch else {
+            return;
         };
-        let mut batch = vec![first];
-        let mut still_held = VecDeque::new();
-        let mut consider = |forward: Forward, batch: &mut Vec<Forward>| {
-            if batch.len() < MAX_COMMANDS_PER_REQUEST && forward.address == batch[0].address {
-                batch.push(forward);
-            } else {
-                still_held.push_back(forward);
-            }
-        };
-        while let Some(forward) = held.pop_front() {
-            consider(forward, &mut batch);
-        }
-        while batch.len() < MAX_COMMANDS_PER_REQUEST {
-            match queue.try_recv() {
-                Ok(forward) => consider(forward, &mut batch),
-                Err(_) => break,
-            }
-        }
-        held = still_held;
         counts.requests.fetch_add(1, Ordering::Relaxed);
         counts
             .writes

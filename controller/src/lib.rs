@@ -11,12 +11,14 @@
 //! - `node`: a running node: start and bootstrap, the write path (propose, forward to the
 //!   leader) and the read path (ReadIndex).
 //! - `forward`: a follower's forwarding of client writes to the leader, several per request.
+//! - `batch`: gathering queued items into batches, for the batcher and the forwarder.
 //! - `http`: the only module that knows axum: `/v1`, `/raft`, health and metrics.
 //! - `metrics`: Prometheus text.
 //!
 //! `run` wires them together; the binary only parses flags and calls it.
 
 pub mod agents;
+pub mod batch;
 pub mod config;
 pub mod forward;
 pub mod http;

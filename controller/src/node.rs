@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use strata_api::{ClusterStatus, HostMetrics, Member};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::batch::Gatherer;
 use crate::config::Config;
 use crate::forward::{ForwardFailure, Forwarder};
 use crate::network::{routes, NetworkFactory, PeerClient, PeerError};
@@ -653,42 +654,26 @@ const MAX_BATCH: usize = 64;
 /// up here and go out together in the next entry, so the batch grows with the load. Commands
 /// on the same object never share an entry (they wait for the next one), which keeps
 /// "resource version = the index of the entry that last changed the object" unambiguous.
-async fn run_batcher(raft: Raft, mut queue: mpsc::UnboundedReceiver<Pending>) {
+async fn run_batcher(raft: Raft, queue: mpsc::UnboundedReceiver<Pending>) {
     let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_BATCHES_IN_FLIGHT));
-    let mut held: std::collections::VecDeque<Pending> = std::collections::VecDeque::new();
+    let mut gatherer = Gatherer::new(queue);
     loop {
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             return;
         };
-        let first = match held.pop_front() {
-            Some(pending) => pending,
-            None => match queue.recv().await {
-                Some(pending) => pending,
-                None => return,
-            },
-        };
+        // The objects the batch being gathered writes: one command each.
         let mut keys = BTreeSet::new();
-        keys.insert(batch_key(&first.command).unwrap_or_default());
-        let mut batch = vec![first];
-        let mut still_held = std::collections::VecDeque::new();
-        let mut consider = |pending: Pending, batch: &mut Vec<Pending>| {
-            let key = batch_key(&pending.command).unwrap_or_default();
-            if batch.len() < MAX_BATCH && keys.insert(key) {
-                batch.push(pending);
-            } else {
-                still_held.push_back(pending);
-            }
+        let batch = gatherer
+            .next_batch(MAX_BATCH, |batch, pending| {
+                if keys.is_empty() {
+                    keys.insert(batch_key(&batch[0].command).unwrap_or_default());
+                }
+                keys.insert(batch_key(&pending.command).unwrap_or_default())
+            })
+            .await;
+        let Some(batch) = batch else {
+            return;
         };
-        while let Some(pending) = held.pop_front() {
-            consider(pending, &mut batch);
-        }
-        while batch.len() < MAX_BATCH {
-            match queue.try_recv() {
-                Ok(pending) => consider(pending, &mut batch),
-                Err(_) => break,
-            }
-        }
-        held = still_held;
         let raft = raft.clone();
         tokio::spawn(async move {
             submit_batch(&raft, batch).await;

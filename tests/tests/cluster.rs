@@ -45,6 +45,24 @@ async fn tier_names(cluster: &Cluster, node: u64, stale: bool) -> anyhow::Result
         .unwrap_or_default())
 }
 
+/// A node's `/metrics` text.
+async fn metrics_text(cluster: &Cluster, node: u64) -> anyhow::Result<String> {
+    Ok(cluster
+        .http
+        .get(cluster.url(node, "/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?)
+}
+
+/// The value of an unlabelled metric in `/metrics` text (0 when absent).
+fn metric_value(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 fn follower_of(leader: u64, ids: &[u64]) -> u64 {
     ids.iter()
         .copied()
@@ -177,21 +195,9 @@ async fn concurrent_writes_through_a_follower_each_get_their_own_answer() -> any
     let names = tier_names(&cluster, leader, false).await?;
     assert_eq!(names.len(), 4 * 42 + 1);
     // They did travel together: fewer forwarding requests than forwarded writes.
-    let metrics = cluster
-        .http
-        .get(cluster.url(follower, "/metrics"))
-        .send()
-        .await?
-        .text()
-        .await?;
-    let value = |name: &str| -> u64 {
-        metrics
-            .lines()
-            .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
-            .unwrap_or(0)
-    };
-    let forwarded = value("strata_forwarded_writes_total");
-    let requests = value("strata_forward_requests_total");
+    let metrics = metrics_text(&cluster, follower).await?;
+    let forwarded = metric_value(&metrics, "strata_forwarded_writes_total");
+    let requests = metric_value(&metrics, "strata_forward_requests_total");
     // `fixed` and the 192 concurrent writes all went through the follower.
     assert!(forwarded > 4 * 48, "forwarded {forwarded}:\n{metrics}");
     assert!(
@@ -213,11 +219,6 @@ async fn the_log_is_snapshotted_when_it_outgrows_its_size_limit() -> anyhow::Res
     })
     .await?;
     cluster.wait_for_leader(Duration::from_secs(20)).await?;
-    let metric = |text: &str, name: &str| -> u64 {
-        text.lines()
-            .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
-            .unwrap_or(0)
-    };
     // About 2 MiB of tiers of 5 KiB each, from 8 writers spread over the nodes.
     let padding = "x".repeat(5000);
     let mut writers = Vec::new();
@@ -249,15 +250,9 @@ async fn the_log_is_snapshotted_when_it_outgrows_its_size_limit() -> anyhow::Res
     let deadline = Instant::now() + Duration::from_secs(20);
     for node in 1..=3 {
         loop {
-            let text = cluster
-                .http
-                .get(cluster.url(node, "/metrics"))
-                .send()
-                .await?
-                .text()
-                .await?;
-            let snapshot = metric(&text, "strata_raft_snapshot_index");
-            let log_bytes = metric(&text, "strata_raft_log_bytes");
+            let text = metrics_text(&cluster, node).await?;
+            let snapshot = metric_value(&text, "strata_raft_snapshot_index");
+            let log_bytes = metric_value(&text, "strata_raft_log_bytes");
             if snapshot > 0 {
                 assert!(log_bytes > 0, "node {node}: {text}");
                 break;
