@@ -28,7 +28,7 @@ use crate::batch::Gatherer;
 use crate::config::Config;
 use crate::forward::{ForwardFailure, Forwarder};
 use crate::network::{routes, NetworkFactory, PeerClient, PeerError};
-use crate::raft_types::{NodeId, Raft};
+use crate::raft_types::{NodeId, Proposal, Raft};
 use crate::state::{Command, CommandResult, Request};
 use crate::store::{LogStore, StateMachineStore};
 
@@ -176,7 +176,7 @@ impl Controller {
         .await
         .context("start raft")?;
 
-        let peers_for_forwarding = peers.clone();
+        let forwarder = Forwarder::start(peers.clone(), config.write_timeout.as_std());
         let (batcher, queue) = mpsc::unbounded_channel();
         tokio::spawn(run_batcher(raft.clone(), queue));
         let controller = Arc::new(Controller {
@@ -189,7 +189,7 @@ impl Controller {
             write_timeout: config.write_timeout.as_std(),
             liveness: crate::agents::Liveness::default(),
             batcher,
-            forwarder: Forwarder::start(peers_for_forwarding, config.write_timeout.as_std()),
+            forwarder,
         });
         controller.bootstrap(config).await?;
         Ok(controller)
@@ -661,7 +661,8 @@ async fn run_batcher(raft: Raft, queue: mpsc::UnboundedReceiver<Pending>) {
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             return;
         };
-        // The objects the batch being gathered writes: one command each.
+        // The objects the batch being gathered writes, one command each; seeded with the
+        // first command's object on the first call.
         let mut keys = BTreeSet::new();
         let batch = gatherer
             .next_batch(MAX_BATCH, |batch, pending| {
@@ -721,7 +722,7 @@ async fn write_entry(raft: &Raft, command: Command) -> Result<CommandResult, Loc
         at_ms: now_ms(),
         command,
     };
-    let proposal = match crate::raft_types::Proposal::new(request) {
+    let proposal = match Proposal::new(request) {
         Ok(proposal) => proposal,
         Err(error) => {
             return Err(LocalWriteError::Failed(ClusterError::Internal(format!(

@@ -14,7 +14,7 @@ use strata_api::{
 };
 use uuid::Uuid;
 
-use super::api::{node_view, JsonBody};
+use super::api::{node_answer, JsonBody};
 use super::ApiError;
 use crate::node::{now_ms, Controller};
 use crate::state::{Command, CommandResult};
@@ -35,14 +35,7 @@ async fn register(
         .await?;
     controller.liveness.wake.notify_one();
     match result {
-        CommandResult::Node { node } => {
-            let heard = controller.liveness.observation(&node.id);
-            Ok(Json(
-                controller
-                    .state
-                    .read(|machine| node_view(&machine.state, &node, heard)),
-            ))
-        }
+        CommandResult::Node { node } => Ok(node_answer(&controller, &node)),
         other => Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",

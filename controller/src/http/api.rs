@@ -448,6 +448,17 @@ async fn get_node(
         .ok_or_else(|| ApiError::not_found(format!("node {id:?} does not exist")))
 }
 
+/// The answer to a write that changed a node (registration, cordon, drain): its view with the
+/// heartbeat data this node holds, so a write's answer never waits on a peer call for it.
+pub fn node_answer(controller: &Controller, node: &NodeRecord) -> Json<Node> {
+    let heard = controller.liveness.observation(&node.id);
+    Json(
+        controller
+            .state
+            .read(|machine| node_view(&machine.state, node, heard)),
+    )
+}
+
 /// Heartbeat data for a node read: the leader's (asked for when this node follows), or this
 /// node's own memory alone for a `?stale=true` read, which must not wait on the leader.
 async fn heartbeats_for_read(
@@ -486,12 +497,7 @@ async fn node_action(
     match result {
         CommandResult::Node { node } => {
             controller.liveness.wake.notify_one();
-            let heard = controller.liveness.observation(&node.id);
-            Ok(Json(
-                controller
-                    .state
-                    .read(|machine| node_view(&machine.state, &node, heard)),
-            ))
+            Ok(node_answer(&controller, &node))
         }
         CommandResult::Rejected { rejection } => Err(rejection_error(rejection)),
         other => Err(ApiError::new(
