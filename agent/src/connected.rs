@@ -235,6 +235,7 @@ pub async fn run(
         labels: config.labels.clone(),
         capacity: config.capacity,
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        roles: strata_api::default_roles(),
     };
     let mut registered = false;
     // The bound of the next registration retry's wait; doubles with each failure.
@@ -292,6 +293,7 @@ pub async fn run(
             metrics: metrics.map(api_metrics).unwrap_or_default(),
             instances,
             wait_ms,
+            lb: None,
         };
         match link.heartbeat(&request).await {
             Ok(answer) => {
@@ -406,6 +408,7 @@ mod tests {
             metrics: strata_api::HostMetrics::default(),
             instances: Vec::new(),
             wait_ms: 0,
+            lb: None,
         };
         match link.heartbeat(&request).await {
             Err(LinkError::Unreachable(text)) => {

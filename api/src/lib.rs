@@ -2,7 +2,7 @@
 //! the HTTP client that fails over between controllers, and the `stratactl` CLI.
 //!
 //! Layout: `tier`, `node` (nodes, instances, events and the agent protocol) and `cluster` hold
-//! the serde types and `list` the `{"items": [...]}` envelope; `validate` checks them and
+//! the serde types (`pool`: load-balancer pools and LB reports) and `list` the `{"items": [...]}` envelope; `validate` checks them and
 //! reports every problem with its field path (built by `path`); `problem` is the RFC 7807 error
 //! body; `duration` is the `500ms`/`3s`/`1m` duration type used in files and flags; `decode`
 //! turns bodies and files into typed values with the field path in every error; `client` talks
@@ -19,6 +19,7 @@ pub mod duration;
 pub mod list;
 pub mod node;
 pub mod path;
+pub mod pool;
 pub mod problem;
 pub mod tier;
 pub mod validate;
@@ -31,5 +32,6 @@ pub use cluster::{AddMemberRequest, ClusterStatus, Member};
 pub use duration::Duration;
 pub use list::ItemList;
 pub use node::*;
+pub use pool::*;
 pub use problem::{FieldError, Problem, PROBLEM_CONTENT_TYPE};
 pub use tier::*;

@@ -5,7 +5,23 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::pool::{LbReport, Pool};
 use crate::tier::{HealthCheck, Provider, Template};
+
+/// What a node is for. Registration names them; a node without roles is a worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeRole {
+    /// Runs tier instances (process and qemu drivers).
+    Worker,
+    /// Runs a load balancer (HAProxy) that serves every tier's pool.
+    LoadBalancer,
+}
+
+/// The default roles: a worker.
+pub fn default_roles() -> Vec<NodeRole> {
+    vec![NodeRole::Worker]
+}
 
 /// CPU and memory, as capacity or reservation.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -61,6 +77,9 @@ pub struct Node {
     pub cordoned: bool,
     pub draining: bool,
     pub agent_version: String,
+    /// What the node is for; only workers get instances, only load balancers get pools.
+    #[serde(default = "default_roles")]
+    pub roles: Vec<NodeRole>,
     /// Unix ms of the last heartbeat the answering node knows of (leader memory; 0 if unknown).
     pub last_heartbeat_ms: u64,
     #[serde(default)]
@@ -80,8 +99,11 @@ pub enum Phase {
     /// The agent started it; not yet healthy.
     Starting,
     Running,
-    /// Being stopped: removed from pools, then terminated.
+    /// Leaving: load balancers send it no new requests (pool state `drain`) while it
+    /// finishes what it has; it keeps running until its drain ends.
     Draining,
+    /// Its drain ended: its agent stops it.
+    Stopping,
     Terminated,
     Failed,
     Lost,
@@ -135,7 +157,14 @@ pub struct Instance {
     /// When it last became Running and healthy (0: never).
     #[serde(default)]
     pub ready_at_ms: u64,
+    /// When it started draining (0: it has not).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub drain_started_ms: u64,
     pub resource_version: u64,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
 }
 
 /// Something the control plane decided, and why.
@@ -166,6 +195,9 @@ pub struct RegisterRequest {
     pub labels: BTreeMap<String, String>,
     pub capacity: Resources,
     pub agent_version: String,
+    /// Absent: a worker.
+    #[serde(default = "default_roles")]
+    pub roles: Vec<NodeRole>,
 }
 
 /// What an agent reports about one instance it runs (or ran).
@@ -199,6 +231,9 @@ pub struct HeartbeatRequest {
     /// assignments change. 0 answers at once.
     #[serde(default)]
     pub wait_ms: u64,
+    /// LB agents: the pools HAProxy serves and its statistics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lb: Option<LbReport>,
 }
 
 /// One instance an agent must run.
@@ -215,4 +250,7 @@ pub struct Assignment {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HeartbeatResponse {
     pub assignments: Vec<Assignment>,
+    /// LB nodes: every tier's pool, complete (a tier absent here has no frontend).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pools: Vec<Pool>,
 }

@@ -319,6 +319,18 @@ pub struct LoadBalancer {
     /// How long a removed instance keeps serving its open connections.
     #[serde(default = "default_drain_timeout")]
     pub drain_timeout: Duration,
+    /// A new server's weight ramps up over this time (HAProxy `slowstart`); 0 turns it off.
+    #[serde(default = "default_slowstart")]
+    pub slowstart: Duration,
+    /// HAProxy `timeout connect`: how long to wait for a server to accept.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: Duration,
+    /// HAProxy `timeout client` and `timeout server`: inactivity allowed on either side.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: Duration,
+    /// HTTP only: terminate TLS with this PEM file (certificate and key) on the LB host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_certificate: Option<String>,
 }
 
 impl Default for LoadBalancer {
@@ -330,6 +342,10 @@ impl Default for LoadBalancer {
             weight: default_weight(),
             sticky_cookie: None,
             drain_timeout: default_drain_timeout(),
+            slowstart: default_slowstart(),
+            connect_timeout: default_connect_timeout(),
+            idle_timeout: default_idle_timeout(),
+            tls_certificate: None,
         }
     }
 }
@@ -338,6 +354,15 @@ fn default_weight() -> u32 {
     100
 }
 fn default_drain_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_slowstart() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_idle_timeout() -> Duration {
     Duration::from_secs(30)
 }
 
@@ -422,6 +447,17 @@ pub struct TierStatus {
     pub last_scaling: Option<ScalingDecision>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// `host:port` of every Ready LB node's frontend for this tier (for DNS round robin);
+    /// derived at read time.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<String>,
+    /// The Raft log index of the last command that changed the tier's pool (0: never).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pool_version: u64,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
 }
 
 /// One decision of the autoscaler or an operator, with its inputs.

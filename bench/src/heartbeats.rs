@@ -427,6 +427,7 @@ async fn register(shared: &Shared, node_id: &str) -> Result<()> {
             memory_mb: 16_384,
         },
         agent_version: "bench".to_owned(),
+        roles: strata_api::default_roles(),
     };
     let url = format!("{}/v1/agents/register", shared.register_to);
     let mut last = String::new();
@@ -485,6 +486,7 @@ fn heartbeat_body(node_id: &str, index: usize) -> Vec<u8> {
         },
         instances,
         wait_ms: 0,
+        lb: None,
     };
     serde_json::to_vec(&request).unwrap_or_default()
 }

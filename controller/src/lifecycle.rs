@@ -1,7 +1,8 @@
 //! The instance lifecycle as a state machine: `step(phase, event) -> phase`.
 //!
-//! `Pending → Starting → Running → Draining → Terminated`, with `Failed` and `Lost` as ends of
-//! their own. Final phases never change again, so a late or repeated report from an agent can
+//! `Pending → Starting → Running → Draining → Stopping → Terminated`, with `Failed` and `Lost`
+//! as ends of their own. `Draining` keeps the instance running while load balancers finish its
+//! sessions (pool state `drain`); only `Stopping` tells its agent to stop it. Final phases never change again, so a late or repeated report from an agent can
 //! never resurrect an instance the control plane has given up on.
 
 use serde::{Deserialize, Serialize};
@@ -16,6 +17,9 @@ pub enum InstanceEvent {
     BecameReady,
     /// The control plane wants it gone (scale-in, replacement, tier deleted, node drained).
     Drain,
+    /// Its drain ended (no session left on any load balancer, or the drain timeout passed):
+    /// its agent may stop it.
+    DrainEnded,
     /// Its agent reports it stopped, or no longer runs it after a drain.
     Stopped,
     /// Its agent reports it could not start or exited on its own.
@@ -31,8 +35,12 @@ pub fn step(phase: Phase, event: InstanceEvent) -> Phase {
     match (phase, event) {
         (P::Terminated | P::Failed | P::Lost, _) => phase,
         (_, E::NodeLost) => P::Lost,
-        (P::Draining, E::Stopped | E::Failed) => P::Terminated,
+        (P::Draining | P::Stopping, E::Stopped | E::Failed) => P::Terminated,
         (P::Draining, E::Started | E::BecameReady | E::Drain) => P::Draining,
+        (P::Draining | P::Stopping, E::DrainEnded) => P::Stopping,
+        (P::Stopping, E::Started | E::BecameReady | E::Drain) => P::Stopping,
+        // Only a draining instance has a drain to end.
+        (P::Pending | P::Starting | P::Running, E::DrainEnded) => phase,
         (_, E::Drain) => P::Draining,
         (_, E::Failed) => P::Failed,
         // A live instance that stopped without being asked to has failed.
@@ -47,19 +55,21 @@ pub fn step(phase: Phase, event: InstanceEvent) -> Phase {
 mod tests {
     use super::*;
 
-    const PHASES: [Phase; 7] = [
+    const PHASES: [Phase; 8] = [
         Phase::Pending,
         Phase::Starting,
         Phase::Running,
         Phase::Draining,
+        Phase::Stopping,
         Phase::Terminated,
         Phase::Failed,
         Phase::Lost,
     ];
-    const EVENTS: [InstanceEvent; 6] = [
+    const EVENTS: [InstanceEvent; 7] = [
         InstanceEvent::Started,
         InstanceEvent::BecameReady,
         InstanceEvent::Drain,
+        InstanceEvent::DrainEnded,
         InstanceEvent::Stopped,
         InstanceEvent::Failed,
         InstanceEvent::NodeLost,
@@ -76,6 +86,7 @@ mod tests {
                     P::Starting,
                     P::Running,
                     P::Draining,
+                    P::Pending,
                     P::Failed,
                     P::Failed,
                     P::Lost,
@@ -84,6 +95,7 @@ mod tests {
                     P::Starting,
                     P::Running,
                     P::Draining,
+                    P::Starting,
                     P::Failed,
                     P::Failed,
                     P::Lost,
@@ -92,6 +104,7 @@ mod tests {
                     P::Running,
                     P::Running,
                     P::Draining,
+                    P::Running,
                     P::Failed,
                     P::Failed,
                     P::Lost,
@@ -100,13 +113,23 @@ mod tests {
                     P::Draining,
                     P::Draining,
                     P::Draining,
+                    P::Stopping,
                     P::Terminated,
                     P::Terminated,
                     P::Lost,
                 ],
-                P::Terminated => [P::Terminated; 6],
-                P::Failed => [P::Failed; 6],
-                P::Lost => [P::Lost; 6],
+                P::Stopping => [
+                    P::Stopping,
+                    P::Stopping,
+                    P::Stopping,
+                    P::Stopping,
+                    P::Terminated,
+                    P::Terminated,
+                    P::Lost,
+                ],
+                P::Terminated => [P::Terminated; 7],
+                P::Failed => [P::Failed; 7],
+                P::Lost => [P::Lost; 7],
             };
             row[EVENTS.iter().position(|e| *e == event).unwrap_or(0)]
         };

@@ -13,8 +13,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 use strata_api::{
-    Event, FieldError, Health, Instance, Phase, RegisterRequest, Resources, ScalingDecision, Tier,
-    TierSpec, TierStatus,
+    Event, FieldError, Health, Instance, NodeRole, Phase, RegisterRequest, Resources,
+    ScalingDecision, Tier, TierSpec, TierStatus,
 };
 use uuid::Uuid;
 
@@ -126,8 +126,17 @@ pub struct NodeRecord {
     pub cordoned: bool,
     pub draining: bool,
     pub agent_version: String,
+    /// What the node is for (older records: a worker).
+    #[serde(default = "strata_api::default_roles")]
+    pub roles: Vec<NodeRole>,
     pub registered_at_ms: u64,
     pub resource_version: u64,
+}
+
+impl NodeRecord {
+    pub fn has_role(&self, role: NodeRole) -> bool {
+        self.roles.contains(&role)
+    }
 }
 
 /// The outcome of applying one entry.
@@ -312,6 +321,7 @@ impl State {
             cordoned: existing.is_some_and(|node| node.cordoned),
             draining: existing.is_some_and(|node| node.draining),
             agent_version: registration.agent_version.clone(),
+            roles: registration.roles.clone(),
             registered_at_ms: existing.map_or(at_ms, |node| node.registered_at_ms),
             resource_version: index,
         };
@@ -456,6 +466,7 @@ impl State {
                 created_at_ms: at_ms,
                 updated_at_ms: at_ms,
                 ready_at_ms: 0,
+                drain_started_ms: 0,
                 resource_version: index,
             };
             self.by_node
@@ -542,6 +553,9 @@ impl State {
         if after == Phase::Running && instance.ready_at_ms == 0 {
             instance.ready_at_ms = at_ms;
         }
+        if after == Phase::Draining {
+            instance.drain_started_ms = at_ms;
+        }
         if matches!(after, Phase::Failed | Phase::Lost | Phase::Terminated) {
             instance.health = Health::Unknown;
         }
@@ -551,6 +565,7 @@ impl State {
             Phase::Starting => ("InstanceStarting", String::new()),
             Phase::Running => ("InstanceRunning", String::new()),
             Phase::Draining => ("InstanceDraining", String::new()),
+            Phase::Stopping => ("InstanceStopping", String::new()),
             Phase::Terminated => ("InstanceTerminated", String::new()),
             Phase::Failed => ("InstanceFailed", String::new()),
             Phase::Lost => ("InstanceLost", String::new()),

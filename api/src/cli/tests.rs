@@ -3,7 +3,9 @@ use clap::CommandFactory;
 
 use super::*;
 use crate::cluster::{ClusterStatus, Member};
-use crate::node::{Event, Health, HostMetrics, Instance, Node, NodeStatus, Phase, Resources};
+use crate::node::{
+    Event, Health, HostMetrics, Instance, Node, NodeRole, NodeStatus, Phase, Resources,
+};
 use crate::test_server::{Answer, FakeServer};
 use crate::tier::{Condition, Provider, ScalingDecision, Tier, TierSpec, TierStatus};
 
@@ -190,6 +192,7 @@ fn tier(name: &str, rv: u64) -> Tier {
                 message: "2 of 3 instances ready".into(),
                 since_ms: 1_100_000,
             }],
+            ..TierStatus::default()
         },
     }
 }
@@ -633,6 +636,7 @@ fn node(id: &str) -> Node {
         cordoned: false,
         draining: false,
         agent_version: "0.1.0".into(),
+        roles: vec![NodeRole::Worker],
         last_heartbeat_ms: NOW_MS - 3_000,
         metrics: HostMetrics {
             cpu_percent: 37.5,
@@ -667,6 +671,7 @@ fn silent_node() -> Node {
         cordoned: true,
         draining: false,
         agent_version: "0.1.1".into(),
+        roles: vec![NodeRole::Worker],
         last_heartbeat_ms: 0,
         metrics: HostMetrics::default(),
         registered_at_ms: NOW_MS - 600_000,
@@ -692,6 +697,7 @@ fn instances() -> Vec<Instance> {
         created_at_ms: NOW_MS - 300_000,
         updated_at_ms: NOW_MS - 250_000,
         ready_at_ms: NOW_MS - 250_000,
+        drain_started_ms: 0,
         resource_version: 14,
     };
     let running = instance("6f1c2a34-0000-4000-8000-000000000001", "web");

@@ -269,6 +269,7 @@ fn sample_tier() -> Tier {
                 message: "1 of 2 instances ready".into(),
                 since_ms: 1_700_000_060_000,
             }],
+            ..TierStatus::default()
         },
     }
 }

@@ -115,7 +115,10 @@ async fn heartbeat(
             () = tokio::time::sleep_until(deadline) => break,
         }
     }
-    Ok(Json(HeartbeatResponse { assignments }))
+    Ok(Json(HeartbeatResponse {
+        assignments,
+        pools: Vec::new(),
+    }))
 }
 
 /// Longest a heartbeat answer may be held.

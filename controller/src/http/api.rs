@@ -398,6 +398,7 @@ pub fn node_view(
         status,
         ready: record.ready,
         cordoned: record.cordoned,
+        roles: record.roles.clone(),
         draining: record.draining,
         agent_version: record.agent_version.clone(),
         last_heartbeat_ms,

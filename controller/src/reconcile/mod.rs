@@ -17,7 +17,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use strata_api::{Health, HostMetrics, Instance, InstanceReport, Phase, Spread, Tier};
+use strata_api::{Health, HostMetrics, Instance, InstanceReport, NodeRole, Phase, Spread, Tier};
 use uuid::Uuid;
 
 use crate::lifecycle::{step, InstanceEvent};
@@ -508,6 +508,7 @@ fn choose_node<'a>(
         .nodes
         .values()
         .filter(|node| node.ready && !node.cordoned && !node.draining)
+        .filter(|node| node.has_role(NodeRole::Worker))
         .filter(|node| {
             wanted
                 .iter()
@@ -620,6 +621,7 @@ mod tests {
                         memory_mb: 4096,
                     },
                     agent_version: "test".to_string(),
+                    roles: strata_api::default_roles(),
                 },
             });
             self.heartbeat(id, Vec::new());
