@@ -23,6 +23,7 @@ use serde::Serialize;
 use crate::cluster::{AddMemberRequest, ClusterStatus};
 use crate::list::ItemList;
 use crate::node::{Event, Instance, Node};
+use crate::pool::PoolView;
 use crate::problem::Problem;
 use crate::tier::{ScaleRequest, Tier, TierSpec};
 
@@ -153,6 +154,17 @@ impl Client {
     /// `GET /v1/tiers/{name}`; `stale` allows the answering controller to read locally.
     pub async fn get_tier(&self, name: &str, stale: bool) -> Result<Tier, ClientError> {
         let path = format!("/v1/tiers/{}{}", encode_segment(name), stale_query(stale));
+        self.call(Method::GET, &path, None).await
+    }
+
+    /// `GET /v1/tiers/{name}/pool`: the servers its load balancers must serve, and what each
+    /// load balancer reports serving.
+    pub async fn get_pool(&self, tier: &str, stale: bool) -> Result<PoolView, ClientError> {
+        let path = format!(
+            "/v1/tiers/{}/pool{}",
+            encode_segment(tier),
+            stale_query(stale)
+        );
         self.call(Method::GET, &path, None).await
     }
 

@@ -571,6 +571,45 @@ fn load_balancer(report: &mut Report, balancer: &LoadBalancer) {
         balancer.drain_timeout,
         ONE_HOUR,
     );
+    report.at_most("load_balancer.slowstart", balancer.slowstart, ONE_HOUR);
+    report.at_least(
+        "load_balancer.connect_timeout",
+        balancer.connect_timeout,
+        Duration::from_millis(1),
+    );
+    report.at_most(
+        "load_balancer.connect_timeout",
+        balancer.connect_timeout,
+        ONE_HOUR,
+    );
+    report.at_least(
+        "load_balancer.idle_timeout",
+        balancer.idle_timeout,
+        Duration::from_millis(1),
+    );
+    report.at_most(
+        "load_balancer.idle_timeout",
+        balancer.idle_timeout,
+        ONE_HOUR,
+    );
+    if let Some(certificate) = &balancer.tls_certificate {
+        if balancer.mode != LbMode::Http {
+            report.fail(
+                "load_balancer.tls_certificate",
+                "only applies to mode http: a tcp balancer passes TLS through untouched",
+            );
+        } else if !certificate.starts_with('/')
+            || certificate.len() > 4096
+            || certificate
+                .chars()
+                .any(|c| c.is_control() || c.is_whitespace())
+        {
+            report.fail(
+                "load_balancer.tls_certificate",
+                "must be an absolute path on the load-balancer hosts, without spaces or control characters",
+            );
+        }
+    }
 }
 
 fn placement(report: &mut Report, placement: &Placement) {

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use openraft::ServerState;
-use strata_api::{HostMetrics, InstanceReport};
+use strata_api::{HostMetrics, InstanceReport, LbReport};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -75,6 +75,10 @@ pub struct Liveness {
     /// Per node: woken when the node's assignments may have changed (held heartbeats wait on
     /// it).
     signals: Mutex<HashMap<String, Arc<Notify>>>,
+    /// Woken when a committed command may have changed a pool (held heartbeats of LB nodes
+    /// wait on it). Any command that touches instances, nodes or tiers counts: a spurious
+    /// wake-up costs an LB node one answer with unchanged pool versions.
+    pub pools_changed: Notify,
 }
 
 #[derive(Default)]
@@ -100,15 +104,34 @@ impl Liveness {
         at_ms: u64,
         metrics: HostMetrics,
         reports: Vec<InstanceReport>,
+        lb: Option<LbReport>,
     ) -> bool {
         let mut inner = self.lock();
         let observation = inner.nodes.entry(node.to_string()).or_default();
-        let changed = observation.last_seen_ms == 0 || observation.reports != reports;
+        let changed = observation.last_seen_ms == 0
+            || observation.reports != reports
+            || lb_decisions(observation.lb.as_ref()) != lb_decisions(lb.as_ref());
         self.heartbeats.fetch_add(1, Ordering::Relaxed);
         observation.last_seen_ms = at_ms;
         observation.metrics = metrics;
         observation.reports = reports;
+        observation.lb = lb;
         changed
+    }
+
+    /// The latest LB report of every node heard from in this leadership, by node.
+    pub fn lb_reports(&self) -> Vec<(String, u64, LbReport)> {
+        let inner = self.lock();
+        let mut reports: Vec<(String, u64, LbReport)> = inner
+            .nodes
+            .iter()
+            .filter_map(|(node, observation)| {
+                let report = observation.lb.clone()?;
+                Some((node.clone(), observation.last_seen_ms, report))
+            })
+            .collect();
+        reports.sort_by(|a, b| a.0.cmp(&b.0));
+        reports
     }
 
     /// The signal of `node`'s assignments.
@@ -135,6 +158,9 @@ impl Liveness {
     /// Called after a command committed on this node: wakes held heartbeats of the nodes whose
     /// assignments may have changed, and the planners when desired state changed.
     pub fn after_write(&self, state: &crate::store::StateMachineStore, touch: Touch) {
+        if !matches!(touch, Touch::Nothing) {
+            self.pools_changed.notify_waiters();
+        }
         match touch {
             Touch::Nothing => {}
             Touch::Nodes(nodes) => self.notify(nodes),
@@ -198,6 +224,32 @@ impl Liveness {
             .get(node)
             .map(|observation| (observation.last_seen_ms, observation.metrics.clone()))
     }
+}
+
+/// What in an LB report can change a planner's decision: per tier, the applied version, the
+/// frontend error, and which servers still have sessions (statistics alone change every
+/// heartbeat and must not wake the planners each time).
+fn lb_decisions(report: Option<&LbReport>) -> Vec<(&str, u64, Option<&str>, Vec<uuid::Uuid>)> {
+    report
+        .map(|report| {
+            report
+                .tiers
+                .iter()
+                .map(|tier| {
+                    (
+                        tier.tier.as_str(),
+                        tier.version,
+                        tier.error.as_deref(),
+                        tier.servers
+                            .iter()
+                            .filter(|server| server.stats.sessions > 0)
+                            .map(|server| server.instance_id)
+                            .collect(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Settings of the reconcile loop.
@@ -288,6 +340,17 @@ async fn reconcile_once(controller: &Controller, config: &PlanConfig) {
             )
         })
     };
+    // A round that started drains is followed by another soon (after the wake-up spacing)
+    // rather than a period later: an instance in no pool ends its drain at once, and its
+    // agent should stop it without waiting a reconcile interval. Only drains: a round after
+    // every acting round would turn a command that keeps being planned into a hot loop.
+    let drains = commands.iter().any(|command| {
+        matches!(command, crate::state::Command::UpdateInstances { updates }
+            if updates.iter().any(|update| update.event == Some(crate::lifecycle::InstanceEvent::Drain)))
+    });
+    if drains {
+        controller.liveness.wake.notify_one();
+    }
     for command in commands {
         let summary = describe(&command);
         controller.liveness.actions.fetch_add(1, Ordering::Relaxed);

@@ -13,6 +13,8 @@
 //! - `forward`: a follower's forwarding of client writes to the leader, several per request.
 //! - `batch`: gathering queued items into batches, for the batcher and the forwarder.
 //! - `http`: the only module that knows axum: `/v1`, `/raft`, health and metrics.
+//! - `views`: read models (tier and node views, assignments, pools) that the API, the
+//!   heartbeat answer, the planners and metrics share.
 //! - `metrics`: Prometheus text.
 //!
 //! `run` wires them together; the binary only parses flags and calls it.
@@ -30,6 +32,7 @@ pub mod raft_types;
 pub mod reconcile;
 pub mod state;
 pub mod store;
+pub mod views;
 
 use std::future::Future;
 use std::path::Path;

@@ -109,18 +109,10 @@ pub fn render(controller: &Controller) -> String {
         forwarded.requests.load(Ordering::Relaxed),
     );
     let (nodes, instances, events) = controller.state.read(|machine| {
-        let mut nodes: BTreeMap<&'static str, u64> = BTreeMap::new();
+        let mut nodes: BTreeMap<String, u64> = BTreeMap::new();
         for node in machine.state.nodes.values() {
-            let status = if !node.ready {
-                "NotReady"
-            } else if node.draining {
-                "Draining"
-            } else if node.cordoned {
-                "Cordoned"
-            } else {
-                "Ready"
-            };
-            *nodes.entry(status).or_default() += 1;
+            let status = crate::views::node_status(node);
+            *nodes.entry(format!("{status:?}")).or_default() += 1;
         }
         let mut instances: BTreeMap<String, u64> = BTreeMap::new();
         for instance in machine.state.instances.values() {

@@ -34,6 +34,7 @@ pub mod routes {
     pub const READ_INDEX: &str = "/raft/read-index";
     pub const MEMBERS: &str = "/raft/members";
     pub const LIVENESS: &str = "/raft/liveness";
+    pub const LB_REPORTS: &str = "/raft/lb-reports";
 }
 
 /// An HTTP client for peers, shared by every Raft connection of this node.

@@ -417,6 +417,24 @@ impl Controller {
         }
     }
 
+    /// The latest LB report of every load-balancer node (node, heard at, report), as the
+    /// leader knows them; like `heartbeats`, a follower asks the leader, and gets nothing when
+    /// no leader answers within a second.
+    pub async fn lb_reports(&self) -> Vec<(String, u64, strata_api::LbReport)> {
+        match self.leader() {
+            Some((leader, _)) if leader == self.id => self.liveness.lb_reports(),
+            Some((leader, address)) => self
+                .peers
+                .call(&address, routes::LB_REPORTS, &(), Duration::from_secs(1))
+                .await
+                .unwrap_or_else(|error: PeerError| {
+                    tracing::debug!(leader, %error, "LB reports from the leader");
+                    Vec::new()
+                }),
+            None => Vec::new(),
+        }
+    }
+
     /// This node's view of the cluster.
     pub fn cluster_status(&self) -> ClusterStatus {
         let metrics = self.raft.metrics().borrow().clone();

@@ -510,6 +510,8 @@ impl State {
             if changed {
                 instance.updated_at_ms = at_ms;
                 instance.resource_version = index;
+                let tier = instance.tier.clone();
+                self.pool_changed(&tier, index);
             }
             let reason = update.reason.clone().unwrap_or_default();
             let moved = match update.event {
@@ -561,6 +563,7 @@ impl State {
         }
         let tier = instance.tier.clone();
         let node = instance.node.clone().unwrap_or_default();
+        self.pool_changed(&tier, index);
         let (name, detail) = match after {
             Phase::Starting => ("InstanceStarting", String::new()),
             Phase::Running => ("InstanceRunning", String::new()),
@@ -585,6 +588,35 @@ impl State {
         true
     }
 
+    /// Notes that the pool of `tier` may have changed at `index`: pool versions are the log
+    /// index of the last command that changed something a pool is computed from (an
+    /// instance's phase, health or port, the tier's load balancer or health check), so they
+    /// only grow, and two pools of one tier with the same version are the same.
+    fn pool_changed(&mut self, tier: &str, index: u64) {
+        if let Some(tier) = self.tiers.get_mut(tier) {
+            tier.status.pool_version = index;
+        }
+    }
+
+    /// The tier, other than `name`, whose load balancer already listens where `spec` wants
+    /// to: the same port on the same address, or on any address when either is unspecified
+    /// (`0.0.0.0` binds every address, so no other frontend could bind that port).
+    fn listen_conflict(
+        &self,
+        name: &str,
+        spec: &TierSpec,
+    ) -> Option<(String, std::net::SocketAddr)> {
+        let wanted = spec.load_balancer.listen?;
+        self.tiers.values().find_map(|other| {
+            let theirs = other.spec.load_balancer.listen?;
+            let overlaps = theirs.port() == wanted.port()
+                && (theirs.ip() == wanted.ip()
+                    || theirs.ip().is_unspecified()
+                    || wanted.ip().is_unspecified());
+            (other.name() != name && overlaps).then(|| (other.name().to_string(), theirs))
+        })
+    }
+
     fn check_version(&self, name: &str, expected: Option<u64>) -> Result<(), Rejection> {
         let current = self.tiers.get(name).map_or(0, Tier::resource_version);
         match expected {
@@ -601,6 +633,18 @@ impl State {
         if let Err(rejection) = self.check_version(&spec.name, spec.resource_version) {
             return CommandResult::Rejected { rejection };
         }
+        // Decided here rather than in request validation: whether an address is taken
+        // depends on the other tiers at this log position.
+        if let Some((other, theirs)) = self.listen_conflict(&spec.name, spec) {
+            return CommandResult::Rejected {
+                rejection: Rejection::Invalid {
+                    errors: vec![FieldError::new(
+                        "load_balancer.listen",
+                        format!("tier {other:?} already listens on {theirs}; each tier needs its own address and port"),
+                    )],
+                },
+            };
+        }
         let mut stored_spec = spec.clone();
         stored_spec.resource_version = Some(index);
         stored_spec.kind = Some(strata_api::TIER_KIND.to_string());
@@ -614,6 +658,7 @@ impl State {
                     updated_at_ms: at_ms,
                     status: TierStatus {
                         desired,
+                        pool_version: index,
                         last_scaling: Some(ScalingDecision {
                             at_ms,
                             from: 0,
@@ -639,6 +684,11 @@ impl State {
                     existing.generation + 1
                 };
                 let mut status = existing.status.clone();
+                if old_spec.load_balancer != stored_spec.load_balancer
+                    || old_spec.health != stored_spec.health
+                {
+                    status.pool_version = index;
+                }
                 let before = status.desired;
                 status.desired = scaling
                     .desired
@@ -1027,5 +1077,77 @@ mod tests {
                 proptest::prop_assert!(tier.status.desired >= scaling.min && tier.status.desired <= scaling.max);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod listen_tests {
+    use super::*;
+
+    fn balanced(name: &str, listen: &str) -> Request {
+        let body = serde_json::json!({
+            "name": name,
+            "template": {"driver": "process", "command": ["app"]},
+            "scaling": {"min": 1, "max": 2},
+            "load_balancer": {"listen": listen},
+        });
+        let spec: TierSpec = serde_json::from_value(body).unwrap_or_else(|e| panic!("{e}"));
+        Request {
+            at_ms: 1000,
+            command: Command::PutTier {
+                spec: Box::new(spec),
+            },
+        }
+    }
+
+    fn rejected_path(result: &CommandResult) -> Option<String> {
+        match result {
+            CommandResult::Rejected {
+                rejection: Rejection::Invalid { errors },
+            } => errors.first().map(|error| error.path.clone()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn two_tiers_cannot_share_a_listen_address() {
+        let mut state = State::default();
+        let first = state.apply(1, &balanced("web", "0.0.0.0:8080"));
+        assert!(matches!(first, CommandResult::Tier { .. }), "{first:?}");
+        // The same port on a specific address overlaps the wildcard, and the reverse.
+        for (index, listen) in [(2, "127.0.0.1:8080"), (3, "0.0.0.0:8080")] {
+            let result = state.apply(index, &balanced("api", listen));
+            assert_eq!(
+                rejected_path(&result).as_deref(),
+                Some("load_balancer.listen"),
+                "{listen}: {result:?}"
+            );
+        }
+        // Another port is fine, and so is the tier itself keeping its address.
+        let other = state.apply(4, &balanced("api", "127.0.0.1:8081"));
+        assert!(matches!(other, CommandResult::Tier { .. }), "{other:?}");
+        let again = state.apply(5, &balanced("web", "0.0.0.0:8080"));
+        assert!(matches!(again, CommandResult::Tier { .. }), "{again:?}");
+        let moved = state.apply(6, &balanced("api", "127.0.0.2:8080"));
+        assert_eq!(
+            rejected_path(&moved).as_deref(),
+            Some("load_balancer.listen")
+        );
+    }
+
+    #[test]
+    fn pool_versions_follow_the_changes_that_make_pools() {
+        let mut state = State::default();
+        state.apply(1, &balanced("web", "0.0.0.0:8080"));
+        assert_eq!(state.tiers["web"].status.pool_version, 1);
+        // A scaling-only change leaves the pool as it was.
+        let mut request = balanced("web", "0.0.0.0:8080");
+        if let Command::PutTier { spec } = &mut request.command {
+            spec.scaling.max = 5;
+        }
+        state.apply(2, &request);
+        assert_eq!(state.tiers["web"].status.pool_version, 1);
+        state.apply(3, &balanced("web", "0.0.0.0:9090"));
+        assert_eq!(state.tiers["web"].status.pool_version, 3);
     }
 }

@@ -160,6 +160,18 @@ pub enum GetResource {
         #[arg(long, value_name = "TIER")]
         tier: Option<String>,
     },
+    /// Show the load-balancer pool of a tier: its servers and what each LB node serves.
+    Pool {
+        /// The tier.
+        tier: String,
+    },
+    /// Print the addresses of the load balancers serving a tier, one per line (for DNS
+    /// round robin: one `A` record each).
+    #[command(visible_alias = "endpoint")]
+    Endpoints {
+        /// The tier.
+        tier: String,
+    },
     /// List what the controller decided and why, oldest first.
     #[command(visible_alias = "events")]
     Event {
@@ -421,6 +433,26 @@ async fn get(
                 }
             })
         }
+        GetResource::Pool { tier } => {
+            let pool = context.client.get_pool(&tier, context.stale).await?;
+            context.print(streams.stdout, &pool, || {
+                render::pool_table(&pool, render::now_ms())
+            })
+        }
+        GetResource::Endpoints { tier } => {
+            let tier = context.client.get_tier(&tier, context.stale).await?;
+            let endpoints = &tier.status.endpoints;
+            context.print(streams.stdout, endpoints, || {
+                if endpoints.is_empty() {
+                    format!("No load balancer serves tier {} yet.\n", tier.name())
+                } else {
+                    endpoints
+                        .iter()
+                        .map(|endpoint| format!("{endpoint}\n"))
+                        .collect()
+                }
+            })
+        }
         GetResource::Event { object } => {
             let events = ItemList::new(
                 context
@@ -448,7 +480,7 @@ async fn describe(
         DescribeResource::Tier { name } => {
             let tier = context.client.get_tier(&name, context.stale).await?;
             // JSON and YAML print the object alone, as before; only the page needs the rest.
-            let (instances, events) = if context.output == OutputFormat::Table {
+            let (instances, events, pool) = if context.output == OutputFormat::Table {
                 let instances =
                     unless_not_found(context.client.list_instances(Some(&name), context.stale))
                         .await?;
@@ -456,13 +488,19 @@ async fn describe(
                 let events =
                     unless_not_found(context.client.list_events(Some(&object), context.stale))
                         .await?;
-                (instances, events)
+                let pool = if tier.spec.load_balancer.listen.is_some() {
+                    unless_not_found(context.client.get_pool(&name, context.stale)).await?
+                } else {
+                    None
+                };
+                (instances, events, pool)
             } else {
-                (None, None)
+                (None, None, None)
             };
             let related = render::Related {
                 instances: instances.as_deref(),
                 events: events.as_deref(),
+                pool: pool.as_ref(),
             };
             context.print(streams.stdout, &tier, || {
                 render::describe_tier(&tier, related, render::now_ms())
@@ -491,6 +529,7 @@ async fn describe(
             let related = render::Related {
                 instances: instances.as_deref(),
                 events: events.as_deref(),
+                pool: None,
             };
             context.print(streams.stdout, &node, || {
                 render::describe_node(&node, related, render::now_ms())

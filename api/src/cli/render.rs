@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::cluster::ClusterStatus;
 use crate::node::{Event, Instance, Node};
+use crate::pool::{BalancerView, LbStats, PoolView};
 use crate::problem::FieldError;
 use crate::tier::{HealthProtocol, Provider, Tier};
 
@@ -153,6 +154,8 @@ impl Page {
 pub struct Related<'a> {
     pub instances: Option<&'a [Instance]>,
     pub events: Option<&'a [Event]>,
+    /// The tier's pool with what its load balancers report.
+    pub pool: Option<&'a PoolView>,
 }
 
 /// How many of an object's events `describe` shows: the most recent ones.
@@ -291,6 +294,9 @@ pub fn describe_tier(tier: &Tier, related: Related<'_>, now_ms: u64) -> String {
             status.desired, status.current, status.ready
         ),
     );
+    if !status.endpoints.is_empty() {
+        page.line(2, "Endpoints", status.endpoints.join(", "));
+    }
     match &status.last_scaling {
         Some(decision) => page.line(
             2,
@@ -355,10 +361,81 @@ pub fn describe_tier(tier: &Tier, related: Related<'_>, now_ms: u64) -> String {
             &rows,
         );
     }
+    if let Some(pool) = related.pool {
+        balancers_section(&mut text, &pool.balancers, now_ms);
+    }
     if let Some(events) = related.events {
         events_section(&mut text, events, now_ms);
     }
     text
+}
+
+/// `get pool`: the servers the tier's load balancers must serve, then what each one reports.
+pub fn pool_table(view: &PoolView, now_ms: u64) -> String {
+    let pool = &view.pool;
+    let balancer = &pool.load_balancer;
+    let mut text = format!(
+        "Tier {}, pool version {}, {} {} on {}\n",
+        pool.tier,
+        pool.version,
+        wire_name(&balancer.mode),
+        wire_name(&balancer.algorithm),
+        balancer
+            .listen
+            .map_or_else(|| "-".to_string(), |listen| listen.to_string())
+    );
+    if pool.servers.is_empty() {
+        text.push_str("No servers.\n");
+    } else {
+        let rows: Vec<Vec<String>> = pool
+            .servers
+            .iter()
+            .map(|server| {
+                vec![
+                    server.instance_id.to_string().chars().take(8).collect(),
+                    format!("{}:{}", server.address, server.port),
+                    server.weight.to_string(),
+                    wire_name(&server.state),
+                ]
+            })
+            .collect();
+        text.push_str(&table(&["SERVER", "ADDRESS", "WEIGHT", "STATE"], &rows));
+    }
+    balancers_section(&mut text, &view.balancers, now_ms);
+    text
+}
+
+/// `Load balancers:` with each LB node's applied pool version and HAProxy's figures.
+fn balancers_section(text: &mut String, balancers: &[BalancerView], now_ms: u64) {
+    let rows: Vec<Vec<String>> = balancers
+        .iter()
+        .map(|balancer| {
+            let report = &balancer.report;
+            let mut row = vec![balancer.node.clone(), report.version.to_string()];
+            row.extend(stats_cells(&report.stats));
+            row.push(age(balancer.reported_at_ms, now_ms));
+            row.push(report.error.clone().unwrap_or_default());
+            row
+        })
+        .collect();
+    section(
+        text,
+        "Load balancers",
+        &[
+            "NODE", "VERSION", "REQ/S", "SESSIONS", "QUEUE", "RESPONSE", "5XX", "REPORTED", "ERROR",
+        ],
+        &rows,
+    );
+}
+
+fn stats_cells(stats: &LbStats) -> [String; 5] {
+    [
+        format!("{:.1}", stats.request_rate),
+        stats.sessions.to_string(),
+        stats.queue.to_string(),
+        format!("{:.0}ms", stats.response_time_ms),
+        stats.http_5xx.to_string(),
+    ]
 }
 
 /// `Title:` and an indented table, or `Title:  none`.

@@ -798,6 +798,7 @@ fn describe_tier_lists_instances_and_the_last_twenty_events() {
         render::Related {
             instances: Some(&web),
             events: Some(&many),
+            pool: None,
         },
         NOW_MS,
     );
@@ -826,6 +827,7 @@ Events:
         render::Related {
             instances: Some(&[]),
             events: Some(&[]),
+            pool: None,
         },
         NOW_MS,
     );
@@ -849,6 +851,7 @@ fn describe_node_shows_capacity_metrics_instances_and_events() {
         render::Related {
             instances: Some(&on_node),
             events: Some(&[]),
+            pool: None,
         },
         NOW_MS,
     );
@@ -940,7 +943,10 @@ fn not_found() -> Option<Answer> {
 /// before they existed, which knows only tiers.
 fn node_server_answer(with_events: bool) -> impl Fn(&str) -> Option<Answer> + Send + Sync {
     move |target| {
-        if target.starts_with("GET /v1/tiers/web") && !target.contains("/instances") {
+        if target.starts_with("GET /v1/tiers/web")
+            && !target.contains("/instances")
+            && !target.contains("/pool")
+        {
             return Some((200, "application/json", tier_json("web", 7)));
         }
         if !with_events {
@@ -963,6 +969,7 @@ fn node_server_answer(with_events: bool) -> impl Fn(&str) -> Option<Answer> + Se
                 draining.status = NodeStatus::Draining;
                 node_json(draining)
             }
+            "GET /v1/tiers/web/pool" => json_answer(&pool_view()),
             "GET /v1/instances" => json_list(instances()),
             "GET /v1/tiers/web/instances" => json_list(
                 instances()
@@ -978,6 +985,68 @@ fn node_server_answer(with_events: bool) -> impl Fn(&str) -> Option<Answer> + Se
             _ => not_found(),
         }
     }
+}
+
+fn pool_view() -> crate::pool::PoolView {
+    use crate::pool::*;
+    let tier = tier("web", 7);
+    PoolView {
+        pool: Pool {
+            tier: "web".into(),
+            version: 41,
+            load_balancer: tier.spec.load_balancer.clone(),
+            health: tier.spec.health.clone(),
+            servers: vec![PoolServer {
+                instance_id: instances()[0].id,
+                address: "10.0.0.5".into(),
+                port: 20001,
+                weight: 100,
+                state: ServerState::Ready,
+            }],
+        },
+        balancers: vec![BalancerView {
+            node: "lb-1".into(),
+            report: LbTierReport {
+                tier: "web".into(),
+                version: 41,
+                error: None,
+                stats: LbStats {
+                    request_rate: 12.5,
+                    sessions: 3,
+                    queue: 0,
+                    response_time_ms: 4.0,
+                    ..LbStats::default()
+                },
+                servers: Vec::new(),
+            },
+            reported_at_ms: NOW_MS - 1_000,
+        }],
+    }
+}
+
+#[tokio::test]
+async fn get_pool_prints_servers_and_balancers() {
+    let server = FakeServer::start(node_server_answer(true)).await;
+    let (result, stdout, _) = run_against(&server, &["get", "pool", "web"], "").await;
+    assert!(result.is_ok(), "{result:?}");
+    assert!(
+        stdout.starts_with("Tier web, pool version 41, http roundrobin on 0.0.0.0:8080\n"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("SERVER     ADDRESS          WEIGHT   STATE\n6f1c2a34   10.0.0.5:20001   100      ready\n"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "\nLoad balancers:\n  NODE   VERSION   REQ/S   SESSIONS   QUEUE   RESPONSE   5XX"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("  lb-1   41        12.5    3          0       4ms"),
+        "{stdout}"
+    );
 }
 
 fn targets(server: &FakeServer) -> Vec<String> {
@@ -1012,12 +1081,14 @@ async fn describe_tier_adds_instances_and_events() {
         stdout.contains("ScaledOut   requests_per_second 260 > target 200: 2 to 3\n"),
         "{stdout}"
     );
+    assert!(stdout.contains("\nLoad balancers:\n"), "{stdout}");
     assert_eq!(
         targets(&server),
         [
             "GET /v1/tiers/web",
             "GET /v1/tiers/web/instances",
             "GET /v1/events?object=tier/web",
+            "GET /v1/tiers/web/pool",
         ]
     );
 }
@@ -1039,6 +1110,7 @@ async fn describe_tier_works_against_a_controller_without_instances_or_events() 
             "GET /v1/tiers/web?stale=true",
             "GET /v1/tiers/web/instances?stale=true",
             "GET /v1/events?object=tier/web&stale=true",
+            "GET /v1/tiers/web/pool?stale=true",
         ]
     );
 }

@@ -803,6 +803,45 @@ fn load_balancer_rules() {
             &["load_balancer.sticky_cookie"],
         ),
         (
+            "tls certificate http",
+            process_tier,
+            |s| s.load_balancer.tls_certificate = Some("/etc/strata/web.pem".into()),
+            &[],
+        ),
+        (
+            "tls certificate tcp",
+            process_tier,
+            |s| {
+                s.load_balancer.mode = LbMode::Tcp;
+                s.load_balancer.tls_certificate = Some("/etc/strata/web.pem".into())
+            },
+            &["load_balancer.tls_certificate"],
+        ),
+        (
+            "relative tls certificate",
+            process_tier,
+            |s| s.load_balancer.tls_certificate = Some("web.pem".into()),
+            &["load_balancer.tls_certificate"],
+        ),
+        (
+            "zero connect timeout",
+            process_tier,
+            |s| s.load_balancer.connect_timeout = Duration::from_millis(0),
+            &["load_balancer.connect_timeout"],
+        ),
+        (
+            "day-long idle timeout",
+            process_tier,
+            |s| s.load_balancer.idle_timeout = Duration::from_secs(86_400),
+            &["load_balancer.idle_timeout"],
+        ),
+        (
+            "day-long slowstart",
+            process_tier,
+            |s| s.load_balancer.slowstart = Duration::from_secs(86_400),
+            &["load_balancer.slowstart"],
+        ),
+        (
             "uri http",
             process_tier,
             |s| s.load_balancer.algorithm = Algorithm::Uri,

@@ -10,7 +10,8 @@ use axum::http::StatusCode;
 use axum::routing::post;
 use axum::{Json, Router};
 use strata_api::{
-    Assignment, HeartbeatRequest, HeartbeatResponse, Node, Phase, Problem, RegisterRequest,
+    Assignment, HeartbeatRequest, HeartbeatResponse, Node, NodeRole, Phase, Pool, Problem,
+    RegisterRequest,
 };
 use uuid::Uuid;
 
@@ -18,6 +19,7 @@ use super::api::{node_answer, JsonBody};
 use super::ApiError;
 use crate::node::{now_ms, Controller};
 use crate::state::{Command, CommandResult};
+use crate::views;
 
 pub fn routes() -> Router<Arc<Controller>> {
     Router::new()
@@ -63,88 +65,120 @@ async fn heartbeat(
         return Err(ApiError(problem));
     }
     let node = request.node_id.clone();
-    let reported_live: BTreeSet<Uuid> = request
-        .instances
-        .iter()
-        .filter(|report| matches!(report.phase, Phase::Starting | Phase::Running))
-        .map(|report| report.id)
-        .collect();
-    let Some(mut assignments) = assignments_of(&controller, &node) else {
+    let reported = Reported::of(&request);
+    let Some(mut wanted) = wanted_by(&controller, &node) else {
         return Err(ApiError::not_found(format!(
             "node {node:?} is not registered; register first"
         )));
     };
-    let changed = controller
-        .liveness
-        .record(&node, now_ms(), request.metrics, request.instances);
+    let changed = controller.liveness.record(
+        &node,
+        now_ms(),
+        request.metrics,
+        request.instances,
+        request.lb,
+    );
     if changed {
         controller.liveness.wake.notify_one();
     }
-    // Long poll: while the node already runs exactly what it is assigned, hold the answer
-    // until its assignments change or the wait ends (like Nomad's blocking queries), so new
-    // work reaches the agent at once without short heartbeat intervals.
+    // Long poll: while the node already runs exactly what it is assigned (and, for a load
+    // balancer, serves every pool at its current version), hold the answer until that
+    // changes or the wait ends (like Nomad's blocking queries), so new work and pool changes
+    // reach the agent at once without short heartbeat intervals.
     let wait = Duration::from_millis(request.wait_ms.min(MAX_HEARTBEAT_WAIT_MS));
     let deadline = tokio::time::Instant::now() + wait;
     let signal = controller.liveness.signal(&node);
     loop {
-        let in_sync = assignments
-            .iter()
-            .map(|assignment| assignment.instance_id)
-            .collect::<BTreeSet<_>>()
-            == reported_live;
-        if !in_sync || tokio::time::Instant::now() >= deadline {
+        if !reported.in_sync(&wanted) || tokio::time::Instant::now() >= deadline {
             break;
         }
         let notified = signal.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        // Re-read after arming the signal, so a change in between is not missed.
-        assignments = assignments_of(&controller, &node).unwrap_or_default();
-        let still_in_sync = assignments
-            .iter()
-            .map(|assignment| assignment.instance_id)
-            .collect::<BTreeSet<_>>()
-            == reported_live;
-        if !still_in_sync {
+        let pools_changed = controller.liveness.pools_changed.notified();
+        tokio::pin!(pools_changed);
+        pools_changed.as_mut().enable();
+        // Re-read after arming the signals, so a change in between is not missed.
+        wanted = wanted_by(&controller, &node).unwrap_or_default();
+        if !reported.in_sync(&wanted) {
             break;
         }
         tokio::select! {
-            () = &mut notified => {
-                assignments = assignments_of(&controller, &node).unwrap_or_default();
-            }
+            () = &mut notified => {}
+            () = &mut pools_changed, if wanted.pools.is_some() => {}
             () = tokio::time::sleep_until(deadline) => break,
         }
+        wanted = wanted_by(&controller, &node).unwrap_or_default();
     }
     Ok(Json(HeartbeatResponse {
-        assignments,
-        pools: Vec::new(),
+        assignments: wanted.assignments,
+        pools: wanted.pools.unwrap_or_default(),
     }))
+}
+
+/// What a node must run and serve.
+#[derive(Default)]
+struct Wanted {
+    assignments: Vec<Assignment>,
+    /// Load-balancer nodes: every tier's pool.
+    pools: Option<Vec<Pool>>,
+}
+
+/// What a heartbeat says the node runs and serves.
+struct Reported {
+    live: BTreeSet<Uuid>,
+    /// Tier and pool version of each frontend an LB node serves.
+    pools: BTreeSet<(String, u64)>,
+}
+
+impl Reported {
+    fn of(request: &HeartbeatRequest) -> Self {
+        Reported {
+            live: request
+                .instances
+                .iter()
+                .filter(|report| matches!(report.phase, Phase::Starting | Phase::Running))
+                .map(|report| report.id)
+                .collect(),
+            pools: request
+                .lb
+                .iter()
+                .flat_map(|lb| &lb.tiers)
+                .map(|tier| (tier.tier.clone(), tier.version))
+                .collect(),
+        }
+    }
+
+    fn in_sync(&self, wanted: &Wanted) -> bool {
+        let assigned: BTreeSet<Uuid> = wanted
+            .assignments
+            .iter()
+            .map(|assignment| assignment.instance_id)
+            .collect();
+        let pools_in_sync = wanted.pools.as_ref().is_none_or(|pools| {
+            let versions: BTreeSet<(String, u64)> = pools
+                .iter()
+                .map(|pool| (pool.tier.clone(), pool.version))
+                .collect();
+            versions == self.pools
+        });
+        assigned == self.live && pools_in_sync
+    }
+}
+
+/// What `node` must run and serve, or `None` when the node is not registered.
+fn wanted_by(controller: &Controller, node: &str) -> Option<Wanted> {
+    controller.state.read(|machine| {
+        let state = &machine.state;
+        let assignments = views::assignments_of(state, node)?;
+        let pools = state
+            .nodes
+            .get(node)
+            .filter(|record| record.has_role(NodeRole::LoadBalancer))
+            .map(|_| views::pools(state));
+        Some(Wanted { assignments, pools })
+    })
 }
 
 /// Longest a heartbeat answer may be held.
 const MAX_HEARTBEAT_WAIT_MS: u64 = 10_000;
-
-/// The instances `node` must run, or `None` when the node is not registered.
-fn assignments_of(controller: &Controller, node: &str) -> Option<Vec<Assignment>> {
-    controller.state.read(|machine| {
-        let state = &machine.state;
-        if !state.nodes.contains_key(node) {
-            return None;
-        }
-        Some(
-            state
-                .instances_on(node)
-                .filter(|instance| instance.phase.is_live())
-                .filter_map(|instance| {
-                    let tier = state.tiers.get(&instance.tier)?;
-                    Some(Assignment {
-                        instance_id: instance.id,
-                        tier: instance.tier.clone(),
-                        template: tier.spec.template.clone(),
-                        health: tier.spec.health.clone(),
-                    })
-                })
-                .collect(),
-        )
-    })
-}

@@ -16,13 +16,14 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use strata_api::{
-    AddMemberRequest, Condition, Event, FieldError, Health, HostMetrics, Instance, ItemList, Node,
-    NodeStatus, Phase, Problem, Resources, ScaleRequest, Tier, TierSpec,
+    AddMemberRequest, BalancerView, Event, FieldError, HostMetrics, Instance, ItemList, Node,
+    PoolView, Problem, ScaleRequest, Tier, TierSpec,
 };
 
 use super::ApiError;
 use crate::node::{now_ms, Controller, MemberChange};
 use crate::state::{Command, CommandResult, NodeRecord, Rejection, State as Replicated};
+use crate::views::{node_view, tier_view, TierIndex};
 
 pub fn routes() -> Router<Arc<Controller>> {
     Router::new()
@@ -33,6 +34,7 @@ pub fn routes() -> Router<Arc<Controller>> {
         )
         .route("/v1/tiers/{name}/scale", post(scale_tier))
         .route("/v1/tiers/{name}/instances", get(tier_instances))
+        .route("/v1/tiers/{name}/pool", get(tier_pool))
         .route("/v1/instances", get(list_instances))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{id}", get(get_node))
@@ -132,12 +134,13 @@ async fn list_tiers(
     read_barrier(&controller, params.stale).await?;
     let now = now_ms();
     let (items, applied) = controller.state.read(|machine| {
+        let index = TierIndex::of(&machine.state);
         (
             machine
                 .state
                 .tiers
                 .values()
-                .map(|tier| tier_view(&machine.state, tier, now))
+                .map(|tier| tier_view(&machine.state, &index, tier, now))
                 .collect::<Vec<Tier>>(),
             machine.last_applied.map_or(0, |id| id.index),
         )
@@ -163,10 +166,51 @@ async fn get_tier(
                 .state
                 .tiers
                 .get(&name)
-                .map(|tier| tier_view(&machine.state, tier, now))
+                .map(|tier| tier_view(&machine.state, &TierIndex::of(&machine.state), tier, now))
         })
         .map(Json)
         .ok_or_else(|| ApiError::not_found(format!("tier {name:?} does not exist")))
+}
+
+/// `GET /v1/tiers/{name}/pool`: the pool its load balancers must serve, and what each one
+/// reports serving (the leader's memory). 404 when the tier does not exist or has no load
+/// balancer.
+async fn tier_pool(
+    State(controller): State<Arc<Controller>>,
+    Path(name): Path<String>,
+    params: Result<Query<ReadParams>, QueryRejection>,
+) -> Result<Json<PoolView>, ApiError> {
+    let params = query(params)?;
+    read_barrier(&controller, params.stale).await?;
+    let pool = controller.state.read(|machine| {
+        let tier = machine
+            .state
+            .tiers
+            .get(&name)
+            .ok_or_else(|| ApiError::not_found(format!("tier {name:?} does not exist")))?;
+        crate::views::pool_of(&TierIndex::of(&machine.state), tier).ok_or_else(|| {
+            ApiError::not_found(format!(
+                "tier {name:?} has no load balancer (no load_balancer.listen)"
+            ))
+        })
+    })?;
+    let reports = if params.stale {
+        controller.liveness.lb_reports()
+    } else {
+        controller.lb_reports().await
+    };
+    let balancers = reports
+        .into_iter()
+        .filter_map(|(node, reported_at_ms, report)| {
+            let report = report.tiers.into_iter().find(|tier| tier.tier == name)?;
+            Some(BalancerView {
+                node,
+                report,
+                reported_at_ms,
+            })
+        })
+        .collect();
+    Ok(Json(PoolView { pool, balancers }))
 }
 
 async fn put_tier(
@@ -302,110 +346,6 @@ async fn remove_member(
         .change_membership(MemberChange::Remove { id })
         .await?;
     Ok(Json(controller.cluster_status()))
-}
-
-/// How long a failed instance keeps its tier's `Degraded` condition up.
-const DEGRADED_WINDOW_MS: u64 = 120_000;
-
-/// A tier with the status fields derived from its instances: current, ready and conditions.
-pub fn tier_view(state: &Replicated, tier: &Tier, now_ms: u64) -> Tier {
-    let mut view = tier.clone();
-    let mut current = 0;
-    let mut ready = 0;
-    let mut latest_failure: Option<&Instance> = None;
-    for instance in state.instances.values().filter(|i| i.tier == tier.name()) {
-        if instance.phase.is_live() {
-            current += 1;
-        }
-        if instance.phase == Phase::Running && instance.health == Health::Healthy {
-            ready += 1;
-        }
-        if instance.phase == Phase::Failed
-            && now_ms.saturating_sub(instance.updated_at_ms) < DEGRADED_WINDOW_MS
-            && latest_failure.is_none_or(|f| f.updated_at_ms < instance.updated_at_ms)
-        {
-            latest_failure = Some(instance);
-        }
-    }
-    view.status.current = current;
-    view.status.ready = ready;
-    let desired = view.status.desired;
-    view.status.conditions = vec![Condition {
-        condition_type: "Ready".to_string(),
-        status: ready >= desired,
-        reason: if ready >= desired {
-            "AllReady"
-        } else {
-            "Converging"
-        }
-        .to_string(),
-        message: format!("{ready} of {desired} desired instances are ready"),
-        since_ms: tier.updated_at_ms,
-    }];
-    if let Some(failed) = latest_failure {
-        view.status.conditions.push(Condition {
-            condition_type: "Degraded".to_string(),
-            status: true,
-            reason: "InstanceFailed".to_string(),
-            message: format!(
-                "instance {} failed: {}",
-                failed.id,
-                failed.reason.as_deref().unwrap_or("no reason given")
-            ),
-            since_ms: failed.updated_at_ms,
-        });
-    }
-    view
-}
-
-/// A node as the API shows it: the replicated record, allocatable capacity, and the leader's
-/// heartbeat data (`heard`: last heartbeat and metrics, when known).
-pub fn node_view(
-    state: &Replicated,
-    record: &NodeRecord,
-    heard: Option<(u64, HostMetrics)>,
-) -> Node {
-    let mut used = Resources::default();
-    for instance in state.instances_on(&record.id) {
-        if instance.phase.is_final() {
-            continue;
-        }
-        if let Some(tier) = state.tiers.get(&instance.tier) {
-            used.cpu += tier.spec.template.cpu;
-            used.memory_mb += tier.spec.template.memory_mb;
-        }
-    }
-    let (last_heartbeat_ms, metrics) = heard.unwrap_or_default();
-    let status = if !record.ready {
-        NodeStatus::NotReady
-    } else if record.draining {
-        NodeStatus::Draining
-    } else if record.cordoned {
-        NodeStatus::Cordoned
-    } else {
-        NodeStatus::Ready
-    };
-    Node {
-        id: record.id.clone(),
-        address: record.address.clone(),
-        zone: record.zone.clone(),
-        labels: record.labels.clone(),
-        capacity: record.capacity,
-        allocatable: Resources {
-            cpu: (record.capacity.cpu - used.cpu).max(0.0),
-            memory_mb: record.capacity.memory_mb.saturating_sub(used.memory_mb),
-        },
-        status,
-        ready: record.ready,
-        cordoned: record.cordoned,
-        roles: record.roles.clone(),
-        draining: record.draining,
-        agent_version: record.agent_version.clone(),
-        last_heartbeat_ms,
-        metrics,
-        registered_at_ms: record.registered_at_ms,
-        resource_version: record.resource_version,
-    }
 }
 
 async fn list_nodes(

@@ -34,6 +34,7 @@ pub fn routes() -> Router<Arc<Controller>> {
         .route(routes::READ_INDEX, post(read_index))
         .route(routes::MEMBERS, post(members))
         .route(routes::LIVENESS, post(liveness))
+        .route(routes::LB_REPORTS, post(lb_reports))
 }
 
 /// A JSON body from a peer. Unlike axum's `Json`, it decodes without `serde_path_to_error`:
@@ -116,6 +117,18 @@ async fn liveness(
         Json(controller.liveness.observations())
     } else {
         Json(Default::default())
+    }
+}
+
+/// The leader's latest LB reports (node, heard at, report), for a follower answering a pool
+/// read; empty on a node that does not lead.
+async fn lb_reports(
+    State(controller): State<Arc<Controller>>,
+) -> Json<Vec<(String, u64, strata_api::LbReport)>> {
+    if controller.is_leader() {
+        Json(controller.liveness.lb_reports())
+    } else {
+        Json(Vec::new())
     }
 }
 

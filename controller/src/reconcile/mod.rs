@@ -13,11 +13,16 @@
 //!    instances of an old generation or on draining nodes with a surge of one and no loss of
 //!    ready capacity (the tier's `rollout.max_surge` / `max_unavailable`), and place new instances on Ready nodes with room, spread across nodes or
 //!    zones and honouring node labels; back off creating when instances keep failing;
-//! 4. drains instances of deleted tiers and forgets final instances after a while.
+//! 4. drains instances of deleted tiers and forgets final instances after a while;
+//! 5. ends drains and records what load balancers say of their frontends (`pools`).
+
+pub mod pools;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use strata_api::{Health, HostMetrics, Instance, InstanceReport, NodeRole, Phase, Spread, Tier};
+use strata_api::{
+    Health, HostMetrics, Instance, InstanceReport, LbReport, NodeRole, Phase, Spread, Tier,
+};
 use uuid::Uuid;
 
 use crate::lifecycle::{step, InstanceEvent};
@@ -30,6 +35,8 @@ pub struct NodeObservation {
     pub metrics: HostMetrics,
     /// The instances the agent reported in its latest heartbeat.
     pub reports: Vec<InstanceReport>,
+    /// LB nodes: what their load balancer serves, from the latest heartbeat.
+    pub lb: Option<LbReport>,
 }
 
 /// The leader's in-memory view of the world.
@@ -101,6 +108,7 @@ pub fn plan(
         ));
     }
     commands.extend(plan_orphans_and_forgetting(state, config, now_ms));
+    commands.extend(pools::plan(state, observed, now_ms));
     commands
 }
 
@@ -186,7 +194,7 @@ fn plan_reports(
             }
             let unreported_for = heard_at.saturating_sub(instance.updated_at_ms);
             let (event, reason) = match instance.phase {
-                Phase::Draining if unreported_for > config.report_slack_ms => {
+                Phase::Draining | Phase::Stopping if unreported_for > config.report_slack_ms => {
                     (InstanceEvent::Stopped, "stopped by its agent")
                 }
                 Phase::Starting | Phase::Running if unreported_for > config.report_slack_ms => {
@@ -571,7 +579,7 @@ fn millis(ms: u64) -> String {
 mod tests {
     use std::collections::BTreeMap;
 
-    use strata_api::{RegisterRequest, Resources, TierSpec};
+    use strata_api::{NodeRole, RegisterRequest, Resources, TierSpec};
 
     use super::*;
     use crate::state::{CommandResult, Request};
@@ -634,6 +642,7 @@ mod tests {
                     last_seen_ms: self.now,
                     metrics: HostMetrics::default(),
                     reports,
+                    lb: None,
                 },
             );
         }
@@ -801,13 +810,15 @@ mod tests {
         let live = world.live("web");
         assert_eq!(live.len(), 1);
         assert_eq!(live[0].id, first, "scale-in keeps the oldest instance");
-        let draining = world
+        // Without a load balancer there is nothing to drain from: the drains end at once and
+        // the agents are told to stop them.
+        let stopping = world
             .state
             .instances
             .values()
-            .filter(|i| i.phase == Phase::Draining)
+            .filter(|i| i.phase == Phase::Stopping)
             .count();
-        assert_eq!(draining, 3);
+        assert_eq!(stopping, 3);
     }
 
     #[test]
@@ -899,7 +910,7 @@ mod tests {
             .collect();
         world.heartbeat(&node, reports);
         world.settle(4);
-        assert_eq!(world.state.instances[&victim].phase, Phase::Draining);
+        assert_eq!(world.state.instances[&victim].phase, Phase::Stopping);
         assert_eq!(world.live("web").len(), 2);
         assert!(world.live("web").iter().all(|i| i.id != victim));
     }
@@ -985,7 +996,7 @@ mod tests {
             let draining: Vec<Uuid> = world
                 .state
                 .instances_on(&node)
-                .filter(|i| i.phase == Phase::Draining)
+                .filter(|i| matches!(i.phase, Phase::Draining | Phase::Stopping))
                 .map(|i| i.id)
                 .collect();
             if let Some(observation) = world.observed.get_mut(&node) {
@@ -1109,6 +1120,289 @@ mod tests {
             .count();
         assert!(failed <= 4, "kept creating failing instances: {failed}");
         assert!(world.state.events.iter().any(|e| e.reason == "BackingOff"));
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Pools: drains end when every load balancer has finished the instance's sessions.
+
+    impl World {
+        fn lb_node(&mut self, id: &str) {
+            self.apply(Command::RegisterNode {
+                registration: RegisterRequest {
+                    node_id: id.to_string(),
+                    address: "127.0.0.9".to_string(),
+                    zone: None,
+                    labels: BTreeMap::new(),
+                    capacity: Resources {
+                        cpu: 1.0,
+                        memory_mb: 512,
+                    },
+                    agent_version: "test".to_string(),
+                    roles: vec![NodeRole::LoadBalancer],
+                },
+            });
+            self.heartbeat(id, Vec::new());
+        }
+
+        /// `node` reports serving `tier`'s pool at `version`, with `sessions` open on each
+        /// listed instance (and none on the others).
+        fn lb_report(&mut self, node: &str, tier: &str, version: u64, sessions: &[(Uuid, u64)]) {
+            let report = LbReport {
+                worker_pid: Some(1),
+                reloads: 0,
+                tiers: vec![strata_api::LbTierReport {
+                    tier: tier.to_string(),
+                    version,
+                    error: None,
+                    stats: strata_api::LbStats::default(),
+                    servers: sessions
+                        .iter()
+                        .map(|(id, sessions)| strata_api::LbServerReport {
+                            instance_id: *id,
+                            status: "DRAIN".to_string(),
+                            stats: strata_api::LbStats {
+                                sessions: *sessions,
+                                ..strata_api::LbStats::default()
+                            },
+                        })
+                        .collect(),
+                }],
+            };
+            let observation = self.observed.entry(node.to_string()).or_default();
+            observation.last_seen_ms = self.now;
+            observation.lb = Some(report);
+        }
+
+        fn pool(&self, tier: &str) -> strata_api::Pool {
+            let index = crate::views::TierIndex::of(&self.state);
+            crate::views::pool_of(&index, &self.state.tiers[tier])
+                .unwrap_or_else(|| panic!("tier {tier} has no pool"))
+        }
+
+        /// Two healthy instances of `web` behind a load balancer `lb` that serves their pool.
+        fn balanced_tier(&mut self) -> (Uuid, Uuid) {
+            self.node("a", "z1", 4.0);
+            self.lb_node("lb");
+            self.tier(
+                "web",
+                1,
+                4,
+                serde_json::json!({"load_balancer": {"listen": "0.0.0.0:8080", "drain_timeout": "30s"}}),
+            );
+            self.scale(2);
+            self.settle(3);
+            self.all_healthy();
+            self.settle(3);
+            let pool = self.pool("web");
+            assert_eq!(pool.servers.len(), 2, "{pool:?}");
+            assert!(pool
+                .servers
+                .iter()
+                .all(|s| s.state == strata_api::ServerState::Ready));
+            let version = pool.version;
+            self.lb_report("lb", "web", version, &[]);
+            (pool.servers[0].instance_id, pool.servers[1].instance_id)
+        }
+
+        /// The agent of `a` reports everything it still runs (draining instances too) as
+        /// Running and healthy.
+        fn keep_running(&mut self) {
+            let reports = self
+                .state
+                .instances_on("a")
+                .filter(|i| i.phase.is_live() || i.phase == Phase::Draining)
+                .map(|i| report(i.id, Phase::Running, Health::Healthy))
+                .collect();
+            self.heartbeat("a", reports);
+        }
+
+        fn scale(&mut self, desired: u32) {
+            self.apply(Command::ScaleTier {
+                name: "web".to_string(),
+                desired,
+                expected_version: None,
+            });
+        }
+    }
+
+    #[test]
+    fn scale_in_drains_through_the_pool_and_stops_only_when_no_session_is_left() {
+        let mut world = World::new();
+        let (first, second) = world.balanced_tier();
+        world.now += 1000;
+        world.scale(1);
+        world.settle(3);
+        let victim = world
+            .state
+            .instances
+            .values()
+            .find(|i| i.phase == Phase::Draining)
+            .map(|i| i.id)
+            .unwrap_or_else(|| panic!("nothing drains: {:?}", world.state.instances));
+        assert!(victim == first || victim == second);
+        // In the pool as `drain`, and still assigned to its node: it keeps running.
+        let pool = world.pool("web");
+        let server = pool.servers.iter().find(|s| s.instance_id == victim);
+        assert_eq!(
+            server.map(|s| s.state),
+            Some(strata_api::ServerState::Drain)
+        );
+        let assigned = crate::views::assignments_of(&world.state, "a").unwrap_or_default();
+        assert!(assigned.iter().any(|a| a.instance_id == victim));
+
+        // The balancer has not applied the new pool yet, then has but a session is open.
+        world.lb_report("lb", "web", pool.version - 1, &[]);
+        assert!(
+            world.plan().is_empty(),
+            "ended a drain the balancer had not applied"
+        );
+        world.lb_report("lb", "web", pool.version, &[(victim, 2)]);
+        assert!(world.plan().is_empty(), "ended a drain with sessions open");
+
+        // The sessions finish: the drain ends, and the agent is told to stop it.
+        world.lb_report("lb", "web", pool.version, &[(victim, 0)]);
+        let commands = world.plan();
+        assert_eq!(
+            commands,
+            vec![Command::UpdateInstances {
+                updates: vec![InstanceUpdate {
+                    id: victim,
+                    event: Some(InstanceEvent::DrainEnded),
+                    health: None,
+                    port: None,
+                    reason: Some("no session left on its 1 load balancer(s) after 0s".to_string()),
+                }]
+            }]
+        );
+        for command in commands {
+            world.apply(command);
+        }
+        assert_eq!(world.state.instances[&victim].phase, Phase::Stopping);
+        assert!(world
+            .pool("web")
+            .servers
+            .iter()
+            .all(|s| s.instance_id != victim));
+        let assigned = crate::views::assignments_of(&world.state, "a").unwrap_or_default();
+        assert!(assigned.iter().all(|a| a.instance_id != victim));
+        assert!(world.pool("web").version > pool.version);
+    }
+
+    #[test]
+    fn a_drain_ends_at_its_timeout_even_with_sessions_open() {
+        let mut world = World::new();
+        world.balanced_tier();
+        world.scale(1);
+        world.settle(3);
+        let pool = world.pool("web");
+        let victim = pool
+            .servers
+            .iter()
+            .find(|s| s.state == strata_api::ServerState::Drain)
+            .map(|s| s.instance_id)
+            .unwrap_or_else(|| panic!("no drain in {pool:?}"));
+        world.now += 29_000;
+        world.keep_running();
+        world.lb_report("lb", "web", pool.version, &[(victim, 5)]);
+        let commands = world.plan();
+        assert!(commands.is_empty(), "{commands:?}");
+        world.now += 1_000;
+        world.keep_running();
+        world.lb_report("lb", "web", pool.version, &[(victim, 5)]);
+        world.settle(2);
+        assert_eq!(world.state.instances[&victim].phase, Phase::Stopping);
+        assert_eq!(
+            world.state.instances[&victim].reason.as_deref(),
+            Some("its drain timeout (30s) passed")
+        );
+    }
+
+    #[test]
+    fn a_new_leader_ends_no_drain_before_it_hears_from_the_balancers() {
+        let mut world = World::new();
+        world.balanced_tier();
+        world.scale(1);
+        world.settle(3);
+        // A new leader: no heartbeat memory at all.
+        world.observed.clear();
+        world.leader_since = world.now;
+        world.now += 1_000;
+        let commands = world.plan();
+        assert!(
+            !commands
+                .iter()
+                .any(|c| matches!(c, Command::UpdateInstances { .. })),
+            "{commands:?}"
+        );
+    }
+
+    #[test]
+    fn instances_without_a_load_balancer_or_never_ready_end_their_drain_at_once() {
+        let mut world = World::new();
+        world.node("a", "z1", 4.0);
+        world.lb_node("lb");
+        world.tier(
+            "web",
+            0,
+            4,
+            serde_json::json!({"load_balancer": {"listen": "0.0.0.0:8080"}}),
+        );
+        world.scale(2);
+        world.settle(2);
+        // Never became ready: nothing to finish.
+        world.scale(0);
+        world.settle(3);
+        assert!(world
+            .state
+            .instances
+            .values()
+            .all(|i| i.phase == Phase::Stopping));
+    }
+
+    #[test]
+    fn frontend_failures_are_recorded_once_and_their_end_too() {
+        let mut world = World::new();
+        world.balanced_tier();
+        let version = world.pool("web").version;
+        let failing = |world: &mut World, error: Option<&str>| {
+            world.lb_report("lb", "web", version, &[]);
+            if let Some(lb) = world.observed.get_mut("lb").and_then(|o| o.lb.as_mut()) {
+                lb.tiers[0].error = error.map(str::to_string);
+            }
+        };
+        let lb_events = |world: &World| -> Vec<String> {
+            world
+                .state
+                .events
+                .iter()
+                .filter(|e| e.reason.starts_with("LoadBalancer"))
+                .map(|e| format!("{}: {}", e.reason, e.message))
+                .collect()
+        };
+        world.settle(2);
+        failing(&mut world, Some("cannot bind 0.0.0.0:8080: address in use"));
+        world.settle(3);
+        failing(&mut world, None);
+        world.settle(3);
+        assert_eq!(
+            lb_events(&world),
+            [
+                "LoadBalancerServing: served on 0.0.0.0:8080 by 1 load balancer(s)",
+                "LoadBalancerFailed: frontend not served: lb: cannot bind 0.0.0.0:8080: address in use",
+                "LoadBalancerServing: served on 0.0.0.0:8080 by 1 load balancer(s)",
+            ]
+        );
+        let index = crate::views::TierIndex::of(&world.state);
+        let view =
+            crate::views::tier_view(&world.state, &index, &world.state.tiers["web"], world.now);
+        let condition = view
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.condition_type == "LoadBalancerReady")
+            .map(|c| c.status);
+        assert_eq!(condition, Some(true));
+        assert_eq!(view.status.endpoints, ["127.0.0.9:8080"]);
     }
 
     proptest::proptest! {
