@@ -1,7 +1,9 @@
 //! `strata-workload`: the small HTTP app instances run in demos and tests.
 //!
 //! - `GET /` answers JSON with the instance id; `?work_ms=N` first burns N ms of real CPU (at
-//!   most [`WorkloadConfig::max_work`]) so load tests can drive CPU-based scaling.
+//!   most [`WorkloadConfig::max_work`]) so load tests can drive CPU-based scaling;
+//!   `?sleep_ms=N` first waits N ms (same bound) without using CPU, a slow request that holds
+//!   its connection, for drain tests.
 //! - `GET /healthz` answers 200, or 503 after `POST /fail` until `POST /recover`, so tests can
 //!   make an instance unhealthy without killing it.
 //!
@@ -43,6 +45,7 @@ pub struct Hello {
 #[derive(Debug, Deserialize)]
 struct HelloQuery {
     work_ms: Option<u64>,
+    sleep_ms: Option<u64>,
 }
 
 struct AppState {
@@ -79,6 +82,10 @@ pub async fn run(
 
 async fn hello(State(state): State<Arc<AppState>>, Query(query): Query<HelloQuery>) -> Response {
     let requests = state.requests.fetch_add(1, Ordering::Relaxed) + 1;
+    let sleep = Duration::from_millis(query.sleep_ms.unwrap_or(0)).min(state.config.max_work);
+    if !sleep.is_zero() {
+        tokio::time::sleep(sleep).await;
+    }
     let wanted = Duration::from_millis(query.work_ms.unwrap_or(0));
     let work = wanted.min(state.config.max_work);
     if !work.is_zero() {

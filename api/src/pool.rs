@@ -136,6 +136,12 @@ pub struct PoolView {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BalancerView {
     pub node: String,
+    /// The pid of that node's HAProxy worker (a reload changes it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_pid: Option<u32>,
+    /// HAProxy reloads on that node since its agent started.
+    #[serde(default)]
+    pub reloads: u64,
     pub report: LbTierReport,
     pub reported_at_ms: u64,
 }

@@ -1006,6 +1006,8 @@ fn pool_view() -> crate::pool::PoolView {
         },
         balancers: vec![BalancerView {
             node: "lb-1".into(),
+            worker_pid: Some(4242),
+            reloads: 0,
             report: LbTierReport {
                 tier: "web".into(),
                 version: 41,

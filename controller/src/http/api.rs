@@ -202,9 +202,13 @@ async fn tier_pool(
     let balancers = reports
         .into_iter()
         .filter_map(|(node, reported_at_ms, report)| {
+            let worker_pid = report.worker_pid;
+            let reloads = report.reloads;
             let report = report.tiers.into_iter().find(|tier| tier.tier == name)?;
             Some(BalancerView {
                 node,
+                worker_pid,
+                reloads,
                 report,
                 reported_at_ms,
             })
