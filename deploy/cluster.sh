@@ -3,6 +3,8 @@
 #
 #   deploy/cluster.sh start [N]   start N controllers (1, 3 or 5; default 3) on 127.0.0.1:7001..
 #   deploy/cluster.sh agents [N]  start N agents (default 2), nodes host-1..host-N on this machine
+#   deploy/cluster.sh lb [N]      start N LB agents (default 1), nodes lb-1..lb-N, each running
+#                                 its own HAProxy that serves every tier's load_balancer.listen
 #   deploy/cluster.sh stop        stop agents and controllers (SIGTERM; instances keep running
 #                                 until their tiers are deleted or the agents come back)
 #   deploy/cluster.sh status      show the cluster as node 1 sees it
@@ -94,8 +96,27 @@ agents() {
   done
 }
 
+balancers() {
+  local n="${1:-1}" nodes
+  ensure_env
+  nodes="$(cat "$home/nodes" 2>/dev/null || echo 3)"
+  [ -x "$bin/strata-agent" ] || cargo build -p strata-agent
+  for i in $(seq 1 "$n"); do
+    if [ -f "$home/lb-$i.pid" ] && alive "$(cat "$home/lb-$i.pid")"; then
+      echo "LB agent lb-$i already running (pid $(cat "$home/lb-$i.pid"))"
+      continue
+    fi
+    nohup "$bin/strata-agent" --node-id "lb-$i" --lb haproxy \
+      --controllers "$(servers "$nodes")" --join-token "$STRATA_JOIN_TOKEN" \
+      --data-dir "$home/lb-$i" --heartbeat-interval 1s \
+      >> "$home/lb-$i.log" 2>&1 &
+    echo $! > "$home/lb-$i.pid"
+    echo "LB agent lb-$i: pid $!, log $home/lb-$i.log"
+  done
+}
+
 stop() {
-  for pidfile in "$home"/agent-*.pid "$home"/node-*.pid; do
+  for pidfile in "$home"/lb-*.pid "$home"/agent-*.pid "$home"/node-*.pid; do
     [ -e "$pidfile" ] || continue
     kill "$(cat "$pidfile")" 2>/dev/null || true
     rm -f "$pidfile"
@@ -106,6 +127,7 @@ stop() {
 case "${1:-}" in
   start) start "${2:-3}" ;;
   agents) agents "${2:-2}" ;;
+  lb) balancers "${2:-1}" ;;
   stop) stop ;;
   status)
     ensure_env
@@ -114,5 +136,5 @@ case "${1:-}" in
     ensure_env
     cat "$home/env"
     echo "export STRATA_SERVER=$(servers "$(cat "$home/nodes" 2>/dev/null || echo 3)")" ;;
-  *) sed -n '2,14p' "$0"; exit 2 ;;
+  *) sed -n '2,16p' "$0"; exit 2 ;;
 esac

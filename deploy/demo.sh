@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The demo: installs what is missing, builds, starts a local 3-node control plane and two
-# agents, applies the example web tier (strata-workload processes) and shows the control plane
-# placing, scaling and replacing instances, also through a leader failure. Leaves everything
+# The demo: installs what is missing, builds, starts a local 3-node control plane, two agents
+# and an LB agent running HAProxy, applies the example web tier (strata-workload processes
+# behind 127.0.0.1:8080) and shows the control plane placing, scaling and replacing instances
+# while the load balancer's pool follows, also through a leader failure. Leaves everything
 # running; stop it with deploy/cluster.sh stop (delete the tiers first to stop their instances).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +10,7 @@ bash deploy/install-deps.sh
 cargo build --workspace --bins
 deploy/cluster.sh start 3
 deploy/cluster.sh agents 2
+deploy/cluster.sh lb 1
 eval "$(deploy/cluster.sh env)"
 ctl=target/debug/stratactl
 
@@ -21,22 +23,49 @@ wait_ready() {
   done
 }
 
+# Every answer of strata-workload names the instance that served it.
+through_lb() {
+  local n="$1" i
+  for i in $(seq 1 "$n"); do
+    curl -fsS --max-time 2 http://127.0.0.1:8080/ | sed -n 's/.*"instance_id":"\([0-9a-f]\{8\}\).*/served by \1/p'
+  done | sort | uniq -c
+}
+wait_pool() {
+  local tier="$1" want="$2" deadline=$((SECONDS + 60))
+  until [ "$($ctl get pool "$tier" -o json | grep -c '"state": "ready"')" -eq "$want" ] \
+        && curl -fsS --max-time 1 -o /dev/null http://127.0.0.1:8080/; do
+    if [ $SECONDS -gt $deadline ]; then echo "pool of $tier did not reach $want ready servers" >&2; return 1; fi
+    sleep 0.5
+  done
+  sleep 1  # one heartbeat for the LB agent to report the version it applied
+}
+
 step $ctl cluster status
 sleep 2
 step $ctl get nodes
 step $ctl apply -f deploy/examples/web.yaml
 wait_ready web 2
 step $ctl get instances --tier web
+wait_pool web 2
+printf '\n\033[1mHAProxy on 127.0.0.1:8080 spreads requests over the pool (curl x6)\033[0m\n'
+through_lb 6
+step $ctl get pool web
 step $ctl scale tier web --replicas 4
 wait_ready web 4
+wait_pool web 4
 step $ctl get instances --tier web
+printf '\n\033[1mthe pool followed the scale-out without a reload (curl x12)\033[0m\n'
+through_lb 12
+step $ctl get pool web
 
 port=$($ctl get instances --tier web -o json | sed -n 's/.*"port": *\([0-9]*\).*/\1/p' | sed -n 1p)
 printf '\n\033[1mthe instance on port %s fails its health check; the control plane replaces it\033[0m\n' "$port"
 step curl -fsS -X POST "http://127.0.0.1:$port/fail"
 sleep 4
 wait_ready web 4
+wait_pool web 4
 step $ctl get instances --tier web
+step $ctl get pool web
 
 leader=$($ctl cluster status -o json | sed -n 's/.*"leader_id": *\([0-9]*\).*/\1/p')
 printf '\n\033[1mkill -9 of the leader (node %s); the API keeps answering through the others\033[0m\n' "$leader"
@@ -52,6 +81,8 @@ Everything is running (node $leader was restarted and rejoined). Try:
   eval "\$(deploy/cluster.sh env)"
   target/debug/stratactl get nodes
   target/debug/stratactl get events --object tier/web
+  target/debug/stratactl get pool web          # what HAProxy on 127.0.0.1:8080 serves
+  curl http://127.0.0.1:8080/                  # through the load balancer
   target/debug/stratactl delete tier web      # stops its instances
 Stop it with: deploy/cluster.sh stop
 MSG
