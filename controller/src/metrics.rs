@@ -141,5 +141,57 @@ pub fn render(controller: &Controller) -> String {
         let _ = writeln!(out, "strata_instances{{phase=\"{phase}\"}} {count}");
     }
     let _ = writeln!(out, "# HELP strata_events_total Events recorded (scaling decisions, node and instance changes).\n# TYPE strata_events_total counter\nstrata_events_total {events}");
+    render_pools(controller, &mut out);
     out
+}
+
+/// Per tier: the pool's version and its servers by state; per LB node (leader memory): the
+/// version it serves, so a lagging balancer shows as a version behind.
+fn render_pools(controller: &Controller, out: &mut String) {
+    let pools = controller
+        .state
+        .read(|machine| crate::views::pools(&machine.state));
+    let _ = writeln!(
+        out,
+        "# HELP strata_pool_version Log index of the last change of a tier's pool.\n# TYPE strata_pool_version gauge"
+    );
+    for pool in &pools {
+        let _ = writeln!(
+            out,
+            "strata_pool_version{{tier=\"{}\"}} {}",
+            pool.tier, pool.version
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP strata_pool_servers Servers of a tier's pool by state.\n# TYPE strata_pool_servers gauge"
+    );
+    for pool in &pools {
+        for state in [strata_api::ServerState::Ready, strata_api::ServerState::Drain] {
+            let count = pool.servers.iter().filter(|s| s.state == state).count();
+            let label = if state == strata_api::ServerState::Ready {
+                "ready"
+            } else {
+                "drain"
+            };
+            let _ = writeln!(
+                out,
+                "strata_pool_servers{{tier=\"{}\",state=\"{label}\"}} {count}",
+                pool.tier
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP strata_lb_served_version Pool version each LB node reports serving (leader only).\n# TYPE strata_lb_served_version gauge"
+    );
+    for (node, _, report) in controller.liveness.lb_reports() {
+        for tier in &report.tiers {
+            let _ = writeln!(
+                out,
+                "strata_lb_served_version{{node=\"{node}\",tier=\"{}\"}} {}",
+                tier.tier, tier.version
+            );
+        }
+    }
 }
