@@ -1,5 +1,6 @@
-//! A single controller and one agent on loopback, owned by the benchmark (the start-latency
-//! measurement's world), and the reaper that kills what the agent started.
+//! A single controller, a worker agent and optionally LB agents on loopback, owned by the
+//! benchmark (the start-latency and pool measurements' world), and the reaper that kills what
+//! the agents started.
 //!
 //! Invariant: nothing outlives a `LocalEnv`. The controller and the agent are spawned with
 //! `kill_on_drop`; instances outlive a killed agent by design (the next agent adopts them), so
@@ -29,6 +30,31 @@ pub struct LocalConfig {
     /// The controller's `--reconcile-interval`; its default when `None`.
     pub reconcile_interval: Option<Duration>,
     pub keep_dir: bool,
+    /// Start the worker agent `h1` (off when the benchmark simulates its workers).
+    pub worker: bool,
+    /// Start LB agents `lb-1`.. with this HAProxy binary, this many of them.
+    pub balancers: Option<(PathBuf, usize)>,
+}
+
+impl LocalConfig {
+    /// A controller and the worker agent `h1`, nothing else.
+    pub fn worker_only(
+        controller_bin: PathBuf,
+        agent_bin: PathBuf,
+        heartbeat_interval: Duration,
+        reconcile_interval: Option<Duration>,
+        keep_dir: bool,
+    ) -> Self {
+        LocalConfig {
+            controller_bin,
+            agent_bin,
+            heartbeat_interval,
+            reconcile_interval,
+            keep_dir,
+            worker: true,
+            balancers: None,
+        }
+    }
 }
 
 /// A child process killed when dropped, with its output in a log file.
@@ -105,6 +131,7 @@ pub struct LocalEnv {
     // the directory.
     controller: Owned,
     agent: Option<Owned>,
+    balancers: Vec<Owned>,
     _reaper: Reaper,
     dir: Option<tempfile::TempDir>,
     path: PathBuf,
@@ -163,6 +190,7 @@ impl LocalEnv {
         let mut env = LocalEnv {
             controller,
             agent: None,
+            balancers: Vec::new(),
             _reaper: Reaper { dir: path.clone() },
             dir: None,
             path: path.clone(),
@@ -187,36 +215,44 @@ impl LocalEnv {
         )
         .await?;
 
-        let mut command = Command::new(&config.agent_bin);
-        command.args([
-            "--node-id",
-            "h1",
-            "--controllers",
-            &format!("127.0.0.1:{port}"),
-            "--join-token",
-            STRATA_JOIN_TOKEN,
-            "--data-dir",
-            &path.join("agent-h1").display().to_string(),
-            "--heartbeat-interval",
-            &format!("{}ms", config.heartbeat_interval.as_millis()),
-            "--stop-grace",
-            "3s",
-            "--cpu",
-            "4",
-            "--memory-mb",
-            "4096",
-        ]);
-        command.env("RUST_LOG", "info");
-        env.agent = Some(Owned::spawn(&mut command, &path.join("agent-h1.log"))?);
+        let mut expected = Vec::new();
+        if config.worker {
+            let mut command = agent_command(config, port, "h1", &path);
+            command.args(["--cpu", "4", "--memory-mb", "4096"]);
+            env.agent = Some(Owned::spawn(&mut command, &path.join("agent-h1.log"))?);
+            expected.push("h1".to_string());
+        }
+        if let Some((haproxy, count)) = &config.balancers {
+            for index in 1..=*count {
+                let node = format!("lb-{index}");
+                let mut command = agent_command(config, port, &node, &path);
+                command.args([
+                    "--lb",
+                    "haproxy",
+                    "--haproxy-bin",
+                    &haproxy.display().to_string(),
+                    "--lb-state-dir",
+                    &path.join(format!("lb-state-{node}")).display().to_string(),
+                ]);
+                let log = path.join(format!("agent-{node}.log"));
+                env.balancers.push(Owned::spawn(&mut command, &log)?);
+                expected.push(node);
+            }
+        }
+        let expected = &expected;
         env.wait(
-            "node h1 to be Ready",
+            "the agents' nodes to be Ready",
             Duration::from_secs(30),
             |api| async move {
                 let nodes: ItemList<Node> = api.get("/v1/nodes").await?;
-                Ok(nodes
-                    .items
+                Ok(expected
                     .iter()
-                    .any(|node| node.id == "h1" && node.status == NodeStatus::Ready)
+                    .all(|id| {
+                        nodes
+                            .items
+                            .iter()
+                            .any(|node| &node.id == id && node.status == NodeStatus::Ready)
+                    })
                     .then_some(()))
             },
         )
@@ -233,6 +269,9 @@ impl LocalEnv {
         self.controller.check_alive("strata-controller")?;
         if let Some(agent) = self.agent.as_mut() {
             agent.check_alive("strata-agent")?;
+        }
+        for balancer in &mut self.balancers {
+            balancer.check_alive("strata-agent --lb")?;
         }
         Ok(())
     }
@@ -302,6 +341,27 @@ impl Api {
         }
         Ok(())
     }
+}
+
+/// An agent command for `node` with the flags every agent of the environment shares.
+fn agent_command(config: &LocalConfig, port: u16, node: &str, dir: &Path) -> Command {
+    let mut command = Command::new(&config.agent_bin);
+    command.args([
+        "--node-id",
+        node,
+        "--controllers",
+        &format!("127.0.0.1:{port}"),
+        "--join-token",
+        STRATA_JOIN_TOKEN,
+        "--data-dir",
+        &dir.join(format!("agent-{node}")).display().to_string(),
+        "--heartbeat-interval",
+        &format!("{}ms", config.heartbeat_interval.as_millis()),
+        "--stop-grace",
+        "3s",
+    ]);
+    command.env("RUST_LOG", "info");
+    command
 }
 
 fn log_tail(path: &Path) -> String {

@@ -5,13 +5,15 @@
 //! status probe); `cluster` spawns, kills and restarts their processes; `writes` is the
 //! load generator; `failover` the kill loop. `heartbeats` (simulated agents) and `start_latency`
 //! (scale-up to ready, with `local`'s controller and agent) measure the agent side; `stats`
-//! holds their percentiles and CPU readings. Results go to stdout as JSON, progress to stderr.
+//! holds their percentiles and CPU readings; `pools` measures load-balancer pools (propagation
+//! to HAProxy, throughput under churn against the reload approach). Results go to stdout as JSON, progress to stderr.
 //! These are benchmarks, never timed tests: nothing here fails on a slow number.
 
 mod cluster;
 mod failover;
 mod heartbeats;
 mod local;
+mod pools;
 mod start_latency;
 mod stats;
 mod system;
@@ -66,6 +68,9 @@ enum Command {
     Heartbeats(heartbeats::HeartbeatsArgs),
     /// Scale-up to Running and healthy, process and qemu drivers, with 1 controller and an agent.
     StartLatency(start_latency::StartLatencyArgs),
+    /// Load-balancer pools: propagation to HAProxy, and throughput under pool churn against
+    /// the reload approach.
+    Pools(pools::PoolsArgs),
 }
 
 #[derive(Args)]
@@ -254,6 +259,7 @@ async fn run(command: Command) -> Result<()> {
         Command::Compare(args) => compare(args).await,
         Command::Heartbeats(args) => print_json(&heartbeats::run_cli(args).await?),
         Command::StartLatency(args) => print_json(&start_latency::run_cli(args).await?),
+        Command::Pools(args) => print_json(&pools::run_cli(args).await?),
     }
 }
 
@@ -362,7 +368,7 @@ async fn compare(args: CompareArgs) -> Result<()> {
 }
 
 /// Linux's `/proc/loadavg`; `None` elsewhere.
-fn load_average() -> Option<[f64; 3]> {
+pub(crate) fn load_average() -> Option<[f64; 3]> {
     let text = std::fs::read_to_string("/proc/loadavg").ok()?;
     let mut fields = text.split_whitespace().map(|f| f.parse::<f64>().ok());
     Some([fields.next()??, fields.next()??, fields.next()??])
@@ -376,7 +382,7 @@ fn print_json<T: Serialize>(value: &T) -> Result<()> {
 
 /// `cargo run --release -p strata-bench` puts both binaries in the same directory, so look
 /// next to this program first, then in the workspace's release and debug targets.
-fn default_strata_bin() -> PathBuf {
+pub(crate) fn default_strata_bin() -> PathBuf {
     let mut candidates = Vec::new();
     if let Ok(exe) = std::env::current_exe() {
         if let Some(dir) = exe.parent() {

@@ -174,13 +174,13 @@ pub async fn run(config: &StartLatencyConfig, smoke: bool) -> Result<StartLatenc
     };
     let mut variants = Vec::new();
     for &interval in &config.heartbeat_intervals {
-        let local = LocalConfig {
-            controller_bin: config.controller_bin.clone(),
-            agent_bin: config.agent_bin.clone(),
-            heartbeat_interval: interval,
-            reconcile_interval: config.reconcile_interval,
-            keep_dir: config.keep_dir,
-        };
+        let local = LocalConfig::worker_only(
+            config.controller_bin.clone(),
+            config.agent_bin.clone(),
+            interval,
+            config.reconcile_interval,
+            config.keep_dir,
+        );
         eprintln!(
             "[start-latency] heartbeat every {interval:?}: starting a controller and an agent"
         );

@@ -167,7 +167,10 @@ fn render_pools(controller: &Controller, out: &mut String) {
         "# HELP strata_pool_servers Servers of a tier's pool by state.\n# TYPE strata_pool_servers gauge"
     );
     for pool in &pools {
-        for state in [strata_api::ServerState::Ready, strata_api::ServerState::Drain] {
+        for state in [
+            strata_api::ServerState::Ready,
+            strata_api::ServerState::Drain,
+        ] {
             let count = pool.servers.iter().filter(|s| s.state == state).count();
             let label = if state == strata_api::ServerState::Ready {
                 "ready"
