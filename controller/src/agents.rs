@@ -266,6 +266,14 @@ pub struct ReconcileConfig {
 /// single permit).
 const MIN_WAKE_SPACING: Duration = Duration::from_millis(10);
 
+/// Productive rounds in a row (rounds whose commands applied) that start a follow-up round.
+/// The planners act on one round's outcome in the next (an instance this round marks healthy
+/// lets the next round drain the one it replaces), so a round that changed the state is
+/// followed by another, until a round finds nothing to do. The planners are written to reach
+/// such a round (decisions that change nothing are recorded once); the cap only keeps a
+/// planner that never settles from spinning every `MIN_WAKE_SPACING`.
+const MAX_FOLLOW_UP_ROUNDS: u32 = 32;
+
 /// Runs the reconcile loop until `shutdown` is cancelled. Acts only while this node leads.
 pub async fn run_reconciler(
     controller: Arc<Controller>,
@@ -274,6 +282,7 @@ pub async fn run_reconciler(
 ) {
     let mut round: u64 = 0;
     let mut last_round = tokio::time::Instant::now();
+    let mut productive_in_a_row: u32 = 0;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -316,13 +325,25 @@ pub async fn run_reconciler(
         round += 1;
         controller.liveness.rounds.fetch_add(1, Ordering::Relaxed);
         let span = tracing::debug_span!("reconcile", round);
-        reconcile_once(&controller, &config.plan)
+        let applied = reconcile_once(&controller, &config.plan)
             .instrument(span)
             .await;
+        if applied == 0 {
+            productive_in_a_row = 0;
+        } else if productive_in_a_row < MAX_FOLLOW_UP_ROUNDS {
+            productive_in_a_row += 1;
+            controller.liveness.wake.notify_one();
+        } else {
+            tracing::warn!(
+                rounds = productive_in_a_row,
+                "the planners keep acting; the next round waits for the period or a wake-up"
+            );
+        }
     }
 }
 
-async fn reconcile_once(controller: &Controller, config: &PlanConfig) {
+/// Runs one round; returns how many of its commands applied.
+async fn reconcile_once(controller: &Controller, config: &PlanConfig) -> usize {
     let now = now_ms();
     let commands = {
         let liveness = controller.liveness.lock();
@@ -340,33 +361,27 @@ async fn reconcile_once(controller: &Controller, config: &PlanConfig) {
             )
         })
     };
-    // A round that started drains is followed by another soon (after the wake-up spacing)
-    // rather than a period later: an instance in no pool ends its drain at once, and its
-    // agent should stop it without waiting a reconcile interval. Only drains: a round after
-    // every acting round would turn a command that keeps being planned into a hot loop.
-    let drains = commands.iter().any(|command| {
-        matches!(command, crate::state::Command::UpdateInstances { updates }
-            if updates.iter().any(|update| update.event == Some(crate::lifecycle::InstanceEvent::Drain)))
-    });
-    if drains {
-        controller.liveness.wake.notify_one();
-    }
+    let mut applied = 0;
     for command in commands {
         let summary = describe(&command);
         controller.liveness.actions.fetch_add(1, Ordering::Relaxed);
         match controller.propose_local(command).await {
-            Ok(_) => tracing::info!(action = %summary, "reconciled"),
+            Ok(_) => {
+                applied += 1;
+                tracing::info!(action = %summary, "reconciled");
+            }
             Err(LocalWriteError::NotLeader(_)) => {
                 tracing::info!(action = %summary, "lost leadership; leaving it to the next leader");
-                return;
+                return applied;
             }
             Err(LocalWriteError::Failed(error)) => {
                 controller.liveness.failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(action = %summary, %error, "reconcile action failed");
-                return;
+                return applied;
             }
         }
     }
+    applied
 }
 
 fn describe(command: &crate::state::Command) -> String {

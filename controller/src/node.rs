@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use strata_api::{ClusterStatus, HostMetrics, Member};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::agents::{Liveness, Touch};
 use crate::batch::Gatherer;
 use crate::config::Config;
 use crate::forward::{ForwardFailure, Forwarder};
@@ -117,8 +118,9 @@ pub struct Controller {
     pub peers: PeerClient,
     pub tokens: Tokens,
     pub write_timeout: Duration,
-    /// Heartbeat memory; meaningful only while this node leads.
-    pub liveness: crate::agents::Liveness,
+    /// Heartbeat memory; meaningful only while this node leads. Shared with the state
+    /// machine's applied hook (`wake_after_apply`).
+    pub liveness: Arc<Liveness>,
     /// Client commands on their way into a (batched) log entry.
     batcher: mpsc::UnboundedSender<Pending>,
     /// Client commands on their way to the leader, when this node follows.
@@ -176,6 +178,9 @@ impl Controller {
         .await
         .context("start raft")?;
 
+        let liveness = Arc::new(Liveness::default());
+        state.on_applied(wake_after_apply(liveness.clone(), raft.clone()));
+
         let forwarder = Forwarder::start(peers.clone(), config.write_timeout.as_std());
         let (batcher, queue) = mpsc::unbounded_channel();
         tokio::spawn(run_batcher(raft.clone(), queue));
@@ -187,7 +192,7 @@ impl Controller {
             peers,
             tokens,
             write_timeout: config.write_timeout.as_std(),
-            liveness: crate::agents::Liveness::default(),
+            liveness,
             batcher,
             forwarder,
         });
@@ -310,8 +315,7 @@ impl Controller {
     /// Proposes on this node if it is the leader. The command is stamped with this node's
     /// clock here, so followers never decide times.
     pub async fn propose_local(&self, command: Command) -> Result<CommandResult, LocalWriteError> {
-        let touch = crate::agents::Touch::of(&command);
-        let result = match batch_key(&command) {
+        match batch_key(&command) {
             Some(_) => {
                 let (reply, answer) = oneshot::channel();
                 if self.batcher.send(Pending { command, reply }).is_err() {
@@ -322,13 +326,7 @@ impl Controller {
                     .unwrap_or(Err(LocalWriteError::Failed(ClusterError::ShuttingDown)))
             }
             None => write_entry(&self.raft, command).await,
-        };
-        if result.is_ok() {
-            // Agents waiting in a heartbeat for new assignments, and the planners, hear of
-            // the change now rather than at their next period.
-            self.liveness.after_write(&self.state, touch);
         }
-        result
     }
 
     /// Waits until this node's state machine reflects every write acknowledged before the call
@@ -579,6 +577,37 @@ impl Controller {
         }
         Ok(())
     }
+}
+
+/// The state machine's applied hook: on the leader, every applied command wakes what it
+/// concerns (`Touch::of`, `Liveness::after_write`): the held heartbeats of the nodes whose
+/// assignments may have changed, and the planners when they have work. A batch touches each
+/// of its commands.
+///
+/// Why here and not where the write was proposed: a write sent to a follower is proposed on
+/// the leader by the forwarder, and a command may apply after its proposer gave up waiting;
+/// the leader applying it is the one place that sees every command, and the only node whose
+/// planners and held heartbeats act. On followers the hook does nothing.
+fn wake_after_apply(liveness: Arc<Liveness>, raft: Raft) -> crate::store::AppliedHook {
+    let metrics = raft.metrics();
+    Box::new(move |store, requests| {
+        if metrics.borrow().state != ServerState::Leader {
+            return;
+        }
+        let mut commands: Vec<&Command> = requests.iter().map(|r| &r.command).collect();
+        while let Some(command) = commands.pop() {
+            match command {
+                Command::Batch { commands: inner } => commands.extend(inner),
+                Command::SetNodeFlags { .. } | Command::RegisterNode { .. } => {
+                    // A cordon, drain or new node changes where the planners place, though
+                    // no assignment changes until they act.
+                    liveness.after_write(store, Touch::of(command));
+                    liveness.wake.notify_one();
+                }
+                _ => liveness.after_write(store, Touch::of(command)),
+            }
+        }
+    })
 }
 
 /// How often `snapshot_by_size` looks at the log.

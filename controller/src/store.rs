@@ -29,7 +29,7 @@ use std::io::Cursor;
 use std::ops::RangeBounds;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine};
 use openraft::{
@@ -44,7 +44,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::raft_types::{
     Entry, LogId, NodeId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig, Vote,
 };
-use crate::state::{CommandResult, State};
+use crate::state::{CommandResult, Request, State};
 
 /// The file name of the node database inside the data dir.
 pub const DATABASE_FILE: &str = "strata.db";
@@ -116,6 +116,7 @@ pub async fn open(data_dir: &Path) -> Result<(LogStore, StateMachineStore), Stor
             snapshot: Mutex::new(loaded.snapshot),
             snapshot_counter: AtomicU64::new(0),
             writer,
+            on_applied: OnceLock::new(),
         }),
     };
     Ok((log, state_machine))
@@ -638,7 +639,14 @@ struct MachineShared {
     /// Distinguishes snapshots built at the same log id (after a restart, for example).
     snapshot_counter: AtomicU64,
     writer: mpsc::UnboundedSender<WriteOp>,
+    /// Told of the requests each `apply` call applied; set once, after Raft exists.
+    on_applied: OnceLock<AppliedHook>,
 }
+
+/// Called after every `apply` with the requests it applied, in log order, once the state
+/// machine's lock is released (so the hook may read the state). It runs on openraft's state
+/// machine task: keep it short and never wait in it.
+pub type AppliedHook = Box<dyn Fn(&StateMachineStore, &[Request]) + Send + Sync>;
 
 impl StateMachineStore {
     /// Runs `read` against the applied state. Keep it short: apply waits for it.
@@ -649,6 +657,13 @@ impl StateMachineStore {
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         read(&machine)
+    }
+
+    /// Installs the hook told of applied requests. Only the first call installs one.
+    pub fn on_applied(&self, hook: AppliedHook) {
+        if self.shared.on_applied.set(hook).is_err() {
+            tracing::warn!("an applied-command hook was already installed; keeping the first");
+        }
     }
 
     fn write_machine(&self) -> std::sync::RwLockWriteGuard<'_, StateMachine> {
@@ -734,27 +749,38 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
-        let mut machine = self.write_machine();
         let mut results = Vec::new();
-        for entry in entries {
-            let log_id = *entry.get_log_id();
-            machine.last_applied = Some(log_id);
-            let result = match entry.payload {
-                EntryPayload::Blank => CommandResult::None,
-                EntryPayload::Normal(proposal) => {
-                    // Only text this same code encoded gets here; a node that cannot read an
-                    // entry must stop rather than diverge from the others.
-                    let request = proposal.take_request().map_err(|error| {
-                        io_error(ErrorSubject::Apply(log_id), ErrorVerb::Read, error)
-                    })?;
-                    machine.state.apply(log_id.index, &request)
-                }
-                EntryPayload::Membership(membership) => {
-                    machine.last_membership = StoredMembership::new(Some(log_id), membership);
-                    CommandResult::None
-                }
-            };
-            results.push(result);
+        // Kept (not cloned) until the lock is released, for the hook.
+        let mut applied = Vec::new();
+        {
+            let mut machine = self.write_machine();
+            for entry in entries {
+                let log_id = *entry.get_log_id();
+                machine.last_applied = Some(log_id);
+                let result = match entry.payload {
+                    EntryPayload::Blank => CommandResult::None,
+                    EntryPayload::Normal(proposal) => {
+                        // Only text this same code encoded gets here; a node that cannot read
+                        // an entry must stop rather than diverge from the others.
+                        let request = proposal.take_request().map_err(|error| {
+                            io_error(ErrorSubject::Apply(log_id), ErrorVerb::Read, error)
+                        })?;
+                        let result = machine.state.apply(log_id.index, &request);
+                        applied.push(request);
+                        result
+                    }
+                    EntryPayload::Membership(membership) => {
+                        machine.last_membership = StoredMembership::new(Some(log_id), membership);
+                        CommandResult::None
+                    }
+                };
+                results.push(result);
+            }
+        }
+        if let Some(hook) = self.shared.on_applied.get() {
+            if !applied.is_empty() {
+                hook(self, &applied);
+            }
         }
         Ok(results)
     }

@@ -110,6 +110,8 @@ pub struct ClusterOptions {
     /// The address controllers listen on (and advertise to each other and to agents):
     /// loopback by default, a bridge address when agents run in network namespaces.
     pub listen_host: IpAddr,
+    /// `--reconcile-interval` of the controllers: how often the planners run unprompted.
+    pub reconcile_interval: &'static str,
 }
 
 impl Default for ClusterOptions {
@@ -120,6 +122,7 @@ impl Default for ClusterOptions {
             snapshot_log_mib: 64,
             heartbeat_grace: "3s",
             listen_host: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            reconcile_interval: "200ms",
         }
     }
 }
@@ -181,6 +184,7 @@ impl Cluster {
         let snapshot_logs = self.options.snapshot_logs;
         let snapshot_log_mib = self.options.snapshot_log_mib;
         let heartbeat_grace = self.options.heartbeat_grace;
+        let reconcile_interval = self.options.reconcile_interval;
         let node = self
             .nodes
             .get_mut(&id)
@@ -205,7 +209,7 @@ impl Cluster {
             .args(["--snapshot-logs", &snapshot_logs.to_string()])
             .args(["--snapshot-log-mib", &snapshot_log_mib.to_string()])
             .args(["--heartbeat-grace", heartbeat_grace])
-            .args(["--reconcile-interval", "200ms"])
+            .args(["--reconcile-interval", reconcile_interval])
             .env("STRATA_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log)

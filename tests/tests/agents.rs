@@ -39,12 +39,19 @@ impl Drop for Env {
 
 impl Env {
     async fn start(controllers: u64, grace: &'static str, agents: &[&str]) -> anyhow::Result<Env> {
-        let cluster = Cluster::start(ClusterOptions {
-            nodes: controllers,
-            heartbeat_grace: grace,
-            ..ClusterOptions::default()
-        })
-        .await?;
+        Env::start_with(
+            ClusterOptions {
+                nodes: controllers,
+                heartbeat_grace: grace,
+                ..ClusterOptions::default()
+            },
+            agents,
+        )
+        .await
+    }
+
+    async fn start_with(options: ClusterOptions, agents: &[&str]) -> anyhow::Result<Env> {
+        let cluster = Cluster::start(options).await?;
         let dir = tempfile::tempdir()?;
         let addresses: Vec<String> = cluster.nodes.values().map(|n| n.address.clone()).collect();
         let mut env = Env {
@@ -916,5 +923,107 @@ async fn stratactl_drains_and_cordons_a_node_and_a_template_change_rolls() -> an
     )
     .await?;
     assert!(ids(&rolled).is_disjoint(&ids(&moved)));
+    Ok(())
+}
+
+/// Issue 10: a drain sent to a follower waited for the leader's next periodic planner round,
+/// because the wake-up happened in the HTTP handler of the node that took the request. The
+/// planners are now woken by the leader applying the command. With the period at 30 s, the
+/// drain must move the instance within what the wake-up chain costs: a planner round (10 ms
+/// after a wake-up), host-b's held heartbeat answered at once, the new process starting, one
+/// health check (300 ms interval, healthy after one success), the report (in a heartbeat held
+/// at most 300 ms), then a follow-up round draining the old instance: under a second on an
+/// idle machine (about 0.25 s measured), so a 3 s bound leaves room for a loaded one and is
+/// a tenth of the period that the drain waited for before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_sent_to_a_follower_moves_instances_without_waiting_for_the_period(
+) -> anyhow::Result<()> {
+    if !e2e_enabled("agents") {
+        return Ok(());
+    }
+    const PERIOD: Duration = Duration::from_secs(30);
+    const BOUND: Duration = Duration::from_secs(3);
+    let mut env = Env::start_with(
+        ClusterOptions {
+            nodes: 3,
+            heartbeat_grace: "5s",
+            reconcile_interval: "30s",
+            ..ClusterOptions::default()
+        },
+        &["host-a", "host-b"],
+    )
+    .await?;
+    env.write(
+        Method::PUT,
+        "/v1/tiers/web",
+        Some(&workload_tier("web", 2, 6)),
+    )
+    .await?;
+    let before = env.wait_ready("web", 2, Duration::from_secs(60)).await?;
+    let on_a: BTreeSet<String> = ids(&before
+        .iter()
+        .filter(|i| i["node"] == "host-a")
+        .cloned()
+        .collect::<Vec<_>>());
+    anyhow::ensure!(!on_a.is_empty(), "nothing on host-a: {}", summary(&before));
+    let leader = env.cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    let follower = env
+        .cluster
+        .nodes
+        .keys()
+        .copied()
+        .find(|id| *id != leader)
+        .unwrap_or(leader);
+    anyhow::ensure!(follower != leader, "no follower");
+
+    let sent = Instant::now();
+    let answer = send(
+        &env.cluster.http,
+        Method::POST,
+        &env.cluster.url(follower, "/v1/nodes/host-a/drain"),
+        Some(ADMIN_TOKEN),
+        None,
+    )
+    .await?;
+    anyhow::ensure!(
+        answer.status == 200,
+        "drain through node {follower}: {answer:?}"
+    );
+    let env_ref = &env;
+    let on_a_ref = &on_a;
+    let moved = eventually(
+        PERIOD,
+        "host-a's instance replaced on host-b and draining",
+        || async move {
+            let instances = env_ref.instances("web").await.map_err(|e| e.to_string())?;
+            let healthy_on_b = instances
+                .iter()
+                .filter(|i| {
+                    i["node"] == "host-b" && i["phase"] == "Running" && i["health"] == "Healthy"
+                })
+                .count();
+            let old_stopping = instances
+                .iter()
+                .filter(|i| i["id"].as_str().is_some_and(|id| on_a_ref.contains(id)))
+                .all(|i| {
+                    matches!(
+                        i["phase"].as_str(),
+                        Some("Draining" | "Stopping" | "Terminated")
+                    )
+                });
+            until(healthy_on_b == 2 && old_stopping, sent.elapsed(), || {
+                summary(&instances)
+            })
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", env.agent_logs()))?;
+    println!(
+        "drain through follower {follower} (leader {leader}): host-a's instance replaced and draining after {moved:?} (reconcile interval {PERIOD:?}, bound {BOUND:?})"
+    );
+    assert!(
+        moved < BOUND,
+        "the drain took {moved:?}: it waited for a periodic round instead of the wake-up on apply"
+    );
     Ok(())
 }

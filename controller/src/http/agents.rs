@@ -35,7 +35,6 @@ async fn register(
     let result = controller
         .propose(Command::RegisterNode { registration })
         .await?;
-    controller.liveness.wake.notify_one();
     match result {
         CommandResult::Node { node } => Ok(node_answer(&controller, &node)),
         other => Err(ApiError::new(

@@ -440,10 +440,8 @@ async fn node_action(
         })
         .await?;
     match result {
-        CommandResult::Node { node } => {
-            controller.liveness.wake.notify_one();
-            Ok(node_answer(&controller, &node))
-        }
+        // The leader's planners heard of it when it applied there (`wake_after_apply`).
+        CommandResult::Node { node } => Ok(node_answer(&controller, &node)),
         CommandResult::Rejected { rejection } => Err(rejection_error(rejection)),
         other => Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,

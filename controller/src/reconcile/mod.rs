@@ -865,6 +865,87 @@ mod tests {
         assert!(world.state.nodes["c"].ready);
     }
 
+    /// Issue 10: a node goes silent in the round that places an instance on it. The round
+    /// marks it NotReady and, planned from the same snapshot, creates the instance there; the
+    /// instance must not be created (it would stay Pending for as long as the node is away,
+    /// counting toward the tier), and the next round places it on a Ready node.
+    #[test]
+    fn an_instance_is_never_created_on_a_node_that_went_not_ready_in_the_same_round() {
+        let mut world = World::new();
+        world.node("a", "z1", 4.0);
+        world.node("b", "z1", 2.0);
+        // a has more room, so the scheduler prefers it; then a falls silent.
+        world.now += 3_500;
+        world.heartbeat("b", Vec::new());
+        world.tier("web", 1, 10, serde_json::json!({}));
+        let commands = world.plan();
+        assert!(
+            matches!(
+                commands.as_slice(),
+                [
+                    Command::SetNodeReady { node: silent, ready: false, .. },
+                    Command::CreateInstances { instances, .. },
+                ] if silent == "a" && instances.iter().all(|i| i.node == "a")
+            ),
+            "the round judges a and places on it from the same snapshot: {commands:?}"
+        );
+        for command in commands {
+            world.apply(command);
+        }
+        assert!(
+            world.live("web").is_empty(),
+            "nothing may be created on a NotReady node: {:?}",
+            world.live("web")
+        );
+        assert!(
+            world
+                .state
+                .events
+                .iter()
+                .any(|event| event.reason == "InstanceNotPlaced"
+                    && event.object == "tier/web"
+                    && event.message.contains("node a is not ready")),
+            "the refusal is on record: {:?}",
+            world.state.events
+        );
+        world.settle(3);
+        assert_eq!(
+            world.per_node("web"),
+            BTreeMap::from([("b".to_string(), 1)])
+        );
+    }
+
+    /// Cordoned and draining nodes are refused at apply time too, whatever the planner chose.
+    #[test]
+    fn apply_refuses_to_place_on_cordoned_or_draining_nodes() {
+        let mut world = World::new();
+        world.node("a", "z1", 4.0);
+        world.tier("web", 0, 10, serde_json::json!({}));
+        for (cordoned, draining, why) in [(true, false, "is cordoned"), (true, true, "is draining")]
+        {
+            world.apply(Command::SetNodeFlags {
+                node: "a".to_string(),
+                cordoned,
+                draining,
+            });
+            let created = world.apply(Command::CreateInstances {
+                instances: vec![NewInstance {
+                    id: Uuid::from_u128(u128::from(draining) + 100),
+                    tier: "web".to_string(),
+                    node: "a".to_string(),
+                }],
+                reason: "test".to_string(),
+            });
+            assert_eq!(created, CommandResult::Changed { count: 0 });
+            assert!(world.state.instances.is_empty());
+            let last = world.state.events.back().map(|event| event.message.clone());
+            assert!(
+                last.as_deref().is_some_and(|message| message.contains(why)),
+                "{last:?}"
+            );
+        }
+    }
+
     #[test]
     fn a_new_leader_grants_every_node_a_fresh_grace() {
         let mut world = World::new();
