@@ -40,7 +40,7 @@ pub const MAX_USER_DATA_BYTES: usize = 16 * 1024;
 pub const MAX_STEP_PERCENT: u32 = 1000;
 /// The longest reaction time a policy may average over; the leader's metric windows keep
 /// this much history.
-pub const MAX_REACTION_TIME: Duration = Duration::from_secs(3600);
+pub const MAX_REACTION_TIME: Duration = Duration::from_secs(900);
 /// Steps in one step policy.
 pub const MAX_STEPS: usize = 20;
 

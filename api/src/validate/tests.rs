@@ -1152,9 +1152,9 @@ fn target_tracking_rules() {
             &["scaling.policies[0].reaction_time"],
         ),
         (
-            "reaction time over an hour",
+            "reaction time over 15 minutes",
             process_tier,
-            |s| policy(|p| p.reaction_time = Some(Duration::from_secs(3601)))(s),
+            |s| policy(|p| p.reaction_time = Some(Duration::from_secs(901)))(s),
             &["scaling.policies[0].reaction_time"],
         ),
         (

@@ -15,6 +15,8 @@
 //!    zones and honouring node labels; back off creating when instances keep failing;
 //! 4. drains instances of deleted tiers and forgets final instances after a while.
 
+pub mod autoscale;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use strata_api::{Health, HostMetrics, Instance, InstanceReport, NodeRole, Phase, Spread, Tier};
