@@ -4,7 +4,7 @@
 //! Layout: `tier`, `node` (nodes, instances, events and the agent protocol) and `cluster` hold
 //! the serde types (`pool`: load-balancer pools and LB reports) and `list` the `{"items": [...]}` envelope; `validate` checks them and
 //! reports every problem with its field path (built by `path`); `problem` is the RFC 7807 error
-//! body; `duration` is the `500ms`/`3s`/`1m` duration type used in files and flags; `decode`
+//! body; `schedule` parses the cron + time zone of scheduled scaling; `duration` is the `500ms`/`3s`/`1m` duration type used in files and flags; `decode`
 //! turns bodies and files into typed values with the field path in every error; `client` talks
 //! to any controller; `cli` implements `stratactl`, whose `main` is `src/bin/stratactl.rs`.
 //!
@@ -21,6 +21,7 @@ pub mod node;
 pub mod path;
 pub mod pool;
 pub mod problem;
+pub mod schedule;
 pub mod tier;
 pub mod validate;
 

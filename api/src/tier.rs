@@ -239,6 +239,12 @@ pub enum HealthProtocol {
 }
 
 /// How many instances the tier runs and how that number follows load.
+///
+/// The autoscaler (`controller/src/reconcile/autoscale.rs`) evaluates every policy, takes the
+/// largest recommendation, scales in only when every policy agrees, and then bounds the result:
+/// scale-in by the highest recommendation of the last `scale_in_stabilization`, both directions
+/// by `max_step` / `max_step_percent` per `step_period`, scale-out by `cooldown`, and always by
+/// `min`/`max` (raised or lowered by an active entry of `schedules`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Scaling {
@@ -250,7 +256,16 @@ pub struct Scaling {
     pub desired: Option<u32>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub policies: Vec<ScalingPolicy>,
-    /// Minimum time between two scale-outs.
+    /// Changes of `min`/`max` at given times (cron in a time zone).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub schedules: Vec<ScalingSchedule>,
+    /// An instance that became ready less than this long ago is still warming up: it counts
+    /// toward the desired count, its CPU and custom per-instance metrics are left out of
+    /// averages, and while any instance warms up the tier does not scale in (as AWS does).
+    #[serde(default = "default_warmup")]
+    pub warmup: Duration,
+    /// Minimum time between two scale-outs. 0 lets every evaluation scale out; the step limits
+    /// below still pace it.
     #[serde(default = "default_cooldown")]
     pub cooldown: Duration,
     /// Scale-in uses the highest recommendation seen during this window (like HPA).
@@ -259,12 +274,41 @@ pub struct Scaling {
     /// At most this many instances added or removed per `step_period`.
     #[serde(default = "default_max_step")]
     pub max_step: u32,
+    /// When set, a period may also change the count by this percentage of the count at the
+    /// period's start, whichever of the two allows more (HPA's `selectPolicy: Max`).
+    #[serde(default = "default_max_step_percent", skip_serializing_if = "Option::is_none")]
+    pub max_step_percent: Option<u32>,
     #[serde(default = "default_step_period")]
     pub step_period: Duration,
 }
 
+impl Scaling {
+    /// A scaling block with the given bounds and every other field at its default, as a file
+    /// with only `min` and `max` would give.
+    pub fn with_bounds(min: u32, max: u32) -> Scaling {
+        Scaling {
+            min,
+            max,
+            desired: None,
+            policies: Vec::new(),
+            schedules: Vec::new(),
+            warmup: default_warmup(),
+            cooldown: default_cooldown(),
+            scale_in_stabilization: default_scale_in_stabilization(),
+            max_step: default_max_step(),
+            max_step_percent: default_max_step_percent(),
+            step_period: default_step_period(),
+        }
+    }
+}
+
+// The defaults below are the policy `strata-bench autoscale` settled on (bench/README.md):
+// react within seconds on the way up, wait a stabilization window on the way down.
+fn default_warmup() -> Duration {
+    Duration::from_secs(0)
+}
 fn default_cooldown() -> Duration {
-    Duration::from_secs(30)
+    Duration::from_secs(0)
 }
 fn default_scale_in_stabilization() -> Duration {
     Duration::from_secs(300)
@@ -272,16 +316,153 @@ fn default_scale_in_stabilization() -> Duration {
 fn default_max_step() -> u32 {
     4
 }
+fn default_max_step_percent() -> Option<u32> {
+    Some(100)
+}
 fn default_step_period() -> Duration {
-    Duration::from_secs(60)
+    Duration::from_secs(15)
 }
 
-/// A target-tracking policy: keep the per-instance average of `metric` near `target`.
+/// Default `tolerance` of a target-tracking policy.
+pub const DEFAULT_TOLERANCE: f64 = 0.05;
+/// Default `reaction_time` of a policy.
+pub const DEFAULT_REACTION_TIME: Duration = Duration::from_secs(10);
+
+/// One scaling policy. `type` chooses the kind (target tracking unless said otherwise); the
+/// fields of the other kind are refused by validation, as the template's are for the other
+/// provider.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScalingPolicy {
+    #[serde(default, rename = "type")]
+    pub policy_type: PolicyType,
     pub metric: ScalingMetric,
-    pub target: f64,
+    /// The custom metric's name (`metric: custom` only), as pushed to
+    /// `POST /v1/tiers/{name}/metrics`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Target tracking: keep the per-instance average of the metric near this value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<f64>,
+    /// Target tracking: no change while `|value / target - 1| <= tolerance`
+    /// (default [`DEFAULT_TOLERANCE`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerance: Option<f64>,
+    /// How many seconds of the metric a decision averages (default [`DEFAULT_REACTION_TIME`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reaction_time: Option<Duration>,
+    /// Step scaling: the adjustment for each range of the metric.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<StepAdjustment>,
+    /// Step scaling: how `steps[].change` is read (default `change_in_capacity`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adjustment_type: Option<AdjustmentType>,
+    /// Step scaling with `percent_change_in_capacity`: change at least this many instances.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_adjustment_magnitude: Option<u32>,
+}
+
+impl ScalingPolicy {
+    /// A target-tracking policy on a built-in metric with default tolerance and reaction time.
+    pub fn target_tracking(metric: ScalingMetric, target: f64) -> ScalingPolicy {
+        ScalingPolicy {
+            policy_type: PolicyType::TargetTracking,
+            metric,
+            name: None,
+            target: Some(target),
+            tolerance: None,
+            reaction_time: None,
+            steps: Vec::new(),
+            adjustment_type: None,
+            min_adjustment_magnitude: None,
+        }
+    }
+
+    pub fn tolerance(&self) -> f64 {
+        self.tolerance.unwrap_or(DEFAULT_TOLERANCE)
+    }
+
+    pub fn reaction_time(&self) -> Duration {
+        self.reaction_time.unwrap_or(DEFAULT_REACTION_TIME)
+    }
+
+    pub fn adjustment_type(&self) -> AdjustmentType {
+        self.adjustment_type.unwrap_or_default()
+    }
+
+    /// What the policy watches, for people: `cpu_utilization`, `custom:queue_depth`.
+    pub fn metric_label(&self) -> String {
+        match (&self.metric, &self.name) {
+            (ScalingMetric::Custom, Some(name)) => format!("custom:{name}"),
+            (metric, _) => metric.wire_name().to_string(),
+        }
+    }
+
+    /// One line for `stratactl describe`: `cpu_utilization target 60 (±5%, over 10s)`.
+    pub fn summary(&self) -> String {
+        let over = self.reaction_time();
+        match self.policy_type {
+            PolicyType::TargetTracking => format!(
+                "{} target {} (±{}%, over {over})",
+                self.metric_label(),
+                self.target.unwrap_or(0.0),
+                self.tolerance() * 100.0
+            ),
+            PolicyType::Step => format!(
+                "{} in {} steps, {} (over {over})",
+                self.metric_label(),
+                self.steps.len(),
+                self.adjustment_type().wire_name()
+            ),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyType {
+    /// Proportional, like HPA: `ceil(instances × value / target)`.
+    #[default]
+    TargetTracking,
+    /// Thresholds to adjustments, like AWS step scaling.
+    Step,
+}
+
+/// One step of a step policy: when `lower <= value < upper` (a missing bound is unbounded),
+/// apply `change`. Bounds are absolute values of the metric.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepAdjustment {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lower: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upper: Option<f64>,
+    /// Instances to add (negative: remove), the count to set, or the percentage to change by,
+    /// depending on the policy's `adjustment_type`.
+    pub change: i32,
+}
+
+/// How a step's `change` is read (AWS's adjustment types).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdjustmentType {
+    /// Add or remove this many instances.
+    #[default]
+    ChangeInCapacity,
+    /// Set the count to this.
+    ExactCapacity,
+    /// Change the count by this percentage (at least `min_adjustment_magnitude` instances).
+    PercentChangeInCapacity,
+}
+
+impl AdjustmentType {
+    pub fn wire_name(self) -> &'static str {
+        match self {
+            AdjustmentType::ChangeInCapacity => "change_in_capacity",
+            AdjustmentType::ExactCapacity => "exact_capacity",
+            AdjustmentType::PercentChangeInCapacity => "percent_change_in_capacity",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -297,6 +478,60 @@ pub enum ScalingMetric {
     ResponseTimeMs,
     /// Requests queued in the load balancer per instance.
     QueueLength,
+    /// A metric pushed with `POST /v1/tiers/{name}/metrics`, named by the policy's `name`:
+    /// per instance values are averaged, a per-tier value is divided by the serving instances.
+    Custom,
+}
+
+impl ScalingMetric {
+    pub fn wire_name(self) -> &'static str {
+        match self {
+            ScalingMetric::CpuUtilization => "cpu_utilization",
+            ScalingMetric::RequestsPerSecond => "requests_per_second",
+            ScalingMetric::ActiveConnections => "active_connections",
+            ScalingMetric::ResponseTimeMs => "response_time_ms",
+            ScalingMetric::QueueLength => "queue_length",
+            ScalingMetric::Custom => "custom",
+        }
+    }
+}
+
+/// A scheduled change of the bounds: from each time `cron` fires in `time_zone`, for
+/// `duration`, `min` and/or `max` replace the tier's own. When several are active, the one that
+/// started last wins (a later entry in the list on a tie); if the result has `min > max`, `max`
+/// is raised to `min`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScalingSchedule {
+    /// Five fields, `minute hour day-of-month month day-of-week`, evaluated in `time_zone`, so
+    /// `0 8 * * MON-FRI` is 08:00 local time in summer and in winter. Days of the week are
+    /// written as names (`MON-FRI`): cron dialects number them differently. A local time that
+    /// does not exist on a given day (inside a DST gap) does not fire that day.
+    pub cron: String,
+    /// An IANA time zone such as `Europe/Paris` (default `UTC`).
+    #[serde(default = "default_time_zone")]
+    pub time_zone: String,
+    /// How long the change lasts after each start.
+    pub duration: Duration,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<u32>,
+}
+
+fn default_time_zone() -> String {
+    "UTC".to_string()
+}
+
+/// Body of `POST /v1/tiers/{name}/metrics`: one sample of a custom metric, for the whole tier
+/// or, with `instance`, for one instance.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomMetricSample {
+    pub metric: String,
+    pub value: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<uuid::Uuid>,
 }
 
 /// How the tier is exposed.
@@ -467,6 +702,67 @@ pub struct ScalingDecision {
     pub from: u32,
     pub to: u32,
     pub reason: String,
+}
+
+/// Everything one autoscaler evaluation saw and concluded, for events, `status.last_scaling`
+/// and `stratactl describe`: the planner (`controller::reconcile::autoscale`) fills it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ScalingInputs {
+    pub at_ms: u64,
+    /// The desired count before and after.
+    pub from: u32,
+    pub to: u32,
+    /// Instances ready and past warm-up, and instances starting or warming up.
+    pub ready: u32,
+    pub warming: u32,
+    /// The bounds in force, and the schedule that set them (its index in `scaling.schedules`).
+    pub min: u32,
+    pub max: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<usize>,
+    pub policies: Vec<PolicyEvaluation>,
+    /// The largest recommendation of the policies, before any window or limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recommendation: Option<u32>,
+    /// Each window or limit that changed the count on its way to `to`, in the order applied.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bounded_by: Vec<ScalingBound>,
+    /// The decision in plain words.
+    pub reason: String,
+}
+
+/// One policy's part in a decision.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PolicyEvaluation {
+    /// `cpu_utilization`, `custom:queue_depth`.
+    pub metric: String,
+    /// The averaged value; absent when data is missing or shorter than the reaction time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<f64>,
+    /// The count this policy asks for; absent when it abstains.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recommendation: Option<u32>,
+    /// Why it asks for that count or abstains.
+    pub note: String,
+}
+
+/// A window or limit that bounded a decision, with the count it allowed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum ScalingBound {
+    /// Scale-in held at the highest recommendation of the window.
+    Stabilization { window_ms: u64, highest: u32 },
+    /// This leader has not yet watched a whole stabilization window, or an instance is
+    /// starting or warming up: no scale-in.
+    ScaleInHeld { why: String },
+    /// A scale-out within the cooldown of the previous one.
+    Cooldown { remaining_ms: u64 },
+    /// The period's change limit.
+    StepLimit { period_ms: u64, limit: u32, allowed: u32 },
+    /// `min` or `max` (possibly scheduled).
+    Bounds { min: u32, max: u32 },
 }
 
 /// A Kubernetes-style condition such as `Ready` or `ScalingLimited`.

@@ -11,9 +11,11 @@ use crate::cluster::AddMemberRequest;
 use crate::duration::Duration;
 use crate::path;
 use crate::problem::FieldError;
+use crate::schedule::{CronSchedule, ScheduleError};
 use crate::tier::{
-    Algorithm, Driver, HealthCheck, LbMode, LoadBalancer, Placement, Provider, ScaleRequest,
-    Scaling, ScalingMetric, Template, TierSpec, TIER_KIND,
+    AdjustmentType, Algorithm, CustomMetricSample, Driver, HealthCheck, LbMode, LoadBalancer,
+    Placement, PolicyType, Provider, ScaleRequest, Scaling, ScalingMetric, ScalingPolicy,
+    ScalingSchedule, Template, TierSpec, TIER_KIND,
 };
 
 /// The largest tier; beyond this a typo (`max: 10000`) would be taken at its word.
@@ -34,6 +36,16 @@ pub const MAX_THRESHOLD: u32 = 100;
 /// EC2 refuses user data beyond this many bytes.
 pub const MAX_USER_DATA_BYTES: usize = 16 * 1024;
 
+/// Bounds of `scaling.max_step_percent`.
+pub const MAX_STEP_PERCENT: u32 = 1000;
+/// The longest reaction time a policy may average over; the leader's metric windows keep
+/// this much history.
+pub const MAX_REACTION_TIME: Duration = Duration::from_secs(900);
+/// Steps in one step policy.
+pub const MAX_STEPS: usize = 20;
+
+const ONE_MINUTE: Duration = Duration::from_secs(60);
+const ONE_WEEK: Duration = Duration::from_secs(7 * 86_400);
 const ONE_SECOND: Duration = Duration::from_secs(1);
 const ONE_HOUR: Duration = Duration::from_secs(3600);
 const ONE_DAY: Duration = Duration::from_secs(86_400);
@@ -270,26 +282,225 @@ fn scaling(report: &mut Report, scaling: &Scaling) {
     report.at_least("scaling.step_period", scaling.step_period, ONE_SECOND);
     report.at_most("scaling.step_period", scaling.step_period, ONE_DAY);
 
-    let mut seen = BTreeSet::new();
-    for (position, policy) in scaling.policies.iter().enumerate() {
-        let policy_path = path::index("scaling.policies", position);
-        let target_path = path::field(&policy_path, "target");
-        if !policy.target.is_finite() || policy.target <= 0.0 {
-            report.fail(target_path, "must be a finite number greater than 0");
-        } else if policy.metric == ScalingMetric::CpuUtilization && policy.target > 100.0 {
+    if let Some(percent) = scaling.max_step_percent {
+        if !(1..=MAX_STEP_PERCENT).contains(&percent) {
             report.fail(
-                target_path,
-                "must be at most 100: cpu_utilization is a percentage of the reservation",
-            );
-        }
-        // Two targets for one metric would leave the autoscaler to pick one silently.
-        if !seen.insert(policy.metric) {
-            report.fail(
-                path::field(&policy_path, "metric"),
-                "appears in an earlier policy; give each metric one target",
+                "scaling.max_step_percent",
+                format!("must be between 1 and {MAX_STEP_PERCENT}"),
             );
         }
     }
+    report.at_most("scaling.warmup", scaling.warmup, ONE_HOUR);
+
+    let mut seen = BTreeSet::new();
+    for (position, policy) in scaling.policies.iter().enumerate() {
+        let policy_path = path::index("scaling.policies", position);
+        scaling_policy(report, &policy_path, policy);
+        // Two policies of one kind on one metric would leave the autoscaler to pick one
+        // silently.
+        if !seen.insert((policy.policy_type, policy.metric_label())) {
+            report.fail(
+                path::field(&policy_path, "metric"),
+                "appears in an earlier policy of the same type; give each metric one target",
+            );
+        }
+    }
+    for (position, schedule) in scaling.schedules.iter().enumerate() {
+        scaling_schedule(
+            report,
+            &path::index("scaling.schedules", position),
+            schedule,
+            scaling,
+        );
+    }
+}
+
+fn scaling_policy(report: &mut Report, policy_path: &str, policy: &ScalingPolicy) {
+    let field = |name: &str| path::field(policy_path, name);
+    match (&policy.metric, &policy.name) {
+        (ScalingMetric::Custom, None) => {
+            report.fail(field("name"), "is required for metric custom");
+        }
+        (ScalingMetric::Custom, Some(name)) if !is_metric_name(name) => report.fail(
+            field("name"),
+            format!("must be 1-63 lowercase letters, digits or '_', starting with a letter, not {name:?}"),
+        ),
+        (ScalingMetric::Custom, Some(_)) => {}
+        (_, Some(_)) => report.fail(field("name"), "only applies to metric custom"),
+        (_, None) => {}
+    }
+    if let Some(reaction) = policy.reaction_time {
+        report.at_least(&field("reaction_time"), reaction, ONE_SECOND);
+        report.at_most(&field("reaction_time"), reaction, MAX_REACTION_TIME);
+    }
+    const TARGET_ONLY: &str = "only applies to type target_tracking";
+    const STEP_ONLY: &str = "only applies to type step";
+    match policy.policy_type {
+        PolicyType::TargetTracking => {
+            match policy.target {
+                None => report.fail(field("target"), "is required for type target_tracking"),
+                Some(target) if !target.is_finite() || target <= 0.0 => {
+                    report.fail(field("target"), "must be a finite number greater than 0")
+                }
+                Some(target)
+                    if policy.metric == ScalingMetric::CpuUtilization && target > 100.0 =>
+                {
+                    report.fail(
+                        field("target"),
+                        "must be at most 100: cpu_utilization is a percentage of the reservation",
+                    )
+                }
+                Some(_) => {}
+            }
+            if let Some(tolerance) = policy.tolerance {
+                if !tolerance.is_finite() || !(0.0..1.0).contains(&tolerance) {
+                    report.fail(
+                        field("tolerance"),
+                        "must be a finite number from 0 up to (not including) 1",
+                    );
+                }
+            }
+            if !policy.steps.is_empty() {
+                report.fail(field("steps"), STEP_ONLY);
+            }
+            if policy.adjustment_type.is_some() {
+                report.fail(field("adjustment_type"), STEP_ONLY);
+            }
+            if policy.min_adjustment_magnitude.is_some() {
+                report.fail(field("min_adjustment_magnitude"), STEP_ONLY);
+            }
+        }
+        PolicyType::Step => {
+            if policy.target.is_some() {
+                report.fail(field("target"), TARGET_ONLY);
+            }
+            if policy.tolerance.is_some() {
+                report.fail(field("tolerance"), TARGET_ONLY);
+            }
+            step_adjustments(report, policy_path, policy);
+        }
+    }
+}
+
+fn step_adjustments(report: &mut Report, policy_path: &str, policy: &ScalingPolicy) {
+    let steps_path = path::field(policy_path, "steps");
+    if policy.steps.is_empty() {
+        report.fail(steps_path.clone(), "is required for type step: at least one step");
+    }
+    if policy.steps.len() > MAX_STEPS {
+        report.fail(steps_path.clone(), format!("at most {MAX_STEPS} steps"));
+    }
+    let adjustment = policy.adjustment_type();
+    if policy.min_adjustment_magnitude.is_some()
+        && adjustment != AdjustmentType::PercentChangeInCapacity
+    {
+        report.fail(
+            path::field(policy_path, "min_adjustment_magnitude"),
+            "only applies to adjustment_type percent_change_in_capacity",
+        );
+    }
+    let mut ranges = Vec::new();
+    for (position, step) in policy.steps.iter().enumerate() {
+        let step_path = path::index(&steps_path, position);
+        let mut bounds_ok = true;
+        for (name, bound) in [("lower", step.lower), ("upper", step.upper)] {
+            if bound.is_some_and(|value| !value.is_finite()) {
+                report.fail(path::field(&step_path, name), "must be a finite number");
+                bounds_ok = false;
+            }
+        }
+        let lower = step.lower.unwrap_or(f64::NEG_INFINITY);
+        let upper = step.upper.unwrap_or(f64::INFINITY);
+        if bounds_ok && lower >= upper {
+            report.fail(
+                path::field(&step_path, "upper"),
+                format!("must be greater than lower ({lower})"),
+            );
+            bounds_ok = false;
+        }
+        let change_path = path::field(&step_path, "change");
+        match adjustment {
+            AdjustmentType::ExactCapacity if step.change < 0 => {
+                report.fail(change_path, "must be at least 0 for exact_capacity");
+            }
+            AdjustmentType::PercentChangeInCapacity if step.change < -100 => {
+                report.fail(change_path, "must be at least -100 percent");
+            }
+            _ if step.change.unsigned_abs() > MAX_INSTANCES * 10 => {
+                report.fail(change_path, "is implausibly large");
+            }
+            _ => {}
+        }
+        if bounds_ok {
+            // Bounds are `lower <= value < upper`, so ranges that only touch do not overlap.
+            if let Some(&(other, _, _)) = ranges
+                .iter()
+                .find(|&&(_, other_lower, other_upper)| lower < other_upper && other_lower < upper)
+            {
+                report.fail(
+                    step_path.clone(),
+                    format!("overlaps steps[{other}]: a value would match both"),
+                );
+            }
+            ranges.push((position, lower, upper));
+        }
+    }
+}
+
+fn scaling_schedule(
+    report: &mut Report,
+    schedule_path: &str,
+    schedule: &ScalingSchedule,
+    scaling: &Scaling,
+) {
+    let field = |name: &str| path::field(schedule_path, name);
+    match CronSchedule::parse(&schedule.cron, &schedule.time_zone) {
+        Ok(_) => {}
+        Err(ScheduleError::Cron(message)) => report.fail(field("cron"), message),
+        Err(ScheduleError::TimeZone(message)) => report.fail(field("time_zone"), message),
+    }
+    report.at_least(&field("duration"), schedule.duration, ONE_MINUTE);
+    report.at_most(&field("duration"), schedule.duration, ONE_WEEK);
+    if schedule.min.is_none() && schedule.max.is_none() {
+        report.fail(schedule_path.to_string(), "must set min, max or both");
+    }
+    let max = schedule.max.unwrap_or(scaling.max);
+    if let Some(min) = schedule.min {
+        if min > max {
+            report.fail(field("min"), format!("must not exceed the max it runs with ({max})"));
+        }
+    }
+    if let Some(max) = schedule.max {
+        if !(1..=MAX_INSTANCES).contains(&max) {
+            report.fail(field("max"), format!("must be between 1 and {MAX_INSTANCES}"));
+        }
+    }
+}
+
+/// A custom metric name: `[a-z][a-z0-9_]*`, at most 63 characters.
+pub fn is_metric_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes[0].is_ascii_lowercase()
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_')
+}
+
+/// Checks the body of `POST /v1/tiers/{name}/metrics`.
+pub fn custom_metric(sample: &CustomMetricSample) -> Result<(), Vec<FieldError>> {
+    let mut report = Report::default();
+    if !is_metric_name(&sample.metric) {
+        report.fail(
+            "metric",
+            "must be 1-63 lowercase letters, digits or '_', starting with a letter",
+        );
+    }
+    if !sample.value.is_finite() {
+        report.fail("value", "must be a finite number");
+    }
+    report.finish()
 }
 
 fn template(report: &mut Report, provider: Provider, template: &Template) {

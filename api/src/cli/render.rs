@@ -246,7 +246,7 @@ pub fn describe_tier(tier: &Tier, related: Related<'_>, now_ms: u64) -> String {
         let policies: Vec<String> = scaling
             .policies
             .iter()
-            .map(|policy| format!("{} target {}", wire_name(&policy.metric), policy.target))
+            .map(|policy| policy.summary())
             .collect();
         page.line(2, "Policies", policies.join(", "));
     }

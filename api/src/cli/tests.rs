@@ -430,7 +430,7 @@ async fn apply_sends_nothing_when_any_document_is_invalid() {
         "\
 nothing was applied; 3 documents have problems:
 tier/bad (document 3) is invalid:
-  scaling.mni: unknown field; expected one of `min`, `max`, `desired`, `policies`, `cooldown`, `scale_in_stabilization`, `max_step`, `step_period`
+  scaling.mni: unknown field; expected one of `min`, `max`, `desired`, `policies`, `schedules`, `warmup`, `cooldown`, `scale_in_stabilization`, `max_step`, `max_step_percent`, `step_period`
 document 4: unknown kind \"Node\"; stratactl apply accepts: Tier
 tier/Worse (document 5) is invalid:
   name: must be a DNS label: 1-63 lowercase letters, digits or '-', starting and ending with a letter or digit

@@ -29,7 +29,7 @@ fn decodes_a_valid_body() {
     let spec: TierSpec = decode_json(VALID.as_bytes()).unwrap_or_else(|p| panic!("{p}"));
     assert_eq!(spec.name, "web");
     assert_eq!(spec.provider, Provider::Local);
-    assert_eq!(spec.scaling.policies[0].target, 60.0);
+    assert_eq!(spec.scaling.policies[0].target, Some(60.0));
 }
 
 #[test]
@@ -379,4 +379,37 @@ fn bad_files_say_where() {
         }) => {}
         other => panic!("{other:?}"),
     }
+}
+
+/// Files written before policies had types, tolerances and schedules keep their meaning.
+#[test]
+fn scaling_blocks_of_earlier_files_still_decode_the_same() {
+    let text = "name: web\ntemplate: {driver: process, command: [w]}\nscaling:\n  min: 2\n  max: 8\n  policies: [{metric: cpu_utilization, target: 60}]\n  cooldown: 45s\n  scale_in_stabilization: 2m\n  max_step: 3\n  step_period: 30s\n";
+    let documents = decode_documents(text).unwrap_or_else(|e| panic!("{e}"));
+    let spec: TierSpec =
+        decode_value(documents[0].clone()).unwrap_or_else(|p| panic!("{p}"));
+    let scaling = &spec.scaling;
+    assert_eq!((scaling.min, scaling.max), (2, 8));
+    let policy = &scaling.policies[0];
+    assert_eq!(policy.policy_type, crate::tier::PolicyType::TargetTracking);
+    assert_eq!(policy.metric, crate::tier::ScalingMetric::CpuUtilization);
+    assert_eq!(policy.target, Some(60.0));
+    assert_eq!(scaling.cooldown, crate::Duration::from_secs(45));
+    assert_eq!(
+        scaling.scale_in_stabilization,
+        crate::Duration::from_secs(120)
+    );
+    assert_eq!(scaling.max_step, 3);
+    assert_eq!(scaling.step_period, crate::Duration::from_secs(30));
+    assert_eq!(crate::validate::tier_spec(&spec), Ok(()));
+}
+
+#[test]
+fn a_policy_on_an_unknown_metric_is_refused_at_its_path() {
+    let (status, path, message) = single_error(&valid_with(
+        r#""metric": "cpu_utilization""#,
+        r#""metric": "queue_depth""#,
+    ));
+    assert_eq!((status, path.as_str()), (422, "scaling.policies[0].metric"));
+    assert!(message.contains("unknown variant"), "{message}");
 }

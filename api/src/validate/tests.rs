@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use proptest::prelude::*;
 
 use super::*;
-use crate::tier::{HealthProtocol, QemuImage, ScalingPolicy};
+use crate::tier::{HealthProtocol, QemuImage};
 
 fn process_tier() -> TierSpec {
     TierSpec {
@@ -20,17 +20,13 @@ fn process_tier() -> TierSpec {
         },
         health: HealthCheck::default(),
         scaling: Scaling {
-            min: 1,
-            max: 4,
-            desired: None,
-            policies: vec![ScalingPolicy {
-                metric: ScalingMetric::CpuUtilization,
-                target: 60.0,
-            }],
-            cooldown: Duration::from_secs(30),
-            scale_in_stabilization: Duration::from_secs(300),
+            policies: vec![ScalingPolicy::target_tracking(
+                ScalingMetric::CpuUtilization,
+                60.0,
+            )],
             max_step: 2,
             step_period: Duration::from_secs(60),
+            ..Scaling::with_bounds(1, 4)
         },
         load_balancer: LoadBalancer::default(),
         placement: Placement::default(),
@@ -256,7 +252,7 @@ fn policy_rules() {
     fn policies(spec: &mut TierSpec, list: &[(ScalingMetric, f64)]) {
         spec.scaling.policies = list
             .iter()
-            .map(|&(metric, target)| ScalingPolicy { metric, target })
+            .map(|&(metric, target)| ScalingPolicy::target_tracking(metric, target))
             .collect();
     }
     check(&[
@@ -1097,4 +1093,380 @@ fn rollout_must_make_progress_and_stay_bounded() {
         max_unavailable: 1,
     };
     assert!(crate::validate::tier_spec(&spec).is_ok());
+}
+
+fn policy(change: impl Fn(&mut ScalingPolicy)) -> impl Fn(&mut TierSpec) {
+    move |spec: &mut TierSpec| change(&mut spec.scaling.policies[0])
+}
+
+fn step_policy(spec: &mut TierSpec, steps: &[(Option<f64>, Option<f64>, i32)]) {
+    let policy = &mut spec.scaling.policies[0];
+    policy.policy_type = PolicyType::Step;
+    policy.target = None;
+    policy.steps = steps
+        .iter()
+        .map(|&(lower, upper, change)| crate::tier::StepAdjustment {
+            lower,
+            upper,
+            change,
+        })
+        .collect();
+}
+
+fn schedule(spec: &mut TierSpec, cron: &str, time_zone: &str) {
+    spec.scaling.schedules = vec![crate::tier::ScalingSchedule {
+        cron: cron.to_string(),
+        time_zone: time_zone.to_string(),
+        duration: Duration::from_secs(3600),
+        min: Some(3),
+        max: None,
+    }];
+}
+
+#[test]
+fn target_tracking_rules() {
+    check(&[
+        (
+            "custom metric with a name",
+            process_tier,
+            |s| {
+                policy(|p| {
+                    p.metric = ScalingMetric::Custom;
+                    p.name = Some("queue_depth".to_string());
+                })(s)
+            },
+            &[],
+        ),
+        (
+            "custom metric without a name",
+            process_tier,
+            |s| policy(|p| p.metric = ScalingMetric::Custom)(s),
+            &["scaling.policies[0].name"],
+        ),
+        (
+            "custom metric with a bad name",
+            process_tier,
+            |s| {
+                policy(|p| {
+                    p.metric = ScalingMetric::Custom;
+                    p.name = Some("Queue Depth".to_string());
+                })(s)
+            },
+            &["scaling.policies[0].name"],
+        ),
+        (
+            "name on a built-in metric",
+            process_tier,
+            |s| policy(|p| p.name = Some("cpu".to_string()))(s),
+            &["scaling.policies[0].name"],
+        ),
+        (
+            "missing target",
+            process_tier,
+            |s| policy(|p| p.target = None)(s),
+            &["scaling.policies[0].target"],
+        ),
+        (
+            "tolerance nan",
+            process_tier,
+            |s| policy(|p| p.tolerance = Some(f64::NAN))(s),
+            &["scaling.policies[0].tolerance"],
+        ),
+        (
+            "tolerance negative",
+            process_tier,
+            |s| policy(|p| p.tolerance = Some(-0.1))(s),
+            &["scaling.policies[0].tolerance"],
+        ),
+        (
+            "tolerance 0 is allowed",
+            process_tier,
+            |s| policy(|p| p.tolerance = Some(0.0))(s),
+            &[],
+        ),
+        (
+            "reaction time under a second",
+            process_tier,
+            |s| policy(|p| p.reaction_time = Some(Duration::from_millis(500)))(s),
+            &["scaling.policies[0].reaction_time"],
+        ),
+        (
+            "reaction time over 15 minutes",
+            process_tier,
+            |s| policy(|p| p.reaction_time = Some(Duration::from_secs(901)))(s),
+            &["scaling.policies[0].reaction_time"],
+        ),
+        (
+            "steps on a target policy",
+            process_tier,
+            |s| {
+                policy(|p| {
+                    p.steps = vec![crate::tier::StepAdjustment {
+                        lower: None,
+                        upper: None,
+                        change: 1,
+                    }]
+                })(s)
+            },
+            &["scaling.policies[0].steps"],
+        ),
+        (
+            "a step and a target policy on one metric",
+            process_tier,
+            |s| {
+                let mut step = s.scaling.policies[0].clone();
+                step.policy_type = PolicyType::Step;
+                step.target = None;
+                step.steps = vec![crate::tier::StepAdjustment {
+                    lower: Some(90.0),
+                    upper: None,
+                    change: 2,
+                }];
+                s.scaling.policies.push(step);
+            },
+            &[],
+        ),
+        (
+            "two custom metrics of different names",
+            process_tier,
+            |s| {
+                let mut custom = ScalingPolicy::target_tracking(ScalingMetric::Custom, 5.0);
+                custom.name = Some("a".to_string());
+                let mut other = custom.clone();
+                other.name = Some("b".to_string());
+                s.scaling.policies = vec![custom, other];
+            },
+            &[],
+        ),
+        (
+            "one custom metric twice",
+            process_tier,
+            |s| {
+                let mut custom = ScalingPolicy::target_tracking(ScalingMetric::Custom, 5.0);
+                custom.name = Some("a".to_string());
+                s.scaling.policies = vec![custom.clone(), custom];
+            },
+            &["scaling.policies[1].metric"],
+        ),
+    ]);
+}
+
+#[test]
+fn step_policy_rules() {
+    check(&[
+        (
+            "three steps that touch",
+            process_tier,
+            |s| {
+                step_policy(
+                    s,
+                    &[
+                        (None, Some(30.0), -1),
+                        (Some(70.0), Some(90.0), 1),
+                        (Some(90.0), None, 3),
+                    ],
+                )
+            },
+            &[],
+        ),
+        (
+            "no steps",
+            process_tier,
+            |s| step_policy(s, &[]),
+            &["scaling.policies[0].steps"],
+        ),
+        (
+            "overlapping steps",
+            process_tier,
+            |s| step_policy(s, &[(Some(70.0), Some(90.0), 1), (Some(80.0), None, 3)]),
+            &["scaling.policies[0].steps[1]"],
+        ),
+        (
+            "two unbounded steps overlap",
+            process_tier,
+            |s| step_policy(s, &[(None, None, 1), (Some(80.0), None, 3)]),
+            &["scaling.policies[0].steps[1]"],
+        ),
+        (
+            "upper not above lower",
+            process_tier,
+            |s| step_policy(s, &[(Some(90.0), Some(90.0), 1)]),
+            &["scaling.policies[0].steps[0].upper"],
+        ),
+        (
+            "infinite bound",
+            process_tier,
+            |s| step_policy(s, &[(Some(f64::INFINITY), None, 1)]),
+            &["scaling.policies[0].steps[0].lower"],
+        ),
+        (
+            "nan bound",
+            process_tier,
+            |s| step_policy(s, &[(None, Some(f64::NAN), 1)]),
+            &["scaling.policies[0].steps[0].upper"],
+        ),
+        (
+            "target on a step policy",
+            process_tier,
+            |s| {
+                step_policy(s, &[(Some(80.0), None, 1)]);
+                s.scaling.policies[0].target = Some(60.0);
+            },
+            &["scaling.policies[0].target"],
+        ),
+        (
+            "negative exact capacity",
+            process_tier,
+            |s| {
+                step_policy(s, &[(Some(80.0), None, -1)]);
+                s.scaling.policies[0].adjustment_type = Some(AdjustmentType::ExactCapacity);
+            },
+            &["scaling.policies[0].steps[0].change"],
+        ),
+        (
+            "percent below -100",
+            process_tier,
+            |s| {
+                step_policy(s, &[(Some(80.0), None, -101)]);
+                s.scaling.policies[0].adjustment_type =
+                    Some(AdjustmentType::PercentChangeInCapacity);
+            },
+            &["scaling.policies[0].steps[0].change"],
+        ),
+        (
+            "min_adjustment_magnitude with percent",
+            process_tier,
+            |s| {
+                step_policy(s, &[(Some(80.0), None, 50)]);
+                s.scaling.policies[0].adjustment_type =
+                    Some(AdjustmentType::PercentChangeInCapacity);
+                s.scaling.policies[0].min_adjustment_magnitude = Some(2);
+            },
+            &[],
+        ),
+        (
+            "min_adjustment_magnitude without percent",
+            process_tier,
+            |s| {
+                step_policy(s, &[(Some(80.0), None, 1)]);
+                s.scaling.policies[0].min_adjustment_magnitude = Some(2);
+            },
+            &["scaling.policies[0].min_adjustment_magnitude"],
+        ),
+    ]);
+}
+
+#[test]
+fn schedule_rules() {
+    check(&[
+        (
+            "weekday mornings in Paris",
+            process_tier,
+            |s| schedule(s, "0 8 * * MON-FRI", "Europe/Paris"),
+            &[],
+        ),
+        (
+            "invalid cron",
+            process_tier,
+            |s| schedule(s, "0 25 * * *", "UTC"),
+            &["scaling.schedules[0].cron"],
+        ),
+        (
+            "six fields",
+            process_tier,
+            |s| schedule(s, "0 0 8 * * *", "UTC"),
+            &["scaling.schedules[0].cron"],
+        ),
+        (
+            "numbered days of the week",
+            process_tier,
+            |s| schedule(s, "0 8 * * 1-5", "UTC"),
+            &["scaling.schedules[0].cron"],
+        ),
+        (
+            "unknown time zone",
+            process_tier,
+            |s| schedule(s, "0 8 * * *", "Europe/Atlantis"),
+            &["scaling.schedules[0].time_zone"],
+        ),
+        (
+            "neither min nor max",
+            process_tier,
+            |s| {
+                schedule(s, "0 8 * * *", "UTC");
+                s.scaling.schedules[0].min = None;
+            },
+            &["scaling.schedules[0]"],
+        ),
+        (
+            "scheduled min above the tier's max",
+            process_tier,
+            |s| {
+                schedule(s, "0 8 * * *", "UTC");
+                s.scaling.schedules[0].min = Some(5);
+            },
+            &["scaling.schedules[0].min"],
+        ),
+        (
+            "scheduled min above the tier's max, with its own max",
+            process_tier,
+            |s| {
+                schedule(s, "0 8 * * *", "UTC");
+                s.scaling.schedules[0].min = Some(5);
+                s.scaling.schedules[0].max = Some(8);
+            },
+            &[],
+        ),
+        (
+            "duration under a minute",
+            process_tier,
+            |s| {
+                schedule(s, "0 8 * * *", "UTC");
+                s.scaling.schedules[0].duration = Duration::from_secs(59);
+            },
+            &["scaling.schedules[0].duration"],
+        ),
+    ]);
+}
+
+#[test]
+fn pacing_rules() {
+    check(&[
+        (
+            "max_step_percent 0",
+            process_tier,
+            |s| s.scaling.max_step_percent = Some(0),
+            &["scaling.max_step_percent"],
+        ),
+        (
+            "max_step_percent off",
+            process_tier,
+            |s| s.scaling.max_step_percent = None,
+            &[],
+        ),
+        (
+            "warmup over an hour",
+            process_tier,
+            |s| s.scaling.warmup = Duration::from_secs(3601),
+            &["scaling.warmup"],
+        ),
+    ]);
+}
+
+#[test]
+fn custom_metric_samples() {
+    let sample = |metric: &str, value: f64| CustomMetricSample {
+        metric: metric.to_string(),
+        value,
+        instance: None,
+    };
+    assert_eq!(custom_metric(&sample("queue_depth", 3.0)), Ok(()));
+    for (bad, path) in [
+        (sample("queue_depth", f64::NAN), "value"),
+        (sample("queue_depth", f64::INFINITY), "value"),
+        (sample("Queue", 1.0), "metric"),
+    ] {
+        let errors = custom_metric(&bad).expect_err("invalid");
+        assert_eq!(errors[0].path, path);
+    }
 }

@@ -18,6 +18,8 @@
 
 pub mod pools;
 
+pub mod autoscale;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use strata_api::{
