@@ -16,6 +16,7 @@ pub mod connected;
 pub mod driver;
 pub mod health;
 pub mod host_metrics;
+pub mod lb;
 pub mod procfs;
 pub mod standalone;
 pub mod state;
