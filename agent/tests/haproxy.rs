@@ -645,3 +645,270 @@ async fn a_draining_server_finishes_its_slow_request_and_gets_no_new_ones() {
     assert_eq!(body.worked_ms, 1500);
     lb.shutdown().await;
 }
+
+/// A stand-in for the controllers: registers the node, long-polls heartbeats like the leader
+/// (held while the agent runs the current pool versions, answered as soon as they change).
+mod fake_controller {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use axum::extract::State;
+    use axum::routing::post;
+    use axum::{Json, Router};
+    use tokio::sync::watch;
+
+    use strata_api::{
+        HeartbeatRequest, HeartbeatResponse, Node, NodeStatus, Pool, RegisterRequest,
+    };
+
+    #[derive(Clone)]
+    pub struct Fake {
+        pub pools: watch::Sender<Vec<Pool>>,
+        pub registrations: Arc<Mutex<Vec<RegisterRequest>>>,
+        pub heartbeats: Arc<Mutex<Vec<HeartbeatRequest>>>,
+    }
+
+    fn in_sync(request: &HeartbeatRequest, pools: &[Pool]) -> bool {
+        let Some(report) = &request.lb else {
+            return false;
+        };
+        pools.iter().all(|pool| {
+            report
+                .tiers
+                .iter()
+                .any(|tier| tier.tier == pool.tier && tier.version == pool.version)
+        })
+    }
+
+    async fn register(
+        State(fake): State<Fake>,
+        Json(request): Json<RegisterRequest>,
+    ) -> Json<Node> {
+        fake.registrations
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(request.clone());
+        Json(Node {
+            id: request.node_id,
+            address: request.address,
+            zone: request.zone,
+            labels: request.labels,
+            capacity: request.capacity,
+            allocatable: request.capacity,
+            status: NodeStatus::Ready,
+            ready: true,
+            cordoned: false,
+            draining: false,
+            agent_version: request.agent_version,
+            roles: request.roles,
+            last_heartbeat_ms: 0,
+            metrics: Default::default(),
+            registered_at_ms: 0,
+            resource_version: 1,
+        })
+    }
+
+    async fn heartbeat(
+        State(fake): State<Fake>,
+        Json(request): Json<HeartbeatRequest>,
+    ) -> Json<HeartbeatResponse> {
+        let mut pools = fake.pools.subscribe();
+        let current = pools.borrow_and_update().clone();
+        let hold = Duration::from_millis(request.wait_ms.min(10_000));
+        let sync = in_sync(&request, &current);
+        fake.heartbeats
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(request);
+        if sync {
+            let _ = tokio::time::timeout(hold, pools.changed()).await;
+        }
+        let answer = pools.borrow().clone();
+        Json(HeartbeatResponse {
+            assignments: Vec::new(),
+            pools: answer,
+        })
+    }
+
+    pub async fn start(pools: Vec<Pool>) -> (Fake, String) {
+        let fake = Fake {
+            pools: watch::channel(pools).0,
+            registrations: Arc::default(),
+            heartbeats: Arc::default(),
+        };
+        let router = Router::new()
+            .route("/v1/agents/register", post(register))
+            .route("/v1/agents/heartbeat", post(heartbeat))
+            .with_state(fake.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address").to_string();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        (fake, address)
+    }
+}
+
+/// A `strata-agent --lb haproxy` process. On drop: SIGTERM (which stops its HAProxy), then
+/// SIGKILL, then any HAProxy still running from its state dir.
+struct LbAgent {
+    child: Child,
+    state_dir: PathBuf,
+}
+
+impl LbAgent {
+    fn start(binary: &std::path::Path, controller: &str, data_dir: &std::path::Path) -> LbAgent {
+        let child = Command::new(env!("CARGO_BIN_EXE_strata-agent"))
+            .args([
+                "--node-id",
+                "lb-1",
+                "--join-token",
+                "token",
+                "--heartbeat-interval",
+                "1s",
+            ])
+            .args(["--controllers", controller, "--lb", "haproxy"])
+            .arg("--haproxy-bin")
+            .arg(binary)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("spawn strata-agent");
+        LbAgent {
+            child,
+            state_dir: data_dir.join("lb"),
+        }
+    }
+
+    fn pid(&self) -> Pid {
+        Pid::from_raw(i32::try_from(self.child.id()).expect("pid"))
+    }
+
+    /// The HAProxy masters and workers started with this agent's state dir.
+    fn haproxy_pids(&self) -> Vec<i32> {
+        let needle = self.state_dir.join("haproxy.cfg");
+        let needle = needle.to_string_lossy();
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .filter_map(|entry| {
+                let pid = entry.file_name().to_str()?.parse::<i32>().ok()?;
+                let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+                let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+                let alive =
+                    strata_agent::procfs::read_proc_stat(pid).is_some_and(|s| !s.has_exited());
+                (alive && cmdline.contains("haproxy") && cmdline.contains(needle.as_ref()))
+                    .then_some(pid)
+            })
+            .collect()
+    }
+}
+
+impl Drop for LbAgent {
+    fn drop(&mut self) {
+        let _ = kill(self.pid(), Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = killpg(self.pid(), Signal::SIGKILL);
+        let _ = self.child.wait();
+        for pid in self.haproxy_pids() {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_binary_serves_the_pools_of_its_heartbeat_answers() {
+    let binary = require_haproxy!();
+    let servers = workloads(2).await;
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}/");
+    let (fake, controller) =
+        fake_controller::start(vec![pool("web", port, 1, vec![servers[0].ready()])]).await;
+    let data = tempfile::tempdir().expect("temp dir");
+    let agent = LbAgent::start(&binary, &controller, data.path());
+    let client = client();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client.get(&url).send().await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the agent's haproxy never served the pool"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    {
+        let registrations = fake.registrations.lock().expect("lock");
+        assert_eq!(registrations[0].roles, [strata_api::NodeRole::LoadBalancer]);
+    }
+    // A pool change reaches HAProxy while the agent's heartbeat is held: well within the
+    // one-second interval, which is all the agent waits for an answer anyway.
+    let changed_at = Instant::now();
+    fake.pools
+        .send_replace(vec![pool("web", port, 2, vec![servers[1].ready()])]);
+    loop {
+        if hello(&client, &url).await.instance_id == servers[1].id.to_string() {
+            break;
+        }
+        assert!(
+            changed_at.elapsed() < Duration::from_secs(1),
+            "the pool change took too long"
+        );
+    }
+    // The next heartbeat reports it, long-polling with the interval.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let last = fake.heartbeats.lock().expect("lock").last().cloned();
+        if let Some(request) = last {
+            let report = request
+                .lb
+                .as_ref()
+                .expect("an lb report in every heartbeat");
+            assert_eq!(request.wait_ms, 1000);
+            if report
+                .tiers
+                .iter()
+                .any(|t| t.tier == "web" && t.version == 2)
+            {
+                assert!(report.worker_pid.is_some());
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "no heartbeat reported version 2");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // kill -9 of the agent leaves its HAProxy; the next agent replaces it and serves the pool.
+    let old = agent.haproxy_pids();
+    assert!(!old.is_empty());
+    kill(agent.pid(), Signal::SIGKILL).expect("kill -9 the agent");
+    drop(agent);
+    let agent = LbAgent::start(&binary, &controller, data.path());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = agent.haproxy_pids();
+        let replaced = !now.is_empty() && now.iter().all(|pid| !old.contains(pid));
+        if replaced {
+            if let Ok(response) = client.get(&url).send().await {
+                let hello: Hello = response.json().await.expect("json");
+                assert_eq!(hello.instance_id, servers[1].id.to_string());
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restarted agent did not take over"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(agent);
+}

@@ -156,6 +156,64 @@ impl HaproxyProcess {
     }
 }
 
+/// The master an earlier agent process started, as recorded in the state dir: pid and start
+/// time (`/proc/PID/stat` field 22), so a recycled pid is never signalled.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Record {
+    pid: i32,
+    start_time: u64,
+}
+
+impl HaproxyProcess {
+    /// Records the master in `path`, so the next agent process can stop it if this one dies
+    /// without stopping it (kill -9): an HAProxy left behind would keep serving stale pools
+    /// beside the new one on the same ports (HAProxy binds with SO_REUSEPORT).
+    pub fn record(&self, path: &Path) {
+        let Some(stat) = crate::procfs::read_proc_stat(self.pgid) else {
+            return;
+        };
+        let record = Record {
+            pid: self.pgid,
+            start_time: stat.start_time,
+        };
+        if let Ok(text) = serde_json::to_vec(&record) {
+            if let Err(error) = std::fs::write(path, text) {
+                tracing::warn!(path = %path.display(), %error, "record haproxy's pid");
+            }
+        }
+    }
+}
+
+/// Stops the HAProxy recorded in `path` by an earlier agent process, if it still runs.
+pub async fn stop_recorded(path: &Path, grace: Duration) {
+    let Ok(text) = std::fs::read(path) else {
+        return;
+    };
+    let _ = std::fs::remove_file(path);
+    let Ok(record) = serde_json::from_slice::<Record>(&text) else {
+        return;
+    };
+    let alive = |record: &Record| {
+        crate::procfs::read_proc_stat(record.pid)
+            .is_some_and(|stat| stat.start_time == record.start_time && !stat.has_exited())
+    };
+    if !alive(&record) {
+        return;
+    }
+    tracing::warn!(
+        pid = record.pid,
+        "stopping the haproxy an earlier agent left running"
+    );
+    kill_group(record.pid, Signal::SIGTERM);
+    let deadline = Instant::now() + grace;
+    while alive(&record) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if alive(&record) {
+        kill_group(record.pid, Signal::SIGKILL);
+    }
+}
+
 impl Drop for HaproxyProcess {
     /// A process dropped without `stop` (a panic, a runtime shutting down) still takes its
     /// workers with it.

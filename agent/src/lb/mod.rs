@@ -88,6 +88,11 @@ impl LbConfig {
     pub fn log_path(&self) -> PathBuf {
         self.state_dir.join("haproxy.log")
     }
+
+    /// The running master's pid and start time.
+    pub fn pid_path(&self) -> PathBuf {
+        self.state_dir.join("haproxy.pid")
+    }
 }
 
 /// Why the role could not start.
@@ -100,7 +105,12 @@ pub enum LbError {
     },
     #[error("start haproxy: {0}")]
     Start(String),
+    #[error("socket path {path} is longer than a unix socket address allows ({max} bytes); choose a shorter --lb-state-dir")]
+    SocketPath { path: PathBuf, max: usize },
 }
+
+/// `sun_path` holds 108 bytes on Linux, the terminating NUL included.
+const MAX_SOCKET_PATH: usize = 107;
 
 /// What one [`LoadBalancer::apply`] did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -138,6 +148,15 @@ impl LoadBalancer {
             path: config.state_dir.clone(),
             source,
         })?;
+        for path in [config.admin_socket(), config.master_socket()] {
+            if path.as_os_str().len() > MAX_SOCKET_PATH {
+                return Err(LbError::SocketPath {
+                    path,
+                    max: MAX_SOCKET_PATH,
+                });
+            }
+        }
+        haproxy::stop_recorded(&config.pid_path(), STOP_GRACE).await;
         let mut converger = Converger::new(config);
         if let Err(error) = converger.start().await {
             return Err(LbError::Start(error));
@@ -327,11 +346,8 @@ impl Converger {
         self.live = false;
         self.worker_pid = None;
         let refused = self.refusals(&BTreeSet::new());
-        let (mut desired, errors) = desired_layout(&self.pools, &self.running, &refused);
-        let mut errors = errors;
-        if let Err(error) = self.write_checked(&mut desired, &mut errors).await {
-            return Err(error);
-        }
+        let (mut desired, mut errors) = desired_layout(&self.pools, &self.running, &refused);
+        self.write_checked(&mut desired, &mut errors).await?;
         let launch = Launch {
             binary: self.config.haproxy_bin.clone(),
             config: self.config.config_path(),
@@ -339,6 +355,7 @@ impl Converger {
             log: self.config.log_path(),
         };
         let mut process = HaproxyProcess::spawn(&launch).map_err(|e| e.to_string())?;
+        process.record(&self.config.pid_path());
         let deadline = Instant::now() + START_LIMIT;
         let worker = loop {
             if let Some(status) = process.exited() {
