@@ -8,18 +8,24 @@
 //!   answers 421 with the leader's address, which the agent then uses until it fails.
 //! - A 404 to a heartbeat (the node is unknown, for example after the cluster was rebuilt)
 //!   makes the agent register again.
+//! - An LB agent (`lb` set) registers with the `load_balancer` role only, hands every answer's
+//!   `pools` (the complete set) to its load balancer before the next heartbeat goes out, and
+//!   reports HAProxy in `lb`. It always long-polls (`wait_ms` = the interval): it has no
+//!   instance whose start-up needs prompt reports, and the leader answers as soon as a pool
+//!   changes.
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
 use strata_api::{
-    Health, HeartbeatRequest, HeartbeatResponse, InstanceReport as ApiReport, Phase, Problem,
-    RegisterRequest, Resources,
+    Health, HeartbeatRequest, HeartbeatResponse, InstanceReport as ApiReport, NodeRole, Phase,
+    Problem, RegisterRequest, Resources,
 };
 
 use crate::health::HealthStatus;
 use crate::host_metrics::HostMetricsSampler;
+use crate::lb::{LbConfig, LbError, LoadBalancer};
 use crate::supervisor::{
     Assignment, InstancePhase, InstanceReport, Supervisor, SupervisorConfig, SupervisorError,
 };
@@ -74,6 +80,17 @@ pub struct ConnectedConfig {
     pub capacity: Resources,
     pub supervisor: SupervisorConfig,
     pub interval: Duration,
+    /// The load-balancer role: `Some` makes this node a load balancer (and not a worker).
+    pub lb: Option<LbConfig>,
+}
+
+/// Why connected mode could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectedError {
+    #[error(transparent)]
+    Supervisor(#[from] SupervisorError),
+    #[error("load balancer: {0}")]
+    Lb(#[from] LbError),
 }
 
 /// Why a call to the controllers failed.
@@ -217,8 +234,17 @@ impl ControllerLink {
 pub async fn run(
     config: ConnectedConfig,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), SupervisorError> {
+) -> Result<(), ConnectedError> {
     let mut supervisor = Supervisor::open(config.supervisor.clone()).await?;
+    let lb = match config.lb.clone() {
+        Some(lb_config) => Some(LoadBalancer::start(lb_config).await?),
+        None => None,
+    };
+    let roles = if lb.is_some() {
+        vec![NodeRole::LoadBalancer]
+    } else {
+        strata_api::default_roles()
+    };
     let mut sampler = HostMetricsSampler::new();
     let timeout = config
         .interval
@@ -235,7 +261,7 @@ pub async fn run(
         labels: config.labels.clone(),
         capacity: config.capacity,
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
-        roles: strata_api::default_roles(),
+        roles,
     };
     let mut registered = false;
     // The bound of the next registration retry's wait; doubles with each failure.
@@ -283,20 +309,34 @@ pub async fn run(
         let starting = instances
             .iter()
             .any(|report| report.phase == Phase::Starting && report.health == Health::Unknown);
-        let wait_ms = if starting {
+        let wait_ms = if starting && lb.is_none() {
             0
         } else {
             u64::try_from(config.interval.as_millis()).unwrap_or(u64::MAX)
+        };
+        let lb_report = match &lb {
+            Some(lb) => Some(lb.report().await),
+            None => None,
         };
         let request = HeartbeatRequest {
             node_id: config.node_id.clone(),
             metrics: metrics.map(api_metrics).unwrap_or_default(),
             instances,
             wait_ms,
-            lb: None,
+            lb: lb_report,
         };
         match link.heartbeat(&request).await {
             Ok(answer) => {
+                if let Some(lb) = &lb {
+                    // First: a pool change reaches HAProxy within milliseconds of the answer.
+                    let outcome = lb.apply(answer.pools.clone()).await;
+                    if let Some(failure) = &outcome.failure {
+                        tracing::warn!(%failure, "load balancer not converged; retrying");
+                    }
+                    for (tier, error) in &outcome.errors {
+                        tracing::debug!(%tier, %error, "tier not served");
+                    }
+                }
                 let desired: Vec<Assignment> = answer
                     .assignments
                     .into_iter()
@@ -333,6 +373,9 @@ pub async fn run(
         }
     }
     supervisor.shutdown().await;
+    if let Some(lb) = lb {
+        lb.shutdown().await;
+    }
     Ok(())
 }
 

@@ -5,7 +5,8 @@
 //! agent's data dir; `supervisor` plans (pure) and executes convergence to the assigned
 //! instances and reports their phase, health and CPU; `health` is the probe state machine and
 //! its task; `host_metrics` and `procfs` read `/proc`; `standalone` converges to an assignment
-//! file (what the `strata-agent` binary runs); `workload` is the `strata-workload` app.
+//! file (what the `strata-agent` binary runs); `workload` is the `strata-workload` app; `lb` is
+//! the load-balancer role, a local HAProxy driven through its Runtime API.
 //!
 //! Invariants: every instance leads its own process group and is identified by pid *and*
 //! start time, so a recycled pid is never signalled; a record is on disk before the agent
@@ -16,6 +17,7 @@ pub mod connected;
 pub mod driver;
 pub mod health;
 pub mod host_metrics;
+pub mod lb;
 pub mod procfs;
 pub mod standalone;
 pub mod state;

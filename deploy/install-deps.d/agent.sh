@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Installs what the agent, the guest image build (deploy/build-guest-image.sh) and the agent's
-# tests need on a Debian host. Idempotent: it only calls apt-get when a package is missing, and
-# refreshes the package lists at most once per run.
+# Installs what the agent (its load-balancer role included), the guest image build
+# (deploy/build-guest-image.sh) and the agent's tests need on a Debian host. Idempotent: it only
+# calls apt-get when a package is missing, and refreshes the package lists at most once per run.
 set -euo pipefail
 
 packages=(
@@ -15,6 +15,8 @@ packages=(
   binutils          # strip, to keep the guest's copy of strata-workload small
   iproute2          # ip, for network-namespace test hosts
   procps            # ps, to look for stray instance processes when debugging
+  haproxy           # the load-balancer role (--lb haproxy) and its tests
+  wrk               # load generator for the load-balancer tests and benchmarks
 )
 
 missing=()

@@ -9,6 +9,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use strata_agent::connected::{self, ConnectedConfig};
 use strata_agent::driver::{AccelChoice, QemuConfig};
+use strata_agent::lb::LbConfig;
 use strata_agent::standalone::{self, StandaloneConfig};
 use strata_agent::SupervisorConfig;
 
@@ -22,6 +23,12 @@ use strata_agent::SupervisorConfig;
 /// With --assignments FILE instead of --controllers, the agent runs standalone: it converges to
 /// the instances listed in FILE (a JSON array of {instance_id, tier, template, health}, re-read
 /// every interval) and prints each heartbeat as a JSON line on stdout.
+///
+/// With --lb haproxy the node is a load balancer instead of a worker: the agent runs its own
+/// HAProxy (master-worker, files and sockets in --lb-state-dir), serves every tier's pool from
+/// the heartbeat answers, applies pool changes through HAProxy's Runtime API without a reload,
+/// restarts HAProxy if it dies, and reports HAProxy's statistics in its heartbeats. HAProxy
+/// is stopped with the agent.
 #[derive(Debug, Parser)]
 #[command(name = "strata-agent", version)]
 struct Args {
@@ -77,6 +84,21 @@ struct Args {
     /// qemu accelerator: auto uses KVM only where a KVM guest can run, else TCG.
     #[arg(long, value_enum, default_value = "auto")]
     qemu_accel: Accel,
+    /// Run the load-balancer role with this balancer (registers the node as a load balancer,
+    /// not a worker).
+    #[arg(long, value_enum, conflicts_with = "assignments")]
+    lb: Option<LbKind>,
+    /// The HAProxy binary for --lb haproxy (HAProxy 2.6 or later).
+    #[arg(long, env = "STRATA_HAPROXY_BIN", default_value = "haproxy")]
+    haproxy_bin: PathBuf,
+    /// Where --lb keeps haproxy.cfg, its sockets and its log (default: DATA_DIR/lb).
+    #[arg(long, env = "STRATA_LB_STATE_DIR")]
+    lb_state_dir: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LbKind {
+    Haproxy,
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -133,6 +155,14 @@ async fn main() -> anyhow::Result<()> {
             args.node_id
         );
     }
+    let lb = args.lb.map(|LbKind::Haproxy| {
+        LbConfig::new(
+            args.haproxy_bin.clone(),
+            args.lb_state_dir
+                .clone()
+                .unwrap_or_else(|| args.data_dir.join("lb")),
+        )
+    });
     let supervisor = SupervisorConfig {
         data_dir: args.data_dir,
         advertise_ip: args.advertise_ip,
@@ -157,7 +187,7 @@ async fn main() -> anyhow::Result<()> {
             _ = terminate.recv() => {}
             _ = interrupt.recv() => {}
         }
-        tracing::info!("stopping the agent; instances keep running");
+        tracing::info!("stopping the agent; instances keep running (HAProxy stops)");
     };
     match args.assignments {
         Some(assignments) => standalone::run(
@@ -186,6 +216,7 @@ async fn main() -> anyhow::Result<()> {
                     },
                     supervisor,
                     interval,
+                    lb,
                 },
                 shutdown,
             )
