@@ -118,7 +118,10 @@ mod tests {
         // Paris moved to summer time on 2025-03-30 at 02:00.
         for day in [29, 30, 31] {
             let eight = ms(paris, 2025, 3, day, 8, 0);
-            assert_eq!(schedule.latest_start(eight + 60_000, 3_600_000), Some(eight));
+            assert_eq!(
+                schedule.latest_start(eight + 60_000, 3_600_000),
+                Some(eight)
+            );
             assert_eq!(schedule.latest_start(eight - 1, 3_600_000), None);
         }
         // 08:00 local is 07:00 UTC in winter and 06:00 UTC in summer.
@@ -144,7 +147,13 @@ mod tests {
 
     #[test]
     fn rejects_bad_expressions_and_zones() {
-        for expression in ["0 8 * *", "0 25 * * *", "0 8 * * 1-5", "x 8 * * *", "0 8 31 2 *"] {
+        for expression in [
+            "0 8 * *",
+            "0 25 * * *",
+            "0 8 * * 1-5",
+            "x 8 * * *",
+            "0 8 31 2 *",
+        ] {
             assert!(
                 matches!(
                     CronSchedule::parse(expression, "UTC"),

@@ -276,7 +276,10 @@ pub struct Scaling {
     pub max_step: u32,
     /// When set, a period may also change the count by this percentage of the count at the
     /// period's start, whichever of the two allows more (HPA's `selectPolicy: Max`).
-    #[serde(default = "default_max_step_percent", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default = "default_max_step_percent",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub max_step_percent: Option<u32>,
     #[serde(default = "default_step_period")]
     pub step_period: Duration,
@@ -760,7 +763,11 @@ pub enum ScalingBound {
     /// A scale-out within the cooldown of the previous one.
     Cooldown { remaining_ms: u64 },
     /// The period's change limit.
-    StepLimit { period_ms: u64, limit: u32, allowed: u32 },
+    StepLimit {
+        period_ms: u64,
+        limit: u32,
+        allowed: u32,
+    },
     /// `min` or `max` (possibly scheduled).
     Bounds { min: u32, max: u32 },
 }

@@ -385,7 +385,10 @@ fn scaling_policy(report: &mut Report, policy_path: &str, policy: &ScalingPolicy
 fn step_adjustments(report: &mut Report, policy_path: &str, policy: &ScalingPolicy) {
     let steps_path = path::field(policy_path, "steps");
     if policy.steps.is_empty() {
-        report.fail(steps_path.clone(), "is required for type step: at least one step");
+        report.fail(
+            steps_path.clone(),
+            "is required for type step: at least one step",
+        );
     }
     if policy.steps.len() > MAX_STEPS {
         report.fail(steps_path.clone(), format!("at most {MAX_STEPS} steps"));
@@ -467,12 +470,18 @@ fn scaling_schedule(
     let max = schedule.max.unwrap_or(scaling.max);
     if let Some(min) = schedule.min {
         if min > max {
-            report.fail(field("min"), format!("must not exceed the max it runs with ({max})"));
+            report.fail(
+                field("min"),
+                format!("must not exceed the max it runs with ({max})"),
+            );
         }
     }
     if let Some(max) = schedule.max {
         if !(1..=MAX_INSTANCES).contains(&max) {
-            report.fail(field("max"), format!("must be between 1 and {MAX_INSTANCES}"));
+            report.fail(
+                field("max"),
+                format!("must be between 1 and {MAX_INSTANCES}"),
+            );
         }
     }
 }

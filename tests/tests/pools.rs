@@ -354,8 +354,12 @@ fn haproxy_pids(state_dir: &Path) -> Vec<i32> {
             continue;
         };
         let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if cmdline.contains("haproxy") && cmdline.contains(&needle) {
+        let cmdline = String::from_utf8_lossy(&cmdline).to_string();
+        let mut args = cmdline.split('\0');
+        // The program itself must be HAProxy: the LB agent's own command line names both the
+        // haproxy binary and the state dir.
+        let program = args.next().unwrap_or("");
+        if program.ends_with("haproxy") && args.any(|arg| arg.contains(&needle)) {
             pids.push(pid);
         }
     }
@@ -647,7 +651,10 @@ async fn balancers_converge_survive_restarts_and_apply_pool_changes_without_relo
     let ready = env.ready_ids("web").await?;
     eventually(Duration::from_secs(20), "HAProxy is back", || async {
         let pids = haproxy_pids(&env.lb_state_dir("lb-1"));
-        until(!pids.is_empty(), (), || "no haproxy".to_string())
+        until(!pids.is_empty(), (), || {
+            let log = env.agents.get("lb-1").map(AgentProcess::log_tail);
+            format!("no haproxy; lb-1 log: {}", log.unwrap_or_default())
+        })
     })
     .await?;
     env.scale("web", 3).await?;

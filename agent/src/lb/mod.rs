@@ -461,9 +461,7 @@ impl Converger {
                 continue;
             };
             if !served.contains(&listen) {
-                // std sets SO_REUSEADDR, like HAProxy, so a port in TIME_WAIT is bindable;
-                // one another process listens on is not.
-                if let Err(error) = std::net::TcpListener::bind(listen) {
+                if let Err(error) = test_bind(listen) {
                     refused.insert(
                         pool.tier.clone(),
                         format!("listen address {listen} cannot be bound: {error}"),
@@ -728,4 +726,22 @@ fn write_file(path: &Path, text: &str) -> Result<(), String> {
     file.write_all(text.as_bytes())
         .and_then(|()| file.sync_all())
         .map_err(|e| format!("write {}: {e}", path.display()))
+}
+
+/// Binds and listens on `address` the way HAProxy does on Linux, then lets go: with
+/// `SO_REUSEADDR` (a port in TIME_WAIT is bindable) and `SO_REUSEPORT` (HAProxy's default,
+/// configuration manual `noreuseport`), so a port another HAProxy serves, such as a second LB
+/// agent's on the same host, is bindable as it is for HAProxy itself, while one that another
+/// program holds, or an address that is not local, is not.
+fn test_bind(address: SocketAddr) -> std::io::Result<()> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(
+        Domain::for_address(address),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(1)
 }

@@ -386,8 +386,7 @@ fn bad_files_say_where() {
 fn scaling_blocks_of_earlier_files_still_decode_the_same() {
     let text = "name: web\ntemplate: {driver: process, command: [w]}\nscaling:\n  min: 2\n  max: 8\n  policies: [{metric: cpu_utilization, target: 60}]\n  cooldown: 45s\n  scale_in_stabilization: 2m\n  max_step: 3\n  step_period: 30s\n";
     let documents = decode_documents(text).unwrap_or_else(|e| panic!("{e}"));
-    let spec: TierSpec =
-        decode_value(documents[0].clone()).unwrap_or_else(|p| panic!("{p}"));
+    let spec: TierSpec = decode_value(documents[0].clone()).unwrap_or_else(|p| panic!("{p}"));
     let scaling = &spec.scaling;
     assert_eq!((scaling.min, scaling.max), (2, 8));
     let policy = &scaling.policies[0];

@@ -1,7 +1,7 @@
 //! Agent upcalls under `/v1/agents`: registration (a Raft write, forwarded like any write) and
 //! heartbeats (leader memory only). Authenticated with the join token.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -126,8 +126,10 @@ struct Wanted {
 /// What a heartbeat says the node runs and serves.
 struct Reported {
     live: BTreeSet<Uuid>,
-    /// Tier and pool version of each frontend an LB node serves.
-    pools: BTreeSet<(String, u64)>,
+    /// Per frontend an LB node reports: the pool version it applied, or `None` when it cannot
+    /// serve the tier (its listen address is taken there): such a tier counts as in sync
+    /// whatever its version, or an LB node with one unservable tier would never be held.
+    pools: BTreeMap<String, Option<u64>>,
 }
 
 impl Reported {
@@ -143,7 +145,10 @@ impl Reported {
                 .lb
                 .iter()
                 .flat_map(|lb| &lb.tiers)
-                .map(|tier| (tier.tier.clone(), tier.version))
+                .map(|tier| {
+                    let version = tier.error.is_none().then_some(tier.version);
+                    (tier.tier.clone(), version)
+                })
                 .collect(),
         }
     }
@@ -155,11 +160,12 @@ impl Reported {
             .map(|assignment| assignment.instance_id)
             .collect();
         let pools_in_sync = wanted.pools.as_ref().is_none_or(|pools| {
-            let versions: BTreeSet<(String, u64)> = pools
-                .iter()
-                .map(|pool| (pool.tier.clone(), pool.version))
-                .collect();
-            versions == self.pools
+            pools.len() == self.pools.len()
+                && pools.iter().all(|pool| match self.pools.get(&pool.tier) {
+                    Some(Some(version)) => *version == pool.version,
+                    Some(None) => true,
+                    None => false,
+                })
         });
         assigned == self.live && pools_in_sync
     }
