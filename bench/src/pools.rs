@@ -485,7 +485,7 @@ async fn propagation(
             let listen = free_listen()?;
             // A plain command: the simulated worker never runs it.
             let template =
-                json!({"driver": "process", "command": ["simulated"], "cpu": 0.01, "memory_mb": 1});
+                json!({"driver": "process", "command": ["simulated"], "cpu": 0.01, "memory_mb": 16});
             env.api
                 .send(
                     Method::PUT,
