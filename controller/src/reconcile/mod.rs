@@ -110,7 +110,7 @@ pub fn plan(
         ));
     }
     commands.extend(plan_orphans_and_forgetting(state, config, now_ms));
-    commands.extend(pools::plan(state, observed, now_ms));
+    commands.extend(pools::plan(state, &index.tiers, observed, now_ms));
     commands
 }
 
@@ -223,21 +223,15 @@ fn plan_reports(
 /// Lookups every tier's plan needs, built once per round so that a round costs time linear in
 /// the state's size rather than tiers x (instances + events).
 struct RoundIndex<'a> {
-    /// Every instance of each tier (any phase), in instance id order.
-    by_tier: HashMap<&'a str, Vec<&'a Instance>>,
+    /// Every instance of each tier (any phase), in instance id order, and the latest
+    /// load-balancer event per tier: the read models' index, shared with `pools`.
+    tiers: crate::views::TierIndex<'a>,
     /// The reason of each object's latest event.
     last_reason: HashMap<&'a str, &'a str>,
 }
 
 impl<'a> RoundIndex<'a> {
     fn of(state: &'a State) -> Self {
-        let mut by_tier: HashMap<&str, Vec<&Instance>> = HashMap::new();
-        for instance in state.instances.values() {
-            by_tier
-                .entry(instance.tier.as_str())
-                .or_default()
-                .push(instance);
-        }
         // Events are oldest first: later ones overwrite earlier ones.
         let last_reason = state
             .events
@@ -245,13 +239,13 @@ impl<'a> RoundIndex<'a> {
             .map(|event| (event.object.as_str(), event.reason.as_str()))
             .collect();
         RoundIndex {
-            by_tier,
+            tiers: crate::views::TierIndex::of(state),
             last_reason,
         }
     }
 
     fn instances_of(&self, tier: &str) -> &[&'a Instance] {
-        self.by_tier.get(tier).map_or(&[], Vec::as_slice)
+        self.tiers.instances_of(tier)
     }
 
     fn last_event_reason(&self, tier: &str) -> Option<&'a str> {

@@ -24,7 +24,12 @@ use crate::state::{Command, InstanceUpdate, NodeRecord, State};
 use crate::views::{pool_state, TierIndex, LB_FAILED, LB_SERVING};
 
 /// Plans one round of drain endings and frontend events.
-pub fn plan(state: &State, observed: &Observed<'_>, now_ms: u64) -> Vec<Command> {
+pub fn plan(
+    state: &State,
+    index: &TierIndex<'_>,
+    observed: &Observed<'_>,
+    now_ms: u64,
+) -> Vec<Command> {
     let balancers: Vec<&NodeRecord> = state
         .nodes
         .values()
@@ -49,7 +54,7 @@ pub fn plan(state: &State, observed: &Observed<'_>, now_ms: u64) -> Vec<Command>
     if !ended.is_empty() {
         commands.push(Command::UpdateInstances { updates: ended });
     }
-    commands.extend(frontend_events(state, observed, &balancers));
+    commands.extend(frontend_events(state, index, observed, &balancers));
     commands
 }
 
@@ -116,13 +121,13 @@ fn drain_end(
 /// steady state nor a new leader records them again.
 fn frontend_events(
     state: &State,
+    index: &TierIndex<'_>,
     observed: &Observed<'_>,
     balancers: &[&NodeRecord],
 ) -> Vec<Command> {
     if balancers.is_empty() {
         return Vec::new();
     }
-    let index = TierIndex::of(state);
     let mut commands = Vec::new();
     for tier in state.tiers.values() {
         if tier.spec.load_balancer.listen.is_none() {
