@@ -166,6 +166,8 @@ impl BinaryArgs {
 #[derive(Serialize)]
 struct SystemReport {
     writes: WritesReport,
+    /// Every client writing one object (Strata: scale one tier; etcd: put one key).
+    hot_object_writes: WritesReport,
     failover: FailoverReport,
 }
 
@@ -181,7 +183,11 @@ struct CompareReport {
     p99_ok: Option<bool>,
     /// Strata's failover median is under 1 s.
     failover_ok: Option<bool>,
-    /// ratio_writes_per_sec >= 1.25, p99_ok and failover_ok together.
+    /// Hot-object writes/s, Strata's over etcd's; the target is at least 1.
+    hot_ratio_writes_per_sec: Option<f64>,
+    /// Strata's hot-object p99 is no worse than etcd's.
+    hot_p99_ok: Option<bool>,
+    /// ratio_writes_per_sec >= 1.25, p99_ok, failover_ok, hot ratio >= 1 and hot_p99_ok.
     targets_met: Option<bool>,
     smoke: bool,
     /// The machine's 1/5/15-minute load average when the run began: other work on a 2-core
@@ -323,6 +329,8 @@ async fn compare(args: CompareArgs) -> Result<()> {
         ratio_writes_per_sec: None,
         p99_ok: None,
         failover_ok: None,
+        hot_ratio_writes_per_sec: None,
+        hot_p99_ok: None,
         targets_met: None,
         smoke,
         load_average_at_start: load_average(),
@@ -335,8 +343,16 @@ async fn compare(args: CompareArgs) -> Result<()> {
         let writer = Writer::new(system, Some(STRATA_ADMIN_TOKEN.to_owned()));
         let result = async {
             let writes = run_writes(&mut cluster, &writer, &config).await?;
+            let hot = Writer::hot(system, Some(STRATA_ADMIN_TOKEN.to_owned()));
+            hot.prepare(&cluster.endpoints()[0]).await?;
+            eprintln!("[{}] hot object", system.name());
+            let hot_object_writes = run_writes(&mut cluster, &hot, &config).await?;
             let failover = failover::run(&mut cluster, &writer, kills).await?;
-            anyhow::Ok(SystemReport { writes, failover })
+            anyhow::Ok(SystemReport {
+                writes,
+                hot_object_writes,
+                failover,
+            })
         }
         .await;
         if result.is_err() {
@@ -362,7 +378,18 @@ async fn compare(args: CompareArgs) -> Result<()> {
         report.ratio_writes_per_sec = Some(ratio);
         report.p99_ok = Some(p99_ok);
         report.failover_ok = Some(failover_ok);
-        report.targets_met = Some(ratio >= TARGET_WRITES_RATIO && p99_ok && failover_ok);
+        let (hot, etcd_hot) = (&strata.hot_object_writes, &etcd.hot_object_writes);
+        let hot_ratio = if etcd_hot.writes_per_sec > 0.0 {
+            writes::round2(hot.writes_per_sec / etcd_hot.writes_per_sec)
+        } else {
+            0.0
+        };
+        let hot_p99_ok = hot.p99_ms <= etcd_hot.p99_ms;
+        report.hot_ratio_writes_per_sec = Some(hot_ratio);
+        report.hot_p99_ok = Some(hot_p99_ok);
+        report.targets_met = Some(
+            ratio >= TARGET_WRITES_RATIO && p99_ok && failover_ok && hot_ratio >= 1.0 && hot_p99_ok,
+        );
     }
     print_json(&report)
 }
