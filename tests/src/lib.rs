@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod linearizability;
 pub mod netns;
 
 use anyhow::{anyhow, bail, Context};
