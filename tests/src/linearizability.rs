@@ -209,7 +209,7 @@ mod tests {
     #[test]
     fn a_stale_read_after_a_newer_write_completed_is_caught() {
         let history = [write(1, 0, 1), write(2, 2, 3), read(1, 4, 5)];
-        let violation = check(&history, 0).unwrap_err();
+        let violation = check(&history, 0).expect_err("a stale read");
         assert!(violation.0.contains("stale read"), "{violation}");
     }
 
