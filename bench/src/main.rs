@@ -13,6 +13,7 @@ mod cluster;
 mod failover;
 mod heartbeats;
 mod local;
+mod partition;
 mod pools;
 mod start_latency;
 mod stats;
@@ -71,6 +72,33 @@ enum Command {
     /// Load-balancer pools: propagation to HAProxy, and throughput under pool churn against
     /// the reload approach.
     Pools(pools::PoolsArgs),
+    /// Client-visible failover when the leader is cut off (not killed), both systems, each
+    /// member in its own network namespace. Needs root.
+    Partition(PartitionArgs),
+}
+
+#[derive(Args)]
+struct PartitionArgs {
+    /// Systems to run, in this order.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "etcd,strata")]
+    systems: Vec<System>,
+    /// Leader cuts per system; the report gives the median.
+    #[arg(long, default_value_t = 5)]
+    cuts: usize,
+    #[command(flatten)]
+    binaries: BinaryArgs,
+}
+
+/// Both systems' partition reports.
+#[derive(Serialize)]
+struct PartitionComparison {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    strata: Option<partition::PartitionReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    etcd: Option<partition::PartitionReport>,
+    /// Strata's median under 1.5 s.
+    target_met: Option<bool>,
+    load_average_at_start: Option<[f64; 3]>,
 }
 
 #[derive(Args)]
@@ -263,6 +291,30 @@ async fn run(command: Command) -> Result<()> {
             print_json(&report?)
         }
         Command::Compare(args) => compare(args).await,
+        Command::Partition(args) => {
+            let mut report = PartitionComparison {
+                strata: None,
+                etcd: None,
+                target_met: None,
+                load_average_at_start: load_average(),
+            };
+            let binaries = args.binaries.resolve();
+            let mut systems = args.systems.clone();
+            systems.dedup();
+            for system in systems {
+                eprintln!("[{}] 3 members in network namespaces", system.name());
+                let result =
+                    partition::run(system, &binaries, args.binaries.keep_dir, args.cuts).await?;
+                match system {
+                    System::Strata => {
+                        report.target_met = Some(result.median_ms < partition::TARGET_MEDIAN_MS);
+                        report.strata = Some(result);
+                    }
+                    System::Etcd => report.etcd = Some(result),
+                }
+            }
+            print_json(&report)
+        }
         Command::Heartbeats(args) => print_json(&heartbeats::run_cli(args).await?),
         Command::StartLatency(args) => print_json(&start_latency::run_cli(args).await?),
         Command::Pools(args) => print_json(&pools::run_cli(args).await?),
