@@ -67,7 +67,19 @@ async fn append(
     State(controller): State<Arc<Controller>>,
     PeerJson(request): PeerJson<AppendEntriesRequest<TypeConfig>>,
 ) -> Json<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>> {
-    Json(controller.raft.append_entries(request).await)
+    let leader = request
+        .vote
+        .is_committed()
+        .then(|| request.vote.leader_id().voted_for())
+        .flatten();
+    let answer = controller.raft.append_entries(request).await;
+    // Accepted (whatever the log did): the sender leads this node's term.
+    if let (Some(leader), Ok(response)) = (leader, &answer) {
+        if !matches!(response, AppendEntriesResponse::HigherVote(_)) {
+            controller.quorum.heard_from_leader(leader);
+        }
+    }
+    Json(answer)
 }
 
 async fn vote(
