@@ -1014,10 +1014,7 @@ fn add_member_rules() {
 fn scale_rules() {
     let scaling = process_tier().scaling; // min 1, max 4
     for (desired, ok) in [(0, false), (1, true), (4, true), (5, false)] {
-        let request = ScaleRequest {
-            desired,
-            resource_version: None,
-        };
+        let request = ScaleRequest::manual(desired);
         match scale(&request, &scaling) {
             Ok(()) => assert!(ok, "desired {desired} should be refused"),
             Err(errors) => {
@@ -1027,6 +1024,21 @@ fn scale_rules() {
             }
         }
     }
+    assert_eq!(scale(&ScaleRequest::automatic(), &scaling), Ok(()));
+    let both = ScaleRequest {
+        auto: true,
+        ..ScaleRequest::manual(2)
+    };
+    let paths = |request: &ScaleRequest| -> Vec<String> {
+        scale(request, &scaling)
+            .err()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|error| error.path)
+            .collect()
+    };
+    assert_eq!(paths(&both), ["auto"]);
+    assert_eq!(paths(&ScaleRequest::default()), ["desired"]);
 }
 
 #[test]
