@@ -1482,3 +1482,29 @@ fn custom_metric_samples() {
         assert_eq!(errors[0].path, path);
     }
 }
+
+/// Every example in `deploy/examples/` decodes and validates, so the demo and the README never
+/// show a file the API would refuse.
+#[test]
+fn the_example_tiers_are_valid() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        let path = entry.unwrap_or_else(|e| panic!("{e}")).path();
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{e}"));
+        for document in crate::decode::decode_documents(&text)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        {
+            let spec: TierSpec = crate::decode::decode_value(document)
+                .unwrap_or_else(|p| panic!("{}: {p}", path.display()));
+            if let Err(errors) = crate::validate::tier_spec(&spec) {
+                panic!("{}: {errors:?}", path.display());
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 2, "only {checked} examples in {}", dir.display());
+}
