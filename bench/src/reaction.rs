@@ -114,7 +114,11 @@ pub async fn run_cli(args: ReactionArgs) -> Result<ReactionReport> {
         worker: true,
         balancers: Some((args.haproxy_bin.clone(), 1)),
     };
+    // Declared before the environment, so it runs after the environment has killed the LB
+    // agent (which would otherwise start HAProxy again).
+    let mut reaper = HaproxyReaper::default();
     let mut env = LocalEnv::start(&config).await?;
+    reaper.dir = Some(env.dir().to_path_buf());
     let listen = {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").context("pick a free port")?;
         listener.local_addr()?.to_string()
@@ -305,4 +309,42 @@ fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
+}
+
+/// Kills, on drop, every HAProxy whose command line names `dir`: the LB agent runs HAProxy in
+/// its own process group with its working directory elsewhere, so a killed agent leaves it
+/// running and the environment's reaper (which looks at working directories) misses it.
+#[derive(Default)]
+struct HaproxyReaper {
+    dir: Option<PathBuf>,
+}
+
+impl Drop for HaproxyReaper {
+    fn drop(&mut self) {
+        let Some(dir) = &self.dir else {
+            return;
+        };
+        let needle = dir.display().to_string();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|name| name.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            let mut args = cmdline.split('\0');
+            let program = args.next().unwrap_or("");
+            if program.ends_with("haproxy") && args.any(|arg| arg.contains(&needle)) {
+                let _ = std::process::Command::new("kill")
+                    .args(["-9", &pid.to_string()])
+                    .status();
+            }
+        }
+    }
 }
