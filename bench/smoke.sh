@@ -30,3 +30,14 @@ for bench in heartbeats start-latency; do
     cat "$report" >&2
     echo "bench smoke: $bench report in $report" >&2
 done
+
+# Leader cut off, not killed: needs root for network namespaces (CI runs as root).
+if [ "$(id -u)" = 0 ]; then
+    report="$target/bench-partition-smoke.json"
+    "$target/debug/strata-bench" partition --cuts 2 \
+        --strata-bin "$target/debug/strata-controller" > "$report"
+    cat "$report" >&2
+    echo "bench smoke: partition report in $report" >&2
+else
+    echo "bench smoke: skipped: partition needs root for network namespaces" >&2
+fi

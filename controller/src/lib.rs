@@ -31,6 +31,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod network;
 pub mod node;
+pub mod quorum;
 pub mod raft_types;
 pub mod reconcile;
 pub mod state;

@@ -245,7 +245,7 @@ fn render_pools(controller: &Controller, out: &mut String) {
         .read(|machine| crate::views::pools(&machine.state));
     let _ = writeln!(
         out,
-        "# HELP strata_pool_version Log index of the last change of a tier's pool.\n# TYPE strata_pool_version gauge"
+        "# HELP strata_pool_version Revision of the last change of a tier's pool.\n# TYPE strata_pool_version gauge"
     );
     for pool in &pools {
         let _ = writeln!(
