@@ -739,6 +739,8 @@ async fn a_custom_metric_pushed_to_a_follower_scales_and_a_manual_count_pauses_u
                 .await
                 {
                     Ok(answer) if answer.status == 204 => {}
+                    // No leader to take it right now: the client's cue to retry.
+                    Ok(answer) if answer.status == 503 => {}
                     other => refused.push(format!("{other:?}")),
                 }
                 tokio::time::sleep(Duration::from_millis(250)).await;
@@ -838,6 +840,28 @@ async fn bad_policies_and_metrics_are_refused_with_their_field_path() -> anyhow:
     let mut cluster = Cluster::start(ClusterOptions::default()).await?;
     let leader = cluster.wait_for_leader(Duration::from_secs(20)).await?;
     let follower = if leader == 1 { 2 } else { 1 };
+    // The follower takes writes once it has heard from a quorum (before that it answers 503
+    // no-quorum, which a client retries elsewhere).
+    let (http, warm_url) = (
+        cluster.http.clone(),
+        cluster.url(follower, "/v1/tiers/warm"),
+    );
+    eventually(Duration::from_secs(20), "the follower takes writes", || {
+        let (http, url) = (http.clone(), warm_url.clone());
+        async move {
+            let answer = send(
+                &http,
+                Method::PUT,
+                &url,
+                Some(ADMIN_TOKEN),
+                Some(&workload_tier("warm", 1, 1)),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            until(answer.status < 300, (), || format!("{answer:?}"))
+        }
+    })
+    .await?;
     let put = |body: Value| {
         let url = cluster.url(follower, "/v1/tiers/web");
         let http = cluster.http.clone();
