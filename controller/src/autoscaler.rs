@@ -115,6 +115,10 @@ impl Autoscaler {
         cpu: &[(String, Uuid, f64)],
         lb_reports: Option<&[(String, u64, LbReport)]>,
     ) {
+        if cpu.is_empty() && lb_reports.is_none() {
+            // Most heartbeats of an idle fleet: nothing to take the lock for.
+            return;
+        }
         let mut inner = self.for_term(term);
         for (tier, instance, percent) in cpu {
             inner.windows.record_cpu(tier, *instance, at_ms, *percent);
