@@ -69,7 +69,17 @@ impl Cluster {
     /// Starts three members of `system` and waits until they have elected a leader.
     /// With `keep_dir` the data and logs stay on disk after the run, for a post-mortem.
     pub async fn start(system: System, binaries: &Binaries, keep_dir: bool) -> Result<Cluster> {
-        Cluster::start_on(system, binaries, keep_dir, None).await
+        Cluster::start_on(system, binaries, keep_dir, None, &[]).await
+    }
+
+    /// Like `start`, with `extra` appended to every member's command line.
+    pub async fn start_with_args(
+        system: System,
+        binaries: &Binaries,
+        keep_dir: bool,
+        extra: &[String],
+    ) -> Result<Cluster> {
+        Cluster::start_on(system, binaries, keep_dir, None, extra).await
     }
 
     /// Like `start`, with member `i` inside network namespace `hosts[i].0`, listening on its
@@ -80,7 +90,7 @@ impl Cluster {
         keep_dir: bool,
         hosts: &[(String, std::net::Ipv4Addr)],
     ) -> Result<Cluster> {
-        Cluster::start_on(system, binaries, keep_dir, Some(hosts)).await
+        Cluster::start_on(system, binaries, keep_dir, Some(hosts), &[]).await
     }
 
     async fn start_on(
@@ -88,6 +98,7 @@ impl Cluster {
         binaries: &Binaries,
         keep_dir: bool,
         hosts: Option<&[(String, std::net::Ipv4Addr)]>,
+        extra: &[String],
     ) -> Result<Cluster> {
         let dir = tempfile::Builder::new()
             .prefix(&format!("strata-bench-{}-", system.name()))
@@ -105,6 +116,9 @@ impl Cluster {
             System::Strata => strata_members(&binaries.strata, dir.path(), &addresses, &ports),
             System::Etcd => etcd_members(&binaries.etcd, dir.path(), &addresses, &ports),
         };
+        for member in &mut members {
+            member.args.extend(extra.iter().cloned());
+        }
         if let Some(hosts) = hosts {
             for (member, (namespace, _)) in members.iter_mut().zip(hosts) {
                 member.namespace = Some(namespace.clone());
