@@ -45,6 +45,9 @@ pub const EVALUATION_INTERVAL: Duration = Duration::from_secs(1);
 /// stopped reporting no longer carries the tier's traffic (or cannot say so).
 const LB_REPORT_FRESHNESS_MS: u64 = 3_000;
 
+/// One LB node's latest report as `Liveness` holds it: node, heard at, report.
+pub type LbNodeReport = (String, u64, LbReport);
+
 /// The autoscaler's memory and counters, shared by the heartbeat and metrics handlers and the
 /// evaluation loop.
 #[derive(Default)]
@@ -106,14 +109,15 @@ impl Autoscaler {
     }
 
     /// Records what one heartbeat says: each reported instance's CPU (under its tier), and,
-    /// for an LB node, every tier's load-balancer figures summed over the LB nodes that
-    /// reported recently (`lb_reports`: node, heard at, report, as `Liveness` holds them).
+    /// for an LB node, the load-balancer figures of the `watched` tiers (see
+    /// `lb_watched_tiers`) summed over the LB nodes that reported recently (`lb_reports`:
+    /// node, heard at, report, as `Liveness` holds them).
     pub fn record_heartbeat(
         &self,
         term: u64,
         at_ms: u64,
         cpu: &[(String, Uuid, f64)],
-        lb_reports: Option<&[(String, u64, LbReport)]>,
+        lb_reports: Option<(&[LbNodeReport], &HashSet<String>)>,
     ) {
         if cpu.is_empty() && lb_reports.is_none() {
             // Most heartbeats of an idle fleet: nothing to take the lock for.
@@ -123,9 +127,11 @@ impl Autoscaler {
         for (tier, instance, percent) in cpu {
             inner.windows.record_cpu(tier, *instance, at_ms, *percent);
         }
-        if let Some(reports) = lb_reports {
+        if let Some((reports, watched)) = lb_reports {
             for (tier, sample) in lb_samples(reports, at_ms) {
-                inner.windows.record_lb(&tier, at_ms, sample);
+                if watched.contains(&tier) {
+                    inner.windows.record_lb(&tier, at_ms, sample);
+                }
             }
         }
     }
@@ -283,19 +289,54 @@ pub async fn push_metric(
 }
 
 /// CPU samples of a heartbeat's instance reports: (tier, instance, percent of reservation),
-/// for the instances the state knows.
+/// for the Running instances of tiers with a CPU policy. Only those: a fleet of tiers without
+/// one (100,000 instances in `strata-bench fleet`) must cost the leader no window memory.
 pub fn cpu_samples(
     controller: &Controller,
     reports: &[InstanceReport],
 ) -> Vec<(String, Uuid, f64)> {
+    if reports.is_empty() {
+        return Vec::new();
+    }
     controller.state.read(|machine| {
         reports
             .iter()
             .filter(|report| report.phase == strata_api::Phase::Running)
             .filter_map(|report| {
                 let instance = machine.state.instances.get(&report.id)?;
-                Some((instance.tier.clone(), report.id, report.cpu_percent))
+                let tier = machine.state.tiers.get(&instance.tier)?;
+                let watched = tier
+                    .spec
+                    .scaling
+                    .policies
+                    .iter()
+                    .any(|policy| policy.metric == ScalingMetric::CpuUtilization);
+                watched.then(|| (instance.tier.clone(), report.id, report.cpu_percent))
             })
+            .collect()
+    })
+}
+
+/// The tiers with a policy on a load-balancer metric: the only ones whose LB figures the
+/// windows keep.
+pub fn lb_watched_tiers(controller: &Controller) -> HashSet<String> {
+    controller.state.read(|machine| {
+        machine
+            .state
+            .tiers
+            .values()
+            .filter(|tier| {
+                tier.spec.scaling.policies.iter().any(|policy| {
+                    matches!(
+                        policy.metric,
+                        ScalingMetric::RequestsPerSecond
+                            | ScalingMetric::ActiveConnections
+                            | ScalingMetric::QueueLength
+                            | ScalingMetric::ResponseTimeMs
+                    )
+                })
+            })
+            .map(|tier| tier.name().to_string())
             .collect()
     })
 }
@@ -303,7 +344,7 @@ pub fn cpu_samples(
 /// Per tier, the figures of every LB node heard from within `LB_REPORT_FRESHNESS_MS`: request
 /// rate, sessions and queue summed (each LB node carries its share of the traffic), response
 /// time averaged over the LB nodes that saw requests, and the largest count of servers up.
-fn lb_samples(reports: &[(String, u64, LbReport)], now_ms: u64) -> BTreeMap<String, LbSample> {
+fn lb_samples(reports: &[LbNodeReport], now_ms: u64) -> BTreeMap<String, LbSample> {
     let mut samples: BTreeMap<String, (LbSample, f64, u32)> = BTreeMap::new();
     for (_, heard_at, report) in reports {
         if now_ms.saturating_sub(*heard_at) > LB_REPORT_FRESHNESS_MS {

@@ -80,10 +80,20 @@ async fn heartbeat(
     // The autoscaler's windows: instance CPU, and for an LB node the tiers' traffic summed
     // over every LB node's latest report (this one's included).
     let term = controller.raft.metrics().borrow().current_term;
-    let lb_reports = from_balancer.then(|| controller.liveness.lb_reports());
-    controller
-        .autoscaler
-        .record_heartbeat(term, at_ms, &cpu, lb_reports.as_deref());
+    let lb_reports = from_balancer.then(|| {
+        (
+            controller.liveness.lb_reports(),
+            crate::autoscaler::lb_watched_tiers(&controller),
+        )
+    });
+    controller.autoscaler.record_heartbeat(
+        term,
+        at_ms,
+        &cpu,
+        lb_reports
+            .as_ref()
+            .map(|(reports, watched)| (reports.as_slice(), watched)),
+    );
     if changed {
         controller.liveness.wake.notify_one();
     }
