@@ -35,6 +35,7 @@ pub fn routes() -> Router<Arc<Controller>> {
         .route(routes::MEMBERS, post(members))
         .route(routes::LIVENESS, post(liveness))
         .route(routes::LB_REPORTS, post(lb_reports))
+        .route(routes::CUSTOM_METRIC, post(custom_metric))
         .route(routes::PING, post(ping))
 }
 
@@ -143,6 +144,18 @@ async fn lb_reports(
     } else {
         Json(Vec::new())
     }
+}
+
+/// A custom metric sample a follower forwarded: recorded here if this node leads.
+async fn custom_metric(
+    State(controller): State<Arc<Controller>>,
+    PeerJson((tier, sample)): PeerJson<(String, strata_api::CustomMetricSample)>,
+) -> Json<crate::autoscaler::MetricAnswer> {
+    Json(crate::autoscaler::accept_metric(
+        &controller,
+        &tier,
+        &sample,
+    ))
 }
 
 async fn read_index(State(controller): State<Arc<Controller>>) -> Json<ReadIndex> {
