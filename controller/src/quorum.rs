@@ -201,7 +201,9 @@ type Answers = Arc<std::sync::Mutex<HashMap<NodeId, PeerAnswer>>>;
 
 /// Records `answer` for `peer` unless a newer one is known.
 fn note(answers: &Answers, peer: NodeId, answer: PeerAnswer) {
-    let mut answers = answers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut answers = answers
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     if answers.get(&peer).is_none_or(|known| known.at <= answer.at) {
         answers.insert(peer, answer);
     }
@@ -220,13 +222,16 @@ impl Quorum {
     ) -> Quorum {
         let view = Arc::new(watch::Sender::new(QuorumView::default()));
         let answers = Answers::default();
+        let timing = ProbeTiming {
+            interval,
+            timeout,
+            elect_window,
+        };
         tokio::spawn(run_probe(
             raft,
             peers,
             self_id,
-            interval,
-            timeout,
-            elect_window,
+            timing,
             view.clone(),
             answers.clone(),
         ));
@@ -264,16 +269,27 @@ impl Quorum {
     }
 }
 
+/// How often the probe pings, when contact counts as lost, and how fresh an answer must be to
+/// count for an election.
+struct ProbeTiming {
+    interval: Duration,
+    timeout: Duration,
+    elect_window: Duration,
+}
+
 async fn run_probe(
     raft: Raft,
     peers: PeerClient,
     self_id: NodeId,
-    interval: Duration,
-    timeout: Duration,
-    elect_window: Duration,
+    timing: ProbeTiming,
     sender: Arc<watch::Sender<QuorumView>>,
     answers: Answers,
 ) {
+    let ProbeTiming {
+        interval,
+        timeout,
+        elect_window,
+    } = timing;
     let started = Instant::now();
     let mut elect = true;
     let mut ticker = tokio::time::interval(interval);
@@ -330,7 +346,9 @@ async fn run_probe(
             });
         }
         let assessment = {
-            let answers = answers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let answers = answers
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             assess(&Observation {
                 self_id,
                 voters: &voters,
