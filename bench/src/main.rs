@@ -6,9 +6,12 @@
 //! load generator; `failover` the kill loop. `heartbeats` (simulated agents) and `start_latency`
 //! (scale-up to ready, with `local`'s controller and agent) measure the agent side; `stats`
 //! holds their percentiles and CPU readings; `pools` measures load-balancer pools (propagation
-//! to HAProxy, throughput under churn against the reload approach). Results go to stdout as JSON, progress to stderr.
+//! to HAProxy, throughput under churn against the reload approach); `autoscale` replays load
+//! traces through Strata's autoscaler planner, HPA and AWS target tracking in simulated time.
+//! Results go to stdout as JSON, progress to stderr.
 //! These are benchmarks, never timed tests: nothing here fails on a slow number.
 
+mod autoscale;
 mod cluster;
 mod failover;
 mod heartbeats;
@@ -71,6 +74,9 @@ enum Command {
     /// Load-balancer pools: propagation to HAProxy, and throughput under pool churn against
     /// the reload approach.
     Pools(pools::PoolsArgs),
+    /// Autoscaling simulator: load traces through Strata's planner, Kubernetes HPA defaults
+    /// and AWS target tracking on the same simulated tier (simulated time; no cluster).
+    Autoscale(autoscale::AutoscaleArgs),
 }
 
 #[derive(Args)]
@@ -260,6 +266,7 @@ async fn run(command: Command) -> Result<()> {
         Command::Heartbeats(args) => print_json(&heartbeats::run_cli(args).await?),
         Command::StartLatency(args) => print_json(&start_latency::run_cli(args).await?),
         Command::Pools(args) => print_json(&pools::run_cli(args).await?),
+        Command::Autoscale(args) => print_json(&autoscale::run_cli(args)?),
     }
 }
 
