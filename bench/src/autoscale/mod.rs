@@ -82,6 +82,11 @@ pub struct AutoscaleArgs {
     /// Short CI mode: the real traces cut to their first 500 points.
     #[arg(long)]
     smoke: bool,
+    /// Run Strata with this scaling block instead of the defaults (JSON, as in a tier's
+    /// `scaling`; `min` and `max` default to --min and --max), to try a policy of one's own.
+    /// The report says which block ran.
+    #[arg(long)]
+    strata_scaling: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -103,9 +108,10 @@ pub struct ModelReport {
     pub max: u32,
     pub target_cpu: f64,
     pub peak_instances: u32,
-    /// Strata's scaling block: what a file with only `min`, `max`, `metric` and `target`
-    /// gives.
+    /// Strata's scaling block: unless `strata_defaults` is false, what a file with only
+    /// `min`, `max`, `metric` and `target` gives.
     pub strata_scaling: strata_api::Scaling,
+    pub strata_defaults: bool,
     pub hpa: HpaReport,
     pub aws: AwsReport,
 }
@@ -209,6 +215,10 @@ pub fn run_cli(args: AutoscaleArgs) -> Result<AutoscaleReport> {
         max,
         target_cpu: f64::from(args.target_cpu),
     };
+    let strata_scaling = match &args.strata_scaling {
+        None => strata::default_scaling(model.min, model.max, model.target_cpu),
+        Some(text) => strata::custom_scaling(text, model.min, model.max)?,
+    };
     let peak_rps = f64::from(args.peak_instances) * args.capacity;
     let traces = load_traces(&args, peak_rps)?;
     for dir in [&args.csv, &args.svg].into_iter().flatten() {
@@ -223,7 +233,7 @@ pub fn run_cli(args: AutoscaleArgs) -> Result<AutoscaleReport> {
         );
         let mut runs = Vec::new();
         for name in [STRATA, HPA, AWS] {
-            let mut autoscaler = new_autoscaler(name, &model);
+            let mut autoscaler = new_autoscaler(name, &model, &strata_scaling);
             let keep_rows = args.csv.is_some() || args.svg.is_some();
             let (report, rows) =
                 world::run(name, &model, &trace.demand, autoscaler.as_mut(), keep_rows);
@@ -253,18 +263,21 @@ pub fn run_cli(args: AutoscaleArgs) -> Result<AutoscaleReport> {
             runs,
         });
     }
-    let report = summarize(model, args.peak_instances, reports, args.smoke);
+    let strata_defaults = args.strata_scaling.is_none();
+    let mut report = summarize(model, args.peak_instances, reports, args.smoke);
+    report.model.strata_scaling = strata_scaling;
+    report.model.strata_defaults = strata_defaults;
     eprint!("{}", markdown_table(&report));
     Ok(report)
 }
 
-fn new_autoscaler(name: &str, model: &Model) -> Box<dyn Autoscaler> {
+fn new_autoscaler(
+    name: &str,
+    model: &Model,
+    strata_scaling: &strata_api::Scaling,
+) -> Box<dyn Autoscaler> {
     match name {
-        STRATA => Box::new(strata::Strata::new(strata::default_scaling(
-            model.min,
-            model.max,
-            model.target_cpu,
-        ))),
+        STRATA => Box::new(strata::Strata::new(strata_scaling.clone())),
         HPA => Box::new(hpa::Hpa::new(hpa::HpaConfig::defaults(
             model.min,
             model.max,
@@ -414,6 +427,7 @@ fn summarize(
             target_cpu: model.target_cpu,
             peak_instances,
             strata_scaling: strata::default_scaling(model.min, model.max, model.target_cpu),
+            strata_defaults: true,
             hpa: HpaReport {
                 sync_period_s: hpa::SYNC_PERIOD_S,
                 metric_resolution_s: hpa::METRIC_RESOLUTION_S,
@@ -535,6 +549,24 @@ mod tests {
             .err()
             .expect("a missing trace fails");
         assert!(format!("{error:#}").contains("missing.csv"));
+    }
+
+    #[test]
+    fn a_custom_strata_block_is_validated_with_its_field_paths() {
+        let error = run_cli(args(&[
+            "--strata-scaling",
+            r#"{"policies": [{"metric": "cpu_utilization", "target": -1}]}"#,
+        ]))
+        .err()
+        .expect("a negative target is refused");
+        assert!(
+            format!("{error:#}").contains("scaling.policies[0].target"),
+            "{error:#}"
+        );
+        let error = run_cli(args(&["--strata-scaling", r#"{"colldown": "1s"}"#]))
+            .err()
+            .expect("an unknown field is refused");
+        assert!(format!("{error:#}").contains("colldown"), "{error:#}");
     }
 
     #[test]

@@ -10,7 +10,8 @@
 
 use std::collections::HashSet;
 
-use strata_api::{Health, Instance, Phase, Provider, Scaling, ScalingDecision};
+use anyhow::Context as _;
+use strata_api::{Health, Instance, Phase, Provider, Scaling, ScalingDecision, TierSpec};
 use strata_controller::reconcile::autoscale::windows::{Serving, WindowConfig, Windows};
 use strata_controller::reconcile::autoscale::{plan, Input, Memory};
 use uuid::Uuid;
@@ -29,6 +30,33 @@ pub fn default_scaling(min: u32, max: u32, target_cpu: f64) -> Scaling {
         "policies": [{"metric": "cpu_utilization", "target": target_cpu}],
     });
     serde_json::from_value(document).expect("a valid scaling block")
+}
+
+/// A scaling block given on the command line, with the model's bounds where it has none,
+/// validated as the API validates a tier (errors name the field path).
+pub fn custom_scaling(text: &str, min: u32, max: u32) -> anyhow::Result<Scaling> {
+    let mut document: serde_json::Value =
+        serde_json::from_str(text).context("--strata-scaling is not JSON")?;
+    let object = document
+        .as_object_mut()
+        .context("--strata-scaling must be a JSON object")?;
+    object.entry("min").or_insert(min.into());
+    object.entry("max").or_insert(max.into());
+    let tier = serde_json::json!({
+        "name": TIER,
+        "template": {"driver": "process", "command": ["strata-workload"]},
+        "scaling": document,
+    });
+    let spec: TierSpec = strata_api::decode::decode_value(tier)
+        .map_err(|problem| anyhow::anyhow!("--strata-scaling: {}", problem.detail))?;
+    if let Err(errors) = strata_api::validate::tier_spec(&spec) {
+        let lines: Vec<String> = errors
+            .iter()
+            .map(|e| format!("{}: {}", e.path, e.message))
+            .collect();
+        anyhow::bail!("--strata-scaling: {}", lines.join("; "));
+    }
+    Ok(spec.scaling)
 }
 
 pub struct Strata {
@@ -179,6 +207,8 @@ mod tests {
         let (report, rows) = run("strata", &model, &demand, &mut strata, true);
         // 720 req/s at 60% needs 12 instances; the tier gets there and serves it.
         assert!(rows[419].ready >= 12, "{:?}", rows[419]);
+        // Without overshooting: averages start when the newest instance joined.
+        assert_eq!(report.peak_instances, 12, "{report:?}");
         // Back to 4 after the 300 s stabilization window (and not before).
         assert!(rows[420 + 290].desired >= 12, "{:?}", rows[710]);
         assert_eq!(rows.last().map(|r| r.desired), Some(4));

@@ -249,11 +249,14 @@ pub fn replay(
 pub enum Shape {
     /// 20% for 10 min, 100% for 30 min, 20% for 20 min.
     Step,
-    /// 10% for 5 min, up to 100% over 20 min, 10 min there, down over 20 min, 5 min at 10%.
+    /// 10% for 10 min, up to 100% over 10 min, 20 min there, down over 10 min, 10 min at
+    /// 10%: a launch or a morning rush, steep enough that reaction time shows.
     Ramp,
     /// 20% with a 3-minute spike to 100% at 15 min and a 1-minute one at 40 min, for an hour.
     Spike,
-    /// Four 30-minute "days" between 15% and 100%, a sine with a sharper morning.
+    /// Four 30-minute "days" shaped like a web site's: a quiet night at 15%, a morning rush
+    /// to 75% in 3 minutes, a midday plateau with a dip, an evening peak at 100%, and a long
+    /// decline (keyframes in `DAY`, eased between).
     Diurnal,
 }
 
@@ -290,14 +293,14 @@ impl Shape {
                 }
             }
             Shape::Ramp => {
-                if minutes < 5.0 {
+                if minutes < 10.0 {
                     0.1
-                } else if minutes < 25.0 {
-                    0.1 + 0.9 * (minutes - 5.0) / 20.0
-                } else if minutes < 35.0 {
+                } else if minutes < 20.0 {
+                    0.1 + 0.9 * (minutes - 10.0) / 10.0
+                } else if minutes < 40.0 {
                     1.0
-                } else if minutes < 55.0 {
-                    1.0 - 0.9 * (minutes - 35.0) / 20.0
+                } else if minutes < 50.0 {
+                    1.0 - 0.9 * (minutes - 40.0) / 10.0
                 } else {
                     0.1
                 }
@@ -310,22 +313,54 @@ impl Shape {
                 }
             }
             Shape::Diurnal => {
-                let phase = (minutes / 30.0).fract() * std::f64::consts::TAU;
-                // 0 at "midnight", 1 at "noon"; squaring the rise makes the morning steeper
-                // than a plain sine.
-                let rise = (1.0 - phase.cos()) / 2.0;
-                0.15 + 0.85 * rise.powf(1.5)
+                let day = (minutes / 30.0).fract();
+                let index = DAY.iter().rposition(|&(at, _)| at <= day).unwrap_or(0);
+                let (at0, level0) = DAY[index];
+                let (at1, level1) = DAY[(index + 1).min(DAY.len() - 1)];
+                let share = if at1 > at0 {
+                    (day - at0) / (at1 - at0)
+                } else {
+                    0.0
+                };
+                // Cosine easing: no kinks at the keyframes.
+                let eased = (1.0 - (share * std::f64::consts::PI).cos()) / 2.0;
+                level0 + (level1 - level0) * eased
             }
         }
     }
 }
 
-/// A generated trace: the shape times `peak_rps`, with seeded noise of ±5% per second.
+/// A day of the diurnal shape: (share of the day, share of the peak).
+const DAY: [(f64, f64); 9] = [
+    (0.0, 0.15),
+    (0.2, 0.15),
+    (0.3, 0.75),
+    (0.45, 0.8),
+    (0.55, 0.65),
+    (0.7, 0.8),
+    (0.78, 1.0),
+    (0.85, 0.9),
+    (1.0, 0.15),
+];
+
+/// How far generated load strays from its shape: a multiplicative noise whose deviations last
+/// about `NOISE_CORRELATION_S` (real traffic drifts in bursts, not independently each second),
+/// with a standard deviation of `NOISE_SD`.
+pub const NOISE_SD: f64 = 0.05;
+pub const NOISE_CORRELATION_S: f64 = 30.0;
+
+/// A generated trace: the shape times `peak_rps` and the seeded noise, never above the peak.
 pub fn generate(shape: Shape, peak_rps: f64, seed: u64) -> Trace {
     let mut random = SplitMix64::new(seed ^ fnv1a(shape.name()));
+    // An AR(1) process with unit variance: x' = a·x + sqrt(1 - a²)·e, e uniform with unit
+    // variance.
+    let a = (-1.0 / NOISE_CORRELATION_S).exp();
+    let spread = (1.0 - a * a).sqrt() * 3f64.sqrt();
+    let mut x = 0.0;
     let demand: Vec<f64> = (0..shape.seconds())
         .map(|t| {
-            let noise = 1.0 + 0.05 * (2.0 * random.next_f64() - 1.0);
+            x = a * x + spread * (2.0 * random.next_f64() - 1.0);
+            let noise = (1.0 + NOISE_SD * x).clamp(0.8, 1.2);
             (shape.level(t) * noise).min(1.0) * peak_rps
         })
         .collect();
@@ -474,8 +509,18 @@ mod tests {
             assert!(peak > 1_900.0, "{}: {peak}", shape.name());
         }
         let step = generate(Shape::Step, 1_000.0, 1);
-        assert!((step.demand[599] / 200.0 - 1.0).abs() <= 0.05);
-        assert!((step.demand[600] / 1_000.0 - 1.0).abs() <= 0.05);
+        assert!((step.demand[599] / 200.0 - 1.0).abs() <= 0.2);
+        assert!(step.demand[600] / 1_000.0 >= 0.8);
+        // The noise has the standard deviation it claims, and lasts.
+        let deviations: Vec<f64> = step.demand[..600].iter().map(|d| d / 200.0 - 1.0).collect();
+        let sd = (deviations.iter().map(|d| d * d).sum::<f64>() / 600.0).sqrt();
+        assert!((0.02..0.08).contains(&sd), "{sd}");
+        let lag: f64 = deviations.windows(2).map(|w| w[0] * w[1]).sum::<f64>() / 599.0;
+        assert!(
+            lag / (sd * sd) > 0.8,
+            "one-second autocorrelation {}",
+            lag / (sd * sd)
+        );
     }
 
     #[test]
