@@ -137,10 +137,11 @@ fn missing_or_short_data_never_scales_in() {
         .bounded_by
         .iter()
         .any(|b| matches!(b, ScalingBound::ScaleInHeld { .. })));
+    // Less than any reaction time validation accepts (at least 1 s).
     let short = Some(MetricValue {
         value: 10.0,
         instances: 4,
-        covered_ms: 5_000,
+        covered_ms: 500,
     });
     let outcome = once(&s, 4, &[value(10.0, 4), short], LATER);
     assert_eq!(outcome.desired, None);
@@ -178,7 +179,9 @@ fn a_new_leaders_empty_windows_and_silent_agents_never_scale_in() {
     use uuid::Uuid;
     // 4 instances idle at 10%; stabilization off so that only the data rules can hold the
     // count. The leader took over at 1,000 s with empty windows.
-    let s = scaling(vec![ScalingPolicy::target_tracking(CPU, 60.0)]);
+    let mut policy = ScalingPolicy::target_tracking(CPU, 60.0);
+    policy.reaction_time = Some(Duration::from_secs(10));
+    let s = scaling(vec![policy]);
     let start = 1_000_000;
     let ids: Vec<Uuid> = (1..=4).map(Uuid::from_u128).collect();
     let serving = Serving::new(ids.iter().map(|&id| (id, 0)).collect(), 4, 0);
