@@ -323,9 +323,10 @@ impl Windows {
         // Samples from before the newest measured instance joined describe a load that fewer
         // instances shared: an average reaching back past its arrival overstates what each
         // carries now, and proportional scaling on it overshoots (each scale-out would be
-        // followed by another while the old samples age out). So per-instance averages start
-        // when the newest one finished warming up; an instance with no sample since then
-        // contributes its latest one.
+        // followed by another while the old samples age out). So per-instance averages take
+        // only samples taken after the newest one finished warming up (a sample describes the
+        // interval before it, so one taken at that moment is still the old load); an instance
+        // with no sample since then contributes its latest one.
         let joined = serving
             .measured
             .iter()
@@ -340,7 +341,7 @@ impl Windows {
                     let series = series.get(id)?;
                     let own = after.max(warm_at.saturating_sub(1));
                     series
-                        .mean(own.max(joined.saturating_sub(1)), now_ms)
+                        .mean(own.max(joined), now_ms)
                         .or_else(|| series.latest(own, now_ms))
                 })
                 .collect();
