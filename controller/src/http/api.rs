@@ -142,7 +142,7 @@ async fn list_tiers(
                 .values()
                 .map(|tier| tier_view(&machine.state, &index, tier, now))
                 .collect::<Vec<Tier>>(),
-            machine.last_applied.map_or(0, |id| id.index),
+            list_version(&machine.state, machine.last_applied),
         )
     });
     Ok(Json(ItemList {
@@ -367,7 +367,7 @@ async fn list_nodes(
                 .values()
                 .map(|record| node_view(&machine.state, record, heartbeats.remove(&record.id)))
                 .collect(),
-            resource_version: machine.last_applied.map(|id| id.index),
+            resource_version: Some(list_version(&machine.state, machine.last_applied)),
         }
     })))
 }
@@ -472,7 +472,7 @@ async fn tier_instances(
         .read(|machine| {
             machine.state.tiers.contains_key(&name).then(|| ItemList {
                 items: instances_of(&machine.state, Some(&name)),
-                resource_version: machine.last_applied.map(|id| id.index),
+                resource_version: Some(list_version(&machine.state, machine.last_applied)),
             })
         })
         .map(Json)
@@ -487,7 +487,7 @@ async fn list_instances(
     read_barrier(&controller, params.stale).await?;
     Ok(Json(controller.state.read(|machine| ItemList {
         items: instances_of(&machine.state, params.tier.as_deref()),
-        resource_version: machine.last_applied.map(|id| id.index),
+        resource_version: Some(list_version(&machine.state, machine.last_applied)),
     })))
 }
 
@@ -530,7 +530,16 @@ async fn list_events(
                 })
                 .cloned()
                 .collect(),
-            resource_version: machine.last_applied.map(|id| id.index),
+            resource_version: Some(list_version(&machine.state, machine.last_applied)),
         }
     })))
+}
+
+/// A list's `resource_version`: the state's revision when it was read (at least every item's
+/// version), and never below the applied log index, which lists reported before revisions.
+fn list_version(
+    state: &crate::state::State,
+    applied: Option<openraft::LogId<crate::raft_types::NodeId>>,
+) -> u64 {
+    state.revision.max(applied.map_or(0, |id| id.index))
 }
