@@ -91,6 +91,12 @@ pub fn svg(title: &str, rows: &[Row], capacity_rps: f64) -> String {
         r#"<rect width="{WIDTH}" height="{HEIGHT}" fill="white"/><text x="{LEFT}" y="24" font-size="15">{}</text>"#,
         escape(title)
     );
+    let _ = writeln!(
+        svg,
+        r#"<text x="14" y="{:.1}" transform="rotate(-90 14 {:.1})" text-anchor="middle">instances</text>"#,
+        TOP + (HEIGHT - TOP - BOTTOM) / 2.0,
+        TOP + (HEIGHT - TOP - BOTTOM) / 2.0
+    );
     // Axes and a few gridlines in instances.
     let step = nice_step(top / 5.0);
     let mut value = 0.0;
@@ -147,11 +153,13 @@ pub fn svg(title: &str, rows: &[Row], capacity_rps: f64) -> String {
         ("#d62728", "SLO violation"),
     ];
     for (i, (color, label)) in legend.iter().enumerate() {
-        let lx = WIDTH - RIGHT - 640.0 + 160.0 * i as f64;
+        let lx = LEFT + 190.0 * i as f64;
         let _ = writeln!(
             svg,
-            r#"<rect x="{lx:.1}" y="14" width="14" height="4" fill="{color}"/><text x="{:.1}" y="20">{label}</text>"#,
-            lx + 18.0
+            r#"<rect x="{lx:.1}" y="{:.1}" width="14" height="4" fill="{color}"/><text x="{:.1}" y="{:.1}">{label}</text>"#,
+            HEIGHT - 16.0,
+            lx + 18.0,
+            HEIGHT - 10.0
         );
     }
     svg.push_str("</svg>\n");
