@@ -152,10 +152,13 @@ pub async fn run_cli(args: PoolsArgs) -> Result<PoolsReport> {
         .agent_bin
         .clone()
         .unwrap_or_else(|| sibling("strata-agent"));
+    // The worker agent starts the workload from its own directory: the path must be absolute.
     let workload_bin = args
         .workload_bin
         .clone()
         .unwrap_or_else(|| sibling("strata-workload"));
+    let workload_bin = std::path::absolute(&workload_bin)
+        .with_context(|| format!("resolve {}", workload_bin.display()))?;
     let tiers = args.tiers.unwrap_or(if args.smoke { 3 } else { 100 });
     let servers = args.servers.unwrap_or(if args.smoke { 3 } else { 10 });
     let rounds = args.rounds.unwrap_or(if args.smoke { 3 } else { tiers });
@@ -360,22 +363,32 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
         .position(|window| window == needle)
 }
 
-/// A worker node that runs nothing but reports every instance placed on it Running and
-/// healthy, listening on a port of `Servers`.
-async fn simulated_worker(api: Api, servers: Arc<Servers>, stop: CancellationToken) -> Result<()> {
+/// Registers the simulated worker node: a worker with room for every instance the benchmark
+/// asks for (the most CPU validation admits, `capacity.cpu <= 4096`; 100 tiers of 11 servers
+/// at 0.01 CPU and 16 MiB take 11 CPUs and 17.6 GiB).
+async fn register_simulated_worker(api: &Api) -> Result<()> {
     let registration = RegisterRequest {
         node_id: "sim".to_string(),
         address: "127.0.0.1".to_string(),
         zone: None,
         labels: Default::default(),
         capacity: Resources {
-            cpu: 100_000.0,
+            cpu: 4096.0,
             memory_mb: 100_000_000,
         },
         agent_version: "bench".to_string(),
         roles: strata_api::default_roles(),
     };
-    let _: serde_json::Value = post_agent(&api, "/v1/agents/register", &registration).await?;
+    let _: serde_json::Value = post_agent(api, "/v1/agents/register", &registration)
+        .await
+        .context("register the simulated worker")?;
+    Ok(())
+}
+
+/// The simulated worker's heartbeats (after [`register_simulated_worker`]): it runs nothing
+/// but reports every instance placed on it Running and healthy, listening on a port of
+/// `Servers`.
+async fn simulated_worker(api: Api, servers: Arc<Servers>, stop: CancellationToken) -> Result<()> {
     let mut reports: Vec<InstanceReport> = Vec::new();
     while !stop.is_cancelled() {
         let request = HeartbeatRequest {
@@ -387,7 +400,15 @@ async fn simulated_worker(api: Api, servers: Arc<Servers>, stop: CancellationTok
         };
         let answer: HeartbeatResponse = tokio::select! {
             () = stop.cancelled() => return Ok(()),
-            answer = post_agent(&api, "/v1/agents/heartbeat", &request) => answer?,
+            answer = post_agent(&api, "/v1/agents/heartbeat", &request) => match answer {
+                Ok(answer) => answer,
+                // A real agent retries too; a lasting failure shows as a wait that times out.
+                Err(error) => {
+                    eprintln!("[pools] simulated worker: {error:#}; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            },
         };
         let assigned: Vec<Assignment> = answer.assignments;
         let mut next = Vec::with_capacity(assigned.len());
@@ -471,6 +492,7 @@ async fn propagation(
     rounds: usize,
 ) -> Result<PropagationReport> {
     let mut env = LocalEnv::start(config).await?;
+    register_simulated_worker(&env.api).await?;
     let servers = Arc::new(Servers::default());
     let stop = CancellationToken::new();
     let worker = tokio::spawn(simulated_worker(
