@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use strata_api::{LbMode, LbReport, LbServerReport, LbStats, LbTierReport, Pool};
 
 pub use haproxy::check_config;
-use haproxy::{HaproxyProcess, Launch};
+use haproxy::{HaproxyProcess, Launch, Recorded};
 pub use layout::{desired_layout, plan, AdminState, Layout, LbAction};
 use render::{render, RenderPaths};
 use runtime::RuntimeClient;
@@ -93,6 +93,11 @@ impl LbConfig {
     pub fn pid_path(&self) -> PathBuf {
         self.state_dir.join("haproxy.pid")
     }
+
+    /// The [`Layout`] `haproxy.cfg` was rendered from, as JSON.
+    pub fn layout_path(&self) -> PathBuf {
+        self.state_dir.join("layout.json")
+    }
 }
 
 /// Why the role could not start.
@@ -141,8 +146,15 @@ pub struct LoadBalancer {
 }
 
 impl LoadBalancer {
-    /// Starts HAProxy with no tier (or the file's last content is not trusted: the agent
-    /// rewrites it from the pools it is given) and the task that owns it.
+    /// Starts HAProxy and the task that owns it.
+    ///
+    /// A state dir that holds the file an earlier agent process rendered, with the layout it
+    /// was rendered from, starts HAProxy from that file: the agent serves its last pools until
+    /// the first [`LoadBalancer::apply`] (the first heartbeat answer), so a restart of the
+    /// agent, or of the agent and its HAProxy, costs no listener. An HAProxy the earlier agent
+    /// left running keeps serving until the new one listens beside it (both bind with
+    /// SO_REUSEPORT), then soft-stops, finishing its connections. Without such a file (or if
+    /// HAProxy refuses it) the earlier HAProxy is stopped and HAProxy starts with no tier.
     pub async fn start(config: LbConfig) -> Result<LoadBalancer, LbError> {
         std::fs::create_dir_all(&config.state_dir).map_err(|source| LbError::StateDir {
             path: config.state_dir.clone(),
@@ -156,10 +168,36 @@ impl LoadBalancer {
                 });
             }
         }
-        haproxy::stop_recorded(&config.pid_path(), STOP_GRACE).await;
+        let earlier = Recorded::read(&config.pid_path());
         let mut converger = Converger::new(config);
-        if let Err(error) = converger.start().await {
-            return Err(LbError::Start(error));
+        let mut started = false;
+        if let Some(layout) = converger.saved_layout() {
+            let tiers = layout.len();
+            converger.running = layout;
+            match converger.start().await {
+                Ok(()) => {
+                    tracing::info!(
+                        tiers,
+                        "serving the last rendered configuration until the controller answers"
+                    );
+                    if let Some(earlier) = &earlier {
+                        earlier.soft_stop();
+                    }
+                    started = true;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "haproxy cannot start from the last rendered configuration; starting with no tier");
+                    converger.running = Layout::new();
+                }
+            }
+        }
+        if !started {
+            if let Some(earlier) = &earlier {
+                earlier.stop(STOP_GRACE).await;
+            }
+            if let Err(error) = converger.start().await {
+                return Err(LbError::Start(error));
+            }
         }
         let (requests, receiver) = mpsc::channel(16);
         let cancel = CancellationToken::new();
@@ -238,6 +276,9 @@ struct Converger {
     live: bool,
     /// The latest pools the controller sent.
     pools: Vec<Pool>,
+    /// Whether the controller has sent pools yet. Until it has, HAProxy serves `running` as
+    /// it was restored from the state dir (or nothing), and is only restarted, never changed.
+    told: bool,
     /// Tiers not served, and why.
     errors: BTreeMap<String, String>,
     reloads: u64,
@@ -264,6 +305,7 @@ impl Converger {
             running: Layout::new(),
             live: false,
             pools: Vec::new(),
+            told: false,
             errors: BTreeMap::new(),
             reloads: 0,
             worker_pid: None,
@@ -285,6 +327,7 @@ impl Converger {
                     None => break,
                     Some(Request::Apply(pools, reply)) => {
                         self.pools = pools;
+                        self.told = true;
                         let outcome = self.converge().await;
                         let _ = reply.send(outcome);
                     }
@@ -345,8 +388,12 @@ impl Converger {
         }
         self.live = false;
         self.worker_pid = None;
-        let refused = self.refusals(&BTreeSet::new());
-        let (mut desired, mut errors) = desired_layout(&self.pools, &self.running, &refused);
+        let (mut desired, mut errors) = if self.told {
+            let refused = self.refusals(&BTreeSet::new());
+            desired_layout(&self.pools, &self.running, &refused)
+        } else {
+            (self.running.clone(), BTreeMap::new())
+        };
         self.write_checked(&mut desired, &mut errors).await?;
         let launch = Launch {
             binary: self.config.haproxy_bin.clone(),
@@ -364,8 +411,12 @@ impl Converger {
                     self.config.log_path().display()
                 ));
             }
+            // The master socket's path may still reach an HAProxy an earlier agent left
+            // running, until this one binds it: only this master's worker counts.
             if let Ok(list) = self.master.show_proc().await {
-                if let Some(worker) = list.worker_pid {
+                if let (Some(worker), true) =
+                    (list.worker_pid, list.master_pid == Some(process.pid()))
+                {
                     break worker;
                 }
             }
@@ -409,6 +460,10 @@ impl Converger {
             }
             self.dirty = outcome.failure.is_some();
             outcome.errors = self.errors.clone();
+            return outcome;
+        }
+        if !self.told {
+            // Serving what was restored; nothing to converge to yet.
             return outcome;
         }
         let served: BTreeSet<SocketAddr> = self
@@ -580,7 +635,36 @@ impl Converger {
             )
         })?;
         self.written = Some(text);
+        self.save_layout(desired);
         Ok(())
+    }
+
+    /// Saves the layout the file was just rendered from. A crash between the two writes
+    /// leaves a layout that does not render to the file, which [`Converger::saved_layout`]
+    /// then ignores.
+    fn save_layout(&self, layout: &Layout) {
+        let path = self.config.layout_path();
+        let candidate = self.config.state_dir.join("layout.json.new");
+        let saved = serde_json::to_string(layout)
+            .map_err(|e| e.to_string())
+            .and_then(|text| write_file(&candidate, &text))
+            .and_then(|()| std::fs::rename(&candidate, &path).map_err(|e| e.to_string()));
+        if let Err(error) = saved {
+            tracing::warn!(%error, path = %path.display(), "save the rendered layout");
+        }
+    }
+
+    /// The layout saved beside `haproxy.cfg`, if it renders exactly to the file there (so it
+    /// says truly which slot holds which instance in it).
+    fn saved_layout(&self) -> Option<Layout> {
+        let text = std::fs::read_to_string(self.config.layout_path()).ok()?;
+        let layout: Layout = serde_json::from_str(&text).ok()?;
+        let file = std::fs::read_to_string(self.config.config_path()).ok()?;
+        let admin = self.config.admin_socket();
+        let paths = RenderPaths {
+            admin_socket: &admin,
+        };
+        (!layout.is_empty() && render(&layout, &paths) == file).then_some(layout)
     }
 
     /// Writes the file for `desired` and reloads HAProxy through the master CLI, then waits
