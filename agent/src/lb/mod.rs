@@ -786,11 +786,14 @@ impl Converger {
             });
         }
         tiers.sort_by(|a, b| a.tier.cmp(&b.tier));
-        LbReport {
+        let mut report = LbReport {
             worker_pid: self.worker_pid.filter(|_| live),
             reloads: self.reloads,
             tiers,
-        }
+        };
+        // HAProxy's messages can be long (every ALERT of a refused file).
+        report.truncate_errors();
+        report
     }
 }
 
