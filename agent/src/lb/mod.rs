@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use strata_api::{LbMode, LbReport, LbServerReport, LbStats, LbTierReport, Pool};
 
@@ -283,6 +284,8 @@ struct Converger {
     errors: BTreeMap<String, String>,
     reloads: u64,
     worker_pid: Option<u32>,
+    /// Request-rate baselines per tier (`None`) and per server, for [`Converger::report`].
+    rates: stats::Rates<(String, Option<Uuid>)>,
     /// The last text written to `haproxy.cfg`.
     written: Option<String>,
     /// When HAProxy may be started again after a failed start.
@@ -309,6 +312,7 @@ impl Converger {
             errors: BTreeMap::new(),
             reloads: 0,
             worker_pid: None,
+            rates: stats::Rates::default(),
             written: None,
             next_start: Instant::now(),
             start_backoff: Duration::from_millis(500),
@@ -435,6 +439,7 @@ impl Converger {
         );
         self.process = Some(process);
         self.worker_pid = Some(worker);
+        self.rates = stats::Rates::default();
         self.running = loaded(desired);
         self.errors = errors;
         self.live = true;
@@ -701,6 +706,9 @@ impl Converger {
             tokio::time::sleep(Duration::from_millis(5)).await;
         };
         self.wait_admin_socket(worker).await;
+        // The new worker counts from zero: no rate is derived across the reload, even for a
+        // counter that has climbed past its old value by the next report.
+        self.rates = stats::Rates::default();
         self.reloads += 1;
         self.worker_pid = Some(worker);
         self.running = loaded(std::mem::take(desired));
@@ -743,6 +751,16 @@ impl Converger {
         };
         let mut tiers = Vec::new();
         let live = self.live;
+        let now = Instant::now();
+        let rates = &mut self.rates;
+        // The request rate since the previous report, from the counter's delta; HAProxy's
+        // own last-second `rate` when there is no baseline (first report, counter reset).
+        let mut with_rate = |key: (String, Option<Uuid>), mut stats: LbStats| {
+            if let Some(rate) = rates.sample(key, now, stats.total) {
+                stats.request_rate = rate;
+            }
+            stats
+        };
         for (tier, layout) in &self.running {
             if !live {
                 break;
@@ -759,7 +777,11 @@ impl Converger {
                     Some(LbServerReport {
                         instance_id: server.instance_id,
                         status: row.map_or("UNKNOWN", |row| row.status()).to_string(),
-                        stats: row.map(|row| row.stats(http)).unwrap_or_default(),
+                        stats: row
+                            .map(|row| {
+                                with_rate((tier.clone(), Some(server.instance_id)), row.stats(http))
+                            })
+                            .unwrap_or_default(),
                     })
                 })
                 .collect();
@@ -768,11 +790,22 @@ impl Converger {
                 version: layout.version,
                 error: None,
                 stats: find(&backend, "BACKEND")
-                    .map(|row| row.stats(http))
+                    .map(|row| with_rate((tier.clone(), None), row.stats(http)))
                     .unwrap_or_else(LbStats::default),
                 servers,
             });
         }
+        let reported: BTreeSet<(String, Option<Uuid>)> = tiers
+            .iter()
+            .flat_map(|tier| {
+                std::iter::once((tier.tier.clone(), None)).chain(
+                    tier.servers
+                        .iter()
+                        .map(|server| (tier.tier.clone(), Some(server.instance_id))),
+                )
+            })
+            .collect();
+        self.rates.retain(|key| reported.contains(key));
         for (tier, error) in &self.errors {
             if live && self.running.contains_key(tier) {
                 continue;
