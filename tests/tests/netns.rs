@@ -1,7 +1,9 @@
 //! A real network partition end to end: each host is a Linux network namespace joined to a
 //! bridge in the root namespace, with one agent inside; the controller listens on the bridge.
 //! Taking a host's link down cuts it off without killing anything, which is what a partition is
-//! and what killing an agent (tests/agents.rs) only imitates.
+//! and what killing an agent (tests/agents.rs) only imitates. The same network carries the
+//! LB1/LB2 pair: two LB agents with their HAProxy and keepalived in namespaces of their own,
+//! sharing a virtual IP on the bridge (needs `keepalived` and `haproxy` as well).
 //!
 //! These run when `STRATA_E2E=1` and as root (creating namespaces, veths and bridges needs
 //! `CAP_NET_ADMIN`); they need `ip` from iproute2 (deploy/install-deps.sh installs it). Every

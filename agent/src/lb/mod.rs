@@ -20,6 +20,8 @@
 //!   triggered: it is tried again every [`RETRY`].
 //! - HAProxy's process group is stopped when the agent shuts the role down, and killed when
 //!   the handle is dropped without a shutdown.
+//! - A restarted agent serves the file its predecessor rendered (when the layout saved with
+//!   it still renders to it) until the controller sends pools: see [`LoadBalancer::start`].
 
 mod haproxy;
 pub mod layout;
