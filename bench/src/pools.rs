@@ -69,6 +69,10 @@ pub struct PoolsArgs {
     /// wrk connections.
     #[arg(long, default_value_t = 32)]
     connections: usize,
+    /// Rounds of the three churn runs, each round in another order, so that a machine
+    /// whose load drifts during the measurement favours none of them [default: 3, smoke 1].
+    #[arg(long)]
+    repeats: Option<usize>,
     /// Skip the churn measurement (no wrk needed).
     #[arg(long)]
     no_churn: bool,
@@ -114,9 +118,13 @@ pub struct PropagationReport {
 
 #[derive(Debug, Serialize)]
 pub struct ChurnReport {
+    /// Length of each wrk run.
     pub duration_s: f64,
     pub connections: usize,
     pub instances: u32,
+    /// Rounds of the three runs (in rotating order); the figures below sum their requests
+    /// and errors and take the median of their latencies.
+    pub repeats: usize,
     /// Strata's LB agent, no pool change.
     pub steady: WrkResult,
     /// Strata's LB agent, a pool change every second (Runtime API, no reload).
@@ -125,6 +133,10 @@ pub struct ChurnReport {
     pub reload: WrkResult,
     /// churn requests/s over steady requests/s.
     pub churn_ratio: f64,
+    /// The same ratio in each round, to show the noise.
+    pub churn_ratio_by_round: Vec<f64>,
+    /// reload requests/s over steady requests/s.
+    pub reload_ratio: f64,
     pub pool_changes_churn: u64,
     pub pool_changes_reload: u64,
     pub reloads: u64,
@@ -199,6 +211,9 @@ pub async fn run_cli(args: PoolsArgs) -> Result<PoolsReport> {
                 &args.wrk_bin,
                 churn_duration,
                 args.connections,
+                args.repeats
+                    .unwrap_or(if args.smoke { 1 } else { 3 })
+                    .max(1),
             )
             .await?,
         )
@@ -227,8 +242,16 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Frontends listen on a loopback address of their own, and the simulated servers on
+/// another (Linux routes all of 127.0.0.0/8 to `lo`): a port picked for a frontend is free
+/// only until HAProxy binds it, and a thousand servers binding port 0 meanwhile on the same
+/// address would take some (HAProxy's reload then fails with "Address already in use").
+const FRONTEND_IP: &str = "127.0.0.3";
+const SIMULATED_IP: &str = "127.0.0.2";
+
 fn free_listen() -> Result<String> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("pick a free port")?;
+    let listener =
+        std::net::TcpListener::bind((FRONTEND_IP, 0)).context("pick a free frontend port")?;
     Ok(listener.local_addr()?.to_string())
 }
 
@@ -298,7 +321,7 @@ impl Servers {
         {
             return Ok(port);
         }
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let listener = TcpListener::bind((SIMULATED_IP, 0)).await?;
         let port = listener.local_addr()?.port();
         if let Ok(mut ports) = self.ports.lock() {
             ports.insert(id, port);
@@ -369,7 +392,7 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 async fn register_simulated_worker(api: &Api) -> Result<()> {
     let registration = RegisterRequest {
         node_id: "sim".to_string(),
-        address: "127.0.0.1".to_string(),
+        address: SIMULATED_IP.to_string(),
         zone: None,
         labels: Default::default(),
         capacity: Resources {
@@ -641,6 +664,7 @@ async fn churn(
     wrk_bin: &Path,
     duration: Duration,
     connections: usize,
+    repeats: usize,
 ) -> Result<ChurnReport> {
     let mut env = LocalEnv::start(config).await?;
     let listen = free_listen()?;
@@ -670,41 +694,119 @@ async fn churn(
     )
     .await?;
 
-    eprintln!("[pools] churn: steady run");
-    let steady = wrk(wrk_bin, &listen, duration, connections).await?;
-
-    eprintln!("[pools] churn: a pool change every second, Runtime API");
-    let (churned, changes_churn) = with_churn(&env.api, duration, || {
-        wrk(wrk_bin, &listen, duration, connections)
-    })
-    .await?;
-
-    eprintln!("[pools] churn: a pool change every second, rewrite and reload");
-    let reloader = Reloader::start(haproxy_bin, env.dir(), &env.api).await?;
-    let reload_listen = reloader.listen.clone();
-    let (reloaded, changes_reload) = with_churn(&env.api, duration, || {
-        wrk(wrk_bin, &reload_listen, duration, connections)
-    })
-    .await?;
-    let reloads = reloader.stop().await;
-    let churn_ratio = if steady.requests_per_sec > 0.0 {
-        round2(churned.requests_per_sec / steady.requests_per_sec)
-    } else {
-        0.0
+    let mut runs: BTreeMap<Mode, Vec<WrkResult>> = BTreeMap::new();
+    let (mut changes_churn, mut changes_reload, mut reloads) = (0, 0, 0);
+    let mut ratios = Vec::new();
+    for round in 0..repeats {
+        let mut order = [Mode::Steady, Mode::Churn, Mode::Reload];
+        order.rotate_left(round % 3);
+        let mut this_round = BTreeMap::new();
+        for mode in order {
+            eprintln!("[pools] churn round {}/{repeats}: {mode:?}", round + 1);
+            let result = match mode {
+                Mode::Steady => wrk(wrk_bin, &listen, duration, connections).await?,
+                Mode::Churn => {
+                    let (result, changes) = with_churn(&env.api, duration, || {
+                        wrk(wrk_bin, &listen, duration, connections)
+                    })
+                    .await?;
+                    changes_churn += changes;
+                    result
+                }
+                Mode::Reload => {
+                    // A fresh reload-approach HAProxy per run, so it reloads only during
+                    // its own run.
+                    let reloader = Reloader::start(haproxy_bin, env.dir(), &env.api).await?;
+                    let reload_listen = reloader.listen.clone();
+                    let outcome = with_churn(&env.api, duration, || {
+                        wrk(wrk_bin, &reload_listen, duration, connections)
+                    })
+                    .await;
+                    reloads += reloader.stop().await;
+                    let (result, changes) = outcome?;
+                    changes_reload += changes;
+                    result
+                }
+            };
+            this_round.insert(mode, result.requests_per_sec);
+            runs.entry(mode).or_default().push(result);
+        }
+        let steady = this_round.get(&Mode::Steady).copied().unwrap_or(0.0);
+        let churned = this_round.get(&Mode::Churn).copied().unwrap_or(0.0);
+        ratios.push(if steady > 0.0 {
+            round2(churned / steady)
+        } else {
+            0.0
+        });
+    }
+    let merged = |mode: Mode| WrkResult::merge(runs.get(&mode).map_or(&[][..], Vec::as_slice));
+    let (steady, churned, reloaded) = (
+        merged(Mode::Steady),
+        merged(Mode::Churn),
+        merged(Mode::Reload),
+    );
+    let ratio = |other: &WrkResult| {
+        if steady.requests_per_sec > 0.0 {
+            round2(other.requests_per_sec / steady.requests_per_sec)
+        } else {
+            0.0
+        }
     };
     env.check_alive()?;
     Ok(ChurnReport {
         duration_s: duration.as_secs_f64(),
         connections,
         instances: BASE,
+        repeats,
+        churn_ratio: ratio(&churned),
+        churn_ratio_by_round: ratios,
+        reload_ratio: ratio(&reloaded),
         steady,
         churn: churned,
         reload: reloaded,
-        churn_ratio,
         pool_changes_churn: changes_churn,
         pool_changes_reload: changes_reload,
         reloads,
     })
+}
+
+/// The three runs of the churn measurement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Mode {
+    Steady,
+    Churn,
+    Reload,
+}
+
+impl WrkResult {
+    /// Several runs as one: requests and errors summed, the rate over their total time, the
+    /// median of their latency percentiles.
+    fn merge(runs: &[WrkResult]) -> WrkResult {
+        let median = |pick: fn(&WrkResult) -> f64| {
+            let mut values: Vec<f64> = runs.iter().map(pick).collect();
+            values.sort_by(f64::total_cmp);
+            values.get(values.len() / 2).copied().unwrap_or(0.0)
+        };
+        let seconds: f64 = runs
+            .iter()
+            .filter(|run| run.requests_per_sec > 0.0)
+            .map(|run| run.requests as f64 / run.requests_per_sec)
+            .sum();
+        let requests = runs.iter().map(|run| run.requests).sum();
+        WrkResult {
+            requests,
+            requests_per_sec: if seconds > 0.0 {
+                round2(requests as f64 / seconds)
+            } else {
+                0.0
+            },
+            latency_p50_ms: median(|run| run.latency_p50_ms),
+            latency_p99_ms: median(|run| run.latency_p99_ms),
+            errors: runs.iter().map(|run| run.errors).sum(),
+            non_2xx: runs.iter().map(|run| run.non_2xx).sum(),
+            socket_errors: runs.iter().map(|run| run.socket_errors).sum(),
+        }
+    }
 }
 
 /// Runs `load` while scaling web between 4 and 5 every second; returns its result and the

@@ -288,8 +288,9 @@ struct Converger {
     worker_pid: Option<u32>,
     /// Request-rate baselines per tier (`None`) and per server, for [`Converger::report`].
     rates: stats::Rates<(String, Option<Uuid>)>,
-    /// The last text written to `haproxy.cfg`.
+    /// The last text written to `haproxy.cfg`, and whether `haproxy -c` passed it.
     written: Option<String>,
+    written_checked: bool,
     /// When HAProxy may be started again after a failed start.
     next_start: Instant,
     start_backoff: Duration,
@@ -316,6 +317,7 @@ impl Converger {
             worker_pid: None,
             rates: stats::Rates::default(),
             written: None,
+            written_checked: false,
             next_start: Instant::now(),
             start_backoff: Duration::from_millis(500),
             dirty: false,
@@ -400,7 +402,8 @@ impl Converger {
         } else {
             (self.running.clone(), BTreeMap::new())
         };
-        self.write_checked(&mut desired, &mut errors).await?;
+        self.write_checked(&mut desired, &mut errors, Check::Now)
+            .await?;
         let launch = Launch {
             binary: self.config.haproxy_bin.clone(),
             config: self.config.config_path(),
@@ -499,7 +502,7 @@ impl Converger {
             Some(reason) => self.reload(reason, &mut desired, &mut errors).await,
             // Slots changed in place (or only versions moved on): the file follows.
             None => self
-                .write_checked(&mut desired, &mut errors)
+                .write_checked(&mut desired, &mut errors, Check::Deferred)
                 .await
                 .map(|()| self.running = desired),
         };
@@ -592,23 +595,35 @@ impl Converger {
     /// Renders `desired`, has HAProxy check it when it differs from what is written, and
     /// writes it. A file HAProxy refuses is blamed on the tiers new or changed since the
     /// running layout: they are left out (with the error) and the rest is tried again.
+    ///
+    /// `Check::Deferred` (slots changed in place, HAProxy already runs them) writes without
+    /// `haproxy -c`: the file differs from a checked one only in server lines rendered from
+    /// typed addresses, ports and weights, and the check (a process that parses the whole
+    /// file, tens of ms of CPU) would otherwise run on every pool change. The next start or
+    /// reload checks it first, written or not.
     async fn write_checked(
         &mut self,
         desired: &mut Layout,
         errors: &mut BTreeMap<String, String>,
+        check: Check,
     ) -> Result<(), String> {
         let admin = self.config.admin_socket();
         let paths = RenderPaths {
             admin_socket: &admin,
         };
         let mut text = render(desired, &paths);
-        if self.written.as_deref() == Some(text.as_str()) {
+        let unchanged = self.written.as_deref() == Some(text.as_str());
+        if unchanged && (self.written_checked || check == Check::Deferred) {
             return Ok(());
         }
         let candidate = self.config.state_dir.join("haproxy.cfg.new");
         write_file(&candidate, &text)?;
         let binary = self.config.haproxy_bin.clone();
-        if let Err(message) = check_config(&binary, &candidate, START_LIMIT).await {
+        let checked = match check {
+            Check::Now => check_config(&binary, &candidate, START_LIMIT).await,
+            Check::Deferred => Ok(()),
+        };
+        if let Err(message) = checked {
             let suspects: Vec<String> = desired
                 .iter()
                 .filter(|(tier, layout)| {
@@ -642,6 +657,7 @@ impl Converger {
             )
         })?;
         self.written = Some(text);
+        self.written_checked = check == Check::Now;
         self.save_layout(desired);
         Ok(())
     }
@@ -682,7 +698,7 @@ impl Converger {
         desired: &mut Layout,
         errors: &mut BTreeMap<String, String>,
     ) -> Result<(), String> {
-        self.write_checked(desired, errors).await?;
+        self.write_checked(desired, errors, Check::Now).await?;
         let before = self.master.show_proc().await.map_err(|e| e.to_string())?;
         tracing::info!(%reason, "reloading haproxy");
         self.master.reload().await.map_err(|e| e.to_string())?;
@@ -830,6 +846,15 @@ impl Converger {
         report.truncate_errors();
         report
     }
+}
+
+/// Whether [`Converger::write_checked`] has HAProxy check the file before it is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Check {
+    /// Before a start or a reload.
+    Now,
+    /// After an in-place change through the Runtime API: checked by the next start or reload.
+    Deferred,
 }
 
 /// A layout as HAProxy holds it right after reading its file.
