@@ -137,6 +137,15 @@ pub struct ChurnReport {
     pub churn_ratio_by_round: Vec<f64>,
     /// reload requests/s over steady requests/s.
     pub reload_ratio: f64,
+    /// Strata's LB agent, no pool change, while another tier (no load balancer) is scaled
+    /// between 4 and 5 every second: the same process, Raft and health-check churn as the
+    /// churn run, without a pool change.
+    pub background: WrkResult,
+    /// background requests/s over steady requests/s: what the churn costs this machine
+    /// whatever the load balancer does.
+    pub background_ratio: f64,
+    /// churn requests/s over background requests/s: what the pool changes cost beyond it.
+    pub churn_over_background: f64,
     pub pool_changes_churn: u64,
     pub pool_changes_reload: u64,
     pub reloads: u64,
@@ -678,7 +687,7 @@ async fn churn(
         .send(
             Method::PUT,
             "/v1/tiers/web",
-            &tier_body("web", &listen, template, "1s"),
+            &tier_body("web", &listen, template.clone(), "1s"),
         )
         .await?;
     const BASE: u32 = 4;
@@ -694,12 +703,35 @@ async fn churn(
     )
     .await?;
 
+    // A second tier of the same workload with no load balancer: scaling it churns processes,
+    // Raft commits and health checks exactly like the pool changes do, without touching any
+    // pool, which tells the cost of the churn on this machine from that of the pool changes.
+    let mut background = tier_body("bg", &free_listen()?, template, "1s");
+    if let Some(body) = background.as_object_mut() {
+        body.remove("load_balancer");
+    }
+    env.api.send(Method::PUT, "/v1/tiers/bg", &background).await?;
+    scale(&env.api, "bg", BASE).await?;
+    let api = env.api.clone();
+    env.wait(
+        "bg: 4 instances ready",
+        Duration::from_secs(60),
+        move |_| {
+            let api = api.clone();
+            async move {
+                let tier: serde_json::Value = api.get("/v1/tiers/bg").await?;
+                Ok((tier["status"]["ready"].as_u64() == Some(u64::from(BASE))).then_some(()))
+            }
+        },
+    )
+    .await?;
+
     let mut runs: BTreeMap<Mode, Vec<WrkResult>> = BTreeMap::new();
     let (mut changes_churn, mut changes_reload, mut reloads) = (0, 0, 0);
     let mut ratios = Vec::new();
     for round in 0..repeats {
-        let mut order = [Mode::Steady, Mode::Churn, Mode::Reload];
-        order.rotate_left(round % 3);
+        let mut order = [Mode::Steady, Mode::Churn, Mode::Reload, Mode::Background];
+        order.rotate_left(round % 4);
         let mut this_round = BTreeMap::new();
         for mode in order {
             eprintln!("[pools] churn round {}/{repeats}: {mode:?}", round + 1);
@@ -712,6 +744,13 @@ async fn churn(
                     .await?;
                     changes_churn += changes;
                     result
+                }
+                Mode::Background => {
+                    with_churn_of(&env.api, "bg", duration, || {
+                        wrk(wrk_bin, &listen, duration, connections)
+                    })
+                    .await?
+                    .0
                 }
                 Mode::Reload => {
                     // A fresh reload-approach HAProxy per run, so it reloads only during
@@ -740,10 +779,11 @@ async fn churn(
         });
     }
     let merged = |mode: Mode| WrkResult::merge(runs.get(&mode).map_or(&[][..], Vec::as_slice));
-    let (steady, churned, reloaded) = (
+    let (steady, churned, reloaded, background) = (
         merged(Mode::Steady),
         merged(Mode::Churn),
         merged(Mode::Reload),
+        merged(Mode::Background),
     );
     let ratio = |other: &WrkResult| {
         if steady.requests_per_sec > 0.0 {
@@ -761,6 +801,13 @@ async fn churn(
         churn_ratio: ratio(&churned),
         churn_ratio_by_round: ratios,
         reload_ratio: ratio(&reloaded),
+        background_ratio: ratio(&background),
+        churn_over_background: if background.requests_per_sec > 0.0 {
+            round2(churned.requests_per_sec / background.requests_per_sec)
+        } else {
+            0.0
+        },
+        background,
         steady,
         churn: churned,
         reload: reloaded,
@@ -776,6 +823,7 @@ enum Mode {
     Steady,
     Churn,
     Reload,
+    Background,
 }
 
 impl WrkResult {
@@ -816,9 +864,23 @@ where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = Result<WrkResult>>,
 {
+    with_churn_of(api, "web", duration, load).await
+}
+
+/// Like [`with_churn`], scaling `tier` instead.
+async fn with_churn_of<F, Fut>(
+    api: &Api,
+    tier: &str,
+    duration: Duration,
+    load: F,
+) -> Result<(WrkResult, u64)>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<WrkResult>>,
+{
     let stop = CancellationToken::new();
     let churner = {
-        let (api, stop) = (api.clone(), stop.clone());
+        let (api, stop, tier) = (api.clone(), stop.clone(), tier.to_string());
         tokio::spawn(async move {
             let mut changes = 0u64;
             let mut up = true;
@@ -829,12 +891,12 @@ where
                     () = stop.cancelled() => break,
                     _ = tick.tick() => {}
                 }
-                if scale(&api, "web", if up { 5 } else { 4 }).await.is_ok() {
+                if scale(&api, &tier, if up { 5 } else { 4 }).await.is_ok() {
                     changes += 1;
                 }
                 up = !up;
             }
-            let _ = scale(&api, "web", 4).await;
+            let _ = scale(&api, &tier, 4).await;
             changes
         })
     };
