@@ -3,8 +3,9 @@
 # and an LB agent running HAProxy, applies the example web tier (strata-workload processes
 # behind 127.0.0.1:8080) and shows the control plane placing, scaling and replacing instances
 # while the load balancer's pool follows: a scale-out, a failed health check, a kill -9 of an
-# instance under a request stream, and a leader failure. Leaves everything running; stop it
-# with deploy/cluster.sh stop (delete the tiers first to stop their instances).
+# instance under a request stream, and a leader failure; then a second tier that the
+# autoscaler sizes under load through HAProxy. Leaves everything running; stop it with
+# deploy/cluster.sh stop (delete the tiers first to stop their instances).
 #
 # Each part of the demo is a function `demo_*`; the list at the end runs them in order. A new
 # part is a new function and one more line in that list.
@@ -166,6 +167,57 @@ demo_leader_failure() {
   demo_restarted_node=$leader
 }
 
+# Autoscaling: deploy/examples/shop.yaml tracks 50% CPU. wrk sends CPU-heavy requests
+# (`?work_ms=10`) through HAProxy on 127.0.0.1:8081; the tier scales out within seconds, and
+# back in to its min once the load is gone and its 30 s stabilization window has passed. Every
+# decision is printed with what each policy saw.
+shop_desired() {
+  $ctl get tier shop -o json | sed -n 's/^  *"desired": *\([0-9]*\).*/\1/p' | tail -1
+}
+watch_shop() {
+  local seconds="$1" end=$((SECONDS + $1))
+  while [ $SECONDS -lt "$end" ]; do
+    printf '  t+%2ss  desired %s, %s healthy\n' "$((seconds - end + SECONDS))" "$(shop_desired)" \
+      "$($ctl get instances --tier shop -o json | grep -c '"health": "Healthy"')"
+    sleep 3
+  done
+}
+demo_autoscaling() {
+  local deadline wrk_pid
+  printf '\n\033[1m== Autoscaling ==\033[0m\n'
+  step $ctl apply -f deploy/examples/shop.yaml
+  wait_ready shop 2
+  deadline=$((SECONDS + 60))
+  until curl -fsS --max-time 1 -o /dev/null http://127.0.0.1:8081/; do
+    if [ $SECONDS -gt $deadline ]; then echo "HAProxy does not serve shop on 127.0.0.1:8081" >&2; exit 1; fi
+    sleep 0.5
+  done
+  say "wrk: 2 connections of 10 ms CPU requests through HAProxy for 30 s"
+  wrk -t1 -c2 -d30s 'http://127.0.0.1:8081/?work_ms=10' > .data/wrk-shop.txt 2>&1 &
+  wrk_pid=$!
+  watch_shop 30
+  wait "$wrk_pid" || true
+  cat .data/wrk-shop.txt   # "Non-2xx or 3xx responses" or "Socket errors" would show failed requests
+  step $ctl describe tier shop
+  say "the load stopped; the tier scales back in once its 30 s window has passed"
+  deadline=$((SECONDS + 120))
+  until [ "$(shop_desired)" = 2 ]; do
+    if [ $SECONDS -gt $deadline ]; then echo "shop did not scale back in to 2" >&2; exit 1; fi
+    sleep 2
+  done
+  wait_ready shop 2
+  step $ctl get events --object tier/shop
+  cat <<MSG
+
+The autoscaler sized tier shop by itself. Try:
+  wrk -t1 -c2 -d60s 'http://127.0.0.1:8081/?work_ms=10'   # load through HAProxy
+  target/debug/stratactl describe tier shop      # recent decisions in plain words
+  target/debug/stratactl scale tier shop 3       # a count by hand pauses its autoscaler
+  target/debug/stratactl scale tier shop --auto  # and this hands it back
+  curl -s http://127.0.0.1:7001/metrics | grep strata_autoscaler
+MSG
+}
+
 demo_done() {
   cat <<MSG
 
@@ -186,4 +238,5 @@ demo_scale_out
 demo_failed_health_check
 demo_kill_instance
 demo_leader_failure
+demo_autoscaling
 demo_done

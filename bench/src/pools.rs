@@ -710,7 +710,9 @@ async fn churn(
     if let Some(body) = background.as_object_mut() {
         body.remove("load_balancer");
     }
-    env.api.send(Method::PUT, "/v1/tiers/bg", &background).await?;
+    env.api
+        .send(Method::PUT, "/v1/tiers/bg", &background)
+        .await?;
     scale(&env.api, "bg", BASE).await?;
     let api = env.api.clone();
     env.wait(

@@ -54,6 +54,17 @@ pub fn render(controller: &Controller) -> String {
         "Bytes of request text in the log entries this node holds (since the last purge).",
         controller.log.bytes(),
     );
+    let (snapshot_bytes, snapshot_micros) = controller.state.last_snapshot_build();
+    gauge(
+        "strata_snapshot_bytes",
+        "Size of the last snapshot this node built.",
+        snapshot_bytes,
+    );
+    gauge(
+        "strata_snapshot_build_micros",
+        "Time the last snapshot this node built took to encode and persist, in microseconds.",
+        snapshot_micros,
+    );
     gauge(
         "strata_raft_members",
         "Nodes in the current membership (voters and learners).",
@@ -69,6 +80,12 @@ pub fn render(controller: &Controller) -> String {
         "strata_heartbeat_lag_max_ms",
         "Longest time since a node's last heartbeat (leader only; 0 elsewhere).",
         controller.liveness.max_heartbeat_lag_ms(now),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP strata_plan_micros The planners' time in a reconcile round (leader only): last and max.\n# TYPE strata_plan_micros gauge\nstrata_plan_micros{{round=\"last\"}} {}\nstrata_plan_micros{{round=\"max\"}} {}",
+        controller.liveness.plan_micros_last.load(Ordering::Relaxed),
+        controller.liveness.plan_micros_max.load(Ordering::Relaxed)
     );
     let liveness = &controller.liveness;
     let mut counter = |name: &str, help: &str, value: u64| {
@@ -142,7 +159,99 @@ pub fn render(controller: &Controller) -> String {
     }
     let _ = writeln!(out, "# HELP strata_events_total Events recorded (scaling decisions, node and instance changes).\n# TYPE strata_events_total counter\nstrata_events_total {events}");
     render_pools(controller, &mut out);
+    render_autoscaler(controller, &mut out);
     out
+}
+
+/// Every tier's desired count (replicated state), and, on the leader, each autoscaled tier's
+/// latest evaluation: every policy's metric value and recommendation, whether the tier is
+/// paused, and the decisions this node committed by direction.
+fn render_autoscaler(controller: &Controller, out: &mut String) {
+    let desired: Vec<(String, u32)> = controller.state.read(|machine| {
+        machine
+            .state
+            .tiers
+            .values()
+            .map(|tier| (tier.name().to_string(), tier.status.desired))
+            .collect()
+    });
+    let _ = writeln!(
+        out,
+        "# HELP strata_tier_desired_instances The instance count a tier converges to.\n# TYPE strata_tier_desired_instances gauge"
+    );
+    for (tier, count) in &desired {
+        let _ = writeln!(
+            out,
+            "strata_tier_desired_instances{{tier=\"{tier}\"}} {count}"
+        );
+    }
+    let latest = controller.autoscaler.latest();
+    let _ = writeln!(
+        out,
+        "# HELP strata_autoscaler_policy_value A policy's averaged metric at the latest evaluation (leader only; absent without data).\n# TYPE strata_autoscaler_policy_value gauge"
+    );
+    for (tier, (inputs, _)) in &latest {
+        for (position, policy) in inputs.policies.iter().enumerate() {
+            if let Some(value) = policy.value {
+                let _ = writeln!(
+                    out,
+                    "strata_autoscaler_policy_value{{tier=\"{tier}\",policy=\"{position}\",metric=\"{}\"}} {value}",
+                    policy.metric
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP strata_autoscaler_policy_recommendation The count a policy asked for at the latest evaluation (leader only; absent when it abstains).\n# TYPE strata_autoscaler_policy_recommendation gauge"
+    );
+    for (tier, (inputs, _)) in &latest {
+        for (position, policy) in inputs.policies.iter().enumerate() {
+            if let Some(count) = policy.recommendation {
+                let _ = writeln!(
+                    out,
+                    "strata_autoscaler_policy_recommendation{{tier=\"{tier}\",policy=\"{position}\",metric=\"{}\"}} {count}",
+                    policy.metric
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP strata_autoscaler_paused 1 when a tier's count is set by hand (leader only).\n# TYPE strata_autoscaler_paused gauge"
+    );
+    for (tier, (_, paused)) in &latest {
+        let _ = writeln!(
+            out,
+            "strata_autoscaler_paused{{tier=\"{tier}\"}} {}",
+            u64::from(*paused)
+        );
+    }
+    let autoscaler = &controller.autoscaler;
+    let _ = writeln!(
+        out,
+        "# HELP strata_autoscaler_decisions_total Autoscaler decisions this node committed while it led, by direction.\n# TYPE strata_autoscaler_decisions_total counter"
+    );
+    for (direction, counter) in [
+        ("out", &autoscaler.scaled_out),
+        ("in", &autoscaler.scaled_in),
+    ] {
+        let _ = writeln!(
+            out,
+            "strata_autoscaler_decisions_total{{direction=\"{direction}\"}} {}",
+            counter.load(Ordering::Relaxed)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP strata_autoscaler_evaluations_total Tier evaluations this node ran while it led.\n# TYPE strata_autoscaler_evaluations_total counter\nstrata_autoscaler_evaluations_total {}",
+        autoscaler.evaluations.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP strata_autoscaler_superseded_total Decisions refused at apply because the tier had moved since the evaluation.\n# TYPE strata_autoscaler_superseded_total counter\nstrata_autoscaler_superseded_total {}",
+        autoscaler.superseded.load(Ordering::Relaxed)
+    );
 }
 
 /// Per tier: the pool's version and its servers by state; per LB node (leader memory): the
@@ -153,7 +262,7 @@ fn render_pools(controller: &Controller, out: &mut String) {
         .read(|machine| crate::views::pools(&machine.state));
     let _ = writeln!(
         out,
-        "# HELP strata_pool_version Log index of the last change of a tier's pool.\n# TYPE strata_pool_version gauge"
+        "# HELP strata_pool_version Revision of the last change of a tier's pool.\n# TYPE strata_pool_version gauge"
     );
     for pool in &pools {
         let _ = writeln!(

@@ -16,9 +16,10 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context};
+use anyhow::{ensure, Context};
 use reqwest::Method;
 use serde_json::Value;
+use strata_tests::netns::{ip, running_as_root, Host, Network};
 use strata_tests::{
     e2e_enabled, eventually, ids, kill_instances, processes_of_instance, send, summary, until,
     workload_answers, workload_tier, AgentProcess, Cluster, ClusterOptions, ProcessGuard,
@@ -28,14 +29,6 @@ use strata_tests::{
 /// The controllers' `--heartbeat-grace`, as a flag and in seconds for deadlines.
 const GRACE: &str = "3s";
 const GRACE_SECS: u64 = 3;
-
-/// Prefixes of everything a run creates; the rest of each name is the test process's pid (and
-/// a host letter), so parallel runs never collide and leftovers name the run that made them.
-/// Interface names stay within Linux's 15 characters: 4 + 7 pid digits + 1 letter.
-const NAMESPACE_PREFIX: &str = "strata-e2e-";
-const BRIDGE_PREFIX: &str = "stbr";
-const BRIDGE_VETH_PREFIX: &str = "stbv";
-const HOST_VETH_PREFIX: &str = "sthv";
 
 const HOSTS: [&str; 3] = ["host-a", "host-b", "host-c"];
 
@@ -375,8 +368,8 @@ async fn keepalived_moves_the_virtual_ip_to_lb2_when_lb1s_haproxy_dies() -> anyh
     let vrrp = vrrp.context("no keepalived configuration rendered")?;
     let bound = vrrp.failover_bound();
     println!("keepalived: {vrrp:?}; failover bound {bound:?}");
-    let lb1 = env.network.host("lb-1")?.clone();
-    let lb2 = env.network.host("lb-2")?.clone();
+    let lb1 = Link::of(env.network.host("lb-1")?);
+    let lb2 = Link::of(env.network.host("lb-2")?);
     eventually(
         Duration::from_secs(20),
         "the virtual IP on lb-1 (MASTER)",
@@ -637,17 +630,32 @@ fn render_keepalived(
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
-/// Whether `host`'s namespace holds `vip` on its bridge link.
-fn holds(host: &Host, vip: Ipv4Addr) -> anyhow::Result<bool> {
+/// A host's namespace and the link in it that carries the virtual IP.
+struct Link {
+    namespace: String,
+    interface: String,
+}
+
+impl Link {
+    fn of(host: &Host) -> Link {
+        Link {
+            namespace: host.namespace.clone(),
+            interface: host.host_veth.clone(),
+        }
+    }
+}
+
+/// Whether `link` holds `vip`.
+fn holds(link: &Link, vip: Ipv4Addr) -> anyhow::Result<bool> {
     let text = ip(&[
         "-n",
-        &host.namespace,
+        &link.namespace,
         "-4",
         "-o",
         "addr",
         "show",
         "dev",
-        &host.host_veth,
+        &link.interface,
     ])?;
     Ok(text.contains(&format!("inet {vip}/")))
 }
@@ -728,263 +736,6 @@ impl KeepalivedProcess {
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(30)..].join("\n")
     }
-}
-
-fn running_as_root() -> anyhow::Result<bool> {
-    let status = std::fs::read_to_string("/proc/self/status").context("read /proc/self/status")?;
-    // "Uid:	real	effective	saved	filesystem"
-    let effective = status
-        .lines()
-        .find_map(|line| line.strip_prefix("Uid:"))
-        .and_then(|rest| rest.split_whitespace().nth(1))
-        .context("no effective uid in /proc/self/status")?;
-    Ok(effective == "0")
-}
-
-/// Runs `ip ARGS`, failing with its stderr.
-fn ip(args: &[&str]) -> anyhow::Result<String> {
-    let output = Command::new("ip")
-        .args(args)
-        .output()
-        .with_context(|| format!("run ip {}", args.join(" ")))?;
-    if !output.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
-
-/// One simulated host: a namespace with one end of a veth pair, the other end on the bridge.
-#[derive(Clone)]
-struct Host {
-    node_id: String,
-    namespace: String,
-    /// The end on the bridge, in the root namespace: the link the test takes down.
-    bridge_veth: String,
-    /// The end inside the namespace, carrying `ip`.
-    host_veth: String,
-    ip: Ipv4Addr,
-}
-
-/// The bridge and its hosts. Dropping it kills whatever still runs in the namespaces and deletes
-/// the namespaces, the veths and the bridge; it exists before the first `ip` command that
-/// creates anything, so a failed set-up is cleaned up too.
-struct Network {
-    bridge: String,
-    bridge_ip: Ipv4Addr,
-    hosts: Vec<Host>,
-}
-
-impl Network {
-    fn create(node_ids: &[&str]) -> anyhow::Result<Network> {
-        let pid = std::process::id();
-        sweep_stale(pid);
-        let subnet = free_subnet(pid)?;
-        let network = Network {
-            bridge: format!("{BRIDGE_PREFIX}{pid}"),
-            bridge_ip: Ipv4Addr::new(10, 251, subnet, 1),
-            hosts: node_ids
-                .iter()
-                .zip(b'a'..)
-                .zip(10u8..)
-                .map(|((node_id, letter), last)| {
-                    let letter = char::from(letter);
-                    Host {
-                        node_id: node_id.to_string(),
-                        namespace: format!("{NAMESPACE_PREFIX}{pid}-{letter}"),
-                        bridge_veth: format!("{BRIDGE_VETH_PREFIX}{pid}{letter}"),
-                        host_veth: format!("{HOST_VETH_PREFIX}{pid}{letter}"),
-                        ip: Ipv4Addr::new(10, 251, subnet, last),
-                    }
-                })
-                .collect(),
-        };
-        network.set_up()?;
-        Ok(network)
-    }
-
-    fn set_up(&self) -> anyhow::Result<()> {
-        let bridge = self.bridge.as_str();
-        ip(&["link", "add", bridge, "type", "bridge"])?;
-        ip(&[
-            "addr",
-            "add",
-            &format!("{}/24", self.bridge_ip),
-            "dev",
-            bridge,
-        ])?;
-        ip(&["link", "set", bridge, "up"])?;
-        for host in &self.hosts {
-            let namespace = host.namespace.as_str();
-            ip(&["netns", "add", namespace])?;
-            ip(&[
-                "link",
-                "add",
-                &host.bridge_veth,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &host.host_veth,
-            ])?;
-            ip(&["link", "set", &host.host_veth, "netns", namespace])?;
-            ip(&["link", "set", &host.bridge_veth, "master", bridge])?;
-            ip(&["link", "set", &host.bridge_veth, "up"])?;
-            ip(&[
-                "-n",
-                namespace,
-                "addr",
-                "add",
-                &format!("{}/24", host.ip),
-                "dev",
-                &host.host_veth,
-            ])?;
-            ip(&["-n", namespace, "link", "set", &host.host_veth, "up"])?;
-            ip(&["-n", namespace, "link", "set", "lo", "up"])?;
-        }
-        Ok(())
-    }
-
-    fn host(&self, node_id: &str) -> anyhow::Result<&Host> {
-        self.hosts
-            .iter()
-            .find(|host| host.node_id == node_id)
-            .with_context(|| format!("no host {node_id}"))
-    }
-}
-
-impl Drop for Network {
-    fn drop(&mut self) {
-        for host in &self.hosts {
-            remove_namespace(&host.namespace);
-            // Deleting the namespace deletes its veth pair; this covers a set-up that failed
-            // before the peer moved into the namespace.
-            let _ = ip(&["link", "del", &host.bridge_veth]);
-        }
-        let _ = ip(&["link", "del", &self.bridge]);
-    }
-}
-
-/// Kills (SIGKILL) every process in `namespace`, then deletes it. A namespace outlives its
-/// name while a process holds it, so the processes go first.
-fn remove_namespace(namespace: &str) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while let Ok(text) = ip(&["netns", "pids", namespace]) {
-        let pids: Vec<&str> = text.split_whitespace().collect();
-        if pids.is_empty() || Instant::now() > deadline {
-            break;
-        }
-        for pid in pids {
-            let _ = Command::new("kill").args(["-9", pid]).status();
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = ip(&["netns", "del", namespace]);
-}
-
-/// Removes what an earlier run left behind when it was killed before its cleanup ran: the
-/// namespaces and links whose pid is no longer a live process (or is this process, which has
-/// created nothing yet, so they are from a dead run whose pid was reused), and the controllers
-/// that run listened on its bridge, which outlive a killed test in the root namespace.
-fn sweep_stale(own_pid: u32) {
-    let stale = |pid: &str| {
-        pid.parse::<u32>()
-            .is_ok_and(|pid| pid == own_pid || !alive(pid))
-    };
-    let namespaces = ip(&["netns", "list"]).unwrap_or_default();
-    for name in namespaces
-        .lines()
-        .filter_map(|line| line.split_whitespace().next())
-    {
-        let pid = name
-            .strip_prefix(NAMESPACE_PREFIX)
-            .and_then(|rest| rest.split('-').next());
-        if pid.is_some_and(stale) {
-            remove_namespace(name);
-        }
-    }
-    // `ip -o link` lines read "7: stbv1234a@if6: <...> ...".
-    let links = ip(&["-o", "link", "show"]).unwrap_or_default();
-    for line in links.lines() {
-        let Some(name) = line
-            .split(": ")
-            .nth(1)
-            .and_then(|name| name.split('@').next())
-        else {
-            continue;
-        };
-        for prefix in [BRIDGE_VETH_PREFIX, HOST_VETH_PREFIX, BRIDGE_PREFIX] {
-            let pid = name
-                .strip_prefix(prefix)
-                .map(|rest| rest.trim_end_matches(|c: char| c.is_ascii_lowercase()));
-            if pid.is_some_and(stale) {
-                if prefix == BRIDGE_PREFIX {
-                    kill_listeners_on_bridge(name);
-                }
-                let _ = ip(&["link", "del", name]);
-                break;
-            }
-        }
-    }
-}
-
-/// Whether `pid` is a process that has not exited. A killed test whose parent is gone can stay
-/// a zombie for a while, until pid 1 reaps it; it counts as dead.
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        stat.rsplit_once(')')
-            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
-    })
-}
-
-/// Kills (SIGKILL) the processes started with an argument `<address>:<port>` (a controller's
-/// `--listen`) for the IPv4 address of `bridge`.
-fn kill_listeners_on_bridge(bridge: &str) {
-    // `ip -4 -o addr` lines read "9: stbr1234    inet 10.251.7.1/24 brd ...".
-    let text = ip(&["-4", "-o", "addr", "show", "dev", bridge]).unwrap_or_default();
-    let Some(address) = text
-        .split_whitespace()
-        .skip_while(|word| *word != "inet")
-        .nth(1)
-        .and_then(|cidr| cidr.split('/').next())
-    else {
-        return;
-    };
-    let prefix = format!("{address}:");
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry.file_name().to_str().map(str::to_string) else {
-            continue;
-        };
-        let listens = std::fs::read(entry.path().join("cmdline")).is_ok_and(|bytes| {
-            bytes
-                .split(|byte| *byte == 0)
-                .any(|arg| arg.starts_with(prefix.as_bytes()))
-        });
-        if listens && pid.parse::<u32>().is_ok() {
-            let _ = Command::new("kill").args(["-9", &pid]).status();
-        }
-    }
-}
-
-/// A third octet for 10.251.X.0/24 that no address or route here uses yet, starting from one
-/// derived from the pid so that parallel runs start apart.
-fn free_subnet(pid: u32) -> anyhow::Result<u8> {
-    let used = format!(
-        "{}\n{}",
-        ip(&["-4", "-o", "addr", "show"])?,
-        ip(&["-4", "route", "show", "table", "all"])?
-    );
-    let start = pid % 254;
-    (0..254)
-        .map(|offset| ((start + offset) % 254 + 1) as u8)
-        .find(|octet| !used.contains(&format!("10.251.{octet}.")))
-        .context("every 10.251.X.0/24 subnet is in use")
 }
 
 /// One controller on the bridge and one agent in each namespace. Dropping it kills the agents

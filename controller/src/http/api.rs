@@ -16,8 +16,8 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use strata_api::{
-    AddMemberRequest, BalancerView, Event, FieldError, HostMetrics, Instance, ItemList, Node,
-    PoolView, Problem, ScaleRequest, Tier, TierSpec,
+    AddMemberRequest, BalancerView, CustomMetricSample, Event, FieldError, HostMetrics, Instance,
+    ItemList, Node, PoolView, Problem, ScaleRequest, Tier, TierSpec,
 };
 
 use super::ApiError;
@@ -33,6 +33,7 @@ pub fn routes() -> Router<Arc<Controller>> {
             get(get_tier).put(put_tier).delete(delete_tier),
         )
         .route("/v1/tiers/{name}/scale", post(scale_tier))
+        .route("/v1/tiers/{name}/metrics", post(push_metric))
         .route("/v1/tiers/{name}/instances", get(tier_instances))
         .route("/v1/tiers/{name}/pool", get(tier_pool))
         .route("/v1/instances", get(list_instances))
@@ -142,7 +143,7 @@ async fn list_tiers(
                 .values()
                 .map(|tier| tier_view(&machine.state, &index, tier, now))
                 .collect::<Vec<Tier>>(),
-            machine.last_applied.map_or(0, |id| id.index),
+            list_version(&machine.state, machine.last_applied),
         )
     });
     Ok(Json(ItemList {
@@ -246,19 +247,49 @@ async fn delete_tier(
     write_response(result)
 }
 
+/// `{"desired": N}` sets the count by hand (pausing the autoscaler), `{"auto": true}` hands
+/// it back; older clients send only `desired`, which means what it always meant.
 async fn scale_tier(
     State(controller): State<Arc<Controller>>,
     Path(name): Path<String>,
     JsonBody(request): JsonBody<ScaleRequest>,
 ) -> Result<Response, ApiError> {
-    let result = controller
-        .propose(Command::ScaleTier {
+    strata_api::validate::scale_request(&request).map_err(Problem::validation)?;
+    let command = match request.desired {
+        Some(desired) => Command::ScaleTier {
             name,
-            desired: request.desired,
+            desired,
             expected_version: request.resource_version,
-        })
-        .await?;
+        },
+        None => Command::ResumeAutoscaling {
+            name,
+            expected_version: request.resource_version,
+        },
+    };
+    let result = controller.propose(command).await?;
     write_response(result)
+}
+
+/// `POST /v1/tiers/{name}/metrics`: one custom metric sample for the autoscaler (204). It
+/// lives in the leader's memory only; see `autoscaler::push_metric`.
+async fn push_metric(
+    State(controller): State<Arc<Controller>>,
+    Path(name): Path<String>,
+    JsonBody(sample): JsonBody<CustomMetricSample>,
+) -> Result<StatusCode, ApiError> {
+    if let Err(errors) = strata_api::validate::custom_metric(&sample) {
+        let mut problem = Problem::validation(errors);
+        // A value that is not a number at all is malformed input (400), like `1e999` or
+        // `NaN` in the JSON text, which never gets this far.
+        if problem.errors.iter().any(|error| error.path == "value") {
+            problem.status = 400;
+        }
+        return Err(ApiError(problem));
+    }
+    crate::autoscaler::push_metric(&controller, &name, &sample)
+        .await
+        .map_err(ApiError)?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Maps an applied command's result to the HTTP answer.
@@ -367,7 +398,7 @@ async fn list_nodes(
                 .values()
                 .map(|record| node_view(&machine.state, record, heartbeats.remove(&record.id)))
                 .collect(),
-            resource_version: machine.last_applied.map(|id| id.index),
+            resource_version: Some(list_version(&machine.state, machine.last_applied)),
         }
     })))
 }
@@ -472,7 +503,7 @@ async fn tier_instances(
         .read(|machine| {
             machine.state.tiers.contains_key(&name).then(|| ItemList {
                 items: instances_of(&machine.state, Some(&name)),
-                resource_version: machine.last_applied.map(|id| id.index),
+                resource_version: Some(list_version(&machine.state, machine.last_applied)),
             })
         })
         .map(Json)
@@ -487,7 +518,7 @@ async fn list_instances(
     read_barrier(&controller, params.stale).await?;
     Ok(Json(controller.state.read(|machine| ItemList {
         items: instances_of(&machine.state, params.tier.as_deref()),
-        resource_version: machine.last_applied.map(|id| id.index),
+        resource_version: Some(list_version(&machine.state, machine.last_applied)),
     })))
 }
 
@@ -530,7 +561,16 @@ async fn list_events(
                 })
                 .cloned()
                 .collect(),
-            resource_version: machine.last_applied.map(|id| id.index),
+            resource_version: Some(list_version(&machine.state, machine.last_applied)),
         }
     })))
+}
+
+/// A list's `resource_version`: the state's revision when it was read (at least every item's
+/// version), and never below the applied log index, which lists reported before revisions.
+fn list_version(
+    state: &crate::state::State,
+    applied: Option<openraft::LogId<crate::raft_types::NodeId>>,
+) -> u64 {
+    state.revision.max(applied.map_or(0, |id| id.index))
 }
