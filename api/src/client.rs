@@ -249,6 +249,12 @@ impl Client {
         self.node_action(id, "drain").await
     }
 
+    /// `POST /v1/nodes/{id}/revoke`: the node's credential stops working; its agent must
+    /// register again with the join token.
+    pub async fn revoke_node(&self, id: &str) -> Result<Node, ClientError> {
+        self.node_action(id, "revoke").await
+    }
+
     /// Instances of one tier (`GET /v1/tiers/{name}/instances`) or of all tiers
     /// (`GET /v1/instances`). The tier's own route is used so that a mistyped tier name
     /// answers 404 instead of an empty list.

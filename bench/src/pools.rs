@@ -375,7 +375,16 @@ async fn simulated_worker(api: Api, servers: Arc<Servers>, stop: CancellationTok
         agent_version: "bench".to_string(),
         roles: strata_api::default_roles(),
     };
-    let _: serde_json::Value = post_agent(&api, "/v1/agents/register", &registration).await?;
+    let registered: strata_api::Registration = post_agent(
+        &api,
+        "/v1/agents/register",
+        &registration,
+        STRATA_JOIN_TOKEN,
+    )
+    .await?;
+    let credential = registered
+        .credential
+        .context("the registration answer carries no credential")?;
     let mut reports: Vec<InstanceReport> = Vec::new();
     while !stop.is_cancelled() {
         let request = HeartbeatRequest {
@@ -387,7 +396,7 @@ async fn simulated_worker(api: Api, servers: Arc<Servers>, stop: CancellationTok
         };
         let answer: HeartbeatResponse = tokio::select! {
             () = stop.cancelled() => return Ok(()),
-            answer = post_agent(&api, "/v1/agents/heartbeat", &request) => answer?,
+            answer = post_agent(&api, "/v1/agents/heartbeat", &request, &credential) => answer?,
         };
         let assigned: Vec<Assignment> = answer.assignments;
         let mut next = Vec::with_capacity(assigned.len());
@@ -422,11 +431,12 @@ async fn post_agent<B: Serialize, T: serde::de::DeserializeOwned>(
     api: &Api,
     path: &str,
     body: &B,
+    token: &str,
 ) -> Result<T> {
     let response = api
         .http
         .post(format!("{}{path}", api.base))
-        .bearer_auth(STRATA_JOIN_TOKEN)
+        .bearer_auth(token)
         .timeout(Duration::from_secs(15))
         .json(body)
         .send()

@@ -99,14 +99,47 @@ pub enum MembershipFailure {
     Refused(String),
 }
 
-/// Authentication material, fixed at start.
+/// Authentication material, fixed at start but for the join token, which can be rotated.
 #[derive(Clone)]
 pub struct Tokens {
     pub admin: String,
     pub viewer: Option<String>,
     pub cluster_secret: String,
-    /// Agents register and heartbeat with this one.
-    pub join: String,
+    /// Agents register with this one (and then use their node's credential).
+    pub join: JoinToken,
+}
+
+/// The join token, replaceable while the node runs (`--join-token-file` and SIGHUP).
+#[derive(Clone)]
+pub struct JoinToken(Arc<std::sync::RwLock<String>>);
+
+impl JoinToken {
+    pub fn new(token: String) -> Self {
+        JoinToken(Arc::new(std::sync::RwLock::new(token)))
+    }
+
+    /// The current token.
+    pub fn get(&self) -> String {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the token: registrations with the old one are refused from now on.
+    pub fn replace(&self, token: String) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = token;
+    }
+}
+
+/// Limits a node enforces on what clients and agents may add.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_nodes: u64,
+    pub max_tiers: u64,
 }
 
 /// A running controller node. Shared by every handler through an `Arc`.
@@ -117,6 +150,7 @@ pub struct Controller {
     pub log: LogStore,
     pub peers: PeerClient,
     pub tokens: Tokens,
+    pub limits: Limits,
     pub write_timeout: Duration,
     /// Heartbeat memory; meaningful only while this node leads. Shared with the state
     /// machine's applied hook (`wake_after_apply`).
@@ -191,6 +225,10 @@ impl Controller {
             log,
             peers,
             tokens,
+            limits: Limits {
+                max_nodes: config.max_nodes,
+                max_tiers: config.max_tiers,
+            },
             write_timeout: config.write_timeout.as_std(),
             liveness,
             batcher,
@@ -679,7 +717,10 @@ fn batch_key(command: &Command) -> Option<String> {
         Command::ScaleTier { name, .. } | Command::DeleteTier { name, .. } => {
             Some(format!("tier/{name}"))
         }
-        Command::RegisterNode { registration } => Some(format!("node/{}", registration.node_id)),
+        Command::RegisterNode { registration, .. } => {
+            Some(format!("node/{}", registration.node_id))
+        }
+        Command::RevokeNode { node } => Some(format!("node/{node}")),
         _ => None,
     }
 }

@@ -5,20 +5,20 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::http::StatusCode;
 use axum::routing::post;
 use axum::{Json, Router};
 use strata_api::{
-    Assignment, HeartbeatRequest, HeartbeatResponse, Node, NodeRole, Phase, Pool, Problem,
-    RegisterRequest,
+    Assignment, HeartbeatRequest, HeartbeatResponse, NodeRole, Phase, Pool, Problem,
+    RegisterRequest, Registration,
 };
 use uuid::Uuid;
 
-use super::api::{node_answer, JsonBody};
-use super::ApiError;
+use super::api::{node_answer, rejection_error, JsonBody};
+use super::{credential_digest, ApiError, Caller};
 use crate::node::{now_ms, Controller};
-use crate::state::{Command, CommandResult};
+use crate::state::{Command, CommandResult, NodeAuth};
 use crate::views;
 
 pub fn routes() -> Router<Arc<Controller>> {
@@ -27,16 +27,65 @@ pub fn routes() -> Router<Arc<Controller>> {
         .route("/v1/agents/heartbeat", post(heartbeat))
 }
 
+fn forbidden(detail: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::FORBIDDEN, "forbidden", "Forbidden", detail)
+}
+
+/// A fresh node credential: 256 random bits in hex.
+fn new_credential() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// With the join token: a new node gets its credential in the answer (a registered node that
+/// holds one is refused, and the attempt recorded as an event). With the node's credential:
+/// the node's facts are updated, for that node only.
 async fn register(
     State(controller): State<Arc<Controller>>,
+    Extension(caller): Extension<Caller>,
     JsonBody(registration): JsonBody<RegisterRequest>,
-) -> Result<Json<Node>, ApiError> {
+) -> Result<Json<Registration>, ApiError> {
     strata_api::validate::register(&registration).map_err(Problem::validation)?;
+    let (auth, credential) = match caller {
+        Caller::Join => {
+            let credential = new_credential();
+            let credential_hash = credential_digest(&credential);
+            (NodeAuth::JoinToken { credential_hash }, Some(credential))
+        }
+        Caller::Node {
+            id,
+            credential_hash,
+        } => {
+            if id != registration.node_id {
+                return Err(forbidden(format!(
+                    "this credential is node {id:?}'s; it cannot register node {:?}",
+                    registration.node_id
+                )));
+            }
+            (NodeAuth::Credential { credential_hash }, None)
+        }
+        Caller::Admin | Caller::Viewer => {
+            return Err(forbidden("registration needs the join token"));
+        }
+    };
     let result = controller
-        .propose(Command::RegisterNode { registration })
+        .propose(Command::RegisterNode {
+            registration,
+            auth: Some(auth),
+            max_nodes: Some(controller.limits.max_nodes),
+        })
         .await?;
     match result {
-        CommandResult::Node { node } => Ok(node_answer(&controller, &node)),
+        CommandResult::Node { node } => {
+            let Json(view) = node_answer(&controller, &node);
+            Ok(Json(Registration {
+                node: view,
+                credential,
+            }))
+        }
+        CommandResult::Rejected { rejection } => Err(rejection_error(rejection)),
         other => Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
@@ -50,9 +99,25 @@ async fn register(
 /// A follower answers 421 with the leader's address, so the agent can talk to it directly.
 async fn heartbeat(
     State(controller): State<Arc<Controller>>,
+    Extension(caller): Extension<Caller>,
     JsonBody(request): JsonBody<HeartbeatRequest>,
 ) -> Result<Json<HeartbeatResponse>, ApiError> {
     strata_api::validate::heartbeat(&request).map_err(Problem::validation)?;
+    // A node speaks for itself only (like Kubernetes' NodeRestriction): a heartbeat in
+    // another node's name could read its templates and, reporting no instances, have its
+    // healthy instances replaced.
+    match &caller {
+        Caller::Node { id, .. } if *id == request.node_id => {}
+        Caller::Node { id, .. } => {
+            return Err(forbidden(format!(
+                "this credential is node {id:?}'s; it cannot heartbeat for node {:?}",
+                request.node_id
+            )))
+        }
+        _ => return Err(forbidden(
+            "heartbeats need the node's own credential (register with the join token to get it)",
+        )),
+    }
     if !controller.is_leader() {
         let mut problem = Problem::new(
             421,

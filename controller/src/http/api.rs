@@ -223,6 +223,27 @@ async fn put_tier(
     JsonBody(spec): JsonBody<TierSpec>,
 ) -> Result<Response, ApiError> {
     strata_api::validate::put_tier(&name, &spec).map_err(Problem::validation)?;
+    // Checked against this node's state before proposing: writes racing past it can exceed
+    // the limit by the writes in flight at once, which keeps the bound's purpose (no
+    // unbounded growth) without a change to the replicated command.
+    let (count, exists) = controller.state.read(|machine| {
+        (
+            machine.state.tiers.len(),
+            machine.state.tiers.contains_key(&name),
+        )
+    });
+    if !exists && count as u64 >= controller.limits.max_tiers {
+        let mut problem = Problem::validation(vec![FieldError::new(
+            "name",
+            format!(
+                "the cluster already has {count} tiers, its limit (--max-tiers {})",
+                controller.limits.max_tiers
+            ),
+        )]);
+        problem.problem_type = "urn:strata:problem:limit".to_string();
+        problem.title = "Limit reached".to_string();
+        return Err(ApiError(problem));
+    }
     let result = controller
         .propose(Command::PutTier {
             spec: Box::new(spec),
@@ -286,7 +307,7 @@ fn write_response(result: CommandResult) -> Result<Response, ApiError> {
     }
 }
 
-fn rejection_error(rejection: Rejection) -> ApiError {
+pub(super) fn rejection_error(rejection: Rejection) -> ApiError {
     match rejection {
         Rejection::NotFound { kind, name } => {
             ApiError::not_found(format!("{kind} {name:?} does not exist"))
@@ -312,6 +333,15 @@ fn rejection_error(rejection: Rejection) -> ApiError {
             ApiError(problem)
         }
         Rejection::Invalid { errors } => ApiError(Problem::validation(errors)),
+        Rejection::Forbidden { detail } => {
+            ApiError::new(StatusCode::FORBIDDEN, "forbidden", "Forbidden", detail)
+        }
+        Rejection::Limit { path, detail } => {
+            let mut problem = Problem::validation(vec![FieldError::new(path, detail)]);
+            problem.problem_type = "urn:strata:problem:limit".to_string();
+            problem.title = "Limit reached".to_string();
+            ApiError(problem)
+        }
     }
 }
 
@@ -422,23 +452,23 @@ async fn node_action(
     State(controller): State<Arc<Controller>>,
     Path((id, action)): Path<(String, String)>,
 ) -> Result<Json<Node>, ApiError> {
-    let (cordoned, draining) = match action.as_str() {
-        "cordon" => (true, false),
-        "uncordon" => (false, false),
-        "drain" => (true, true),
+    let flags = |cordoned, draining| Command::SetNodeFlags {
+        node: id.clone(),
+        cordoned,
+        draining,
+    };
+    let command = match action.as_str() {
+        "cordon" => flags(true, false),
+        "uncordon" => flags(false, false),
+        "drain" => flags(true, true),
+        "revoke" => Command::RevokeNode { node: id.clone() },
         _ => {
             return Err(ApiError::not_found(format!(
-                "no node action {action:?}; use cordon, uncordon or drain"
+                "no node action {action:?}; use cordon, uncordon, drain or revoke"
             )))
         }
     };
-    let result = controller
-        .propose(Command::SetNodeFlags {
-            node: id.clone(),
-            cordoned,
-            draining,
-        })
-        .await?;
+    let result = controller.propose(command).await?;
     match result {
         // The leader's planners heard of it when it applied there (`wake_after_apply`).
         CommandResult::Node { node } => Ok(node_answer(&controller, &node)),
