@@ -170,6 +170,8 @@ impl ControllerLink {
     pub fn new(controllers: Vec<String>, token: String, timeout: Duration) -> Self {
         let http = reqwest::Client::builder()
             .connect_timeout(timeout.min(Duration::from_millis(500)))
+            // Below the controllers' idle keep-alive timeout (--header-timeout).
+            .pool_idle_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .build()
             .unwrap_or_else(|_| reqwest::Client::new());

@@ -122,6 +122,9 @@ impl Client {
             // A controller that is down refuses at once; one that is cut off would otherwise
             // hold the whole request timeout before the client moves on.
             .connect_timeout(config.request_timeout.min(Duration::from_secs(2)))
+            // Below the controllers' idle keep-alive timeout (--header-timeout): a pooled
+            // connection is not reused just as the server closes it.
+            .pool_idle_timeout(Duration::from_secs(5))
             .build()
             .map_err(|error| ClientError::Config(format!("build HTTP client: {error}")))?;
         Ok(Client {

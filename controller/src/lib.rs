@@ -78,10 +78,18 @@ pub async fn run(
         stop.clone(),
     ));
     let app = http::router(controller.clone());
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("serve http");
+    let served = http::serve::serve(
+        listener,
+        app,
+        http::serve::ServeConfig {
+            header_timeout: config.header_timeout.as_std(),
+            body_timeout: config.body_timeout.as_std(),
+            max_connections: config.max_connections,
+        },
+        shutdown,
+    )
+    .await
+    .context("serve http");
     stop.cancel();
     if let Err(error) = reconciler.await {
         tracing::warn!(%error, "stop the reconciler");

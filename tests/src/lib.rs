@@ -112,6 +112,8 @@ pub struct ClusterOptions {
     pub listen_host: IpAddr,
     /// `--reconcile-interval` of the controllers: how often the planners run unprompted.
     pub reconcile_interval: &'static str,
+    /// More flags for every controller (`--header-timeout 2s`, ...).
+    pub controller_args: Vec<&'static str>,
 }
 
 impl Default for ClusterOptions {
@@ -123,6 +125,7 @@ impl Default for ClusterOptions {
             heartbeat_grace: "3s",
             listen_host: IpAddr::V4(Ipv4Addr::LOCALHOST),
             reconcile_interval: "200ms",
+            controller_args: Vec::new(),
         }
     }
 }
@@ -188,6 +191,7 @@ impl Cluster {
         let snapshot_log_mib = self.options.snapshot_log_mib;
         let heartbeat_grace = self.options.heartbeat_grace;
         let reconcile_interval = self.options.reconcile_interval;
+        let controller_args = self.options.controller_args.clone();
         let secrets = self._dir.path().join("secrets");
         let node = self
             .nodes
@@ -219,6 +223,7 @@ impl Cluster {
             .args(["--snapshot-log-mib", &snapshot_log_mib.to_string()])
             .args(["--heartbeat-grace", heartbeat_grace])
             .args(["--reconcile-interval", reconcile_interval])
+            .args(&controller_args)
             .env("STRATA_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log)
@@ -465,7 +470,11 @@ pub fn secret_file(dir: &Path, name: &str, value: &str) -> anyhow::Result<PathBu
 fn uuid_like() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
-    format!("{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// One `strata-agent` process.

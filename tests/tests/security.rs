@@ -13,8 +13,8 @@ use reqwest::Method;
 use serde_json::{json, Value};
 use strata_tests::{
     binary, e2e_enabled, eventually, kill_instances, secret_file, send, summary, until,
-    workload_tier, AgentProcess, Cluster, ClusterOptions, ADMIN_TOKEN, CLUSTER_SECRET,
-    JOIN_TOKEN, VIEWER_TOKEN,
+    workload_tier, AgentProcess, Cluster, ClusterOptions, ADMIN_TOKEN, CLUSTER_SECRET, JOIN_TOKEN,
+    VIEWER_TOKEN,
 };
 
 /// A cluster with agents; kills the agents and every instance seen on drop.
@@ -100,18 +100,22 @@ impl Env {
     }
 
     async fn wait_ready(&self, node: &str) -> anyhow::Result<()> {
-        eventually(Duration::from_secs(30), &format!("{node} Ready"), || async {
-            let nodes = self
-                .get("/v1/nodes")
-                .await
-                .map_err(|error| error.to_string())?;
-            let ready = nodes["items"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|n| n["id"] == node && n["status"] == "Ready");
-            until(ready, (), || nodes.to_string())
-        })
+        eventually(
+            Duration::from_secs(30),
+            &format!("{node} Ready"),
+            || async {
+                let nodes = self
+                    .get("/v1/nodes")
+                    .await
+                    .map_err(|error| error.to_string())?;
+                let ready = nodes["items"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|n| n["id"] == node && n["status"] == "Ready");
+                until(ready, (), || nodes.to_string())
+            },
+        )
         .await
     }
 
@@ -146,7 +150,10 @@ impl Env {
     }
 
     fn credential(&self, node: &str) -> anyhow::Result<String> {
-        let path = self.dir.path().join(format!("agent-{node}/node-credential"));
+        let path = self
+            .dir
+            .path()
+            .join(format!("agent-{node}/node-credential"));
         Ok(std::fs::read_to_string(&path)?.trim().to_string())
     }
 
@@ -401,22 +408,30 @@ async fn a_node_speaks_for_itself_only() -> anyhow::Result<()> {
         }
     }
     let (status, body) = env
-        .agent_call("/v1/agents/register", &credential_a, &registration("host-b"))
+        .agent_call(
+            "/v1/agents/register",
+            &credential_a,
+            &registration("host-b"),
+        )
         .await?;
-    assert_eq!(status, 403, "register host-b with host-a's credential: {body}");
+    assert_eq!(
+        status, 403,
+        "register host-b with host-a's credential: {body}"
+    );
     // A second agent claiming host-b with the join token: refused, and on record.
     let (status, body) = env
         .agent_call("/v1/agents/register", JOIN_TOKEN, &registration("host-b"))
         .await?;
     assert_eq!(status, 403, "claim host-b with the join token: {body}");
     let events = env.get("/v1/events?object=node/host-b").await?;
-    assert!(
-        events.to_string().contains("NodeClaimRefused"),
-        "{events}"
-    );
+    assert!(events.to_string().contains("NodeClaimRefused"), "{events}");
     // host-b's own credential works for host-b.
     let (status, body) = env
-        .agent_call("/v1/agents/register", &credential_b, &registration("host-b"))
+        .agent_call(
+            "/v1/agents/register",
+            &credential_b,
+            &registration("host-b"),
+        )
         .await?;
     // (This registration changed host-b's address facts to the same loopback address.)
     assert_eq!(status, 200, "{body}");
@@ -474,22 +489,33 @@ async fn a_node_speaks_for_itself_only() -> anyhow::Result<()> {
     // (Answered, then corrected by the agent's own next heartbeat.)
     assert_eq!(status, 200, "{body}");
     let events = env.get("/v1/events?object=node/host-b").await?;
-    assert!(events.to_string().contains("NodeCredentialRevoked"), "{events}");
+    assert!(
+        events.to_string().contains("NodeCredentialRevoked"),
+        "{events}"
+    );
 
     // Join-token rotation: a new token in the file, SIGHUP; the old one stops registering.
-    secret_file(&env.cluster.secrets_dir(), "join-token", "rotated-join-token")?;
+    secret_file(
+        &env.cluster.secrets_dir(),
+        "join-token",
+        "rotated-join-token",
+    )?;
     let pid = env.cluster.pid(1).unwrap_or_default();
     let status = std::process::Command::new("kill")
         .args(["-HUP", &pid.to_string()])
         .status()?;
     assert!(status.success());
-    eventually(Duration::from_secs(10), "the old join token refused", || async {
-        let (status, body) = env
-            .agent_call("/v1/agents/register", JOIN_TOKEN, &registration("host-c"))
-            .await
-            .map_err(|error| error.to_string())?;
-        until(status == 401, (), || format!("{status} {body}"))
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the old join token refused",
+        || async {
+            let (status, body) = env
+                .agent_call("/v1/agents/register", JOIN_TOKEN, &registration("host-c"))
+                .await
+                .map_err(|error| error.to_string())?;
+            until(status == 401, (), || format!("{status} {body}"))
+        },
+    )
     .await?;
     let (status, body) = env
         .agent_call(
@@ -499,7 +525,10 @@ async fn a_node_speaks_for_itself_only() -> anyhow::Result<()> {
         )
         .await?;
     assert_eq!(status, 200, "{body}");
-    assert!(body["credential"].as_str().is_some_and(|c| c.len() == 64), "{body}");
+    assert!(
+        body["credential"].as_str().is_some_and(|c| c.len() == 64),
+        "{body}"
+    );
     // Registered nodes keep working.
     env.wait_ready("host-a").await?;
     Ok(())

@@ -12,6 +12,7 @@
 mod agents;
 mod api;
 mod peer;
+pub mod serve;
 
 use std::sync::Arc;
 
@@ -332,6 +333,10 @@ async fn require_cluster_secret(
 ) -> Response {
     match bearer(&request) {
         Some(secret) if same_secret(secret, &controller.tokens.cluster_secret) => {
+            // A peer's connection is never closed to make room for another.
+            if let Some(connection) = request.extensions().get::<Arc<serve::Connection>>() {
+                connection.mark_peer();
+            }
             next.run(request).await
         }
         _ => ApiError::new(
