@@ -47,6 +47,10 @@ pub enum ClusterError {
     /// A membership change was refused (for example, removing the last voter).
     #[error("membership change refused: {0}")]
     Membership(String),
+    /// A member was added as a learner but has not caught up with the log in time (it may
+    /// be unreachable); it was not made a voter. Repeating the request resumes from there.
+    #[error("{0}")]
+    NotCaughtUp(String),
     #[error("this node is shutting down")]
     ShuttingDown,
     /// A fault of this node, not of the request or the cluster; nothing was proposed.
@@ -97,6 +101,8 @@ pub enum MembershipFailure {
     /// Leadership moved; the caller should find the new leader and retry.
     NotLeader,
     Refused(String),
+    /// Added as a learner, not caught up (see `ClusterError::NotCaughtUp`).
+    NotCaughtUp(String),
 }
 
 /// Authentication material, fixed at start but for the join token, which can be rotated.
@@ -534,6 +540,9 @@ impl Controller {
                             Ok(Err(MembershipFailure::Refused(error))) => {
                                 Some(Err(ClusterError::Membership(error)))
                             }
+                            Ok(Err(MembershipFailure::NotCaughtUp(error))) => {
+                                Some(Err(ClusterError::NotCaughtUp(error)))
+                            }
                             Err(PeerError::Unreachable { .. }) => None,
                             Err(error) => {
                                 Some(Err(ClusterError::OutcomeUnknown(error.to_string())))
@@ -569,7 +578,10 @@ impl Controller {
         }
     }
 
-    /// Adds a node as a learner, waits for it to catch up, then (if `voter`) promotes it.
+    /// Adds a node as a learner, waits (at most `CATCH_UP_WAIT`) for it to catch up, then (if
+    /// `voter`) promotes it. openraft's blocking `add_learner` would wait for the learner
+    /// however long it takes, so an unreachable member used to hold the request until the
+    /// caller's deadline and then be answered "outcome unknown", although it had been added.
     async fn add_member(
         &self,
         id: NodeId,
@@ -577,9 +589,19 @@ impl Controller {
         voter: bool,
     ) -> Result<(), ClusterError> {
         self.raft
-            .add_learner(id, BasicNode::new(address), true)
+            .add_learner(id, BasicNode::new(address.clone()), false)
             .await
             .map_err(membership_error)?;
+        if !self.caught_up(id, CATCH_UP_WAIT).await {
+            return Err(ClusterError::NotCaughtUp(format!(
+                "node {id} was added as a learner at {address} but has not caught up with the log within {CATCH_UP_WAIT:?} (is it running and reachable?); {}",
+                if voter {
+                    "it is not a voter yet: repeat the request once it is up"
+                } else {
+                    "it will catch up when it can be reached"
+                }
+            )));
+        }
         if voter {
             self.raft
                 .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
@@ -587,6 +609,33 @@ impl Controller {
                 .map_err(membership_error)?;
         }
         Ok(())
+    }
+
+    /// Whether `id`'s replication reached the leader's last log index as of now (later
+    /// writes do not move the goal) within `wait`.
+    async fn caught_up(&self, id: NodeId, wait: Duration) -> bool {
+        let mut metrics = self.raft.metrics();
+        let deadline = tokio::time::Instant::now() + wait;
+        let last = metrics.borrow().last_log_index.unwrap_or(0);
+        loop {
+            let done = {
+                let now = metrics.borrow();
+                now.replication
+                    .as_ref()
+                    .and_then(|replication| replication.get(&id))
+                    .and_then(|matched| matched.as_ref())
+                    .is_some_and(|matched| matched.index >= last)
+            };
+            if done {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, metrics.changed())
+                .await
+                .is_err()
+            {
+                return false;
+            }
+        }
     }
 
     /// Removes a node from the voters and from the cluster.
@@ -858,6 +907,9 @@ fn membership_error(error: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>
         RaftError::Fatal(_) => ClusterError::ShuttingDown,
     }
 }
+
+/// How long adding a member waits for it to catch up before answering.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
 
 /// Unix milliseconds from the system clock. Only leaders call this, to stamp commands.
 pub fn now_ms() -> u64 {

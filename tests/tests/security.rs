@@ -533,3 +533,265 @@ async fn a_node_speaks_for_itself_only() -> anyhow::Result<()> {
     env.wait_ready("host-a").await?;
     Ok(())
 }
+
+/// Writes `request` on a fresh connection and returns the whole answer.
+async fn raw_http(address: &str, request: &[u8]) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await?;
+    stream.write_all(request).await?;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
+/// The smaller holes: the bearer scheme in any case; transfer codings hyper would not decode;
+/// errors from below the router as problem documents; NUL bytes and denormal CPU; a member
+/// that cannot be reached answered promptly and truthfully.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_smaller_holes_are_closed() -> anyhow::Result<()> {
+    if !e2e_enabled("security") {
+        return Ok(());
+    }
+    let cluster = Cluster::start(ClusterOptions {
+        nodes: 1,
+        ..ClusterOptions::default()
+    })
+    .await?;
+    let address = cluster.address(1);
+    let http = &cluster.http;
+
+    // RFC 7235: the scheme is case-insensitive.
+    for scheme in ["bearer", "BEARER", "Bearer"] {
+        let response = http
+            .get(cluster.url(1, "/v1/tiers"))
+            .header("Authorization", format!("{scheme} {ADMIN_TOKEN}"))
+            .send()
+            .await?;
+        assert_eq!(response.status().as_u16(), 200, "{scheme}");
+    }
+
+    // Answers hyper would give without a body, and a coding it would not decode.
+    let body = r#"{"name":"x"}"#;
+    let cases: Vec<(String, &str, &str)> = vec![
+        ("GARBAGE\r\n\r\n".to_string(), "400", "bad-request"),
+        (
+            format!(
+                "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+                "a".repeat(200_000)
+            ),
+            "431",
+            "headers-too-large",
+        ),
+        (
+            format!("GET /healthz?{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(9_000)),
+            "414",
+            "uri-too-long",
+        ),
+        (
+            format!(
+                "PUT /v1/tiers/x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nContent-Type: application/json\r\nTransfer-Encoding: gzip, chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+                body.len()
+            ),
+            "501",
+            "unsupported-transfer-coding",
+        ),
+    ];
+    for (request, status, kind) in cases {
+        let answer = raw_http(&address, request.as_bytes()).await?;
+        let head: String = answer.chars().take(300).collect();
+        assert!(answer.starts_with(&format!("HTTP/1.1 {status}")), "{head}");
+        assert!(
+            answer
+                .to_ascii_lowercase()
+                .contains("content-type: application/problem+json"),
+            "{head}"
+        );
+        assert!(
+            answer.contains(&format!("urn:strata:problem:{kind}")),
+            "{head}"
+        );
+    }
+
+    // Values no program could be started with.
+    let mut tier = workload_tier("nul", 1, 1);
+    tier["template"]["command"] = json!(["/bin/sh", "-c", "exit 0\u{0}"]);
+    tier["template"]["env"] = json!({"A": "b\u{0}"});
+    tier["template"]["cpu"] = json!(5e-324);
+    let answer = send(
+        http,
+        Method::PUT,
+        &cluster.url(1, "/v1/tiers/nul"),
+        Some(ADMIN_TOKEN),
+        Some(&tier),
+    )
+    .await?;
+    assert_eq!(answer.status, 422, "{answer:?}");
+    let paths: BTreeSet<String> = answer.body["errors"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|error| error["path"].as_str().map(str::to_string))
+        .collect();
+    let expected: BTreeSet<String> = ["template.command[2]", "template.env.A", "template.cpu"]
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(paths, expected, "{answer:?}");
+
+    // A member nobody answers at: told so within seconds, and it is on record as a learner.
+    let unreachable = format!("127.0.0.1:{}", strata_tests::free_port());
+    let started = std::time::Instant::now();
+    let answer = send(
+        http,
+        Method::POST,
+        &cluster.url(1, "/v1/cluster/members"),
+        Some(ADMIN_TOKEN),
+        Some(&json!({"id": 9, "address": unreachable, "voter": true})),
+    )
+    .await?;
+    let took = started.elapsed();
+    assert_eq!(answer.status, 503, "{answer:?}");
+    assert_eq!(
+        answer.body["type"], "urn:strata:problem:member-not-caught-up",
+        "{answer:?}"
+    );
+    // The wait is CATCH_UP_WAIT (5 s), not the 30 s of the write deadline.
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+    let status = cluster.status(1).await?;
+    let member = status["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|member| member["id"] == 9)
+        .cloned()
+        .unwrap_or(Value::Null);
+    assert_eq!(member["voter"], false, "{status}");
+    Ok(())
+}
+
+/// The limits through the API: each answered with a problem document naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_are_enforced_with_the_field_named() -> anyhow::Result<()> {
+    if !e2e_enabled("security") {
+        return Ok(());
+    }
+    let cluster = Cluster::start(ClusterOptions {
+        nodes: 1,
+        controller_args: vec!["--max-nodes", "2", "--max-tiers", "2"],
+        ..ClusterOptions::default()
+    })
+    .await?;
+    let http = &cluster.http;
+    let call = |method: Method, path: &str, token: String, body: Value| {
+        let url = cluster.url(1, path);
+        async move { send(http, method, &url, Some(&token), Some(&body)).await }
+    };
+    let field_of = |answer: &strata_tests::Answer| -> Vec<String> {
+        assert!(
+            answer.content_type.starts_with("application/problem+json"),
+            "{answer:?}"
+        );
+        answer.body["errors"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|error| error["path"].as_str().map(str::to_string))
+            .collect()
+    };
+    // Nodes: two register, the third is refused.
+    let mut credential = String::new();
+    for node in ["n-1", "n-2"] {
+        let answer = call(
+            Method::POST,
+            "/v1/agents/register",
+            JOIN_TOKEN.to_string(),
+            registration(node),
+        )
+        .await?;
+        assert_eq!(answer.status, 200, "{answer:?}");
+        credential = answer.body["credential"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+    }
+    let answer = call(
+        Method::POST,
+        "/v1/agents/register",
+        JOIN_TOKEN.to_string(),
+        registration("n-3"),
+    )
+    .await?;
+    assert_eq!(answer.status, 422, "{answer:?}");
+    assert_eq!(field_of(&answer), ["node_id"]);
+    assert_eq!(answer.body["type"], "urn:strata:problem:limit");
+
+    // A heartbeat's instance reason and LB error: 1,024 bytes at most.
+    let mut beat = heartbeat("n-2");
+    beat["instances"] = json!([{"id": uuid_text(1), "phase": "Failed", "health": "Unknown",
+                                 "reason": "r".repeat(1025)}]);
+    let answer = call(
+        Method::POST,
+        "/v1/agents/heartbeat",
+        credential.clone(),
+        beat,
+    )
+    .await?;
+    assert_eq!(answer.status, 422, "{answer:?}");
+    assert_eq!(field_of(&answer), ["instances[0].reason"]);
+    let mut beat = heartbeat("n-2");
+    beat["lb"] = json!({"tiers": [{"tier": "web", "version": 1, "error": "e".repeat(1025),
+                                   "stats": {}}]});
+    let answer = call(Method::POST, "/v1/agents/heartbeat", credential, beat).await?;
+    assert_eq!(answer.status, 422, "{answer:?}");
+    assert_eq!(field_of(&answer), ["lb.tiers[0].error"]);
+
+    // Tiers: two fit, the third is refused; a replacement of an existing one is not.
+    for name in ["t-1", "t-2"] {
+        let answer = call(
+            Method::PUT,
+            &format!("/v1/tiers/{name}"),
+            ADMIN_TOKEN.to_string(),
+            workload_tier(name, 1, 1),
+        )
+        .await?;
+        assert_eq!(answer.status, 201, "{answer:?}");
+    }
+    let answer = call(
+        Method::PUT,
+        "/v1/tiers/t-3",
+        ADMIN_TOKEN.to_string(),
+        workload_tier("t-3", 1, 1),
+    )
+    .await?;
+    assert_eq!(answer.status, 422, "{answer:?}");
+    assert_eq!(field_of(&answer), ["name"]);
+    let answer = call(
+        Method::PUT,
+        "/v1/tiers/t-1",
+        ADMIN_TOKEN.to_string(),
+        workload_tier("t-1", 1, 2),
+    )
+    .await?;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    // A spec beyond its size limits: the fields are named.
+    let mut big = workload_tier("t-2", 1, 1);
+    big["template"]["env"] = json!({"BIG": "v".repeat(5000)});
+    let answer = call(Method::PUT, "/v1/tiers/t-2", ADMIN_TOKEN.to_string(), big).await?;
+    assert_eq!(answer.status, 422, "{answer:?}");
+    assert_eq!(field_of(&answer), ["template.env.BIG"]);
+    Ok(())
+}
+
+fn uuid_text(n: u128) -> String {
+    format!("{:032x}", n)
+        .chars()
+        .enumerate()
+        .flat_map(|(i, c)| {
+            if matches!(i, 8 | 12 | 16 | 20) {
+                vec!['-', c]
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
+}

@@ -106,6 +106,11 @@ impl From<ClusterError> for ApiError {
                 "timeout",
                 "Cluster did not answer in time",
             ),
+            ClusterError::NotCaughtUp(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "member-not-caught-up",
+                "Member added, not caught up",
+            ),
             ClusterError::Membership(_) => (
                 StatusCode::CONFLICT,
                 "membership",
