@@ -171,11 +171,33 @@ impl Client {
         self.call(Method::GET, &path, None).await
     }
 
-    /// `GET /v1/tiers`.
+    /// `GET /v1/tiers`, every page.
     pub async fn list_tiers(&self, stale: bool) -> Result<Vec<Tier>, ClientError> {
         let path = format!("/v1/tiers{}", stale_query(stale));
-        let list: ItemList<Tier> = self.call(Method::GET, &path, None).await?;
-        Ok(list.items)
+        self.list_all(&path).await
+    }
+
+    /// Every page of the list at `path` (which may carry a query), following `continue`.
+    pub async fn list_all<T: DeserializeOwned>(&self, path: &str) -> Result<Vec<T>, ClientError> {
+        let mut items = Vec::new();
+        let mut next: Option<String> = None;
+        loop {
+            let page_path = match &next {
+                None => path.to_string(),
+                Some(token) => format!(
+                    "{path}{}continue={}",
+                    if path.contains('?') { '&' } else { '?' },
+                    encode_query_value(token)
+                ),
+            };
+            let list: ItemList<T> = self.call(Method::GET, &page_path, None).await?;
+            items.extend(list.items);
+            match list.next {
+                // A token that does not move would loop for ever.
+                Some(token) if Some(&token) != next.as_ref() => next = Some(token),
+                _ => return Ok(items),
+            }
+        }
     }
 
     /// `DELETE /v1/tiers/{name}`, optionally only if the tier still has `resource_version`.
@@ -226,8 +248,7 @@ impl Client {
     /// `GET /v1/nodes`: every registered agent host.
     pub async fn list_nodes(&self, stale: bool) -> Result<Vec<Node>, ClientError> {
         let path = format!("/v1/nodes{}", stale_query(stale));
-        let list: ItemList<Node> = self.call(Method::GET, &path, None).await?;
-        Ok(list.items)
+        self.list_all(&path).await
     }
 
     /// `GET /v1/nodes/{id}`.
@@ -274,8 +295,7 @@ impl Client {
             ),
             None => format!("/v1/instances{}", stale_query(stale)),
         };
-        let list: ItemList<Instance> = self.call(Method::GET, &path, None).await?;
-        Ok(list.items)
+        self.list_all(&path).await
     }
 
     /// `GET /v1/events`, optionally only those about `object` (`tier/web`, `node/host-1`,
@@ -297,8 +317,7 @@ impl Client {
         } else {
             format!("/v1/events?{}", query.join("&"))
         };
-        let list: ItemList<Event> = self.call(Method::GET, &path, None).await?;
-        Ok(list.items)
+        self.list_all(&path).await
     }
 
     /// Any JSON call, for resources that have no typed method yet. `path` includes the query.

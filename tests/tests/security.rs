@@ -779,6 +779,22 @@ async fn limits_are_enforced_with_the_field_named() -> anyhow::Result<()> {
     let answer = call(Method::PUT, "/v1/tiers/t-2", ADMIN_TOKEN.to_string(), big).await?;
     assert_eq!(answer.status, 422, "{answer:?}");
     assert_eq!(field_of(&answer), ["template.env.BIG"]);
+
+    // Lists come in pages: `limit`, then `continue` from the last key.
+    let page = |query: &'static str| {
+        let url = cluster.url(1, &format!("/v1/nodes{query}"));
+        async move { send(http, Method::GET, &url, Some(ADMIN_TOKEN), None).await }
+    };
+    let first = page("?limit=1").await?;
+    assert_eq!(first.status, 200, "{first:?}");
+    assert_eq!(first.body["items"][0]["id"], "n-1", "{first:?}");
+    assert_eq!(first.body["continue"], "n-1", "{first:?}");
+    let second = page("?limit=1&continue=n-1").await?;
+    assert_eq!(second.body["items"][0]["id"], "n-2", "{second:?}");
+    assert!(second.body.get("continue").is_none(), "{second:?}");
+    let bad = page("?limit=0").await?;
+    assert_eq!(bad.status, 422, "{bad:?}");
+    assert_eq!(field_of(&bad), ["limit"]);
     Ok(())
 }
 

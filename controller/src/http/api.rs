@@ -119,6 +119,45 @@ struct ReadParams {
     stale: bool,
 }
 
+/// `?stale=&limit=&continue=` of a list.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    #[serde(default)]
+    stale: bool,
+    limit: Option<usize>,
+    #[serde(rename = "continue")]
+    after: Option<String>,
+}
+
+/// One page of `items` (sorted by their keys, which are strings ordered as the items are):
+/// those after `after`, at most `limit`, and the key to continue from if more follow.
+/// Continuing from a key, not an offset, keeps pages right while objects come and go.
+fn page<T>(
+    items: impl Iterator<Item = (String, T)>,
+    limit: Option<usize>,
+    after: Option<&str>,
+) -> Result<(Vec<T>, Option<String>), ApiError> {
+    use strata_api::list::{DEFAULT_PAGE, MAX_PAGE};
+    let limit = limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError(Problem::validation(vec![FieldError::new(
+            "limit",
+            format!("must be between 1 and {MAX_PAGE}"),
+        )])));
+    }
+    let mut page = Vec::new();
+    let mut last = None;
+    for (key, item) in items.filter(|(key, _)| after.is_none_or(|after| key.as_str() > after)) {
+        if page.len() == limit {
+            return Ok((page, last));
+        }
+        last = Some(key);
+        page.push(item);
+    }
+    Ok((page, None))
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DeleteParams {
@@ -140,27 +179,31 @@ async fn read_barrier(controller: &Controller, stale: bool) -> Result<(), ApiErr
 
 async fn list_tiers(
     State(controller): State<Arc<Controller>>,
-    params: Result<Query<ReadParams>, QueryRejection>,
+    params: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Json<ItemList<Tier>>, ApiError> {
     let params = query(params)?;
     read_barrier(&controller, params.stale).await?;
     let now = now_ms();
-    let (items, applied) = controller.state.read(|machine| {
+    controller.state.read(|machine| {
         let index = TierIndex::of(&machine.state);
-        (
+        let (items, next) = page(
             machine
                 .state
                 .tiers
-                .values()
+                .iter()
+                .map(|(name, tier)| (name.clone(), tier)),
+            params.limit,
+            params.after.as_deref(),
+        )?;
+        Ok(Json(ItemList {
+            items: items
+                .into_iter()
                 .map(|tier| tier_view(&machine.state, &index, tier, now))
-                .collect::<Vec<Tier>>(),
-            machine.last_applied.map_or(0, |id| id.index),
-        )
-    });
-    Ok(Json(ItemList {
-        items,
-        resource_version: Some(applied),
-    }))
+                .collect(),
+            resource_version: Some(machine.last_applied.map_or(0, |id| id.index)),
+            next,
+        }))
+    })
 }
 
 async fn get_tier(
@@ -396,22 +439,30 @@ async fn remove_member(
 
 async fn list_nodes(
     State(controller): State<Arc<Controller>>,
-    params: Result<Query<ReadParams>, QueryRejection>,
+    params: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Json<ItemList<Node>>, ApiError> {
     let params = query(params)?;
     read_barrier(&controller, params.stale).await?;
     let mut heartbeats = heartbeats_for_read(&controller, params.stale).await;
-    Ok(Json(controller.state.read(|machine| {
-        ItemList {
-            items: machine
+    controller.state.read(|machine| {
+        let (records, next) = page(
+            machine
                 .state
                 .nodes
-                .values()
+                .iter()
+                .map(|(id, record)| (id.clone(), record)),
+            params.limit,
+            params.after.as_deref(),
+        )?;
+        Ok(Json(ItemList {
+            items: records
+                .into_iter()
                 .map(|record| node_view(&machine.state, record, heartbeats.remove(&record.id)))
                 .collect(),
             resource_version: machine.last_applied.map(|id| id.index),
-        }
-    })))
+            next,
+        }))
+    })
 }
 
 async fn get_node(
@@ -500,25 +551,33 @@ struct InstanceParams {
     #[serde(default)]
     stale: bool,
     tier: Option<String>,
+    limit: Option<usize>,
+    #[serde(rename = "continue")]
+    after: Option<String>,
 }
 
 async fn tier_instances(
     State(controller): State<Arc<Controller>>,
     Path(name): Path<String>,
-    params: Result<Query<ReadParams>, QueryRejection>,
+    params: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Json<ItemList<Instance>>, ApiError> {
     let params = query(params)?;
     read_barrier(&controller, params.stale).await?;
-    controller
-        .state
-        .read(|machine| {
-            machine.state.tiers.contains_key(&name).then(|| ItemList {
-                items: instances_of(&machine.state, Some(&name)),
-                resource_version: machine.last_applied.map(|id| id.index),
-            })
-        })
-        .map(Json)
-        .ok_or_else(|| ApiError::not_found(format!("tier {name:?} does not exist")))
+    controller.state.read(|machine| {
+        if !machine.state.tiers.contains_key(&name) {
+            return Err(ApiError::not_found(format!("tier {name:?} does not exist")));
+        }
+        let (items, next) = page(
+            instances_of(&machine.state, Some(&name)).into_iter(),
+            params.limit,
+            params.after.as_deref(),
+        )?;
+        Ok(Json(ItemList {
+            items,
+            resource_version: machine.last_applied.map(|id| id.index),
+            next,
+        }))
+    })
 }
 
 async fn list_instances(
@@ -527,20 +586,37 @@ async fn list_instances(
 ) -> Result<Json<ItemList<Instance>>, ApiError> {
     let params = query(params)?;
     read_barrier(&controller, params.stale).await?;
-    Ok(Json(controller.state.read(|machine| ItemList {
-        items: instances_of(&machine.state, params.tier.as_deref()),
-        resource_version: machine.last_applied.map(|id| id.index),
-    })))
+    controller.state.read(|machine| {
+        let (items, next) = page(
+            instances_of(&machine.state, params.tier.as_deref()).into_iter(),
+            params.limit,
+            params.after.as_deref(),
+        )?;
+        Ok(Json(ItemList {
+            items,
+            resource_version: machine.last_applied.map(|id| id.index),
+            next,
+        }))
+    })
 }
 
-fn instances_of(state: &Replicated, tier: Option<&str>) -> Vec<Instance> {
-    let mut items: Vec<Instance> = state
+/// Instances (of `tier`, or all) by tier, creation time and id, each with a page key that
+/// sorts the same way (tier names hold no space, which sorts before every character they
+/// may hold).
+fn instances_of(state: &Replicated, tier: Option<&str>) -> Vec<(String, Instance)> {
+    let mut items: Vec<(String, Instance)> = state
         .instances
         .values()
         .filter(|instance| tier.is_none_or(|tier| instance.tier == tier))
-        .cloned()
+        .map(|instance| {
+            let key = format!(
+                "{} {:020} {}",
+                instance.tier, instance.created_at_ms, instance.id
+            );
+            (key, instance.clone())
+        })
         .collect();
-    items.sort_by_key(|instance| (instance.tier.clone(), instance.created_at_ms, instance.id));
+    items.sort_by(|a, b| a.0.cmp(&b.0));
     items
 }
 
@@ -550,6 +626,9 @@ struct EventParams {
     #[serde(default)]
     stale: bool,
     object: Option<String>,
+    limit: Option<usize>,
+    #[serde(rename = "continue")]
+    after: Option<String>,
 }
 
 async fn list_events(
@@ -558,9 +637,9 @@ async fn list_events(
 ) -> Result<Json<ItemList<Event>>, ApiError> {
     let params = query(params)?;
     read_barrier(&controller, params.stale).await?;
-    Ok(Json(controller.state.read(|machine| {
-        ItemList {
-            items: machine
+    controller.state.read(|machine| {
+        let (items, next) = page(
+            machine
                 .state
                 .events
                 .iter()
@@ -570,9 +649,14 @@ async fn list_events(
                         .as_ref()
                         .is_none_or(|object| &event.object == object)
                 })
-                .cloned()
-                .collect(),
+                .map(|event| (format!("{:020}", event.id), event.clone())),
+            params.limit,
+            params.after.as_deref(),
+        )?;
+        Ok(Json(ItemList {
+            items,
             resource_version: machine.last_applied.map(|id| id.index),
-        }
-    })))
+            next,
+        }))
+    })
 }
