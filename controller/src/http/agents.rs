@@ -135,13 +135,43 @@ async fn heartbeat(
             "node {node:?} is not registered; register first"
         )));
     };
-    let changed = controller.liveness.record(
-        &node,
-        now_ms(),
-        request.metrics,
-        request.instances,
-        request.lb,
-    );
+    // The leader's memory keeps only what concerns the node: reports of instances placed on
+    // it and, for a load balancer, of the tiers and servers it is told to serve. What else a
+    // heartbeat carries (at most the 1 MiB a body may hold) is read and dropped, so the
+    // memory heartbeats take grows with the cluster's real size, not with what agents send.
+    let (instances, lb) = controller.state.read(|machine| {
+        let state = &machine.state;
+        let instances: Vec<_> = request
+            .instances
+            .into_iter()
+            .filter(|report| {
+                state
+                    .instances
+                    .get(&report.id)
+                    .is_some_and(|instance| instance.node.as_deref() == Some(node.as_str()))
+            })
+            .collect();
+        let serves = state
+            .nodes
+            .get(&node)
+            .is_some_and(|record| record.has_role(NodeRole::LoadBalancer));
+        let lb = request.lb.filter(|_| serves).map(|mut lb| {
+            lb.tiers.retain(|tier| state.tiers.contains_key(&tier.tier));
+            for tier in &mut lb.tiers {
+                tier.servers.retain(|server| {
+                    state
+                        .instances
+                        .get(&server.instance_id)
+                        .is_some_and(|instance| instance.tier == tier.tier)
+                });
+            }
+            lb
+        });
+        (instances, lb)
+    });
+    let changed = controller
+        .liveness
+        .record(&node, now_ms(), request.metrics, instances, lb);
     if changed {
         controller.liveness.wake.notify_one();
     }
