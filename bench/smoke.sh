@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CI's benchmark step (deploy/test.sh runs it): the Strata vs etcd comparison in smoke mode,
 # 8 clients, 3 s of writes and 2 leader kills per system; then heartbeat capacity with 200
-# simulated agents and start latency with 2 process scale-ups (each about 10 s). It checks that
+# simulated agents, start latency with 2 process scale-ups (each about 10 s), and fleet-scale
+# state at 200 nodes and 2,000 instances; as root, leader cuts in namespaces. It checks that
 # the benchmarks still run end to end; it never judges a figure, so debug binaries (already
 # built by the tests) do. The JSON reports are kept in target/bench-smoke.json,
 # target/bench-heartbeats-smoke.json and target/bench-start-latency-smoke.json.
@@ -23,10 +24,21 @@ report="$target/bench-smoke.json"
 cat "$report" >&2
 echo "bench smoke: report in $report" >&2
 
-for bench in heartbeats start-latency; do
+for bench in heartbeats start-latency fleet; do
     report="$target/bench-$bench-smoke.json"
     "$target/debug/strata-bench" "$bench" --smoke \
         --strata-bin "$target/debug/strata-controller" > "$report"
     cat "$report" >&2
     echo "bench smoke: $bench report in $report" >&2
 done
+
+# Leader cut off, not killed: needs root for network namespaces (CI runs as root).
+if [ "$(id -u)" = 0 ]; then
+    report="$target/bench-partition-smoke.json"
+    "$target/debug/strata-bench" partition --cuts 2 \
+        --strata-bin "$target/debug/strata-controller" > "$report"
+    cat "$report" >&2
+    echo "bench smoke: partition report in $report" >&2
+else
+    echo "bench smoke: skipped: partition needs root for network namespaces" >&2
+fi

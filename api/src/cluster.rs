@@ -18,6 +18,17 @@ pub struct ClusterStatus {
     /// Index of the newest snapshot on this node.
     pub snapshot_index: u64,
     pub members: Vec<Member>,
+    /// Whether the answering node is in touch with a quorum of voters. Without one it refuses
+    /// reads (except `?stale=true`) and writes with 503 `no-quorum`.
+    #[serde(default = "has_quorum_by_default")]
+    pub has_quorum: bool,
+    /// Milliseconds since the answering node last had a quorum's contact.
+    #[serde(default)]
+    pub millis_since_quorum: u64,
+}
+
+fn has_quorum_by_default() -> bool {
+    true
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ItemList<T> {
     pub items: Vec<T>,
-    /// The applied log index the list was read at, when the server reports it.
+    /// The revision the list was read at (at least every item's `resource_version`), when the
+    /// server reports it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource_version: Option<u64>,
     /// More items follow: pass this as `?continue=` (with the same filters) for the next

@@ -42,6 +42,9 @@ pub struct Problem {
     /// For 421 answers to agents: the address of the leader to talk to instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leader: Option<String>,
+    /// For 503 `no-quorum`: the members the answering node knows, so a client can try another.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<crate::cluster::Member>,
 }
 
 impl Problem {
@@ -55,6 +58,7 @@ impl Problem {
             errors: Vec::new(),
             current_resource_version: None,
             leader: None,
+            members: Vec::new(),
         }
     }
 

@@ -43,6 +43,8 @@ pub struct Member {
     pub endpoint: String,
     program: PathBuf,
     args: Vec<String>,
+    /// The network namespace the member runs in (`ip netns exec`), if any.
+    namespace: Option<String>,
     log_path: PathBuf,
     /// `None` between a kill and the restart.
     child: Option<Child>,
@@ -67,15 +69,61 @@ impl Cluster {
     /// Starts three members of `system` and waits until they have elected a leader.
     /// With `keep_dir` the data and logs stay on disk after the run, for a post-mortem.
     pub async fn start(system: System, binaries: &Binaries, keep_dir: bool) -> Result<Cluster> {
+        Cluster::start_on(system, binaries, keep_dir, None, &[]).await
+    }
+
+    /// Like `start`, with `extra` appended to every member's command line.
+    pub async fn start_with_args(
+        system: System,
+        binaries: &Binaries,
+        keep_dir: bool,
+        extra: &[String],
+    ) -> Result<Cluster> {
+        Cluster::start_on(system, binaries, keep_dir, None, extra).await
+    }
+
+    /// Like `start`, with member `i` inside network namespace `hosts[i].0`, listening on its
+    /// address `hosts[i].1` (fixed ports: a namespace of the caller's own has them all free).
+    pub async fn start_in_namespaces(
+        system: System,
+        binaries: &Binaries,
+        keep_dir: bool,
+        hosts: &[(String, std::net::Ipv4Addr)],
+    ) -> Result<Cluster> {
+        Cluster::start_on(system, binaries, keep_dir, Some(hosts), &[]).await
+    }
+
+    async fn start_on(
+        system: System,
+        binaries: &Binaries,
+        keep_dir: bool,
+        hosts: Option<&[(String, std::net::Ipv4Addr)]>,
+        extra: &[String],
+    ) -> Result<Cluster> {
         let dir = tempfile::Builder::new()
             .prefix(&format!("strata-bench-{}-", system.name()))
             .tempdir()
             .context("create the cluster's temporary directory")?;
-        let ports = free_ports(6)?;
-        let members = match system {
-            System::Strata => strata_members(&binaries.strata, dir.path(), &ports),
-            System::Etcd => etcd_members(&binaries.etcd, dir.path(), &ports),
+        // Client ports first, then peer ports; in namespaces, each member's own address.
+        let (addresses, ports) = match hosts {
+            None => (vec!["127.0.0.1".to_string(); 3], free_ports(6)?),
+            Some(hosts) => (
+                hosts.iter().map(|(_, ip)| ip.to_string()).collect(),
+                vec![7001, 7001, 7001, 7002, 7002, 7002],
+            ),
         };
+        let mut members = match system {
+            System::Strata => strata_members(&binaries.strata, dir.path(), &addresses, &ports),
+            System::Etcd => etcd_members(&binaries.etcd, dir.path(), &addresses, &ports),
+        };
+        for member in &mut members {
+            member.args.extend(extra.iter().cloned());
+        }
+        if let Some(hosts) = hosts {
+            for (member, (namespace, _)) in members.iter_mut().zip(hosts) {
+                member.namespace = Some(namespace.clone());
+            }
+        }
         let mut cluster = Cluster {
             system,
             members,
@@ -112,7 +160,18 @@ impl Cluster {
             .open(&member.log_path)
             .with_context(|| format!("open log file {}", member.log_path.display()))?;
         let log_err = log.try_clone().context("duplicate log file handle")?;
-        let child = Command::new(&member.program)
+        let mut command = match &member.namespace {
+            // `ip netns exec` execs the program, so the child is the member itself.
+            Some(namespace) => {
+                let mut command = Command::new("ip");
+                command
+                    .args(["netns", "exec", namespace])
+                    .arg(&member.program);
+                command
+            }
+            None => Command::new(&member.program),
+        };
+        let child = command
             .args(&member.args)
             .stdin(Stdio::null())
             .stdout(log)
@@ -268,9 +327,9 @@ impl Drop for Cluster {
     }
 }
 
-fn strata_members(program: &Path, dir: &Path, ports: &[u16]) -> Vec<Member> {
+fn strata_members(program: &Path, dir: &Path, addresses: &[String], ports: &[u16]) -> Vec<Member> {
     let peers = (0..3)
-        .map(|i| format!("{}=127.0.0.1:{}", i + 1, ports[i]))
+        .map(|i| format!("{}={}:{}", i + 1, addresses[i], ports[i]))
         .collect::<Vec<_>>()
         .join(",");
     (0..3)
@@ -281,7 +340,7 @@ fn strata_members(program: &Path, dir: &Path, ports: &[u16]) -> Vec<Member> {
                 "--node-id".into(),
                 node_id.to_string(),
                 "--listen".into(),
-                format!("127.0.0.1:{}", ports[i]),
+                format!("{}:{}", addresses[i], ports[i]),
                 "--data-dir".into(),
                 data_dir.display().to_string(),
                 "--peers".into(),
@@ -297,9 +356,10 @@ fn strata_members(program: &Path, dir: &Path, ports: &[u16]) -> Vec<Member> {
             ];
             Member {
                 node_id,
-                endpoint: format!("http://127.0.0.1:{}", ports[i]),
+                endpoint: format!("http://{}:{}", addresses[i], ports[i]),
                 program: program.to_path_buf(),
                 args,
+                namespace: None,
                 log_path: dir.join(format!("node{node_id}.log")),
                 child: None,
             }
@@ -309,8 +369,8 @@ fn strata_members(program: &Path, dir: &Path, ports: &[u16]) -> Vec<Member> {
 
 /// etcd members with the release's default timing (100 ms heartbeat, 1 s election timeout),
 /// the configuration the reference figures were taken with.
-fn etcd_members(program: &Path, dir: &Path, ports: &[u16]) -> Vec<Member> {
-    let peer_url = |i: usize| format!("http://127.0.0.1:{}", ports[3 + i]);
+fn etcd_members(program: &Path, dir: &Path, addresses: &[String], ports: &[u16]) -> Vec<Member> {
+    let peer_url = |i: usize| format!("http://{}:{}", addresses[i], ports[3 + i]);
     let initial_cluster = (0..3)
         .map(|i| format!("m{}={}", i + 1, peer_url(i)))
         .collect::<Vec<_>>()
@@ -318,7 +378,7 @@ fn etcd_members(program: &Path, dir: &Path, ports: &[u16]) -> Vec<Member> {
     (0..3)
         .map(|i| {
             let node_id = i as u64 + 1;
-            let client_url = format!("http://127.0.0.1:{}", ports[i]);
+            let client_url = format!("http://{}:{}", addresses[i], ports[i]);
             // On a restart the data directory exists and etcd ignores the initial-cluster
             // flags, so the first command line also restarts a killed member.
             let args = vec![
@@ -348,6 +408,7 @@ fn etcd_members(program: &Path, dir: &Path, ports: &[u16]) -> Vec<Member> {
                 endpoint: client_url,
                 program: program.to_path_buf(),
                 args,
+                namespace: None,
                 log_path: dir.join(format!("m{node_id}.log")),
                 child: None,
             }

@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use strata_api::{
-    Health, HeartbeatRequest, HostMetrics, InstanceReport, Phase, Problem, RegisterRequest,
-    Resources,
+    Health, HeartbeatRequest, HeartbeatResponse, HostMetrics, InstanceReport, Phase, Problem,
+    RegisterRequest, Resources,
 };
 use tokio::sync::Semaphore;
 
@@ -174,7 +174,7 @@ pub async fn run(
 }
 
 /// What every simulated agent shares.
-struct Shared {
+pub(crate) struct Shared {
     http: reqwest::Client,
     /// Bounds requests in flight, and with them the connections the client opens.
     pool: Semaphore,
@@ -185,25 +185,104 @@ struct Shared {
     epoch: Instant,
     interval: Duration,
     agents: usize,
-    stop: AtomicBool,
-    registered: AtomicUsize,
-    registration_failed: AtomicU64,
+    pub(crate) stop: AtomicBool,
+    pub(crate) registered: AtomicUsize,
+    pub(crate) registration_failed: AtomicU64,
+    /// Report the assignments of the last answer as Running and healthy, like an agent whose
+    /// every instance starts at once (the fleet benchmark); otherwise a fixed report.
+    echo: bool,
+    capacity: Resources,
 }
 
 /// One answered heartbeat; times in microseconds, `done_us` since `Shared::epoch`.
-struct Sample {
-    done_us: u64,
-    rtt_us: u32,
+pub(crate) struct Sample {
+    pub(crate) done_us: u64,
+    pub(crate) rtt_us: u32,
     lag_us: u32,
     redirected: bool,
 }
 
 #[derive(Default)]
-struct AgentLog {
-    samples: Vec<Sample>,
+pub(crate) struct AgentLog {
+    pub(crate) samples: Vec<Sample>,
     /// When each failed heartbeat ended, since the epoch.
-    errors_at_us: Vec<u64>,
-    error_samples: Vec<String>,
+    pub(crate) errors_at_us: Vec<u64>,
+    pub(crate) error_samples: Vec<String>,
+}
+
+/// Simulated agents running against a cluster; they stop when this is dropped or stopped.
+pub(crate) struct Fleet {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) tasks: Vec<tokio::task::JoinHandle<AgentLog>>,
+}
+
+impl Fleet {
+    /// Starts `agents` simulated agents: registrations go to `endpoints[leader]`, heartbeats
+    /// every `interval` through a pool of `pool` requests, each bounded by `timeout`.
+    pub(crate) fn start(
+        endpoints: Vec<String>,
+        leader: usize,
+        agents: usize,
+        interval: Duration,
+        pool: usize,
+        timeout: Duration,
+        echo: Option<Resources>,
+    ) -> Result<Fleet> {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_millis(500)))
+            .tcp_nodelay(true)
+            .pool_max_idle_per_host(pool)
+            .build()
+            .context("build HTTP client")?;
+        let shared = Arc::new(Shared {
+            http,
+            pool: Semaphore::new(pool),
+            register_to: endpoints[leader].clone(),
+            endpoints,
+            epoch: Instant::now(),
+            interval,
+            agents,
+            stop: AtomicBool::new(false),
+            registered: AtomicUsize::new(0),
+            registration_failed: AtomicU64::new(0),
+            echo: echo.is_some(),
+            capacity: echo.unwrap_or(Resources {
+                cpu: 8.0,
+                memory_mb: 16_384,
+            }),
+        });
+        let tasks = (0..agents)
+            .map(|index| tokio::spawn(simulate_agent(Arc::clone(&shared), index)))
+            .collect();
+        Ok(Fleet { shared, tasks })
+    }
+
+    /// Stops every agent and returns their logs.
+    pub(crate) async fn stop(mut self) -> Vec<AgentLog> {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        let tasks = std::mem::take(&mut self.tasks);
+        let mut logs = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            if let Ok(log) = task.await {
+                logs.push(log);
+            }
+        }
+        logs
+    }
+}
+
+impl Shared {
+    /// Microseconds since the agents' common epoch, the clock of `Sample::done_us`.
+    pub(crate) fn epoch_elapsed_us(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 async fn measure(
@@ -212,30 +291,17 @@ async fn measure(
     config: &HeartbeatsConfig,
 ) -> Result<HeartbeatRun> {
     let leader = cluster.wait_for_leader(Duration::from_secs(30)).await?;
-    let http = reqwest::Client::builder()
-        .timeout(config.timeout)
-        .connect_timeout(config.timeout.min(Duration::from_millis(500)))
-        .tcp_nodelay(true)
-        .pool_max_idle_per_host(config.pool)
-        .build()
-        .context("build HTTP client")?;
-    let endpoints = cluster.endpoints();
-    let shared = Arc::new(Shared {
-        http,
-        pool: Semaphore::new(config.pool),
-        register_to: endpoints[leader].clone(),
-        endpoints,
-        epoch: Instant::now(),
-        interval: config.interval,
+    let mut fleet = Fleet::start(
+        cluster.endpoints(),
+        leader,
         agents,
-        stop: AtomicBool::new(false),
-        registered: AtomicUsize::new(0),
-        registration_failed: AtomicU64::new(0),
-    });
-    let mut tasks = Vec::with_capacity(agents);
-    for index in 0..agents {
-        tasks.push(tokio::spawn(simulate_agent(Arc::clone(&shared), index)));
-    }
+        config.interval,
+        config.pool,
+        config.timeout,
+        None,
+    )?;
+    let shared = Arc::clone(&fleet.shared);
+    let tasks = std::mem::take(&mut fleet.tasks);
     // Stops the agents however this function is left (an error, a dropped future).
     let _stop = StopOnDrop(Arc::clone(&shared));
 
@@ -375,7 +441,11 @@ async fn simulate_agent(shared: Arc<Shared>, index: usize) -> AgentLog {
     };
     shared.registered.fetch_add(1, Ordering::Relaxed);
 
-    let body = heartbeat_body(&node_id, index);
+    let mut body = if shared.echo {
+        echo_body(&node_id, &[])
+    } else {
+        heartbeat_body(&node_id, index)
+    };
     let mut target = shared.endpoints[index % shared.endpoints.len()].clone();
     let phase = shared.interval.mul_f64(index as f64 / shared.agents as f64);
     let since_epoch = shared.epoch.elapsed();
@@ -391,8 +461,16 @@ async fn simulate_agent(shared: Arc<Shared>, index: usize) -> AgentLog {
             break;
         }
         match heartbeat(&shared, &mut target, &body, &credential).await {
-            Ok((rtt, redirected)) => {
+            Ok((rtt, redirected, answer)) => {
                 let done = Instant::now();
+                if shared.echo {
+                    match serde_json::from_slice::<HeartbeatResponse>(&answer) {
+                        Ok(answer) => body = echo_body(&node_id, &answer.assignments),
+                        Err(error) => {
+                            note_error(&mut log, &shared, format!("decode answer: {error}"))
+                        }
+                    }
+                }
                 log.samples.push(Sample {
                     done_us: (done - shared.epoch).as_micros() as u64,
                     rtt_us: micros(rtt),
@@ -427,10 +505,7 @@ async fn register(shared: &Shared, node_id: &str) -> Result<String> {
         address: "127.0.0.1".to_owned(),
         zone: None,
         labels: Default::default(),
-        capacity: Resources {
-            cpu: 8.0,
-            memory_mb: 16_384,
-        },
+        capacity: shared.capacity,
         agent_version: "bench".to_owned(),
         roles: strata_api::default_roles(),
     };
@@ -502,14 +577,38 @@ fn heartbeat_body(node_id: &str, index: usize) -> Vec<u8> {
     serde_json::to_vec(&request).unwrap_or_default()
 }
 
+/// A heartbeat reporting every assigned instance Running and healthy.
+fn echo_body(node_id: &str, assignments: &[strata_api::Assignment]) -> Vec<u8> {
+    let instances = assignments
+        .iter()
+        .enumerate()
+        .map(|(slot, assignment)| InstanceReport {
+            id: assignment.instance_id,
+            phase: Phase::Running,
+            health: Health::Healthy,
+            port: Some(20_000 + slot as u16),
+            reason: None,
+            cpu_percent: 12.5,
+        })
+        .collect();
+    let request = HeartbeatRequest {
+        node_id: node_id.to_owned(),
+        metrics: HostMetrics::default(),
+        instances,
+        wait_ms: 0,
+        lb: None,
+    };
+    serde_json::to_vec(&request).unwrap_or_default()
+}
+
 /// Sends one heartbeat to `target`, following 421 hints (and remembering the leader in
-/// `target`). Returns the round trip and whether it was redirected.
+/// `target`). Returns the round trip, whether it was redirected, and the answer.
 async fn heartbeat(
     shared: &Shared,
     target: &mut String,
     body: &[u8],
     credential: &str,
-) -> Result<(Duration, bool)> {
+) -> Result<(Duration, bool, bytes::Bytes)> {
     let _permit = shared.pool.acquire().await.context("pool closed")?;
     let sent = Instant::now();
     let mut redirected = false;
@@ -527,7 +626,7 @@ async fn heartbeat(
         // Read the whole answer, as an agent does, so the connection goes back to the pool.
         let bytes = response.bytes().await.context("read heartbeat answer")?;
         if status.is_success() {
-            return Ok((sent.elapsed(), redirected));
+            return Ok((sent.elapsed(), redirected, bytes));
         }
         if status.as_u16() == 421 {
             let leader = serde_json::from_slice::<Problem>(&bytes)

@@ -57,11 +57,55 @@ pub struct Writer {
     system: System,
     /// Strata's bearer token; etcd runs without authentication.
     token: Option<String>,
+    /// Every client writes one object: Strata scales tier `bench-hot`
+    /// (`POST /v1/tiers/bench-hot/scale`), etcd puts key `bench/hot`.
+    hot: bool,
 }
+
+/// The tier every hot-object write scales.
+const HOT_TIER: &str = "bench-hot";
 
 impl Writer {
     pub fn new(system: System, token: Option<String>) -> Writer {
-        Writer { system, token }
+        Writer {
+            system,
+            token,
+            hot: false,
+        }
+    }
+
+    /// A writer whose clients all write the same object.
+    pub fn hot(system: System, token: Option<String>) -> Writer {
+        Writer {
+            hot: true,
+            ..Writer::new(system, token)
+        }
+    }
+
+    /// Creates what the writes need before they start: the hot tier on Strata.
+    pub async fn prepare(&self, endpoint: &str) -> Result<()> {
+        if !self.hot || self.system != System::Strata {
+            return Ok(());
+        }
+        let body = format!(
+            r#"{{"name":"{HOT_TIER}","template":{{"driver":"process","command":["strata-workload"]}},"scaling":{{"min":0,"max":1000,"desired":0}}}}"#
+        );
+        let mut request = reqwest::Client::new()
+            .put(format!("{endpoint}/v1/tiers/{HOT_TIER}"))
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body);
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await?;
+        let status = response.status();
+        if !status.is_success() {
+            bail!(
+                "create {HOT_TIER}: HTTP {status}: {}",
+                response.text().await.unwrap_or_default()
+            );
+        }
+        Ok(())
     }
 
     pub fn system(&self) -> System {
@@ -80,6 +124,31 @@ impl Writer {
         let slot = seq % KEYS_PER_CLIENT;
         let tier = tier_document(client, slot);
         let response = match self.system {
+            // Every write sets desired to 0 (each is still a replicated write with its own
+            // version and event), so no planner has work to do: the figure is the write
+            // path's, as etcd's is.
+            System::Strata if self.hot => {
+                let body = r#"{"desired":0}"#;
+                let mut request = http
+                    .post(format!("{endpoint}/v1/tiers/{HOT_TIER}/scale"))
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(body);
+                if let Some(token) = &self.token {
+                    request = request.bearer_auth(token);
+                }
+                request.send().await?
+            }
+            System::Etcd if self.hot => {
+                let body = serde_json::json!({
+                    "key": BASE64.encode("bench/hot"),
+                    "value": BASE64.encode(tier),
+                });
+                http.post(format!("{endpoint}/v3/kv/put"))
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(body.to_string())
+                    .send()
+                    .await?
+            }
             System::Strata => {
                 let mut request = http
                     .put(format!("{endpoint}/v1/tiers/bench-c{client}-{slot}"))

@@ -75,6 +75,10 @@ pub struct Liveness {
     pub failures: AtomicU64,
     /// Heartbeats answered while leading.
     pub heartbeats: AtomicU64,
+    /// The planners' time in the last round and the longest round, in microseconds (the
+    /// state read lock is held for exactly this long).
+    pub plan_micros_last: AtomicU64,
+    pub plan_micros_max: AtomicU64,
     /// Per node: woken when the node's assignments may have changed (held heartbeats wait on
     /// it).
     signals: Mutex<HashMap<String, Arc<Notify>>>,
@@ -354,7 +358,8 @@ async fn reconcile_once(controller: &Controller, config: &PlanConfig) -> usize {
             leader_since_ms: liveness.leader_since_ms,
             nodes: &liveness.nodes,
         };
-        controller.state.read(|machine| {
+        let started = std::time::Instant::now();
+        let commands = controller.state.read(|machine| {
             plan(
                 &machine.state,
                 &observed,
@@ -362,7 +367,17 @@ async fn reconcile_once(controller: &Controller, config: &PlanConfig) -> usize {
                 now,
                 &mut uuid::Uuid::new_v4,
             )
-        })
+        });
+        let micros = started.elapsed().as_micros() as u64;
+        controller
+            .liveness
+            .plan_micros_last
+            .store(micros, Ordering::Relaxed);
+        controller
+            .liveness
+            .plan_micros_max
+            .fetch_max(micros, Ordering::Relaxed);
+        commands
     };
     let mut applied = 0;
     for command in commands {

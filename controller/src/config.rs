@@ -136,6 +136,11 @@ pub struct Config {
     #[arg(long, env = "STRATA_ELECTION_TIMEOUT", default_value = "250ms")]
     pub election_timeout: Duration,
 
+    /// How long a node may go without contact with a quorum of voters before it refuses
+    /// requests with 503 `no-quorum` (and, not reaching one, stops starting elections).
+    #[arg(long, env = "STRATA_QUORUM_TIMEOUT", default_value = "800ms")]
+    pub quorum_timeout: Duration,
+
     /// How long a write waits for the cluster before the API answers 503.
     #[arg(long, env = "STRATA_WRITE_TIMEOUT", default_value = "10s")]
     pub write_timeout: Duration,

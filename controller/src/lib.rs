@@ -28,6 +28,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod network;
 pub mod node;
+pub mod quorum;
 pub mod raft_types;
 pub mod reconcile;
 pub mod state;

@@ -54,6 +54,17 @@ pub fn render(controller: &Controller) -> String {
         "Bytes of request text in the log entries this node holds (since the last purge).",
         controller.log.bytes(),
     );
+    let (snapshot_bytes, snapshot_micros) = controller.state.last_snapshot_build();
+    gauge(
+        "strata_snapshot_bytes",
+        "Size of the last snapshot this node built.",
+        snapshot_bytes,
+    );
+    gauge(
+        "strata_snapshot_build_micros",
+        "Time the last snapshot this node built took to encode and persist, in microseconds.",
+        snapshot_micros,
+    );
     gauge(
         "strata_raft_members",
         "Nodes in the current membership (voters and learners).",
@@ -69,6 +80,12 @@ pub fn render(controller: &Controller) -> String {
         "strata_heartbeat_lag_max_ms",
         "Longest time since a node's last heartbeat (leader only; 0 elsewhere).",
         controller.liveness.max_heartbeat_lag_ms(now),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP strata_plan_micros The planners' time in a reconcile round (leader only): last and max.\n# TYPE strata_plan_micros gauge\nstrata_plan_micros{{round=\"last\"}} {}\nstrata_plan_micros{{round=\"max\"}} {}",
+        controller.liveness.plan_micros_last.load(Ordering::Relaxed),
+        controller.liveness.plan_micros_max.load(Ordering::Relaxed)
     );
     let liveness = &controller.liveness;
     let mut counter = |name: &str, help: &str, value: u64| {
@@ -153,7 +170,7 @@ fn render_pools(controller: &Controller, out: &mut String) {
         .read(|machine| crate::views::pools(&machine.state));
     let _ = writeln!(
         out,
-        "# HELP strata_pool_version Log index of the last change of a tier's pool.\n# TYPE strata_pool_version gauge"
+        "# HELP strata_pool_version Revision of the last change of a tier's pool.\n# TYPE strata_pool_version gauge"
     );
     for pool in &pools {
         let _ = writeln!(

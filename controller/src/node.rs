@@ -29,6 +29,7 @@ use crate::batch::Gatherer;
 use crate::config::Config;
 use crate::forward::{ForwardFailure, Forwarder};
 use crate::network::{routes, NetworkFactory, PeerClient, PeerError};
+use crate::quorum::Quorum;
 use crate::raft_types::{NodeId, Proposal, Raft};
 use crate::state::{Command, CommandResult, Request};
 use crate::store::{LogStore, StateMachineStore};
@@ -44,6 +45,11 @@ pub enum ClusterError {
     OutcomeUnknown(String),
     #[error("timed out after {0:?} waiting for the cluster")]
     Timeout(Duration),
+    /// This node has lost contact with a quorum of voters (see `crate::quorum`); nothing was
+    /// proposed, or a proposal in flight has an unknown outcome (then `OutcomeUnknown`).
+    #[error("no quorum: {0}")]
+    /// Carries the members this node knows, for the client to try another.
+    NoQuorum(String, Vec<Member>),
     /// A membership change was refused (for example, removing the last voter).
     #[error("membership change refused: {0}")]
     Membership(String),
@@ -165,6 +171,8 @@ pub struct Controller {
     batcher: mpsc::UnboundedSender<Pending>,
     /// Client commands on their way to the leader, when this node follows.
     pub forwarder: Forwarder,
+    /// Whether this node is in touch with a quorum of voters.
+    pub quorum: Quorum,
 }
 
 impl Controller {
@@ -221,6 +229,17 @@ impl Controller {
         let liveness = Arc::new(Liveness::default());
         state.on_applied(wake_after_apply(liveness.clone(), raft.clone()));
 
+        let quorum = Quorum::start(
+            raft.clone(),
+            peers.clone(),
+            config.node_id,
+            Duration::from_millis(heartbeat * 2),
+            config.quorum_timeout.as_std(),
+            // openraft campaigns no sooner than leader_lease (election_timeout_max) plus
+            // election_timeout_min after the last heartbeat; answers older than one election
+            // timeout plus a probe round no longer speak for a peer.
+            Duration::from_millis(election + heartbeat * 2),
+        );
         let forwarder = Forwarder::start(peers.clone(), config.write_timeout.as_std());
         let (batcher, queue) = mpsc::unbounded_channel();
         tokio::spawn(run_batcher(raft.clone(), queue));
@@ -239,6 +258,7 @@ impl Controller {
             liveness,
             batcher,
             forwarder,
+            quorum,
         });
         controller.bootstrap(config).await?;
         Ok(controller)
@@ -309,11 +329,37 @@ impl Controller {
 
     /// Proposes `command` and returns its result once applied, forwarding to the leader when
     /// this node is not the leader.
+    ///
+    /// A node without a quorum refuses at once; one that loses it while the write is on its
+    /// way answers at once that the outcome is unknown (the entry may still commit if the
+    /// partition heals), instead of holding the client for the whole write timeout.
     pub async fn propose(&self, command: Command) -> Result<CommandResult, ClusterError> {
+        self.refuse_without_quorum()?;
         let timeout = self.write_timeout;
-        tokio::time::timeout(timeout, self.propose_until_done(command))
-            .await
-            .map_err(|_| ClusterError::Timeout(timeout))?
+        tokio::select! {
+            outcome = tokio::time::timeout(timeout, self.propose_until_done(command)) => {
+                outcome.map_err(|_| ClusterError::Timeout(timeout))?
+            }
+            () = self.quorum.lost() => Err(ClusterError::OutcomeUnknown(format!(
+                "node {} lost contact with a quorum of voters while the write was in flight",
+                self.id
+            ))),
+        }
+    }
+
+    /// `Err(NoQuorum)` when this node has not been in touch with a quorum of voters lately.
+    pub fn refuse_without_quorum(&self) -> Result<(), ClusterError> {
+        let view = self.quorum.view();
+        if view.has_quorum {
+            return Ok(());
+        }
+        Err(ClusterError::NoQuorum(
+            format!(
+                "node {} has not been in touch with a quorum of voters for {} ms (reachable: {:?}); try another member",
+                self.id, view.millis_since_quorum, view.reachable
+            ),
+            self.cluster_status().members,
+        ))
     }
 
     async fn propose_until_done(&self, command: Command) -> Result<CommandResult, ClusterError> {
@@ -376,10 +422,14 @@ impl Controller {
     /// Waits until this node's state machine reflects every write acknowledged before the call
     /// (ReadIndex). Fails when no leader can confirm its leadership in time.
     pub async fn linearizable(&self) -> Result<(), ClusterError> {
+        self.refuse_without_quorum()?;
         let timeout = self.write_timeout;
-        tokio::time::timeout(timeout, self.linearizable_until_done())
-            .await
-            .map_err(|_| ClusterError::Timeout(timeout))?
+        tokio::select! {
+            outcome = tokio::time::timeout(timeout, self.linearizable_until_done()) => {
+                outcome.map_err(|_| ClusterError::Timeout(timeout))?
+            }
+            () = self.quorum.lost() => self.refuse_without_quorum(),
+        }
     }
 
     async fn linearizable_until_done(&self) -> Result<(), ClusterError> {
@@ -480,6 +530,7 @@ impl Controller {
     /// This node's view of the cluster.
     pub fn cluster_status(&self) -> ClusterStatus {
         let metrics = self.raft.metrics().borrow().clone();
+        let quorum = self.quorum.view();
         let membership = metrics.membership_config.membership();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         let members = membership
@@ -509,6 +560,8 @@ impl Controller {
             last_log_index: metrics.last_log_index.unwrap_or(0),
             snapshot_index: metrics.snapshot.map_or(0, |id| id.index),
             members,
+            has_quorum: quorum.has_quorum,
+            millis_since_quorum: quorum.millis_since_quorum,
         }
     }
 
@@ -758,8 +811,9 @@ pub struct Pending {
     reply: oneshot::Sender<Result<CommandResult, LocalWriteError>>,
 }
 
-/// Client commands on distinct objects may share a log entry; this is the object a command
-/// is about (`None`: never batched, such as the planners' commands).
+/// Client commands may share a log entry, also several on one object (each gets its own
+/// revision at apply, `State::next_revision`); this is the object a command is about (`None`:
+/// never batched, such as the planners' commands).
 fn batch_key(command: &Command) -> Option<String> {
     match command {
         Command::PutTier { spec } => Some(format!("tier/{}", spec.name)),
@@ -789,8 +843,9 @@ const MAX_BATCH: usize = 64;
 /// (`RaftCore::append_to_log` waits for the flush before the next message), so the leader's
 /// write rate would be one per fsync. While a batched entry is in flight, new commands queue
 /// up here and go out together in the next entry, so the batch grows with the load. Commands
-/// on the same object never share an entry (they wait for the next one), which keeps
-/// "resource version = the index of the entry that last changed the object" unambiguous.
+/// on one object share entries too: apply runs them in order, each with its own revision, so
+/// a hot object (an autoscaler, operators and CI scaling one tier) costs no more fsyncs than
+/// distinct objects do, and compare-and-set between them stays exact.
 async fn run_batcher(raft: Raft, queue: mpsc::UnboundedReceiver<Pending>) {
     let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_BATCHES_IN_FLIGHT));
     let mut gatherer = Gatherer::new(queue);
@@ -798,17 +853,7 @@ async fn run_batcher(raft: Raft, queue: mpsc::UnboundedReceiver<Pending>) {
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             return;
         };
-        // The objects the batch being gathered writes, one command each; seeded with the
-        // first command's object on the first call.
-        let mut keys = BTreeSet::new();
-        let batch = gatherer
-            .next_batch(MAX_BATCH, |batch, pending| {
-                if keys.is_empty() {
-                    keys.insert(batch_key(&batch[0].command).unwrap_or_default());
-                }
-                keys.insert(batch_key(&pending.command).unwrap_or_default())
-            })
-            .await;
+        let batch = gatherer.next_batch(MAX_BATCH, |_, _| true).await;
         let Some(batch) = batch else {
             return;
         };

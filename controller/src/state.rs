@@ -3,9 +3,12 @@
 //! Invariants:
 //! - `apply` reads no clock and no randomness: times come from `Request::at_ms`, stamped by the
 //!   leader that proposed the command, so every replica computes the same state.
-//! - An object's `resource_version` is the log index of the command that last changed it.
-//!   Compare-and-set is decided here, at apply time, against the state at that log position, so
-//!   a retried write with the same precondition can never apply twice.
+//! - An object's `resource_version` is the revision of the command that last changed it: a
+//!   counter of applied commands kept in the state (`State::revision`), never below the log
+//!   index of the entry that carried the command. Commands in one batched entry, also several
+//!   writes to one object, get consecutive revisions, so versions of an object are unique and
+//!   strictly increasing. Compare-and-set is decided here, at apply time, against the state at
+//!   that position, so a retried write with the same precondition can never apply twice.
 //! - Rejections (not found, conflict, invalid) are results, not errors: the entry is still
 //!   applied (as a no-op) and every replica rejects it the same way.
 
@@ -98,9 +101,8 @@ pub enum Command {
         reason: String,
         message: String,
     },
-    /// Several client commands in one log entry, applied in order, each with its own result.
-    /// The leader batches only commands on distinct objects, so no two versions of an object
-    /// ever share a resource version (the entry's index).
+    /// Several client commands in one log entry, applied in order, each with its own result
+    /// and its own revision (several may write the same object).
     Batch { commands: Vec<Command> },
 }
 
@@ -243,6 +245,10 @@ pub struct State {
     pub events: VecDeque<Event>,
     #[serde(default)]
     pub next_event_id: u64,
+    /// The revision of the last applied command (etcd's revision): the resource version it
+    /// gave the objects it changed. See `next_revision`.
+    #[serde(default)]
+    pub revision: u64,
     /// Node credential digest → node id; derived from `nodes`, rebuilt by `reindex`.
     #[serde(skip)]
     pub credentials: BTreeMap<String, String>,
@@ -255,37 +261,46 @@ impl State {
     }
 
     fn apply_command(&mut self, index: u64, at_ms: u64, command: &Command) -> CommandResult {
+        if let Command::Batch { commands } = command {
+            return CommandResult::Batch {
+                results: commands
+                    .iter()
+                    .map(|command| self.apply_command(index, at_ms, command))
+                    .collect(),
+            };
+        }
+        let version = self.next_revision(index);
         match command {
-            Command::PutTier { spec } => self.put_tier(index, at_ms, spec),
+            Command::PutTier { spec } => self.put_tier(version, at_ms, spec),
             Command::DeleteTier {
                 name,
                 expected_version,
-            } => self.delete_tier(index, at_ms, name, *expected_version),
+            } => self.delete_tier(version, at_ms, name, *expected_version),
             Command::ScaleTier {
                 name,
                 desired,
                 expected_version,
-            } => self.scale_tier(index, at_ms, name, *desired, *expected_version),
+            } => self.scale_tier(version, at_ms, name, *desired, *expected_version),
             Command::RegisterNode {
                 registration,
                 auth,
                 max_nodes,
-            } => self.register_node(index, at_ms, registration, auth.as_ref(), *max_nodes),
-            Command::RevokeNode { node } => self.revoke_node(index, at_ms, node),
+            } => self.register_node(version, at_ms, registration, auth.as_ref(), *max_nodes),
+            Command::RevokeNode { node } => self.revoke_node(version, at_ms, node),
             Command::SetNodeReady {
                 node,
                 ready,
                 reason,
-            } => self.set_node_ready(index, at_ms, node, *ready, reason),
+            } => self.set_node_ready(version, at_ms, node, *ready, reason),
             Command::SetNodeFlags {
                 node,
                 cordoned,
                 draining,
-            } => self.set_node_flags(index, at_ms, node, *cordoned, *draining),
+            } => self.set_node_flags(version, at_ms, node, *cordoned, *draining),
             Command::CreateInstances { instances, reason } => {
-                self.create_instances(index, at_ms, instances, reason)
+                self.create_instances(version, at_ms, instances, reason)
             }
-            Command::UpdateInstances { updates } => self.update_instances(index, at_ms, updates),
+            Command::UpdateInstances { updates } => self.update_instances(version, at_ms, updates),
             Command::RemoveInstances { ids } => {
                 let mut count = 0;
                 for id in ids {
@@ -308,13 +323,18 @@ impl State {
                 self.record(at_ms, object.clone(), reason, message.clone());
                 CommandResult::Changed { count: 0 }
             }
-            Command::Batch { commands } => CommandResult::Batch {
-                results: commands
-                    .iter()
-                    .map(|command| self.apply_command(index, at_ms, command))
-                    .collect(),
-            },
+            Command::Batch { .. } => unreachable!("batches are unpacked above"),
         }
+    }
+
+    /// The revision of the command applied next, in the entry at log `index`: one more than
+    /// the last, and never below the entry's index. Every command gets its own, so writes to
+    /// one object that share an entry still get distinct, increasing versions; and a state
+    /// from before revisions existed (revision 0, versions equal to log indexes) continues
+    /// above every version it holds.
+    fn next_revision(&mut self, index: u64) -> u64 {
+        self.revision = (self.revision + 1).max(index);
+        self.revision
     }
 
     /// Rebuilds derived indexes; call after decoding a snapshot.
@@ -750,8 +770,8 @@ impl State {
         true
     }
 
-    /// Notes that the pool of `tier` may have changed at `index`: pool versions are the log
-    /// index of the last command that changed something a pool is computed from (an
+    /// Notes that the pool of `tier` may have changed at revision `index`: pool versions are the
+    /// revision of the last command that changed something a pool is computed from (an
     /// instance's phase, health or port, the tier's load balancer or health check), so they
     /// only grow, and two pools of one tier with the same version are the same.
     fn pool_changed(&mut self, tier: &str, index: u64) {
@@ -1163,7 +1183,7 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_applies_each_command_with_its_own_result_at_the_entry_index() {
+    fn a_batch_applies_each_command_with_its_own_result_and_revision() {
         let mut state = State::default();
         state.apply(1, &put(spec("web", 1, 5)));
         let batch = Request {
@@ -1193,7 +1213,7 @@ mod tests {
             matches!(&results[0], CommandResult::Tier { created: true, tier } if tier.resource_version() == 7)
         );
         assert!(
-            matches!(&results[1], CommandResult::Tier { created: false, tier } if tier.status.desired == 3 && tier.resource_version() == 7)
+            matches!(&results[1], CommandResult::Tier { created: false, tier } if tier.status.desired == 3 && tier.resource_version() == 8)
         );
         assert!(matches!(
             &results[2],

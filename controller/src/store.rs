@@ -133,6 +133,8 @@ pub async fn open(data_dir: &Path) -> Result<(LogStore, StateMachineStore), Stor
             machine: RwLock::new(machine),
             snapshot: Mutex::new(loaded.snapshot),
             snapshot_counter: AtomicU64::new(0),
+            snapshot_bytes: AtomicU64::new(0),
+            snapshot_build_micros: AtomicU64::new(0),
             writer,
             on_applied: OnceLock::new(),
         }),
@@ -651,11 +653,24 @@ pub struct StateMachineStore {
     shared: Arc<MachineShared>,
 }
 
+impl StateMachineStore {
+    /// Size in bytes and build time in microseconds of the last snapshot built on this node.
+    pub fn last_snapshot_build(&self) -> (u64, u64) {
+        (
+            self.shared.snapshot_bytes.load(Ordering::Relaxed),
+            self.shared.snapshot_build_micros.load(Ordering::Relaxed),
+        )
+    }
+}
+
 struct MachineShared {
     machine: RwLock<StateMachine>,
     snapshot: Mutex<Option<StoredSnapshot>>,
     /// Distinguishes snapshots built at the same log id (after a restart, for example).
     snapshot_counter: AtomicU64,
+    /// The last snapshot built here: its size and how long encoding and persisting it took.
+    snapshot_bytes: AtomicU64,
+    snapshot_build_micros: AtomicU64,
     writer: mpsc::UnboundedSender<WriteOp>,
     /// Told of the requests each `apply` call applied; set once, after Raft exists.
     on_applied: OnceLock<AppliedHook>,
@@ -725,6 +740,7 @@ impl StateMachineStore {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+        let started = std::time::Instant::now();
         let (data, last_applied, last_membership) = {
             let machine = self.read(|machine| {
                 serde_json::to_vec(machine)
@@ -747,7 +763,14 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             data: data.clone(),
         })
         .await?;
-        tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), "built snapshot");
+        let micros = started.elapsed().as_micros() as u64;
+        self.shared
+            .snapshot_bytes
+            .store(data.len() as u64, Ordering::Relaxed);
+        self.shared
+            .snapshot_build_micros
+            .store(micros, Ordering::Relaxed);
+        tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), micros, "built snapshot");
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),

@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod linearizability;
+pub mod netns;
+
 use anyhow::{anyhow, bail, Context};
 use serde_json::{json, Value};
 
@@ -112,6 +115,10 @@ pub struct ClusterOptions {
     pub listen_host: IpAddr,
     /// `--reconcile-interval` of the controllers: how often the planners run unprompted.
     pub reconcile_interval: &'static str,
+    /// When not empty, node `i` (from 1) runs inside network namespace `namespaces[i - 1].0`
+    /// (through `ip netns exec`, which needs root) and listens on its address
+    /// `namespaces[i - 1].1`, port 7001; `listen_host` is then unused.
+    pub namespaces: Vec<(String, IpAddr)>,
     /// More flags for every controller (`--header-timeout 2s`, ...).
     pub controller_args: Vec<&'static str>,
 }
@@ -125,6 +132,7 @@ impl Default for ClusterOptions {
             heartbeat_grace: "3s",
             listen_host: IpAddr::V4(Ipv4Addr::LOCALHOST),
             reconcile_interval: "200ms",
+            namespaces: Vec::new(),
             controller_args: Vec::new(),
         }
     }
@@ -145,7 +153,11 @@ impl Cluster {
         let dir = tempfile::tempdir().context("create temp dir")?;
         let mut nodes = BTreeMap::new();
         for id in 1..=options.nodes {
-            let address = free_address_on(options.listen_host);
+            let address = match options.namespaces.get(id as usize - 1) {
+                // A namespace of the test's own has every port free.
+                Some((_, ip)) => SocketAddr::new(*ip, 7001).to_string(),
+                None => free_address_on(options.listen_host),
+            };
             nodes.insert(
                 id,
                 ControllerNode {
@@ -203,7 +215,16 @@ impl Cluster {
             .open(&node.log_path)
             .context("open node log")?;
         let log_err = log.try_clone().context("clone node log")?;
-        let mut command = Command::new(binary("strata-controller"));
+        let mut command = match self.options.namespaces.get(id as usize - 1) {
+            Some((namespace, _)) => {
+                let mut command = Command::new("ip");
+                command
+                    .args(["netns", "exec", namespace])
+                    .arg(binary("strata-controller"));
+                command
+            }
+            None => Command::new(binary("strata-controller")),
+        };
         command
             .args(["--node-id", &id.to_string()])
             .args(["--listen", &node.address])

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use reqwest::Method;
 use serde_json::{json, Value};
 use strata_tests::{send, tier_body, Cluster, ClusterOptions, ADMIN_TOKEN};
@@ -631,5 +632,116 @@ async fn a_fourth_member_is_added_and_an_old_one_removed_while_writes_continue(
         assert!(missing.is_empty(), "node {node} lost writes: {missing:?}");
         assert_increments_unique(&increments, counter_value(&cluster, node).await?);
     }
+    Ok(())
+}
+
+/// The resource version in a tier answer.
+fn version_of(tier: &Value) -> Option<u64> {
+    tier["resource_version"]
+        .as_u64()
+        .or_else(|| tier["spec"]["resource_version"].as_u64())
+}
+
+/// A hot object: 64 clients scaling one tier at once, through the leader and both followers.
+/// Their writes share log entries like writes to distinct objects, yet each is acknowledged
+/// once with its own resource version, each client sees its versions increase, the last
+/// version holds the last value, and a compare-and-set race on one version has one winner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_writers_on_one_tier_each_get_their_own_version() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(ClusterOptions::default()).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(20)).await?;
+    assert_eq!(put_tier(&cluster, leader, "hot").await?, 201);
+    let log_before = cluster.status(leader).await?["last_log_index"]
+        .as_u64()
+        .unwrap_or(0);
+
+    const CLIENTS: u64 = 64;
+    const ROUNDS: u64 = 4;
+    let mut clients = Vec::new();
+    for client in 0..CLIENTS {
+        let http = cluster.http.clone();
+        let url = cluster.url(1 + client % 3, "/v1/tiers/hot/scale");
+        clients.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            for round in 0..ROUNDS {
+                // Unique values tell every write apart.
+                let desired = 1 + client * ROUNDS + round;
+                let body = json!({ "desired": desired });
+                let answer =
+                    send(&http, Method::POST, &url, Some(ADMIN_TOKEN), Some(&body)).await?;
+                anyhow::ensure!(answer.status == 200, "scale to {desired}: {answer:?}");
+                let version = version_of(&answer.body)
+                    .with_context(|| format!("no resource_version in {}", answer.body))?;
+                seen.push((version, desired));
+            }
+            anyhow::Ok(seen)
+        }));
+    }
+    let mut all: Vec<(u64, u64)> = Vec::new();
+    for client in clients {
+        let seen = client.await??;
+        assert!(
+            seen.windows(2).all(|pair| pair[0].0 < pair[1].0),
+            "one client's versions must increase: {seen:?}"
+        );
+        all.extend(seen);
+    }
+    assert_eq!(all.len() as u64, CLIENTS * ROUNDS);
+    let versions: BTreeSet<u64> = all.iter().map(|(version, _)| *version).collect();
+    assert_eq!(
+        versions.len(),
+        all.len(),
+        "every write has its own resource version"
+    );
+    let (last_version, last_value) = *all.iter().max().context("no writes")?;
+    let tier: Value = send(
+        &cluster.http,
+        Method::GET,
+        &cluster.url(leader, "/v1/tiers/hot"),
+        Some(ADMIN_TOKEN),
+        None,
+    )
+    .await?
+    .body;
+    assert_eq!(version_of(&tier), Some(last_version), "{tier}");
+    assert_eq!(tier["status"]["desired"], last_value, "{tier}");
+    // They shared entries: the log grew by fewer entries than there were writes (the planners'
+    // own entries included).
+    let log_after = cluster.status(leader).await?["last_log_index"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        log_after - log_before < CLIENTS * ROUNDS,
+        "{} entries for {} writes",
+        log_after - log_before,
+        CLIENTS * ROUNDS
+    );
+
+    // A compare-and-set race on the current version: exactly one winner, the rest 409.
+    let mut racers = Vec::new();
+    for racer in 0..CLIENTS {
+        let http = cluster.http.clone();
+        let url = cluster.url(1 + racer % 3, "/v1/tiers/hot/scale");
+        racers.push(tokio::spawn(async move {
+            let body = json!({ "desired": 500 + racer, "resource_version": last_version });
+            send(&http, Method::POST, &url, Some(ADMIN_TOKEN), Some(&body)).await
+        }));
+    }
+    let mut winners = 0;
+    for racer in racers {
+        let answer = racer.await??;
+        match answer.status {
+            200 => winners += 1,
+            409 => assert_eq!(
+                answer.body["current_resource_version"]
+                    .as_u64()
+                    .map(|v| v > last_version),
+                Some(true),
+                "{answer:?}"
+            ),
+            _ => panic!("compare-and-set answered {answer:?}"),
+        }
+    }
+    assert_eq!(winners, 1, "exactly one compare-and-set wins");
     Ok(())
 }

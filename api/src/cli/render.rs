@@ -710,8 +710,16 @@ pub fn cluster_status(status: &ClusterStatus) -> String {
         Some(id) => format!("leader {id}"),
         None => "no leader".to_string(),
     };
+    let quorum = if status.has_quorum {
+        String::new()
+    } else {
+        format!(
+            "NO QUORUM: no contact with a majority of voters for {} ms; this node refuses reads and writes\n",
+            status.millis_since_quorum
+        )
+    };
     let mut text = format!(
-        "Answered by node {} ({}); {leader}; term {}\nCommit index {}, applied {}, last log {}, snapshot {}\n\n",
+        "Answered by node {} ({}); {leader}; term {}\n{quorum}Commit index {}, applied {}, last log {}, snapshot {}\n\n",
         status.node_id,
         status.role,
         status.term,

@@ -301,6 +301,8 @@ fn cluster_status_marks_the_leader() {
                 voter: false,
             },
         ],
+        has_quorum: true,
+        millis_since_quorum: 12,
     };
     assert_eq!(
         render::cluster_status(&status),
@@ -314,6 +316,14 @@ ID   ADDRESS         ROLE      ANSWERED
 3    10.0.0.3:7001   learner
 "
     );
+    let cut_off = ClusterStatus {
+        has_quorum: false,
+        millis_since_quorum: 1400,
+        ..status
+    };
+    assert!(render::cluster_status(&cut_off).contains(
+        "term 5\nNO QUORUM: no contact with a majority of voters for 1400 ms; this node refuses reads and writes\nCommit index 40"
+    ));
 }
 
 /// Runs a command line with `stdin` against `server`, returning the result, stdout and stderr.

@@ -200,7 +200,7 @@ async fn list_tiers(
                 .into_iter()
                 .map(|tier| tier_view(&machine.state, &index, tier, now))
                 .collect(),
-            resource_version: Some(machine.last_applied.map_or(0, |id| id.index)),
+            resource_version: Some(list_version(&machine.state, machine.last_applied)),
             next,
         }))
     })
@@ -459,7 +459,7 @@ async fn list_nodes(
                 .into_iter()
                 .map(|record| node_view(&machine.state, record, heartbeats.remove(&record.id)))
                 .collect(),
-            resource_version: machine.last_applied.map(|id| id.index),
+            resource_version: Some(list_version(&machine.state, machine.last_applied)),
             next,
         }))
     })
@@ -574,7 +574,7 @@ async fn tier_instances(
         )?;
         Ok(Json(ItemList {
             items,
-            resource_version: machine.last_applied.map(|id| id.index),
+            resource_version: Some(list_version(&machine.state, machine.last_applied)),
             next,
         }))
     })
@@ -594,7 +594,7 @@ async fn list_instances(
         )?;
         Ok(Json(ItemList {
             items,
-            resource_version: machine.last_applied.map(|id| id.index),
+            resource_version: Some(list_version(&machine.state, machine.last_applied)),
             next,
         }))
     })
@@ -655,8 +655,17 @@ async fn list_events(
         )?;
         Ok(Json(ItemList {
             items,
-            resource_version: machine.last_applied.map(|id| id.index),
+            resource_version: Some(list_version(&machine.state, machine.last_applied)),
             next,
         }))
     })
+}
+
+/// A list's `resource_version`: the state's revision when it was read (at least every item's
+/// version), and never below the applied log index, which lists reported before revisions.
+fn list_version(
+    state: &crate::state::State,
+    applied: Option<openraft::LogId<crate::raft_types::NodeId>>,
+) -> u64 {
+    state.revision.max(applied.map_or(0, |id| id.index))
 }

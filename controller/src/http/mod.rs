@@ -40,6 +40,10 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .layer(axum::extract::DefaultBodyLimit::max(MAX_API_BODY))
         .route_layer(middleware::from_fn_with_state(
             controller.clone(),
+            require_quorum,
+        ))
+        .route_layer(middleware::from_fn_with_state(
+            controller.clone(),
             require_api_token,
         ));
     let peers = peer::routes()
@@ -101,6 +105,9 @@ impl From<ClusterError> for ApiError {
                 "outcome-unknown",
                 "Write outcome unknown",
             ),
+            ClusterError::NoQuorum(..) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "no-quorum", "No quorum")
+            }
             ClusterError::Timeout(_) => (
                 StatusCode::GATEWAY_TIMEOUT,
                 "timeout",
@@ -122,7 +129,11 @@ impl From<ClusterError> for ApiError {
                 "Internal error",
             ),
         };
-        ApiError::new(status, kind, title, error.to_string())
+        let mut problem = Problem::new(status.as_u16(), kind, title, error.to_string());
+        if let ClusterError::NoQuorum(_, members) = error {
+            problem.members = members;
+        }
+        ApiError(problem)
     }
 }
 
@@ -329,6 +340,34 @@ async fn require_api_token(
             next.run(request).await
         }
     }
+}
+
+/// A node cut off from a quorum of voters answers at once with 503 `no-quorum` and the
+/// members it knows, instead of holding the request until the write timeout; clients move
+/// to the next server. `GET /v1/cluster` (which says so) and `?stale=true` reads, which
+/// promise nothing about freshness, are still served.
+async fn require_quorum(
+    State(controller): State<Arc<Controller>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let exempt = request.uri().path() == "/v1/cluster" && request.method() == Method::GET
+        || is_stale_read(&request);
+    if exempt {
+        return next.run(request).await;
+    }
+    match controller.refuse_without_quorum() {
+        Ok(()) => next.run(request).await,
+        Err(error) => ApiError::from(error).into_response(),
+    }
+}
+
+fn is_stale_read(request: &Request) -> bool {
+    request.method() == Method::GET
+        && request
+            .uri()
+            .query()
+            .is_some_and(|query| query.split('&').any(|pair| pair == "stale=true"))
 }
 
 async fn require_cluster_secret(

@@ -35,6 +35,7 @@ pub fn routes() -> Router<Arc<Controller>> {
         .route(routes::MEMBERS, post(members))
         .route(routes::LIVENESS, post(liveness))
         .route(routes::LB_REPORTS, post(lb_reports))
+        .route(routes::PING, post(ping))
 }
 
 /// A JSON body from a peer. Unlike axum's `Json`, it decodes without `serde_path_to_error`:
@@ -150,4 +151,15 @@ async fn members(
                 other => MembershipFailure::Refused(other.to_string()),
             }),
     )
+}
+
+/// Answers a peer's quorum probe (`crate::quorum`) with this node's id, so a probe that
+/// reached the wrong process does not count.
+async fn ping(State(controller): State<Arc<Controller>>) -> Json<crate::quorum::Pong> {
+    let view = controller.quorum.view();
+    Json(crate::quorum::Pong {
+        node_id: controller.id,
+        leading: controller.is_leader() && view.has_quorum,
+        leader_contact: view.leader_contact,
+    })
 }
