@@ -710,6 +710,11 @@ pub struct ScalingDecision {
     pub from: u32,
     pub to: u32,
     pub reason: String,
+    /// An autoscaler decision: everything it saw and concluded (per-policy values, targets
+    /// and recommendations, the windows and limits that bounded it). Absent for a decision
+    /// made by an operator or a spec change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inputs: Option<Box<ScalingInputs>>,
 }
 
 /// Everything one autoscaler evaluation saw and concluded, for events, `status.last_scaling`
@@ -788,11 +793,34 @@ pub struct Condition {
     pub since_ms: u64,
 }
 
-/// Body of `POST /v1/tiers/{name}/scale`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Body of `POST /v1/tiers/{name}/scale`: either `{"desired": N}`, which sets the count by
+/// hand and pauses the tier's autoscaler, or `{"auto": true}`, which hands the count back to
+/// the autoscaler (from the count it has now). Exactly one of the two.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScaleRequest {
-    pub desired: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired: Option<u32>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub auto: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource_version: Option<u64>,
+}
+
+impl ScaleRequest {
+    /// Set the count by hand.
+    pub fn manual(desired: u32) -> ScaleRequest {
+        ScaleRequest {
+            desired: Some(desired),
+            ..ScaleRequest::default()
+        }
+    }
+
+    /// Hand the count back to the autoscaler.
+    pub fn automatic() -> ScaleRequest {
+        ScaleRequest {
+            auto: true,
+            ..ScaleRequest::default()
+        }
+    }
 }

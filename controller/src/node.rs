@@ -167,6 +167,9 @@ pub struct Controller {
     /// Heartbeat memory; meaningful only while this node leads. Shared with the state
     /// machine's applied hook (`wake_after_apply`).
     pub liveness: Arc<Liveness>,
+    /// The autoscaler's metric windows and decision memories; meaningful only while this
+    /// node leads.
+    pub autoscaler: Arc<crate::autoscaler::Autoscaler>,
     /// Client commands on their way into a (batched) log entry.
     batcher: mpsc::UnboundedSender<Pending>,
     /// Client commands on their way to the leader, when this node follows.
@@ -227,7 +230,12 @@ impl Controller {
         .context("start raft")?;
 
         let liveness = Arc::new(Liveness::default());
-        state.on_applied(wake_after_apply(liveness.clone(), raft.clone()));
+        let autoscaler = Arc::new(crate::autoscaler::Autoscaler::default());
+        state.on_applied(wake_after_apply(
+            liveness.clone(),
+            autoscaler.clone(),
+            raft.clone(),
+        ));
 
         let quorum = Quorum::start(
             raft.clone(),
@@ -256,6 +264,7 @@ impl Controller {
             },
             write_timeout: config.write_timeout.as_std(),
             liveness,
+            autoscaler,
             batcher,
             forwarder,
             quorum,
@@ -728,7 +737,11 @@ impl Controller {
 /// the leader by the forwarder, and a command may apply after its proposer gave up waiting;
 /// the leader applying it is the one place that sees every command, and the only node whose
 /// planners and held heartbeats act. On followers the hook does nothing.
-fn wake_after_apply(liveness: Arc<Liveness>, raft: Raft) -> crate::store::AppliedHook {
+fn wake_after_apply(
+    liveness: Arc<Liveness>,
+    autoscaler: Arc<crate::autoscaler::Autoscaler>,
+    raft: Raft,
+) -> crate::store::AppliedHook {
     let metrics = raft.metrics();
     Box::new(move |store, requests| {
         if metrics.borrow().state != ServerState::Leader {
@@ -743,6 +756,14 @@ fn wake_after_apply(liveness: Arc<Liveness>, raft: Raft) -> crate::store::Applie
                     // no assignment changes until they act.
                     liveness.after_write(store, Touch::of(command));
                     liveness.wake.notify_one();
+                }
+                Command::PutTier { .. }
+                | Command::ScaleTier { .. }
+                | Command::ResumeAutoscaling { .. } => {
+                    // New policies, bounds or a manual count: the autoscaler re-evaluates
+                    // now rather than at its next tick.
+                    liveness.after_write(store, Touch::of(command));
+                    autoscaler.wake.notify_one();
                 }
                 _ => liveness.after_write(store, Touch::of(command)),
             }
@@ -817,9 +838,10 @@ pub struct Pending {
 fn batch_key(command: &Command) -> Option<String> {
     match command {
         Command::PutTier { spec } => Some(format!("tier/{}", spec.name)),
-        Command::ScaleTier { name, .. } | Command::DeleteTier { name, .. } => {
-            Some(format!("tier/{name}"))
-        }
+        Command::ScaleTier { name, .. }
+        | Command::DeleteTier { name, .. }
+        | Command::ResumeAutoscaling { name, .. }
+        | Command::AutoscaleTier { name, .. } => Some(format!("tier/{name}")),
         Command::RegisterNode { registration, .. } => {
             Some(format!("node/{}", registration.node_id))
         }

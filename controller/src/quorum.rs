@@ -193,6 +193,20 @@ pub struct Pong {
 #[derive(Clone)]
 pub struct Quorum {
     view: Arc<watch::Sender<QuorumView>>,
+    answers: Answers,
+}
+
+/// Each peer's latest answer, shared by the probe loop and the peer routes.
+type Answers = Arc<std::sync::Mutex<HashMap<NodeId, PeerAnswer>>>;
+
+/// Records `answer` for `peer` unless a newer one is known.
+fn note(answers: &Answers, peer: NodeId, answer: PeerAnswer) {
+    let mut answers = answers
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if answers.get(&peer).is_none_or(|known| known.at <= answer.at) {
+        answers.insert(peer, answer);
+    }
 }
 
 impl Quorum {
@@ -207,6 +221,7 @@ impl Quorum {
         elect_window: Duration,
     ) -> Quorum {
         let view = Arc::new(watch::Sender::new(QuorumView::default()));
+        let answers = Answers::default();
         tokio::spawn(run_probe(
             raft,
             peers,
@@ -215,8 +230,24 @@ impl Quorum {
             timeout,
             elect_window,
             view.clone(),
+            answers.clone(),
         ));
-        Quorum { view }
+        Quorum { view, answers }
+    }
+
+    /// An AppendEntries from `leader` was accepted: as good a sign of contact with a working
+    /// leader as a ping answer (better under load, where a ping may be slow while the leader's
+    /// heartbeats keep coming).
+    pub fn heard_from_leader(&self, leader: NodeId) {
+        note(
+            &self.answers,
+            leader,
+            PeerAnswer {
+                at: Instant::now(),
+                leading: true,
+                leader_contact: true,
+            },
+        );
     }
 
     pub fn view(&self) -> QuorumView {
@@ -243,14 +274,14 @@ async fn run_probe(
     timeout: Duration,
     elect_window: Duration,
     sender: Arc<watch::Sender<QuorumView>>,
+    answers: Answers,
 ) {
     let started = Instant::now();
-    let answers: Arc<std::sync::Mutex<HashMap<NodeId, PeerAnswer>>> = Arc::default();
     let mut elect = true;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // A ping answered later than this is stale for the election gate anyway.
-    let ping_timeout = elect_window.max(interval);
+    // A late answer still proves contact at the time the ping was sent.
+    let ping_timeout = timeout.max(interval);
     loop {
         ticker.tick().await;
         let (voters, addresses, is_leader, current_leader, leader_ack_ms, running) = {
@@ -285,17 +316,10 @@ async fn run_probe(
                 let answer: Result<Pong, _> =
                     peers.call(&address, routes::PING, &(), ping_timeout).await;
                 // A pong counts only when it comes from the node that was asked.
-                if let Ok(pong) = answer.as_ref().map_err(|_| ()).and_then(|pong| {
+                if let Ok(pong) = answer {
                     if pong.node_id == peer {
-                        Ok(pong)
-                    } else {
-                        Err(())
-                    }
-                }) {
-                    let mut answers = answers.lock().expect("quorum probe lock");
-                    let newer = answers.get(&peer).is_none_or(|known| known.at <= sent);
-                    if newer {
-                        answers.insert(
+                        note(
+                            &answers,
                             peer,
                             PeerAnswer {
                                 at: sent,
@@ -308,7 +332,9 @@ async fn run_probe(
             });
         }
         let assessment = {
-            let answers = answers.lock().expect("quorum probe lock");
+            let answers = answers
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             assess(&Observation {
                 self_id,
                 voters: &voters,

@@ -35,6 +35,7 @@ pub fn routes() -> Router<Arc<Controller>> {
         .route(routes::MEMBERS, post(members))
         .route(routes::LIVENESS, post(liveness))
         .route(routes::LB_REPORTS, post(lb_reports))
+        .route(routes::CUSTOM_METRIC, post(custom_metric))
         .route(routes::PING, post(ping))
 }
 
@@ -67,7 +68,19 @@ async fn append(
     State(controller): State<Arc<Controller>>,
     PeerJson(request): PeerJson<AppendEntriesRequest<TypeConfig>>,
 ) -> Json<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>> {
-    Json(controller.raft.append_entries(request).await)
+    let leader = request
+        .vote
+        .is_committed()
+        .then(|| request.vote.leader_id().voted_for())
+        .flatten();
+    let answer = controller.raft.append_entries(request).await;
+    // Accepted (whatever the log did): the sender leads this node's term.
+    if let (Some(leader), Ok(response)) = (leader, &answer) {
+        if !matches!(response, AppendEntriesResponse::HigherVote(_)) {
+            controller.quorum.heard_from_leader(leader);
+        }
+    }
+    Json(answer)
 }
 
 async fn vote(
@@ -131,6 +144,18 @@ async fn lb_reports(
     } else {
         Json(Vec::new())
     }
+}
+
+/// A custom metric sample a follower forwarded: recorded here if this node leads.
+async fn custom_metric(
+    State(controller): State<Arc<Controller>>,
+    PeerJson((tier, sample)): PeerJson<(String, strata_api::CustomMetricSample)>,
+) -> Json<crate::autoscaler::MetricAnswer> {
+    Json(crate::autoscaler::accept_metric(
+        &controller,
+        &tier,
+        &sample,
+    ))
 }
 
 async fn read_index(State(controller): State<Arc<Controller>>) -> Json<ReadIndex> {

@@ -247,6 +247,7 @@ fn scale_out_waits_for_the_cooldown() {
         from: 2,
         to: 4,
         reason: String::new(),
+        inputs: None,
     };
     let mut memory = Memory::new(0);
     let input = Input {
