@@ -7,9 +7,12 @@
 //! (scale-up to ready, with `local`'s controller and agent) measure the agent side; `stats`
 //! holds their percentiles and CPU readings; `pools` measures load-balancer pools (propagation
 //! to HAProxy, throughput under churn against the reload approach); `reaction` the autoscaler's
-//! reaction time from a load step to new instances serving. Results go to stdout as JSON, progress to stderr.
+//! reaction time from a load step to new instances serving; `autoscale` replays load traces
+//! through Strata's autoscaler planner, HPA and AWS target tracking in simulated time.
+//! Results go to stdout as JSON, progress to stderr.
 //! These are benchmarks, never timed tests: nothing here fails on a slow number.
 
+mod autoscale;
 mod cluster;
 mod failover;
 mod fleet;
@@ -84,6 +87,9 @@ enum Command {
     /// Fleet-scale state: 10,000 simulated nodes and 100,000 instances over 5,000 tiers
     /// through the real API and Raft; planner round, snapshot, restart, catch-up and RSS.
     Fleet(fleet::FleetArgs),
+    /// Autoscaling simulator: load traces through Strata's planner, Kubernetes HPA defaults
+    /// and AWS target tracking on the same simulated tier (simulated time; no cluster).
+    Autoscale(autoscale::AutoscaleArgs),
 }
 
 #[derive(Args)]
@@ -329,6 +335,7 @@ async fn run(command: Command) -> Result<()> {
         Command::StartLatency(args) => print_json(&start_latency::run_cli(args).await?),
         Command::Pools(args) => print_json(&pools::run_cli(args).await?),
         Command::Reaction(args) => print_json(&reaction::run_cli(args).await?),
+        Command::Autoscale(args) => print_json(&autoscale::run_cli(args)?),
     }
 }
 

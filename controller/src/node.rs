@@ -241,12 +241,13 @@ impl Controller {
             raft.clone(),
             peers.clone(),
             config.node_id,
-            Duration::from_millis(heartbeat * 2),
+            Duration::from_millis(heartbeat),
             config.quorum_timeout.as_std(),
             // openraft campaigns no sooner than leader_lease (election_timeout_max) plus
             // election_timeout_min after the last heartbeat; answers older than one election
-            // timeout plus a probe round no longer speak for a peer.
+            // timeout plus two probe rounds no longer speak for a peer.
             Duration::from_millis(election + heartbeat * 2),
+            Duration::from_millis(election),
         );
         let forwarder = Forwarder::start(peers.clone(), config.write_timeout.as_std());
         let (batcher, queue) = mpsc::unbounded_channel();
@@ -379,6 +380,12 @@ impl Controller {
             // A follower that knows the leader forwards at once; only a node that believes it
             // leads, or knows no leader, asks its own Raft (which answers with a hint).
             let leader_hint = match named_by_old_leader.take().or_else(|| self.leader()) {
+                // A leader not heard from lately may be cut off: forwarding to it could only
+                // end in `outcome-unknown` after the write timeout. Wait for it or a new one.
+                Some(known) if known.0 != self.id && !self.quorum.recently_heard(known.0) => {
+                    backoff.wait().await;
+                    continue;
+                }
                 Some(known) if known.0 != self.id => Some(known),
                 _ => match self.propose_local(command.clone()).await {
                     Ok(result) => return Ok(result),
@@ -452,10 +459,16 @@ impl Controller {
                     None
                 }
             };
-            if let Some((leader, address)) = hint.filter(|(leader, _)| *leader != self.id) {
+            // Only a leader heard from lately: one cut off would hold the call in a blackhole.
+            let hint = hint
+                .filter(|(leader, _)| *leader != self.id && self.quorum.recently_heard(*leader));
+            if let Some((leader, address)) = hint {
+                // A read may be asked again: a short limit per call, so a leader that goes
+                // away mid-call costs one retry, not the whole timeout.
+                let per_call = self.write_timeout.min(Duration::from_secs(2));
                 let answer: Result<ReadIndex, PeerError> = self
                     .peers
-                    .call(&address, routes::READ_INDEX, &(), self.write_timeout)
+                    .call(&address, routes::READ_INDEX, &(), per_call)
                     .await;
                 match answer {
                     Ok(ReadIndex::Index(index)) => return self.wait_applied(index).await,

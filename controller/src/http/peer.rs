@@ -181,10 +181,17 @@ async fn members(
 /// Answers a peer's quorum probe (`crate::quorum`) with this node's id, so a probe that
 /// reached the wrong process does not count.
 async fn ping(State(controller): State<Arc<Controller>>) -> Json<crate::quorum::Pong> {
-    let view = controller.quorum.view();
+    let (is_leader, current_leader) = {
+        let metrics = controller.raft.metrics();
+        let metrics = metrics.borrow();
+        (
+            metrics.state == openraft::ServerState::Leader,
+            metrics.current_leader,
+        )
+    };
     Json(crate::quorum::Pong {
         node_id: controller.id,
-        leading: controller.is_leader() && view.has_quorum,
-        leader_contact: view.leader_contact,
+        leading: is_leader && controller.quorum.has_quorum(),
+        leader_contact: controller.quorum.leader_contact(is_leader, current_leader),
     })
 }
