@@ -398,7 +398,7 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 /// Registers the simulated worker node: a worker with room for every instance the benchmark
 /// asks for (the most CPU validation admits, `capacity.cpu <= 4096`; 100 tiers of 11 servers
 /// at 0.01 CPU and 16 MiB take 11 CPUs and 17.6 GiB).
-async fn register_simulated_worker(api: &Api) -> Result<()> {
+async fn register_simulated_worker(api: &Api) -> Result<String> {
     let registration = RegisterRequest {
         node_id: "sim".to_string(),
         address: SIMULATED_IP.to_string(),
@@ -411,16 +411,28 @@ async fn register_simulated_worker(api: &Api) -> Result<()> {
         agent_version: "bench".to_string(),
         roles: strata_api::default_roles(),
     };
-    let _: serde_json::Value = post_agent(api, "/v1/agents/register", &registration)
-        .await
-        .context("register the simulated worker")?;
-    Ok(())
+    let registered: strata_api::Registration = post_agent(
+        api,
+        "/v1/agents/register",
+        &registration,
+        STRATA_JOIN_TOKEN,
+    )
+    .await
+    .context("register the simulated worker")?;
+    registered
+        .credential
+        .context("the registration answer carries no credential")
 }
 
-/// The simulated worker's heartbeats (after [`register_simulated_worker`]): it runs nothing
-/// but reports every instance placed on it Running and healthy, listening on a port of
-/// `Servers`.
-async fn simulated_worker(api: Api, servers: Arc<Servers>, stop: CancellationToken) -> Result<()> {
+/// The simulated worker's heartbeats (after [`register_simulated_worker`], with the
+/// credential it returned): it runs nothing but reports every instance placed on it Running
+/// and healthy, listening on a port of `Servers`.
+async fn simulated_worker(
+    api: Api,
+    credential: String,
+    servers: Arc<Servers>,
+    stop: CancellationToken,
+) -> Result<()> {
     let mut reports: Vec<InstanceReport> = Vec::new();
     while !stop.is_cancelled() {
         let request = HeartbeatRequest {
@@ -432,7 +444,7 @@ async fn simulated_worker(api: Api, servers: Arc<Servers>, stop: CancellationTok
         };
         let answer: HeartbeatResponse = tokio::select! {
             () = stop.cancelled() => return Ok(()),
-            answer = post_agent(&api, "/v1/agents/heartbeat", &request) => match answer {
+            answer = post_agent(&api, "/v1/agents/heartbeat", &request, &credential) => match answer {
                 Ok(answer) => answer,
                 // A real agent retries too; a lasting failure shows as a wait that times out.
                 Err(error) => {
@@ -475,11 +487,12 @@ async fn post_agent<B: Serialize, T: serde::de::DeserializeOwned>(
     api: &Api,
     path: &str,
     body: &B,
+    token: &str,
 ) -> Result<T> {
     let response = api
         .http
         .post(format!("{}{path}", api.base))
-        .bearer_auth(STRATA_JOIN_TOKEN)
+        .bearer_auth(token)
         .timeout(Duration::from_secs(15))
         .json(body)
         .send()
@@ -524,11 +537,12 @@ async fn propagation(
     rounds: usize,
 ) -> Result<PropagationReport> {
     let mut env = LocalEnv::start(config).await?;
-    register_simulated_worker(&env.api).await?;
+    let credential = register_simulated_worker(&env.api).await?;
     let servers = Arc::new(Servers::default());
     let stop = CancellationToken::new();
     let worker = tokio::spawn(simulated_worker(
         env.api.clone(),
+        credential,
         servers.clone(),
         stop.clone(),
     ));

@@ -52,7 +52,10 @@ impl Touch {
             C::SetNodeReady { node, .. } | C::SetNodeFlags { node, .. } => {
                 Touch::Nodes(vec![node.clone()])
             }
-            C::RegisterNode { registration } => Touch::Nodes(vec![registration.node_id.clone()]),
+            C::RegisterNode { registration, .. } => {
+                Touch::Nodes(vec![registration.node_id.clone()])
+            }
+            C::RevokeNode { node } => Touch::Nodes(vec![node.clone()]),
             C::PutTier { .. }
             | C::ScaleTier { .. }
             | C::ResumeAutoscaling { .. }
