@@ -411,14 +411,10 @@ async fn register_simulated_worker(api: &Api) -> Result<String> {
         agent_version: "bench".to_string(),
         roles: strata_api::default_roles(),
     };
-    let registered: strata_api::Registration = post_agent(
-        api,
-        "/v1/agents/register",
-        &registration,
-        STRATA_JOIN_TOKEN,
-    )
-    .await
-    .context("register the simulated worker")?;
+    let registered: strata_api::Registration =
+        post_agent(api, "/v1/agents/register", &registration, STRATA_JOIN_TOKEN)
+            .await
+            .context("register the simulated worker")?;
     registered
         .credential
         .context("the registration answer carries no credential")
