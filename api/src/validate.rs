@@ -565,6 +565,12 @@ fn local_template(report: &mut Report, template: &Template) {
     if template.user_data.is_some() {
         report.fail("template.user_data", EC2_ONLY);
     }
+    if template.key_name.is_some() {
+        report.fail("template.key_name", EC2_ONLY);
+    }
+    if template.iam_instance_profile.is_some() {
+        report.fail("template.iam_instance_profile", EC2_ONLY);
+    }
     if !template.tags.is_empty() {
         report.fail("template.tags", EC2_ONLY);
     }
@@ -654,6 +660,12 @@ fn ec2_template(report: &mut Report, template: &Template) {
         report.fail(
             "template.port",
             "is required for provider ec2: the port the workload listens on",
+        );
+    }
+    if template.subnets.is_empty() {
+        report.fail(
+            "template.subnets",
+            "needs at least one subnet (several, in different availability zones, spread the instances)",
         );
     }
     for (position, subnet) in template.subnets.iter().enumerate() {

@@ -12,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod linearizability;
+pub mod moto;
 pub mod netns;
 
 use anyhow::{anyhow, bail, Context};
@@ -119,6 +120,9 @@ pub struct ClusterOptions {
     /// (through `ip netns exec`, which needs root) and listens on its address
     /// `namespaces[i - 1].1`, port 7001; `listen_host` is then unused.
     pub namespaces: Vec<(String, IpAddr)>,
+    /// Extra controller flags (for example `--ec2-endpoint`) and environment.
+    pub extra_args: Vec<String>,
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for ClusterOptions {
@@ -131,6 +135,8 @@ impl Default for ClusterOptions {
             listen_host: IpAddr::V4(Ipv4Addr::LOCALHOST),
             reconcile_interval: "200ms",
             namespaces: Vec::new(),
+            extra_args: Vec::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -197,6 +203,8 @@ impl Cluster {
         let snapshot_log_mib = self.options.snapshot_log_mib;
         let heartbeat_grace = self.options.heartbeat_grace;
         let reconcile_interval = self.options.reconcile_interval;
+        let extra_args = self.options.extra_args.clone();
+        let env = self.options.env.clone();
         let node = self
             .nodes
             .get_mut(&id)
@@ -231,6 +239,8 @@ impl Cluster {
             .args(["--snapshot-log-mib", &snapshot_log_mib.to_string()])
             .args(["--heartbeat-grace", heartbeat_grace])
             .args(["--reconcile-interval", reconcile_interval])
+            .args(&extra_args)
+            .envs(env)
             .env("STRATA_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log)
@@ -257,6 +267,11 @@ impl Cluster {
         );
         self.start_node(id)?;
         Ok(address)
+    }
+
+    /// The options later (re)starts use: change the environment of a restarted node, say.
+    pub fn options_mut(&mut self) -> &mut ClusterOptions {
+        &mut self.options
     }
 
     /// kill -9 of node `id`.
