@@ -261,7 +261,8 @@ impl Ec2 {
                     .set_subnet_id(launch.subnet.clone())
                     .set_key_name(launch.key_name.clone())
                     .set_security_group_ids(
-                        (!launch.security_groups.is_empty()).then(|| launch.security_groups.clone()),
+                        (!launch.security_groups.is_empty())
+                            .then(|| launch.security_groups.clone()),
                     )
                     .set_user_data(launch.user_data.as_deref().map(base64_encode))
                     .tag_specifications(
@@ -413,7 +414,11 @@ fn base64_encode(text: &str) -> String {
     let bytes = text.as_bytes();
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for position in 0..4 {
             if position <= chunk.len() {
@@ -445,7 +450,8 @@ impl Ec2Error {
                     // A connect failure never reached the server; an IO error mid-request
                     // may have. The connector reports both as IO; refused connections say so.
                     let lower = message.to_lowercase();
-                    if lower.contains("connection refused") || lower.contains("client error (connect)")
+                    if lower.contains("connection refused")
+                        || lower.contains("client error (connect)")
                     {
                         Ec2Error::Unreachable(message)
                     } else {

@@ -138,7 +138,8 @@ mod tests {
 
     #[test]
     fn throttling_and_server_errors_are_told_apart() {
-        let class = |status, code: &str| classify_service(status, code.into(), String::new()).class();
+        let class =
+            |status, code: &str| classify_service(status, code.into(), String::new()).class();
         assert_eq!(class(400, "RequestLimitExceeded"), ErrorClass::Throttled);
         assert_eq!(class(503, "Unavailable"), ErrorClass::Unknown);
         assert_eq!(class(500, "InternalError"), ErrorClass::Unknown);

@@ -51,7 +51,12 @@ fn options(moto: &Moto, nodes: u64) -> ClusterOptions {
     }
 }
 
-async fn write(cluster: &Cluster, method: Method, path: &str, body: &Value) -> anyhow::Result<Value> {
+async fn write(
+    cluster: &Cluster,
+    method: Method,
+    path: &str,
+    body: &Value,
+) -> anyhow::Result<Value> {
     let answer = send(
         &cluster.http,
         method,
@@ -65,7 +70,14 @@ async fn write(cluster: &Cluster, method: Method, path: &str, body: &Value) -> a
 }
 
 async fn get(cluster: &Cluster, path: &str) -> anyhow::Result<Value> {
-    let answer = send(&cluster.http, Method::GET, &cluster.url(1, path), Some(ADMIN_TOKEN), None).await?;
+    let answer = send(
+        &cluster.http,
+        Method::GET,
+        &cluster.url(1, path),
+        Some(ADMIN_TOKEN),
+        None,
+    )
+    .await?;
     anyhow::ensure!(answer.status == 200, "{path}: {answer:?}");
     Ok(answer.body)
 }
@@ -115,11 +127,21 @@ async fn converged(
                 .collect();
             let live = records
                 .iter()
-                .filter(|r| matches!(r["phase"].as_str(), Some("Pending" | "Starting" | "Running" | "Draining" | "Stopping")))
+                .filter(|r| {
+                    matches!(
+                        r["phase"].as_str(),
+                        Some("Pending" | "Starting" | "Running" | "Draining" | "Stopping")
+                    )
+                })
                 .count();
             let described: BTreeMap<String, String> = running
                 .iter()
-                .map(|i| (i.tag(TAG_INSTANCE).unwrap_or_default().to_string(), i.id.clone()))
+                .map(|i| {
+                    (
+                        i.tag(TAG_INSTANCE).unwrap_or_default().to_string(),
+                        i.id.clone(),
+                    )
+                })
                 .collect();
             if running.len() == count && live == count && recorded == described {
                 Ok(Some(running))
@@ -146,25 +168,40 @@ async fn scale(cluster: &Cluster, tier: &str, desired: u32) -> anyhow::Result<()
 }
 
 fn zones(moto: &Moto, instances: &[Ec2Instance]) -> BTreeMap<String, usize> {
-    let mut zones: BTreeMap<String, usize> =
-        moto.subnets.iter().map(|(_, zone)| (zone.clone(), 0)).collect();
+    let mut zones: BTreeMap<String, usize> = moto
+        .subnets
+        .iter()
+        .map(|(_, zone)| (zone.clone(), 0))
+        .collect();
     for instance in instances {
-        *zones.entry(instance.zone.clone().unwrap_or_default()).or_default() += 1;
+        *zones
+            .entry(instance.zone.clone().unwrap_or_default())
+            .or_default() += 1;
     }
     zones
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn scale_0_5_2_runs_exactly_the_right_tagged_instances_spread_over_zones() -> anyhow::Result<()> {
+async fn scale_0_5_2_runs_exactly_the_right_tagged_instances_spread_over_zones(
+) -> anyhow::Result<()> {
     if !e2e_enabled("ec2 scale") {
         return Ok(());
     }
     let moto = Moto::start(&["us-east-1a", "us-east-1b"]).await?;
     let cluster = Cluster::start(options(&moto, 1)).await?;
-    write(&cluster, Method::PUT, "/v1/tiers/web", &ec2_tier("web", &moto.subnet_ids())).await?;
+    write(
+        &cluster,
+        Method::PUT,
+        "/v1/tiers/web",
+        &ec2_tier("web", &moto.subnet_ids()),
+    )
+    .await?;
     // Desired 0: nothing is launched, and no agent gets anything (there is none to get it).
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(alive(&moto, CLUSTER).await.map_err(anyhow::Error::msg)?.is_empty());
+    assert!(alive(&moto, CLUSTER)
+        .await
+        .map_err(anyhow::Error::msg)?
+        .is_empty());
 
     scale(&cluster, "web", 5).await?;
     let five = converged(&cluster, &moto, "web", 5).await?;
@@ -179,7 +216,10 @@ async fn scale_0_5_2_runs_exactly_the_right_tagged_instances_spread_over_zones()
 
     scale(&cluster, "web", 2).await?;
     let two = converged(&cluster, &moto, "web", 2).await?;
-    assert_eq!(zones(&moto, &two).values().copied().collect::<Vec<_>>(), [1, 1]);
+    assert_eq!(
+        zones(&moto, &two).values().copied().collect::<Vec<_>>(),
+        [1, 1]
+    );
     // The two kept are two of the five (scale-in terminates, never relaunches).
     let five_ids: BTreeSet<&str> = five.iter().map(|i| i.id.as_str()).collect();
     assert!(two.iter().all(|i| five_ids.contains(i.id.as_str())));
@@ -190,23 +230,45 @@ async fn scale_0_5_2_runs_exactly_the_right_tagged_instances_spread_over_zones()
         .as_array()
         .map(|items| items.iter().filter_map(|e| e["reason"].as_str()).collect())
         .unwrap_or_default();
-    assert_eq!(reasons.iter().filter(|r| **r == "Ec2InstanceLaunched").count(), 5, "{reasons:?}");
-    assert_eq!(reasons.iter().filter(|r| **r == "Ec2InstanceTerminated").count(), 3, "{reasons:?}");
+    assert_eq!(
+        reasons
+            .iter()
+            .filter(|r| **r == "Ec2InstanceLaunched")
+            .count(),
+        5,
+        "{reasons:?}"
+    );
+    assert_eq!(
+        reasons
+            .iter()
+            .filter(|r| **r == "Ec2InstanceTerminated")
+            .count(),
+        3,
+        "{reasons:?}"
+    );
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_crash_between_run_instances_and_its_record_neither_duplicates_nor_leaks() -> anyhow::Result<()> {
+async fn a_crash_between_run_instances_and_its_record_neither_duplicates_nor_leaks(
+) -> anyhow::Result<()> {
     if !e2e_enabled("ec2 crash") {
         return Ok(());
     }
     let moto = Moto::start(&["us-east-1a", "us-east-1b"]).await?;
     let mut options = options(&moto, 1);
-    options
-        .env
-        .push(("STRATA_FAILPOINT".to_string(), "ec2-after-run-instances".to_string()));
+    options.env.push((
+        "STRATA_FAILPOINT".to_string(),
+        "ec2-after-run-instances".to_string(),
+    ));
     let mut cluster = Cluster::start(options).await?;
-    write(&cluster, Method::PUT, "/v1/tiers/web", &ec2_tier("web", &moto.subnet_ids())).await?;
+    write(
+        &cluster,
+        Method::PUT,
+        "/v1/tiers/web",
+        &ec2_tier("web", &moto.subnet_ids()),
+    )
+    .await?;
     scale(&cluster, "web", 1).await?;
     // The controller aborts right after its first RunInstances.
     eventually(Duration::from_secs(60), "the failpoint fired", || {
@@ -219,11 +281,17 @@ async fn a_crash_between_run_instances_and_its_record_neither_duplicates_nor_lea
     let records = cluster.log_tail(1);
     assert!(records.contains("failpoint"), "{records}");
 
-    cluster.options_mut().env.retain(|(key, _)| key != "STRATA_FAILPOINT");
+    cluster
+        .options_mut()
+        .env
+        .retain(|(key, _)| key != "STRATA_FAILPOINT");
     cluster.start_node(1)?;
     cluster.wait_for_leader(Duration::from_secs(30)).await?;
     let after = converged(&cluster, &moto, "web", 1).await?;
-    assert_eq!(after[0].id, launched[0].id, "the launched instance is adopted, not replaced");
+    assert_eq!(
+        after[0].id, launched[0].id,
+        "the launched instance is adopted, not replaced"
+    );
     // And it stays that way.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let later = converged(&cluster, &moto, "web", 1).await?;
@@ -232,7 +300,8 @@ async fn a_crash_between_run_instances_and_its_record_neither_duplicates_nor_lea
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replaces_what_vanished_terminates_unknowns_and_leaves_other_clusters_alone() -> anyhow::Result<()> {
+async fn replaces_what_vanished_terminates_unknowns_and_leaves_other_clusters_alone(
+) -> anyhow::Result<()> {
     if !e2e_enabled("ec2 drift") {
         return Ok(());
     }
@@ -253,10 +322,25 @@ async fn replaces_what_vanished_terminates_unknowns_and_leaves_other_clusters_al
             (TAG_TIER.to_string(), "web".to_string()),
         ]),
     };
-    let other = moto.ec2.run_instance(&foreign("another-cluster", "other-1")).await?;
-    let untagged = moto.ec2.run_instance(&Launch { tags: BTreeMap::new(), ..foreign("", "plain-1") }).await?;
+    let other = moto
+        .ec2
+        .run_instance(&foreign("another-cluster", "other-1"))
+        .await?;
+    let untagged = moto
+        .ec2
+        .run_instance(&Launch {
+            tags: BTreeMap::new(),
+            ..foreign("", "plain-1")
+        })
+        .await?;
 
-    write(&cluster, Method::PUT, "/v1/tiers/web", &ec2_tier("web", &subnets)).await?;
+    write(
+        &cluster,
+        Method::PUT,
+        "/v1/tiers/web",
+        &ec2_tier("web", &subnets),
+    )
+    .await?;
     scale(&cluster, "web", 2).await?;
     let two = converged(&cluster, &moto, "web", 2).await?;
 
@@ -264,7 +348,9 @@ async fn replaces_what_vanished_terminates_unknowns_and_leaves_other_clusters_al
     let victim = two[0].id.clone();
     moto.ec2.terminate(std::slice::from_ref(&victim)).await?;
     let replaced = eventually(Duration::from_secs(60), "a replacement", || async {
-        let now = converged(&cluster, &moto, "web", 2).await.map_err(|e| e.to_string())?;
+        let now = converged(&cluster, &moto, "web", 2)
+            .await
+            .map_err(|e| e.to_string())?;
         Ok(now.iter().all(|i| i.id != victim).then_some(now))
     })
     .await?;
@@ -272,10 +358,14 @@ async fn replaces_what_vanished_terminates_unknowns_and_leaves_other_clusters_al
 
     // Carries this cluster's tag, unknown to the state: terminated once past the grace.
     let stray = moto.ec2.run_instance(&foreign(CLUSTER, "stray-1")).await?;
-    eventually(Duration::from_secs(60), "the unknown instance terminated", || async {
-        let running = alive(&moto, CLUSTER).await?;
-        Ok((!running.iter().any(|i| i.id == stray.id)).then_some(()))
-    })
+    eventually(
+        Duration::from_secs(60),
+        "the unknown instance terminated",
+        || async {
+            let running = alive(&moto, CLUSTER).await?;
+            Ok((!running.iter().any(|i| i.id == stray.id)).then_some(()))
+        },
+    )
     .await?;
     converged(&cluster, &moto, "web", 2).await?;
 
@@ -303,17 +393,45 @@ async fn bad_ec2_tiers_are_rejected_with_their_field_paths() -> anyhow::Result<(
     .await?;
     let subnets = vec!["subnet-1".to_string()];
     let cases: Vec<(&str, Box<dyn Fn(&mut Value)>, &str)> = vec![
-        ("no AMI", Box::new(|t| { t["template"].as_object_mut().map(|o| o.remove("ami")); }), "template.ami"),
-        ("empty subnet list", Box::new(|t| t["template"]["subnets"] = json!([])), "template.subnets"),
-        ("a driver", Box::new(|t| t["template"]["driver"] = json!("process")), "template.driver"),
-        ("instance type not family.size", Box::new(|t| t["template"]["instance_type"] = json!("large")), "template.instance_type"),
+        (
+            "no AMI",
+            Box::new(|t| {
+                t["template"].as_object_mut().map(|o| o.remove("ami"));
+            }),
+            "template.ami",
+        ),
+        (
+            "empty subnet list",
+            Box::new(|t| t["template"]["subnets"] = json!([])),
+            "template.subnets",
+        ),
+        (
+            "a driver",
+            Box::new(|t| t["template"]["driver"] = json!("process")),
+            "template.driver",
+        ),
+        (
+            "instance type not family.size",
+            Box::new(|t| t["template"]["instance_type"] = json!("large")),
+            "template.instance_type",
+        ),
     ];
     for (what, change, path) in cases {
         let mut tier = ec2_tier("web", &subnets);
         change(&mut tier);
-        let answer = send(&cluster.http, Method::PUT, &cluster.url(1, "/v1/tiers/web"), Some(ADMIN_TOKEN), Some(&tier)).await?;
+        let answer = send(
+            &cluster.http,
+            Method::PUT,
+            &cluster.url(1, "/v1/tiers/web"),
+            Some(ADMIN_TOKEN),
+            Some(&tier),
+        )
+        .await?;
         assert_eq!(answer.status, 422, "{what}: {answer:?}");
-        assert!(answer.content_type.starts_with("application/problem+json"), "{what}: {answer:?}");
+        assert!(
+            answer.content_type.starts_with("application/problem+json"),
+            "{what}: {answer:?}"
+        );
         let paths: Vec<&str> = answer.body["errors"]
             .as_array()
             .map(|errors| errors.iter().filter_map(|e| e["path"].as_str()).collect())
@@ -332,30 +450,42 @@ async fn an_unreachable_endpoint_is_a_condition_and_an_event_not_a_crash() -> an
     let endpoint = format!("http://127.0.0.1:{}", strata_tests::free_port());
     let mut cluster = Cluster::start(ClusterOptions {
         nodes: 1,
-        extra_args: [
-            "--ec2-endpoint",
-            &endpoint,
-            "--ec2-interval",
-            "300ms",
-        ]
-        .map(str::to_string)
-        .to_vec(),
+        extra_args: ["--ec2-endpoint", &endpoint, "--ec2-interval", "300ms"]
+            .map(str::to_string)
+            .to_vec(),
         env: Moto::controller_env(),
         ..ClusterOptions::default()
     })
     .await?;
-    write(&cluster, Method::PUT, "/v1/tiers/web", &ec2_tier("web", &["subnet-1".to_string()])).await?;
+    write(
+        &cluster,
+        Method::PUT,
+        "/v1/tiers/web",
+        &ec2_tier("web", &["subnet-1".to_string()]),
+    )
+    .await?;
     scale(&cluster, "web", 2).await?;
-    let condition = eventually(Duration::from_secs(60), "a ProviderReady=false condition", || async {
-        let tier = get(&cluster, "/v1/tiers/web").await.map_err(|e| e.to_string())?;
-        let conditions = tier["status"]["conditions"].as_array().cloned().unwrap_or_default();
-        Ok(conditions
-            .into_iter()
-            .find(|c| c["type"] == "ProviderReady" && c["status"] == false))
-    })
+    let condition = eventually(
+        Duration::from_secs(60),
+        "a ProviderReady=false condition",
+        || async {
+            let tier = get(&cluster, "/v1/tiers/web")
+                .await
+                .map_err(|e| e.to_string())?;
+            let conditions = tier["status"]["conditions"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            Ok(conditions
+                .into_iter()
+                .find(|c| c["type"] == "ProviderReady" && c["status"] == false))
+        },
+    )
     .await?;
     assert!(
-        condition["message"].as_str().is_some_and(|m| m.contains("DescribeInstances")),
+        condition["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("DescribeInstances")),
         "{condition}"
     );
     // Recorded once, not once per pass, and the controller keeps serving.
@@ -363,7 +493,12 @@ async fn an_unreachable_endpoint_is_a_condition_and_an_event_not_a_crash() -> an
     let events = get(&cluster, "/v1/events?object=tier/web").await?;
     let failures = events["items"]
         .as_array()
-        .map(|items| items.iter().filter(|e| e["reason"] == "Ec2CallFailed").count())
+        .map(|items| {
+            items
+                .iter()
+                .filter(|e| e["reason"] == "Ec2CallFailed")
+                .count()
+        })
         .unwrap_or(0);
     assert_eq!(failures, 1, "{events}");
     assert_eq!(cluster.running(), vec![1]);

@@ -99,7 +99,15 @@ pub async fn run(
                 observed.error = Some(error.to_string());
             }
         }
-        if !pass(&controller, &ec2, &config, &mut observed, failpoint.as_deref()).await {
+        if !pass(
+            &controller,
+            &ec2,
+            &config,
+            &mut observed,
+            failpoint.as_deref(),
+        )
+        .await
+        {
             continue;
         }
     }
@@ -200,7 +208,11 @@ async fn pass(
     propose_all(controller, plan.commands).await
 }
 
-fn failure(call: &str, subject: &dyn std::fmt::Display, error: &Ec2Error) -> (&'static str, String) {
+fn failure(
+    call: &str,
+    subject: &dyn std::fmt::Display,
+    error: &Ec2Error,
+) -> (&'static str, String) {
     (
         EC2_CALL_FAILED,
         format!("{call} for {subject} failed ({}): {error}", error.kind()),
@@ -267,7 +279,11 @@ fn launch_of(
 /// The user data an EC2 tier gets unless it names its own: a script that starts
 /// `strata-agent` with the join token, so the instance heartbeats like any node once it boots
 /// (it expects the agent binary in the AMI at /usr/local/bin/strata-agent).
-pub fn default_user_data(config: &ExecutorConfig, instance: uuid::Uuid, port: Option<u16>) -> String {
+pub fn default_user_data(
+    config: &ExecutorConfig,
+    instance: uuid::Uuid,
+    port: Option<u16>,
+) -> String {
     let controllers = config.controllers.join(",");
     let port = port.map_or(String::new(), |port| format!("# workload port: {port}\n"));
     format!(

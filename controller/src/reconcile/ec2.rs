@@ -135,7 +135,12 @@ pub(super) fn plan_tier(
         let fullest = current
             .iter()
             .map(|instance| &instance.subnet)
-            .max_by_key(|subnet| (per_subnet.get(*subnet).copied().unwrap_or(0), (*subnet).clone()))
+            .max_by_key(|subnet| {
+                (
+                    per_subnet.get(*subnet).copied().unwrap_or(0),
+                    (*subnet).clone(),
+                )
+            })
             .cloned()
             .flatten();
         let Some(position) = current
@@ -207,7 +212,12 @@ pub(super) fn plan_tier(
         // The least used subnet; ties go to the template's order.
         let subnet = subnets
             .iter()
-            .min_by_key(|subnet| per_subnet.get(&Some((*subnet).clone())).copied().unwrap_or(0))
+            .min_by_key(|subnet| {
+                per_subnet
+                    .get(&Some((*subnet).clone()))
+                    .copied()
+                    .unwrap_or(0)
+            })
             .cloned();
         *per_subnet.entry(subnet.clone()).or_default() += 1;
         placed.push(NewInstance {
@@ -262,7 +272,9 @@ pub fn plan_sync(
                     });
                 }
             }
-            None if observed.synced && last.is_some_and(|(reason, _)| *reason == EC2_CALL_FAILED) => {
+            None if observed.synced
+                && last.is_some_and(|(reason, _)| *reason == EC2_CALL_FAILED) =>
+            {
                 plan.commands.push(Command::RecordEvent {
                     object: format!("tier/{}", tier.name()),
                     reason: EC2_REACHABLE.to_string(),
@@ -288,7 +300,10 @@ pub fn plan_sync(
         if instance.state.is_gone() {
             continue;
         }
-        if let Some(id) = instance.tag(TAG_INSTANCE).and_then(|tag| Uuid::parse_str(tag).ok()) {
+        if let Some(id) = instance
+            .tag(TAG_INSTANCE)
+            .and_then(|tag| Uuid::parse_str(tag).ok())
+        {
             by_uuid.entry(id).or_default().push(instance);
         }
     }

@@ -767,19 +767,19 @@ mod tests {
                     NewInstance {
                         id: Uuid::from_u128(2),
                         tier: "web".to_string(),
-                        node: "a".to_string()
+                        node: "a".to_string(),
                         ..Default::default()
                     },
                     NewInstance {
                         id: Uuid::from_u128(3),
                         tier: "web".to_string(),
-                        node: "b".to_string()
+                        node: "b".to_string(),
                         ..Default::default()
                     },
                     NewInstance {
                         id: Uuid::from_u128(4),
                         tier: "web".to_string(),
-                        node: "c".to_string()
+                        node: "c".to_string(),
                         ..Default::default()
                     },
                 ],

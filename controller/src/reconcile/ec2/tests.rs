@@ -253,7 +253,12 @@ fn launches_missing_adopts_tagged_and_terminates_duplicates_and_unknowns() {
         ec2("i-first", Some(ids[0]), Ec2State::Running, 1_500_000),
         ec2("i-second", Some(ids[0]), Ec2State::Running, 1_600_000),
         // Tagged for this cluster, claimed by nobody: old enough to go, and too young to.
-        ec2("i-unknown-old", Some(Uuid::from_u128(999)), Ec2State::Running, 1_000_000),
+        ec2(
+            "i-unknown-old",
+            Some(Uuid::from_u128(999)),
+            Ec2State::Running,
+            1_000_000,
+        ),
         ec2("i-unknown-young", None, Ec2State::Running, 1_995_000),
     ]));
     let mut calls = plan.calls.clone();
@@ -287,9 +292,19 @@ fn an_instance_terminated_behind_our_back_fails_and_is_replaced() {
     world.scale(1);
     world.plan_records();
     let id = *world.state.instances.keys().next().unwrap_or(&Uuid::nil());
-    world.sync(&synced(vec![ec2("i-1", Some(id), Ec2State::Running, 1_000_000)]));
+    world.sync(&synced(vec![ec2(
+        "i-1",
+        Some(id),
+        Ec2State::Running,
+        1_000_000,
+    )]));
     assert_eq!(world.state.instances[&id].phase, Phase::Running);
-    world.sync(&synced(vec![ec2("i-1", Some(id), Ec2State::Terminated, 1_000_000)]));
+    world.sync(&synced(vec![ec2(
+        "i-1",
+        Some(id),
+        Ec2State::Terminated,
+        1_000_000,
+    )]));
     assert_eq!(world.state.instances[&id].phase, Phase::Failed);
     world.plan_records();
     assert_eq!(world.live().len(), 1);
@@ -302,16 +317,31 @@ fn a_stopping_instance_is_terminated_then_recorded_stopped() {
     world.scale(1);
     world.plan_records();
     let id = *world.state.instances.keys().next().unwrap_or(&Uuid::nil());
-    world.sync(&synced(vec![ec2("i-1", Some(id), Ec2State::Running, 1_000_000)]));
+    world.sync(&synced(vec![ec2(
+        "i-1",
+        Some(id),
+        Ec2State::Running,
+        1_000_000,
+    )]));
     world.scale(0);
     world.plan_records(); // drain; no load balancer, so `pools` ends it at once
     world.plan_records();
     assert_eq!(world.state.instances[&id].phase, Phase::Stopping);
-    let plan = world.sync(&synced(vec![ec2("i-1", Some(id), Ec2State::Running, 1_000_000)]));
+    let plan = world.sync(&synced(vec![ec2(
+        "i-1",
+        Some(id),
+        Ec2State::Running,
+        1_000_000,
+    )]));
     assert!(matches!(
         plan.calls.as_slice(),
         [Ec2Call::Terminate { ec2_id, .. }] if ec2_id == "i-1"
     ));
-    world.sync(&synced(vec![ec2("i-1", Some(id), Ec2State::ShuttingDown, 1_000_000)]));
+    world.sync(&synced(vec![ec2(
+        "i-1",
+        Some(id),
+        Ec2State::ShuttingDown,
+        1_000_000,
+    )]));
     assert_eq!(world.state.instances[&id].phase, Phase::Terminated);
 }
