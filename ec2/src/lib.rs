@@ -264,13 +264,16 @@ impl Ec2 {
                         (!launch.security_groups.is_empty())
                             .then(|| launch.security_groups.clone()),
                     )
-                    .set_user_data(launch.user_data.as_deref().map(base64_encode))
-                    .tag_specifications(
+                    .set_user_data(launch.user_data.as_deref().map(base64_encode));
+                // EC2 refuses a tag specification without tags.
+                if !tags.is_empty() {
+                    call = call.tag_specifications(
                         TagSpecification::builder()
                             .resource_type(ResourceType::Instance)
                             .set_tags(Some(tags.clone()))
                             .build(),
                     );
+                }
                 if let Some(profile) = &launch.iam_instance_profile {
                     call = call.iam_instance_profile(
                         aws_sdk_ec2::types::IamInstanceProfileSpecification::builder()
