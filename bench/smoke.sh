@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # CI's benchmark step (deploy/test.sh runs it): the Strata vs etcd comparison in smoke mode,
 # 8 clients, 3 s of writes and 2 leader kills per system; then heartbeat capacity with 200
-# simulated agents, start latency with 2 process scale-ups (each about 10 s), and fleet-scale
-# state at 200 nodes and 2,000 instances; as root, leader cuts in namespaces. It checks that
+# simulated agents, start latency with 2 process scale-ups (each about 10 s), fleet-scale
+# state at 200 nodes and 2,000 instances, and the autoscaling simulator on its built-in traces
+# with the real ones cut short (a few seconds of computation, no cluster); as root, leader cuts
+# in namespaces. It checks that
 # the benchmarks still run end to end; it never judges a figure, so debug binaries (already
-# built by the tests) do. The JSON reports are kept in target/bench-smoke.json,
-# target/bench-heartbeats-smoke.json and target/bench-start-latency-smoke.json.
+# built by the tests) do. The JSON reports are kept in target/bench-smoke.json and
+# target/bench-<name>-smoke.json for the others (heartbeats, start-latency, fleet, autoscale,
+# partition).
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -31,6 +34,10 @@ for bench in heartbeats start-latency fleet; do
     cat "$report" >&2
     echo "bench smoke: $bench report in $report" >&2
 done
+
+report="$target/bench-autoscale-smoke.json"
+"$target/debug/strata-bench" autoscale --smoke > "$report"
+echo "bench smoke: autoscale report in $report" >&2
 
 # Leader cut off, not killed: needs root for network namespaces (CI runs as root).
 if [ "$(id -u)" = 0 ]; then

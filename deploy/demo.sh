@@ -86,3 +86,53 @@ Everything is running (node $leader was restarted and rejoined). Try:
   target/debug/stratactl delete tier web      # stops its instances
 Stop it with: deploy/cluster.sh stop
 MSG
+
+# ---------------------------------------------------------------------------------------------
+# Autoscaling: deploy/examples/shop.yaml tracks 50% CPU. wrk sends CPU-heavy requests
+# (`?work_ms=10`) through HAProxy on 127.0.0.1:8081; the tier scales out within seconds, and
+# back in to its min once the load is gone and its 30 s stabilization window has passed. Every
+# decision is printed with what each policy saw.
+# ---------------------------------------------------------------------------------------------
+shop_desired() {
+  $ctl get tier shop -o json | sed -n 's/^  *"desired": *\([0-9]*\).*/\1/p' | tail -1
+}
+watch_shop() {
+  local seconds="$1" end=$((SECONDS + $1))
+  while [ $SECONDS -lt "$end" ]; do
+    printf '  t+%2ss  desired %s, %s healthy\n' "$((seconds - end + SECONDS))" "$(shop_desired)" \
+      "$($ctl get instances --tier shop -o json | grep -c '"health": "Healthy"')"
+    sleep 3
+  done
+}
+printf '\n\033[1m== Autoscaling ==\033[0m\n'
+step $ctl apply -f deploy/examples/shop.yaml
+wait_ready shop 2
+deadline=$((SECONDS + 60))
+until curl -fsS --max-time 1 -o /dev/null http://127.0.0.1:8081/; do
+  if [ $SECONDS -gt $deadline ]; then echo "HAProxy does not serve shop on 127.0.0.1:8081" >&2; exit 1; fi
+  sleep 0.5
+done
+printf '\n\033[1mwrk: 2 connections of 10 ms CPU requests through HAProxy for 30 s\033[0m\n'
+wrk -t1 -c2 -d30s 'http://127.0.0.1:8081/?work_ms=10' > .data/wrk-shop.txt 2>&1 &
+wrk_pid=$!
+watch_shop 30
+wait "$wrk_pid" || true
+cat .data/wrk-shop.txt   # "Non-2xx or 3xx responses" or "Socket errors" would show failed requests
+step $ctl describe tier shop
+printf '\n\033[1mthe load stopped; the tier scales back in once its 30 s window has passed\033[0m\n'
+deadline=$((SECONDS + 120))
+until [ "$(shop_desired)" = 2 ]; do
+  if [ $SECONDS -gt $deadline ]; then echo "shop did not scale back in to 2" >&2; exit 1; fi
+  sleep 2
+done
+wait_ready shop 2
+step $ctl get events --object tier/shop
+cat <<MSG
+
+The autoscaler sized tier shop by itself. Try:
+  wrk -t1 -c2 -d60s 'http://127.0.0.1:8081/?work_ms=10'   # load through HAProxy
+  target/debug/stratactl describe tier shop      # recent decisions in plain words
+  target/debug/stratactl scale tier shop 3       # a count by hand pauses its autoscaler
+  target/debug/stratactl scale tier shop --auto  # and this hands it back
+  curl -s http://127.0.0.1:7001/metrics | grep strata_autoscaler
+MSG

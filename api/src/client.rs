@@ -200,6 +200,18 @@ impl Client {
             .await
     }
 
+    /// `POST /v1/tiers/{name}/metrics`: one sample of a custom metric for the autoscaler.
+    pub async fn push_metric(
+        &self,
+        tier: &str,
+        sample: &crate::tier::CustomMetricSample,
+    ) -> Result<(), ClientError> {
+        let path = format!("/v1/tiers/{}/metrics", encode_segment(tier));
+        self.send(Method::POST, &path, Some(to_body(sample)?))
+            .await
+            .map(|_| ())
+    }
+
     /// `GET /v1/cluster`: the answering controller's view of the Raft group.
     pub async fn cluster_status(&self) -> Result<ClusterStatus, ClientError> {
         self.call(Method::GET, "/v1/cluster", None).await

@@ -140,7 +140,15 @@ fn problem_from(error: serde_path_to_error::Error<serde_json::Error>) -> Problem
     let parent = render_path(error.path());
     let inner = error.into_inner();
     match inner.classify() {
-        serde_json::error::Category::Syntax | serde_json::error::Category::Eof => malformed(&inner),
+        serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
+            // Text that is not JSON inside a field (`"value": 1e999`, `NaN`) still names it.
+            let mut problem = malformed(&inner);
+            // (A path with an unknown segment, as at the end of the input, names nothing.)
+            if !parent.is_empty() && !parent.contains('?') {
+                problem.errors = vec![FieldError::new(parent, message_without_location(&inner))];
+            }
+            problem
+        }
         serde_json::error::Category::Data | serde_json::error::Category::Io => {
             let message = message_without_location(&inner);
             Problem::validation(vec![field_error(&parent, last_key.as_deref(), &message)])

@@ -181,6 +181,9 @@ pub struct Event {
     /// A short CamelCase reason: `ScaledOut`, `NodeNotReady`, `InstanceReplaced`, ...
     pub reason: String,
     pub message: String,
+    /// Autoscaler decisions (`ScaledOut`, `ScaledIn`): every input of the decision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scaling: Option<Box<crate::tier::ScalingInputs>>,
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -131,10 +131,32 @@ pub fn add_member(request: &AddMemberRequest) -> Result<(), Vec<FieldError>> {
     report.finish()
 }
 
+/// Checks the shape of `POST /v1/tiers/{name}/scale`: a count set by hand (`desired`) or the
+/// count handed back to the autoscaler (`auto: true`), exactly one of them.
+pub fn scale_request(request: &ScaleRequest) -> Result<(), Vec<FieldError>> {
+    let mut report = Report::default();
+    match (request.desired, request.auto) {
+        (Some(_), true) => report.fail(
+            "auto",
+            "give either desired (set the count by hand) or auto: true (hand it back to the autoscaler), not both",
+        ),
+        (None, false) => report.fail(
+            "desired",
+            "is required, unless auto is true (hand the count back to the autoscaler)",
+        ),
+        _ => {}
+    }
+    report.finish()
+}
+
 /// Checks `POST /v1/tiers/{name}/scale` against the tier's current scaling bounds.
 pub fn scale(request: &ScaleRequest, current: &Scaling) -> Result<(), Vec<FieldError>> {
+    scale_request(request)?;
     let mut report = Report::default();
-    if request.desired < current.min || request.desired > current.max {
+    let Some(desired) = request.desired else {
+        return Ok(());
+    };
+    if desired < current.min || desired > current.max {
         report.fail(
             "desired",
             format!(

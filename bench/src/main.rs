@@ -6,9 +6,13 @@
 //! load generator; `failover` the kill loop. `heartbeats` (simulated agents) and `start_latency`
 //! (scale-up to ready, with `local`'s controller and agent) measure the agent side; `stats`
 //! holds their percentiles and CPU readings; `pools` measures load-balancer pools (propagation
-//! to HAProxy, throughput under churn against the reload approach). Results go to stdout as JSON, progress to stderr.
+//! to HAProxy, throughput under churn against the reload approach); `reaction` the autoscaler's
+//! reaction time from a load step to new instances serving; `autoscale` replays load traces
+//! through Strata's autoscaler planner, HPA and AWS target tracking in simulated time.
+//! Results go to stdout as JSON, progress to stderr.
 //! These are benchmarks, never timed tests: nothing here fails on a slow number.
 
+mod autoscale;
 mod cluster;
 mod failover;
 mod fleet;
@@ -16,6 +20,7 @@ mod heartbeats;
 mod local;
 mod partition;
 mod pools;
+mod reaction;
 mod start_latency;
 mod stats;
 mod system;
@@ -73,12 +78,18 @@ enum Command {
     /// Load-balancer pools: propagation to HAProxy, and throughput under pool churn against
     /// the reload approach.
     Pools(pools::PoolsArgs),
+    /// The autoscaler's reaction time end to end: from a load step through HAProxy (wrk) to
+    /// the first request a new instance serves, p50 over five steps.
+    Reaction(reaction::ReactionArgs),
     /// Client-visible failover when the leader is cut off (not killed), both systems, each
     /// member in its own network namespace. Needs root.
     Partition(PartitionArgs),
     /// Fleet-scale state: 10,000 simulated nodes and 100,000 instances over 5,000 tiers
     /// through the real API and Raft; planner round, snapshot, restart, catch-up and RSS.
     Fleet(fleet::FleetArgs),
+    /// Autoscaling simulator: load traces through Strata's planner, Kubernetes HPA defaults
+    /// and AWS target tracking on the same simulated tier (simulated time; no cluster).
+    Autoscale(autoscale::AutoscaleArgs),
 }
 
 #[derive(Args)]
@@ -323,6 +334,8 @@ async fn run(command: Command) -> Result<()> {
         Command::Heartbeats(args) => print_json(&heartbeats::run_cli(args).await?),
         Command::StartLatency(args) => print_json(&start_latency::run_cli(args).await?),
         Command::Pools(args) => print_json(&pools::run_cli(args).await?),
+        Command::Reaction(args) => print_json(&reaction::run_cli(args).await?),
+        Command::Autoscale(args) => print_json(&autoscale::run_cli(args)?),
     }
 }
 

@@ -137,13 +137,7 @@ async fn write_with_failover(
                 ..strata_api::ClientConfig::default()
             })?;
             client
-                .scale_tier(
-                    TIER,
-                    &strata_api::ScaleRequest {
-                        desired: value,
-                        resource_version: None,
-                    },
-                )
+                .scale_tier(TIER, &strata_api::ScaleRequest::manual(value))
                 .await?;
             Ok(())
         }

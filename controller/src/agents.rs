@@ -53,7 +53,10 @@ impl Touch {
                 Touch::Nodes(vec![node.clone()])
             }
             C::RegisterNode { registration } => Touch::Nodes(vec![registration.node_id.clone()]),
-            C::PutTier { .. } | C::ScaleTier { .. } => Touch::TierChanged,
+            C::PutTier { .. }
+            | C::ScaleTier { .. }
+            | C::ResumeAutoscaling { .. }
+            | C::AutoscaleTier { .. } => Touch::TierChanged,
             C::DeleteTier { name, .. } => Touch::TierDeleted(name.clone()),
             C::RemoveInstances { .. } | C::RecordEvent { .. } | C::Batch { .. } => Touch::Nothing,
         }

@@ -15,6 +15,8 @@
 //! - `http`: the only module that knows axum: `/v1`, `/raft`, health and metrics.
 //! - `views`: read models (tier and node views, assignments, pools) that the API, the
 //!   heartbeat answer, the planners and metrics share.
+//! - `autoscaler`: the leader's autoscaling loop: metric windows in memory, the planner in
+//!   `reconcile::autoscale` every second, a Raft command when a desired count changes.
 //! - `metrics`: Prometheus text.
 //! - `provider`: executors of the provider planners (`provider::ec2`: EC2 calls on the leader,
 //!   through the `strata-ec2` crate).
@@ -22,6 +24,7 @@
 //! `run` wires them together; the binary only parses flags and calls it.
 
 pub mod agents;
+pub mod autoscaler;
 pub mod batch;
 pub mod config;
 pub mod forward;
@@ -75,6 +78,11 @@ pub async fn run(
         },
         stop.clone(),
     ));
+    let autoscaler = tokio::spawn(autoscaler::run(
+        controller.clone(),
+        autoscaler::EVALUATION_INTERVAL,
+        stop.clone(),
+    ));
     let snapshots = {
         let controller = controller.clone();
         let limit = config.snapshot_log_mib.max(1).saturating_mul(1024 * 1024);
@@ -117,6 +125,9 @@ pub async fn run(
     }
     if let Err(error) = ec2.await {
         tracing::warn!(%error, "stop the EC2 executor");
+    }
+    if let Err(error) = autoscaler.await {
+        tracing::warn!(%error, "stop the autoscaler");
     }
     if let Err(error) = snapshots.await {
         tracing::warn!(%error, "stop the snapshot trigger");

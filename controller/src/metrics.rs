@@ -159,7 +159,99 @@ pub fn render(controller: &Controller) -> String {
     }
     let _ = writeln!(out, "# HELP strata_events_total Events recorded (scaling decisions, node and instance changes).\n# TYPE strata_events_total counter\nstrata_events_total {events}");
     render_pools(controller, &mut out);
+    render_autoscaler(controller, &mut out);
     out
+}
+
+/// Every tier's desired count (replicated state), and, on the leader, each autoscaled tier's
+/// latest evaluation: every policy's metric value and recommendation, whether the tier is
+/// paused, and the decisions this node committed by direction.
+fn render_autoscaler(controller: &Controller, out: &mut String) {
+    let desired: Vec<(String, u32)> = controller.state.read(|machine| {
+        machine
+            .state
+            .tiers
+            .values()
+            .map(|tier| (tier.name().to_string(), tier.status.desired))
+            .collect()
+    });
+    let _ = writeln!(
+        out,
+        "# HELP strata_tier_desired_instances The instance count a tier converges to.\n# TYPE strata_tier_desired_instances gauge"
+    );
+    for (tier, count) in &desired {
+        let _ = writeln!(
+            out,
+            "strata_tier_desired_instances{{tier=\"{tier}\"}} {count}"
+        );
+    }
+    let latest = controller.autoscaler.latest();
+    let _ = writeln!(
+        out,
+        "# HELP strata_autoscaler_policy_value A policy's averaged metric at the latest evaluation (leader only; absent without data).\n# TYPE strata_autoscaler_policy_value gauge"
+    );
+    for (tier, (inputs, _)) in &latest {
+        for (position, policy) in inputs.policies.iter().enumerate() {
+            if let Some(value) = policy.value {
+                let _ = writeln!(
+                    out,
+                    "strata_autoscaler_policy_value{{tier=\"{tier}\",policy=\"{position}\",metric=\"{}\"}} {value}",
+                    policy.metric
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP strata_autoscaler_policy_recommendation The count a policy asked for at the latest evaluation (leader only; absent when it abstains).\n# TYPE strata_autoscaler_policy_recommendation gauge"
+    );
+    for (tier, (inputs, _)) in &latest {
+        for (position, policy) in inputs.policies.iter().enumerate() {
+            if let Some(count) = policy.recommendation {
+                let _ = writeln!(
+                    out,
+                    "strata_autoscaler_policy_recommendation{{tier=\"{tier}\",policy=\"{position}\",metric=\"{}\"}} {count}",
+                    policy.metric
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP strata_autoscaler_paused 1 when a tier's count is set by hand (leader only).\n# TYPE strata_autoscaler_paused gauge"
+    );
+    for (tier, (_, paused)) in &latest {
+        let _ = writeln!(
+            out,
+            "strata_autoscaler_paused{{tier=\"{tier}\"}} {}",
+            u64::from(*paused)
+        );
+    }
+    let autoscaler = &controller.autoscaler;
+    let _ = writeln!(
+        out,
+        "# HELP strata_autoscaler_decisions_total Autoscaler decisions this node committed while it led, by direction.\n# TYPE strata_autoscaler_decisions_total counter"
+    );
+    for (direction, counter) in [
+        ("out", &autoscaler.scaled_out),
+        ("in", &autoscaler.scaled_in),
+    ] {
+        let _ = writeln!(
+            out,
+            "strata_autoscaler_decisions_total{{direction=\"{direction}\"}} {}",
+            counter.load(Ordering::Relaxed)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP strata_autoscaler_evaluations_total Tier evaluations this node ran while it led.\n# TYPE strata_autoscaler_evaluations_total counter\nstrata_autoscaler_evaluations_total {}",
+        autoscaler.evaluations.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP strata_autoscaler_superseded_total Decisions refused at apply because the tier had moved since the evaluation.\n# TYPE strata_autoscaler_superseded_total counter\nstrata_autoscaler_superseded_total {}",
+        autoscaler.superseded.load(Ordering::Relaxed)
+    );
 }
 
 /// Per tier: the pool's version and its servers by state; per LB node (leader memory): the

@@ -35,6 +35,7 @@ pub mod routes {
     pub const MEMBERS: &str = "/raft/members";
     pub const LIVENESS: &str = "/raft/liveness";
     pub const LB_REPORTS: &str = "/raft/lb-reports";
+    pub const CUSTOM_METRIC: &str = "/raft/custom-metric";
     pub const PING: &str = "/raft/ping";
 }
 

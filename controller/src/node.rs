@@ -127,6 +127,9 @@ pub struct Controller {
     /// Heartbeat memory; meaningful only while this node leads. Shared with the state
     /// machine's applied hook (`wake_after_apply`).
     pub liveness: Arc<Liveness>,
+    /// The autoscaler's metric windows and decision memories; meaningful only while this
+    /// node leads.
+    pub autoscaler: Arc<crate::autoscaler::Autoscaler>,
     /// Client commands on their way into a (batched) log entry.
     batcher: mpsc::UnboundedSender<Pending>,
     /// Client commands on their way to the leader, when this node follows.
@@ -187,18 +190,24 @@ impl Controller {
         .context("start raft")?;
 
         let liveness = Arc::new(Liveness::default());
-        state.on_applied(wake_after_apply(liveness.clone(), raft.clone()));
+        let autoscaler = Arc::new(crate::autoscaler::Autoscaler::default());
+        state.on_applied(wake_after_apply(
+            liveness.clone(),
+            autoscaler.clone(),
+            raft.clone(),
+        ));
 
         let quorum = Quorum::start(
             raft.clone(),
             peers.clone(),
             config.node_id,
-            Duration::from_millis(heartbeat * 2),
+            Duration::from_millis(heartbeat),
             config.quorum_timeout.as_std(),
             // openraft campaigns no sooner than leader_lease (election_timeout_max) plus
             // election_timeout_min after the last heartbeat; answers older than one election
-            // timeout plus a probe round no longer speak for a peer.
+            // timeout plus two probe rounds no longer speak for a peer.
             Duration::from_millis(election + heartbeat * 2),
+            Duration::from_millis(election),
         );
         let forwarder = Forwarder::start(peers.clone(), config.write_timeout.as_std());
         let (batcher, queue) = mpsc::unbounded_channel();
@@ -212,6 +221,7 @@ impl Controller {
             tokens,
             write_timeout: config.write_timeout.as_std(),
             liveness,
+            autoscaler,
             batcher,
             forwarder,
             quorum,
@@ -326,6 +336,12 @@ impl Controller {
             // A follower that knows the leader forwards at once; only a node that believes it
             // leads, or knows no leader, asks its own Raft (which answers with a hint).
             let leader_hint = match named_by_old_leader.take().or_else(|| self.leader()) {
+                // A leader not heard from lately may be cut off: forwarding to it could only
+                // end in `outcome-unknown` after the write timeout. Wait for it or a new one.
+                Some(known) if known.0 != self.id && !self.quorum.recently_heard(known.0) => {
+                    backoff.wait().await;
+                    continue;
+                }
                 Some(known) if known.0 != self.id => Some(known),
                 _ => match self.propose_local(command.clone()).await {
                     Ok(result) => return Ok(result),
@@ -399,10 +415,16 @@ impl Controller {
                     None
                 }
             };
-            if let Some((leader, address)) = hint.filter(|(leader, _)| *leader != self.id) {
+            // Only a leader heard from lately: one cut off would hold the call in a blackhole.
+            let hint = hint
+                .filter(|(leader, _)| *leader != self.id && self.quorum.recently_heard(*leader));
+            if let Some((leader, address)) = hint {
+                // A read may be asked again: a short limit per call, so a leader that goes
+                // away mid-call costs one retry, not the whole timeout.
+                let per_call = self.write_timeout.min(Duration::from_secs(2));
                 let answer: Result<ReadIndex, PeerError> = self
                     .peers
-                    .call(&address, routes::READ_INDEX, &(), self.write_timeout)
+                    .call(&address, routes::READ_INDEX, &(), per_call)
                     .await;
                 match answer {
                     Ok(ReadIndex::Index(index)) => return self.wait_applied(index).await,
@@ -641,7 +663,11 @@ impl Controller {
 /// the leader by the forwarder, and a command may apply after its proposer gave up waiting;
 /// the leader applying it is the one place that sees every command, and the only node whose
 /// planners and held heartbeats act. On followers the hook does nothing.
-fn wake_after_apply(liveness: Arc<Liveness>, raft: Raft) -> crate::store::AppliedHook {
+fn wake_after_apply(
+    liveness: Arc<Liveness>,
+    autoscaler: Arc<crate::autoscaler::Autoscaler>,
+    raft: Raft,
+) -> crate::store::AppliedHook {
     let metrics = raft.metrics();
     Box::new(move |store, requests| {
         if metrics.borrow().state != ServerState::Leader {
@@ -656,6 +682,14 @@ fn wake_after_apply(liveness: Arc<Liveness>, raft: Raft) -> crate::store::Applie
                     // no assignment changes until they act.
                     liveness.after_write(store, Touch::of(command));
                     liveness.wake.notify_one();
+                }
+                Command::PutTier { .. }
+                | Command::ScaleTier { .. }
+                | Command::ResumeAutoscaling { .. } => {
+                    // New policies, bounds or a manual count: the autoscaler re-evaluates
+                    // now rather than at its next tick.
+                    liveness.after_write(store, Touch::of(command));
+                    autoscaler.wake.notify_one();
                 }
                 _ => liveness.after_write(store, Touch::of(command)),
             }
@@ -730,9 +764,10 @@ pub struct Pending {
 fn batch_key(command: &Command) -> Option<String> {
     match command {
         Command::PutTier { spec } => Some(format!("tier/{}", spec.name)),
-        Command::ScaleTier { name, .. } | Command::DeleteTier { name, .. } => {
-            Some(format!("tier/{name}"))
-        }
+        Command::ScaleTier { name, .. }
+        | Command::DeleteTier { name, .. }
+        | Command::ResumeAutoscaling { name, .. }
+        | Command::AutoscaleTier { name, .. } => Some(format!("tier/{name}")),
         Command::RegisterNode { registration } => Some(format!("node/{}", registration.node_id)),
         _ => None,
     }

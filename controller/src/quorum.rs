@@ -85,10 +85,14 @@ pub struct Observation<'a> {
     pub leader_ack_ms: Option<u64>,
     /// Without a quorum's contact for this long, the node refuses requests.
     pub timeout: Duration,
-    /// How fresh an answer must be to count for an election or for leader contact: shorter
-    /// than openraft's first election attempt after a lost leader (leader lease plus one
-    /// election timeout), so the gate closes before a cut-off node's first campaign.
+    /// How fresh a peer's answer must be to count for an election: shorter than openraft's
+    /// first election attempt after a lost leader (leader lease plus one election timeout),
+    /// so the gate closes before a cut-off node's first campaign.
     pub elect_window: Duration,
+    /// How fresh the leader's last word (an AppendEntries or a pong) must be for this node to
+    /// be in touch with it: one election timeout, the leader's heartbeats being far more
+    /// frequent, so that followers of a leader that went away agree on it quickly.
+    pub contact_window: Duration,
 }
 
 /// The outcome of one assessment.
@@ -155,7 +159,7 @@ pub fn assess(observation: &Observation<'_>) -> Assessment {
         observation
             .current_leader
             .and_then(|leader| answer_of(&leader))
-            .is_some_and(|answer| answer.leading && fresh(answer.at, observation.elect_window))
+            .is_some_and(|answer| answer.leading && fresh(answer.at, observation.contact_window))
     };
     // Pre-vote: would a majority, this node included, grant a vote now?
     let granting = observation
@@ -193,6 +197,22 @@ pub struct Pong {
 #[derive(Clone)]
 pub struct Quorum {
     view: Arc<watch::Sender<QuorumView>>,
+    answers: Answers,
+    timeout: Duration,
+    contact_window: Duration,
+}
+
+/// Each peer's latest answer, shared by the probe loop and the peer routes.
+type Answers = Arc<std::sync::Mutex<HashMap<NodeId, PeerAnswer>>>;
+
+/// Records `answer` for `peer` unless a newer one is known.
+fn note(answers: &Answers, peer: NodeId, answer: PeerAnswer) {
+    let mut answers = answers
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if answers.get(&peer).is_none_or(|known| known.at <= answer.at) {
+        answers.insert(peer, answer);
+    }
 }
 
 impl Quorum {
@@ -205,18 +225,75 @@ impl Quorum {
         interval: Duration,
         timeout: Duration,
         elect_window: Duration,
+        contact_window: Duration,
     ) -> Quorum {
         let view = Arc::new(watch::Sender::new(QuorumView::default()));
+        let answers = Answers::default();
+        let timing = ProbeTiming {
+            interval,
+            timeout,
+            elect_window,
+            contact_window,
+        };
         tokio::spawn(run_probe(
             raft,
             peers,
             self_id,
-            interval,
-            timeout,
-            elect_window,
+            timing,
             view.clone(),
+            answers.clone(),
         ));
-        Quorum { view }
+        Quorum {
+            view,
+            answers,
+            timeout,
+            contact_window,
+        }
+    }
+
+    /// Whether `peer` answered a ping or sent an accepted AppendEntries within the quorum
+    /// timeout: a leader not heard from for that long may be cut off, and a request sent to it
+    /// on a pooled connection would wait out its whole timeout in a blackhole.
+    pub fn recently_heard(&self, peer: NodeId) -> bool {
+        let answers = self
+            .answers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        answers
+            .get(&peer)
+            .is_some_and(|answer| answer.at.elapsed() <= self.timeout)
+    }
+
+    /// Whether this node is in touch with a working leader right now (what a ping answer
+    /// says): a leader with its quorum, or a follower whose leader spoke within the contact
+    /// window. Computed at the time of asking, not at the last probe round, so that followers
+    /// of a leader that went away agree on it without waiting for each other's rounds.
+    pub fn leader_contact(&self, is_leader: bool, current_leader: Option<NodeId>) -> bool {
+        if is_leader {
+            return self.has_quorum();
+        }
+        let answers = self
+            .answers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        current_leader
+            .and_then(|leader| answers.get(&leader))
+            .is_some_and(|answer| answer.leading && answer.at.elapsed() <= self.contact_window)
+    }
+
+    /// An AppendEntries from `leader` was accepted: as good a sign of contact with a working
+    /// leader as a ping answer (better under load, where a ping may be slow while the leader's
+    /// heartbeats keep coming).
+    pub fn heard_from_leader(&self, leader: NodeId) {
+        note(
+            &self.answers,
+            leader,
+            PeerAnswer {
+                at: Instant::now(),
+                leading: true,
+                leader_contact: true,
+            },
+        );
     }
 
     pub fn view(&self) -> QuorumView {
@@ -235,22 +312,35 @@ impl Quorum {
     }
 }
 
+/// How often the probe pings, when contact counts as lost, and how fresh an answer must be to
+/// count for an election.
+struct ProbeTiming {
+    interval: Duration,
+    timeout: Duration,
+    elect_window: Duration,
+    contact_window: Duration,
+}
+
 async fn run_probe(
     raft: Raft,
     peers: PeerClient,
     self_id: NodeId,
-    interval: Duration,
-    timeout: Duration,
-    elect_window: Duration,
+    timing: ProbeTiming,
     sender: Arc<watch::Sender<QuorumView>>,
+    answers: Answers,
 ) {
+    let ProbeTiming {
+        interval,
+        timeout,
+        elect_window,
+        contact_window,
+    } = timing;
     let started = Instant::now();
-    let answers: Arc<std::sync::Mutex<HashMap<NodeId, PeerAnswer>>> = Arc::default();
     let mut elect = true;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // A ping answered later than this is stale for the election gate anyway.
-    let ping_timeout = elect_window.max(interval);
+    // A late answer still proves contact at the time the ping was sent.
+    let ping_timeout = timeout.max(interval);
     loop {
         ticker.tick().await;
         let (voters, addresses, is_leader, current_leader, leader_ack_ms, running) = {
@@ -285,17 +375,10 @@ async fn run_probe(
                 let answer: Result<Pong, _> =
                     peers.call(&address, routes::PING, &(), ping_timeout).await;
                 // A pong counts only when it comes from the node that was asked.
-                if let Ok(pong) = answer.as_ref().map_err(|_| ()).and_then(|pong| {
+                if let Ok(pong) = answer {
                     if pong.node_id == peer {
-                        Ok(pong)
-                    } else {
-                        Err(())
-                    }
-                }) {
-                    let mut answers = answers.lock().expect("quorum probe lock");
-                    let newer = answers.get(&peer).is_none_or(|known| known.at <= sent);
-                    if newer {
-                        answers.insert(
+                        note(
+                            &answers,
                             peer,
                             PeerAnswer {
                                 at: sent,
@@ -308,7 +391,9 @@ async fn run_probe(
             });
         }
         let assessment = {
-            let answers = answers.lock().expect("quorum probe lock");
+            let answers = answers
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             assess(&Observation {
                 self_id,
                 voters: &voters,
@@ -320,6 +405,7 @@ async fn run_probe(
                 leader_ack_ms,
                 timeout,
                 elect_window,
+                contact_window,
             })
         };
         if assessment.elect != elect {
@@ -359,6 +445,7 @@ mod tests {
 
     const TIMEOUT: Duration = Duration::from_millis(1000);
     const WINDOW: Duration = Duration::from_millis(450);
+    const CONTACT: Duration = Duration::from_millis(250);
 
     /// A peer's answer `at_ms` after the start, with what it said.
     #[derive(Clone, Copy)]
@@ -440,6 +527,7 @@ mod tests {
             leader_ack_ms: case.leader_ack_ms,
             timeout: TIMEOUT,
             elect_window: WINDOW,
+            contact_window: CONTACT,
         })
     }
 

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use serde::{Deserialize, Serialize};
 use strata_api::{
     Event, FieldError, Health, Instance, NodeRole, Phase, Provider, RegisterRequest, Resources,
-    ScalingDecision, Tier, TierSpec, TierStatus,
+    ScalingDecision, ScalingInputs, Tier, TierSpec, TierStatus,
 };
 use uuid::Uuid;
 
@@ -51,11 +51,29 @@ pub enum Command {
         name: String,
         expected_version: Option<u64>,
     },
-    /// Set the manual desired count.
+    /// Set the manual desired count, which pauses the tier's autoscaler.
     ScaleTier {
         name: String,
         desired: u32,
         expected_version: Option<u64>,
+    },
+    /// Hand the desired count back to the autoscaler (clears the manual count; the count
+    /// stays where it is until the autoscaler decides otherwise).
+    ResumeAutoscaling {
+        name: String,
+        expected_version: Option<u64>,
+    },
+    /// An autoscaler decision: `status.desired` goes from `from` to `to`. Applies only while
+    /// the tier is still at `from` and not paused by a manual count, so a decision planned
+    /// from a state that changed before it committed (an operator scaled, another leader
+    /// decided) is rejected rather than applied over the newer count. Changes status only:
+    /// the tier's `resource_version` (its spec's) stays, so an autoscaled tier does not make
+    /// its operators' compare-and-set writes conflict.
+    AutoscaleTier {
+        name: String,
+        from: u32,
+        to: u32,
+        inputs: Box<ScalingInputs>,
     },
     /// An agent announced its node (new, or after a restart with new facts).
     RegisterNode { registration: RegisterRequest },
@@ -249,6 +267,16 @@ impl State {
                 desired,
                 expected_version,
             } => self.scale_tier(version, at_ms, name, *desired, *expected_version),
+            Command::ResumeAutoscaling {
+                name,
+                expected_version,
+            } => self.resume_autoscaling(version, at_ms, name, *expected_version),
+            Command::AutoscaleTier {
+                name,
+                from,
+                to,
+                inputs,
+            } => self.autoscale_tier(at_ms, name, *from, *to, inputs),
             Command::RegisterNode { registration } => {
                 self.register_node(version, at_ms, registration)
             }
@@ -323,6 +351,17 @@ impl State {
 
     /// Appends an event, dropping the oldest beyond `EVENT_CAPACITY`.
     fn record(&mut self, at_ms: u64, object: String, reason: &str, message: String) {
+        self.record_with(at_ms, object, reason, message, None);
+    }
+
+    fn record_with(
+        &mut self,
+        at_ms: u64,
+        object: String,
+        reason: &str,
+        message: String,
+        scaling: Option<Box<ScalingInputs>>,
+    ) {
         self.next_event_id += 1;
         self.events.push_back(Event {
             id: self.next_event_id,
@@ -330,6 +369,7 @@ impl State {
             object,
             reason: reason.to_string(),
             message,
+            scaling,
         });
         while self.events.len() > EVENT_CAPACITY {
             self.events.pop_front();
@@ -745,6 +785,7 @@ impl State {
                             from: 0,
                             to: desired,
                             reason: "tier created".to_string(),
+                            inputs: None,
                         }),
                         ..TierStatus::default()
                     },
@@ -788,6 +829,7 @@ impl State {
                                 .desired
                                 .map_or_else(|| "unset".to_string(), |d| d.to_string())
                         ),
+                        inputs: None,
                     });
                 }
                 Tier {
@@ -894,24 +936,129 @@ impl State {
         tier.spec.resource_version = Some(index);
         tier.updated_at_ms = at_ms;
         tier.status.desired = desired;
+        let pauses =
+            !tier.spec.scaling.policies.is_empty() || !tier.spec.scaling.schedules.is_empty();
         tier.status.last_scaling = Some(ScalingDecision {
             at_ms,
             from: before,
             to: desired,
             reason: "scaled by an operator".to_string(),
+            inputs: None,
         });
         let tier = tier.clone();
+        let paused = if pauses {
+            "; the autoscaler is paused until the count is handed back (scale --auto)"
+        } else {
+            ""
+        };
         self.record(
             at_ms,
             format!("tier/{name}"),
             "ScaledByOperator",
-            format!("desired {before} -> {desired}: scaled by an operator"),
+            format!("desired {before} -> {desired}: scaled by an operator{paused}"),
         );
         CommandResult::Tier {
             tier: Box::new(tier),
             created: false,
         }
     }
+
+    fn resume_autoscaling(
+        &mut self,
+        index: u64,
+        at_ms: u64,
+        name: &str,
+        expected: Option<u64>,
+    ) -> CommandResult {
+        if let Err(rejection) = self.check_version(name, expected) {
+            return CommandResult::Rejected { rejection };
+        }
+        let Some(tier) = self.tiers.get_mut(name) else {
+            return not_found(name);
+        };
+        let was = tier.spec.scaling.desired.take();
+        if was.is_some() {
+            tier.spec.resource_version = Some(index);
+            tier.updated_at_ms = at_ms;
+        }
+        let desired = tier.status.desired;
+        let tier = tier.clone();
+        if was.is_some() {
+            self.record(
+                at_ms,
+                format!("tier/{name}"),
+                "AutoscalingResumed",
+                format!("the autoscaler decides the count again, from {desired}"),
+            );
+        }
+        CommandResult::Tier {
+            tier: Box::new(tier),
+            created: false,
+        }
+    }
+
+    fn autoscale_tier(
+        &mut self,
+        at_ms: u64,
+        name: &str,
+        from: u32,
+        to: u32,
+        inputs: &ScalingInputs,
+    ) -> CommandResult {
+        let Some(tier) = self.tiers.get_mut(name) else {
+            return not_found(name);
+        };
+        if tier.spec.scaling.desired.is_some() || tier.status.desired != from {
+            // Planned from a state this entry no longer describes: the next evaluation
+            // decides from the current one.
+            return CommandResult::Rejected {
+                rejection: Rejection::Conflict {
+                    name: name.to_string(),
+                    expected: u64::from(from),
+                    current: u64::from(tier.status.desired),
+                },
+            };
+        }
+        tier.status.desired = to;
+        tier.status.last_scaling = Some(ScalingDecision {
+            at_ms: inputs.at_ms,
+            from,
+            to,
+            reason: inputs.reason.clone(),
+            inputs: Some(Box::new(inputs.clone())),
+        });
+        let tier = tier.clone();
+        let reason = if to > from { "ScaledOut" } else { "ScaledIn" };
+        self.record_with(
+            at_ms,
+            format!("tier/{name}"),
+            reason,
+            scaling_message(inputs),
+            Some(Box::new(inputs.clone())),
+        );
+        CommandResult::Tier {
+            tier: Box::new(tier),
+            created: false,
+        }
+    }
+}
+
+/// An autoscaler decision in plain words: the reason, then what each policy saw and asked for.
+pub fn scaling_message(inputs: &ScalingInputs) -> String {
+    let mut message = inputs.reason.clone();
+    for policy in &inputs.policies {
+        let value = policy
+            .value
+            .map_or_else(|| "no data".to_string(), |v| format!("{v}"));
+        let target = policy
+            .target
+            .map_or_else(String::new, |t| format!(" (target {t})"));
+        let asks = policy
+            .recommendation
+            .map_or_else(|| "abstains".to_string(), |r| format!("asks for {r}"));
+        message.push_str(&format!("; {} {value}{target} {asks}", policy.metric));
+    }
+    message
 }
 
 fn not_found(name: &str) -> CommandResult {
@@ -1054,6 +1201,110 @@ mod tests {
                 .status
                 .desired,
             3
+        );
+    }
+
+    #[test]
+    fn autoscaler_decisions_apply_only_from_the_count_they_were_planned_from() {
+        let mut state = State::default();
+        state.apply(1, &put(spec("web", 1, 8)));
+        let inputs = ScalingInputs {
+            at_ms: 1500,
+            from: 1,
+            to: 3,
+            reason: "scale out from 1 to 3: the policies ask for 3".to_string(),
+            policies: vec![strata_api::PolicyEvaluation {
+                metric: "cpu_utilization".to_string(),
+                value: Some(150.0),
+                target: Some(50.0),
+                recommendation: Some(3),
+                note: String::new(),
+            }],
+            ..ScalingInputs::default()
+        };
+        let decide = |from, to| Request {
+            at_ms: 2000,
+            command: Command::AutoscaleTier {
+                name: "web".to_string(),
+                from,
+                to,
+                inputs: Box::new(inputs.clone()),
+            },
+        };
+        let tier = tier_of(state.apply(2, &decide(1, 3)));
+        assert_eq!(tier.status.desired, 3);
+        // Status only: the spec's version stays, so operators' compare-and-set still holds.
+        assert_eq!(tier.resource_version(), 1);
+        let last = tier
+            .status
+            .last_scaling
+            .unwrap_or_else(|| panic!("no decision"));
+        assert_eq!((last.from, last.to), (1, 3));
+        assert_eq!(last.inputs.as_deref(), Some(&inputs));
+        let event = state
+            .events
+            .back()
+            .cloned()
+            .unwrap_or_else(|| panic!("no event"));
+        assert_eq!(
+            (event.object.as_str(), event.reason.as_str()),
+            ("tier/web", "ScaledOut")
+        );
+        assert!(
+            event
+                .message
+                .contains("cpu_utilization 150 (target 50) asks for 3"),
+            "{}",
+            event.message
+        );
+        assert_eq!(event.scaling.as_deref(), Some(&inputs));
+        // Planned from 1, but the tier is at 3 now: refused, nothing changes.
+        assert!(matches!(
+            state.apply(3, &decide(1, 2)),
+            CommandResult::Rejected {
+                rejection: Rejection::Conflict { .. }
+            }
+        ));
+        assert_eq!(state.tiers["web"].status.desired, 3);
+        // A manual count pauses the autoscaler: its decisions are refused until handed back.
+        state.apply(
+            4,
+            &Request {
+                at_ms: 3000,
+                command: Command::ScaleTier {
+                    name: "web".to_string(),
+                    desired: 5,
+                    expected_version: None,
+                },
+            },
+        );
+        assert!(matches!(
+            state.apply(5, &decide(5, 6)),
+            CommandResult::Rejected { .. }
+        ));
+        let resumed = tier_of(state.apply(
+            6,
+            &Request {
+                at_ms: 4000,
+                command: Command::ResumeAutoscaling {
+                    name: "web".to_string(),
+                    expected_version: None,
+                },
+            },
+        ));
+        assert_eq!(
+            (resumed.spec.scaling.desired, resumed.status.desired),
+            (None, 5)
+        );
+        assert_eq!(
+            state.events.back().map(|e| e.reason.as_str()),
+            Some("AutoscalingResumed")
+        );
+        let tier = tier_of(state.apply(7, &decide(5, 2)));
+        assert_eq!(tier.status.desired, 2);
+        assert_eq!(
+            state.events.back().map(|e| e.reason.as_str()),
+            Some("ScaledIn")
         );
     }
 

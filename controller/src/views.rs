@@ -152,6 +152,32 @@ pub fn tier_view(state: &State, index: &TierIndex<'_>, tier: &Tier, now_ms: u64)
             since_ms: *at_ms,
         });
     }
+    let scaling = &tier.spec.scaling;
+    if !scaling.policies.is_empty() || !scaling.schedules.is_empty() {
+        let condition = match scaling.desired {
+            Some(manual) => Condition {
+                condition_type: "Autoscaling".to_string(),
+                status: false,
+                reason: "PausedByOperator".to_string(),
+                message: format!(
+                    "desired is set by hand to {manual}; `stratactl scale tier {} --auto` hands the count back to the autoscaler",
+                    tier.name()
+                ),
+                since_ms: tier.updated_at_ms,
+            },
+            None => Condition {
+                condition_type: "Autoscaling".to_string(),
+                status: true,
+                reason: "Active".to_string(),
+                message: format!(
+                    "the autoscaler decides the count, within {}..{}",
+                    scaling.min, scaling.max
+                ),
+                since_ms: tier.updated_at_ms,
+            },
+        };
+        view.status.conditions.push(condition);
+    }
     view.status.endpoints = endpoints(state, tier);
     view
 }

@@ -338,7 +338,10 @@ impl Cluster {
             let mut leaders = Vec::new();
             for id in self.running() {
                 if let Ok(status) = self.status(id).await {
-                    leaders.push(status["leader_id"].as_u64());
+                    // A node that does not (yet) see a quorum refuses requests with 503: it
+                    // does not count as agreeing.
+                    let in_touch = status["has_quorum"] != false;
+                    leaders.push(status["leader_id"].as_u64().filter(|_| in_touch));
                 } else {
                     leaders.push(None);
                 }

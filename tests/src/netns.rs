@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 
 /// Prefixes of everything a run creates; the rest of each name is the test process's pid (and
 /// a host letter), so parallel runs never collide and leftovers name the run that made them.
-/// Interface names stay within Linux's 15 characters: 4 + 7 pid digits + 1 letter.
+/// Interface names stay within Linux's 15 characters: 4 + 7 pid digits + 2 letters.
 const NAMESPACE_PREFIX: &str = "strata-e2e-";
 const BRIDGE_PREFIX: &str = "stbr";
 const BRIDGE_VETH_PREFIX: &str = "stbv";
@@ -67,10 +67,21 @@ pub struct Network {
 impl Network {
     pub fn create(node_ids: &[&str]) -> anyhow::Result<Network> {
         let pid = std::process::id();
-        sweep_stale(pid);
+        // Tests of one process (`cargo test` runs them on threads) tell their networks apart
+        // by a letter after the pid; only the first sweeps, since later ones would take the
+        // first one's links (same pid) for leftovers.
+        static NETWORKS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+        let run = NETWORKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if run == 0 {
+            sweep_stale(pid);
+        }
+        let run = char::from(b'A' + run % 26);
+        let _guard = SUBNET_CHOICE
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let subnet = free_subnet(pid)?;
         let network = Network {
-            bridge: format!("{BRIDGE_PREFIX}{pid}"),
+            bridge: format!("{BRIDGE_PREFIX}{pid}{run}"),
             bridge_ip: Ipv4Addr::new(10, 251, subnet, 1),
             hosts: node_ids
                 .iter()
@@ -80,9 +91,9 @@ impl Network {
                     let letter = char::from(letter);
                     Host {
                         node_id: node_id.to_string(),
-                        namespace: format!("{NAMESPACE_PREFIX}{pid}-{letter}"),
-                        bridge_veth: format!("{BRIDGE_VETH_PREFIX}{pid}{letter}"),
-                        host_veth: format!("{HOST_VETH_PREFIX}{pid}{letter}"),
+                        namespace: format!("{NAMESPACE_PREFIX}{pid}-{run}{letter}"),
+                        bridge_veth: format!("{BRIDGE_VETH_PREFIX}{pid}{run}{letter}"),
+                        host_veth: format!("{HOST_VETH_PREFIX}{pid}{run}{letter}"),
                         ip: Ipv4Addr::new(10, 251, subnet, last),
                     }
                 })
@@ -205,7 +216,7 @@ fn sweep_stale(own_pid: u32) {
         for prefix in [BRIDGE_VETH_PREFIX, HOST_VETH_PREFIX, BRIDGE_PREFIX] {
             let pid = name
                 .strip_prefix(prefix)
-                .map(|rest| rest.trim_end_matches(|c: char| c.is_ascii_lowercase()));
+                .map(|rest| rest.trim_end_matches(|c: char| c.is_ascii_alphabetic()));
             if pid.is_some_and(stale) {
                 if prefix == BRIDGE_PREFIX {
                     kill_listeners_on_bridge(name);
@@ -260,6 +271,10 @@ fn kill_listeners_on_bridge(bridge: &str) {
 
 /// A third octet for 10.251.X.0/24 that no address or route here uses yet, starting from one
 /// derived from the pid so that parallel runs start apart.
+/// Held from choosing a subnet until its bridge has the address, so two networks of one
+/// process never choose the same one.
+static SUBNET_CHOICE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn free_subnet(pid: u32) -> anyhow::Result<u8> {
     let used = format!(
         "{}\n{}",

@@ -1,6 +1,6 @@
 //! `stratactl`: the operator's command line, in the manner of kubectl.
 //!
-//! Commands are grouped by verb, then resource (`get tier web`, `scale tier web --replicas 3`),
+//! Commands are grouped by verb, then resource (`get tier web`, `scale tier web 3`),
 //! so adding a resource (`get nodes`, `get instances --tier web`) or a verb (`cordon NODE`) is a
 //! new enum variant and one match arm. `execute` takes its input and output streams as
 //! arguments so tests can run whole commands against a fake controller.
@@ -226,13 +226,21 @@ pub enum DeleteResource {
 
 #[derive(Debug, Subcommand)]
 pub enum ScaleResource {
-    /// Pin a tier's instance count; it must lie within the tier's scaling.min and scaling.max.
+    /// Pin a tier's instance count (it must lie within the tier's scaling.min and scaling.max),
+    /// which pauses the tier's autoscaler; `--auto` hands the count back to the autoscaler.
+    #[command(group(clap::ArgGroup::new("count").required(true).args(["replicas", "replicas_flag", "auto"])))]
     Tier {
         /// The tier to scale.
         name: String,
         /// The number of instances to run.
-        #[arg(long, value_name = "N")]
-        replicas: u32,
+        #[arg(value_name = "N")]
+        replicas: Option<u32>,
+        /// The number of instances to run (the same as N).
+        #[arg(long = "replicas", value_name = "N")]
+        replicas_flag: Option<u32>,
+        /// Hand the count back to the autoscaler, which decides from the count it has now.
+        #[arg(long)]
+        auto: bool,
         /// Scale only if the tier still has this resource version (409 otherwise).
         #[arg(long, value_name = "VERSION")]
         resource_version: Option<u64>,
@@ -606,15 +614,28 @@ async fn scale(
         ScaleResource::Tier {
             name,
             replicas,
+            replicas_flag,
+            auto,
             resource_version,
         } => {
+            let desired = replicas.or(replicas_flag);
             let request = ScaleRequest {
-                desired: replicas,
+                desired,
+                auto,
                 resource_version,
             };
             let tier = context.client.scale_tier(&name, &request).await?;
-            context.print(streams.stdout, &tier, || {
-                format!("tier/{} scaled to {replicas}\n", tier.name())
+            context.print(streams.stdout, &tier, || match desired {
+                Some(count) => format!(
+                    "tier/{} scaled to {count}; its autoscaler is paused until `stratactl scale tier {} --auto`\n",
+                    tier.name(),
+                    tier.name()
+                ),
+                None => format!(
+                    "tier/{} handed back to the autoscaler at {} instances\n",
+                    tier.name(),
+                    tier.status.desired
+                ),
             })
         }
     }

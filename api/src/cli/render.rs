@@ -7,10 +7,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use crate::cluster::ClusterStatus;
+use crate::duration::Duration;
 use crate::node::{Event, Instance, Node};
 use crate::pool::{BalancerView, LbStats, PoolView};
 use crate::problem::FieldError;
-use crate::tier::{HealthProtocol, Provider, Tier};
+use crate::tier::{HealthProtocol, Provider, ScalingBound, ScalingInputs, Tier};
 
 /// Milliseconds since the Unix epoch, the unit of every timestamp in the API.
 pub fn now_ms() -> u64 {
@@ -234,7 +235,12 @@ pub fn describe_tier(tier: &Tier, related: Related<'_>, now_ms: u64) -> String {
 
     let scaling = &spec.scaling;
     page.line(0, "Scaling", "");
+    let autoscaled = !scaling.policies.is_empty() || !scaling.schedules.is_empty();
     let manual = match scaling.desired {
+        Some(desired) if autoscaled => format!(
+            "{desired} (set by hand: the autoscaler is paused; `stratactl scale tier {} --auto` hands it back)",
+            spec.name
+        ),
         Some(desired) => format!("{desired} (set by hand)"),
         None => "decided by the autoscaler".to_string(),
     };
@@ -365,9 +371,108 @@ pub fn describe_tier(tier: &Tier, related: Related<'_>, now_ms: u64) -> String {
         balancers_section(&mut text, &pool.balancers, now_ms);
     }
     if let Some(events) = related.events {
+        decisions_section(&mut text, events, now_ms);
         events_section(&mut text, events, now_ms);
     }
     text
+}
+
+/// Event reasons that are decisions about a tier's count.
+const SCALING_REASONS: [&str; 4] = [
+    "ScaledOut",
+    "ScaledIn",
+    "ScaledByOperator",
+    "AutoscalingResumed",
+];
+
+/// How many scaling decisions `describe tier` shows.
+const DESCRIBE_DECISIONS: usize = 8;
+
+/// `Scaling decisions:` the latest decisions about the count, in plain words, each
+/// autoscaler decision with what every policy saw and what bounded it.
+fn decisions_section(text: &mut String, events: &[Event], now_ms: u64) {
+    let decisions: Vec<&Event> = events
+        .iter()
+        .filter(|event| SCALING_REASONS.contains(&event.reason.as_str()))
+        .collect();
+    let recent = &decisions[decisions.len().saturating_sub(DESCRIBE_DECISIONS)..];
+    if recent.is_empty() {
+        text.push_str("Scaling decisions:  none\n");
+        return;
+    }
+    text.push_str("Scaling decisions:\n");
+    for event in recent {
+        match &event.scaling {
+            Some(inputs) => {
+                let _ = writeln!(
+                    text,
+                    "  {} ago  {}",
+                    age(event.at_ms, now_ms),
+                    inputs.reason
+                );
+                for line in decision_details(inputs) {
+                    let _ = writeln!(text, "      {line}");
+                }
+            }
+            None => {
+                let _ = writeln!(
+                    text,
+                    "  {} ago  {}",
+                    age(event.at_ms, now_ms),
+                    event.message
+                );
+            }
+        }
+    }
+}
+
+/// One line per policy (what it saw, its target and what it asked for), then the windows and
+/// limits that bounded the result.
+fn decision_details(inputs: &ScalingInputs) -> Vec<String> {
+    let mut lines = Vec::new();
+    for policy in &inputs.policies {
+        let value = policy
+            .value
+            .map_or_else(|| "no data".to_string(), |value| value.to_string());
+        let target = policy
+            .target
+            .map_or_else(String::new, |target| format!(", target {target}"));
+        let asks = policy.recommendation.map_or_else(
+            || "abstains".to_string(),
+            |count| format!("asks for {count}"),
+        );
+        lines.push(format!(
+            "{}: {value}{target}, {asks} ({})",
+            policy.metric, policy.note
+        ));
+    }
+    for bound in &inputs.bounded_by {
+        lines.push(match bound {
+            ScalingBound::Stabilization { window_ms, highest } => format!(
+                "held by the scale-in stabilization window ({}): its highest recommendation was {highest}",
+                Duration::from_millis(*window_ms)
+            ),
+            ScalingBound::ScaleInHeld { why } => format!("scale-in held: {why}"),
+            ScalingBound::Cooldown { remaining_ms } => format!(
+                "in the scale-out cooldown for another {}",
+                Duration::from_millis(*remaining_ms)
+            ),
+            ScalingBound::StepLimit {
+                period_ms,
+                limit,
+                allowed,
+            } => format!(
+                "limited to {limit} per {} (allowed {allowed})",
+                Duration::from_millis(*period_ms)
+            ),
+            ScalingBound::Bounds { min, max } => format!("bounded by min {min} and max {max}"),
+        });
+    }
+    lines.push(format!(
+        "{} ready, {} starting or warming up, bounds {}..{}",
+        inputs.ready, inputs.warming, inputs.min, inputs.max
+    ));
+    lines
 }
 
 /// `get pool`: the servers the tier's load balancers must serve, then what each one reports.

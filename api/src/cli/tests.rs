@@ -91,8 +91,31 @@ fn every_command_parses() {
         parsed(&["scale", "tier", "web", "--replicas", "3"]).command,
         Command::Scale {
             resource: ScaleResource::Tier {
-                replicas: 3,
+                replicas_flag: Some(3),
+                auto: false,
                 resource_version: None,
+                ..
+            }
+        }
+    ));
+    assert!(matches!(
+        parsed(&["scale", "tier", "web", "3"]).command,
+        Command::Scale {
+            resource: ScaleResource::Tier {
+                replicas: Some(3),
+                replicas_flag: None,
+                auto: false,
+                ..
+            }
+        }
+    ));
+    assert!(matches!(
+        parsed(&["scale", "tier", "web", "--auto"]).command,
+        Command::Scale {
+            resource: ScaleResource::Tier {
+                replicas: None,
+                replicas_flag: None,
+                auto: true,
                 ..
             }
         }
@@ -123,6 +146,10 @@ fn usage_errors_exit_with_2() {
         (
             &["scale", "tier", "web"],
             ErrorKind::MissingRequiredArgument,
+        ),
+        (
+            &["scale", "tier", "web", "3", "--auto"],
+            ErrorKind::ArgumentConflict,
         ),
         (
             &["scale", "tier", "web", "--replicas", "-1"],
@@ -184,6 +211,7 @@ fn tier(name: &str, rv: u64) -> Tier {
                 from: 2,
                 to: 3,
                 reason: "requests_per_second 260 > target 200".into(),
+                inputs: None,
             }),
             conditions: vec![Condition {
                 condition_type: "Ready".into(),
@@ -741,6 +769,7 @@ fn events() -> Vec<Event> {
             object: "tier/web".into(),
             reason: "ScaledOut".into(),
             message: "requests_per_second 260 > target 200: 2 to 3".into(),
+            scaling: None,
         },
         Event {
             id: 31,
@@ -748,6 +777,7 @@ fn events() -> Vec<Event> {
             object: "node/host-22".into(),
             reason: "NodeNotReady".into(),
             message: "no heartbeat for 40s".into(),
+            scaling: None,
         },
     ]
 }
@@ -802,6 +832,7 @@ fn describe_tier_lists_instances_and_the_last_twenty_events() {
             object: "tier/web".into(),
             reason: "ScaledOut".into(),
             message: format!("step {n}"),
+            scaling: None,
         })
         .collect();
     let text = render::describe_tier(
@@ -822,10 +853,14 @@ Instances:
   ID         NODE      ADDRESS          PHASE     HEALTH    GEN   AGE   REASON
   6f1c2a34   host-1    10.0.0.5:20001   Running   Healthy   2     5m
   0b9e77d1   host-22   -                Pending   Unknown   3     45s   replaces 6f1c2a34
-Events:
-  AGE   REASON      MESSAGE
+Scaling decisions:
 "
     .to_string();
+    // The last eight decisions about the count, then the last twenty events of any kind.
+    for n in 18..=25 {
+        expected.push_str(&format!("  {}s ago  step {n}\n", 30 - n));
+    }
+    expected.push_str("Events:\n  AGE   REASON      MESSAGE\n");
     for n in 6..=25 {
         let age = format!("{}s", 30 - n);
         expected.push_str(&format!("  {age:<3}   ScaledOut   step {n}\n"));
@@ -843,7 +878,7 @@ Events:
         NOW_MS,
     );
     assert!(
-        empty.ends_with("Instances:  none\nEvents:  none\n"),
+        empty.ends_with("Instances:  none\nScaling decisions:  none\nEvents:  none\n"),
         "{empty}"
     );
     // The status block has an indented `Instances:` line of its own; the sections start a line.
@@ -1289,5 +1324,85 @@ async fn cordon_uncordon_and_drain_say_what_happened() {
     assert_eq!(
         result.err().map(|error| error.to_string()).as_deref(),
         Some("Not found (404): no route")
+    );
+}
+
+#[test]
+fn describe_tier_explains_autoscaler_decisions_and_a_pause() {
+    use crate::tier::{PolicyEvaluation, ScalingBound, ScalingInputs};
+    let inputs = ScalingInputs {
+        at_ms: NOW_MS - 20_000,
+        from: 2,
+        to: 4,
+        ready: 2,
+        warming: 0,
+        min: 2,
+        max: 6,
+        schedule: None,
+        policies: vec![PolicyEvaluation {
+            metric: "cpu_utilization".into(),
+            value: Some(180.5),
+            target: Some(50.0),
+            recommendation: Some(8),
+            note: "180.5 against target 50 on 2 instances asks for 8".into(),
+        }],
+        recommendation: Some(8),
+        bounded_by: vec![ScalingBound::StepLimit {
+            period_ms: 15_000,
+            limit: 2,
+            allowed: 4,
+        }],
+        reason: "scale out from 2 to 4: the policies ask for 8, limited to 2 more per 15s".into(),
+    };
+    let events = vec![
+        Event {
+            id: 1,
+            at_ms: NOW_MS - 20_000,
+            object: "tier/web".into(),
+            reason: "ScaledOut".into(),
+            message: inputs.reason.clone(),
+            scaling: Some(Box::new(inputs)),
+        },
+        Event {
+            id: 2,
+            at_ms: NOW_MS - 5_000,
+            object: "tier/web".into(),
+            reason: "ScaledByOperator".into(),
+            message: "desired 4 -> 3: scaled by an operator".into(),
+            scaling: None,
+        },
+    ];
+    let mut web = tier("web", 7);
+    web.spec.scaling.policies = vec![crate::tier::ScalingPolicy::target_tracking(
+        crate::tier::ScalingMetric::CpuUtilization,
+        50.0,
+    )];
+    web.spec.scaling.desired = Some(3);
+    let text = render::describe_tier(
+        &web,
+        render::Related {
+            instances: None,
+            events: Some(&events),
+            pool: None,
+        },
+        NOW_MS,
+    );
+    assert!(
+        text.contains("3 (set by hand: the autoscaler is paused; `stratactl scale tier web --auto` hands it back)"),
+        "{text}"
+    );
+    let decisions = text
+        .split_once("Scaling decisions:\n")
+        .and_then(|(_, rest)| rest.split_once("Events:"))
+        .map(|(section, _)| section.to_string())
+        .unwrap_or_default();
+    assert_eq!(
+        decisions,
+        "  20s ago  scale out from 2 to 4: the policies ask for 8, limited to 2 more per 15s
+      cpu_utilization: 180.5, target 50, asks for 8 (180.5 against target 50 on 2 instances asks for 8)
+      limited to 2 per 15s (allowed 4)
+      2 ready, 0 starting or warming up, bounds 2..6
+  5s ago  desired 4 -> 3: scaled by an operator
+"
     );
 }

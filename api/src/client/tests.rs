@@ -273,13 +273,7 @@ async fn list_scale_and_generic_requests() {
 
     // A 500 is the server's own answer: returned at once, as a problem.
     let error = client
-        .scale_tier(
-            "web",
-            &ScaleRequest {
-                desired: 2,
-                resource_version: None,
-            },
-        )
+        .scale_tier("web", &ScaleRequest::manual(2))
         .await
         .err();
     assert_eq!(

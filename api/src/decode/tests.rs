@@ -187,20 +187,27 @@ fn wrong_type_at_the_root_is_reported_as_root() {
 
 #[test]
 fn malformed_json_is_a_400_with_its_location() {
+    // A syntax error inside a field's value also names the field.
     let cases = [
-        ("", 1, 0),
-        ("{", 1, 1),
-        ("{\"name\": \"web\",\n  \"scaling\": }", 2, 14),
-        ("{'name': 1}", 1, 2),
+        ("", 1, 0, None),
+        ("{", 1, 1, None),
+        (
+            "{\"name\": \"web\",\n  \"scaling\": }",
+            2,
+            14,
+            Some("scaling"),
+        ),
+        ("{'name': 1}", 1, 2, None),
     ];
-    for (body, line, column) in cases {
+    for (body, line, column, field) in cases {
         let problem = match decode_json::<TierSpec>(body.as_bytes()) {
             Ok(_) => panic!("{body:?} decoded"),
             Err(problem) => problem,
         };
         assert_eq!(problem.status, 400, "{body:?}: {problem:?}");
         assert_eq!(problem.problem_type, "urn:strata:problem:malformed");
-        assert!(problem.errors.is_empty());
+        let paths: Vec<&str> = problem.errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, field.into_iter().collect::<Vec<_>>(), "{body:?}");
         assert!(
             problem
                 .detail
@@ -261,6 +268,7 @@ fn sample_tier() -> Tier {
                 from: 1,
                 to: 2,
                 reason: "cpu_utilization 85 > target 60".into(),
+                inputs: None,
             }),
             conditions: vec![Condition {
                 condition_type: "Ready".into(),
@@ -411,4 +419,20 @@ fn a_policy_on_an_unknown_metric_is_refused_at_its_path() {
     ));
     assert_eq!((status, path.as_str()), (422, "scaling.policies[0].metric"));
     assert!(message.contains("unknown variant"), "{message}");
+}
+
+#[test]
+fn text_that_is_no_number_inside_a_field_names_the_field() {
+    for body in [
+        &br#"{"metric": "queue_depth", "value": 1e999}"#[..],
+        &br#"{"metric": "queue_depth", "value": NaN}"#[..],
+        &br#"{"metric": "queue_depth", "value": -Infinity}"#[..],
+    ] {
+        let problem = decode_json::<crate::tier::CustomMetricSample>(body)
+            .err()
+            .unwrap_or_else(|| panic!("{} decoded", String::from_utf8_lossy(body)));
+        assert_eq!(problem.status, 400, "{problem}");
+        let paths: Vec<&str> = problem.errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["value"], "{problem}");
+    }
 }

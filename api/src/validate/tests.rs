@@ -1024,10 +1024,7 @@ fn add_member_rules() {
 fn scale_rules() {
     let scaling = process_tier().scaling; // min 1, max 4
     for (desired, ok) in [(0, false), (1, true), (4, true), (5, false)] {
-        let request = ScaleRequest {
-            desired,
-            resource_version: None,
-        };
+        let request = ScaleRequest::manual(desired);
         match scale(&request, &scaling) {
             Ok(()) => assert!(ok, "desired {desired} should be refused"),
             Err(errors) => {
@@ -1037,6 +1034,21 @@ fn scale_rules() {
             }
         }
     }
+    assert_eq!(scale(&ScaleRequest::automatic(), &scaling), Ok(()));
+    let both = ScaleRequest {
+        auto: true,
+        ..ScaleRequest::manual(2)
+    };
+    let paths = |request: &ScaleRequest| -> Vec<String> {
+        scale(request, &scaling)
+            .err()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|error| error.path)
+            .collect()
+    };
+    assert_eq!(paths(&both), ["auto"]);
+    assert_eq!(paths(&ScaleRequest::default()), ["desired"]);
 }
 
 #[test]
@@ -1479,4 +1491,30 @@ fn custom_metric_samples() {
         let errors = custom_metric(&bad).expect_err("invalid");
         assert_eq!(errors[0].path, path);
     }
+}
+
+/// Every example in `deploy/examples/` decodes and validates, so the demo and the README never
+/// show a file the API would refuse.
+#[test]
+fn the_example_tiers_are_valid() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        let path = entry.unwrap_or_else(|e| panic!("{e}")).path();
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{e}"));
+        for document in crate::decode::decode_documents(&text)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        {
+            let spec: TierSpec = crate::decode::decode_value(document)
+                .unwrap_or_else(|p| panic!("{}: {p}", path.display()));
+            if let Err(errors) = crate::validate::tier_spec(&spec) {
+                panic!("{}: {errors:?}", path.display());
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 2, "only {checked} examples in {}", dir.display());
 }

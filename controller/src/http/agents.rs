@@ -70,12 +70,29 @@ async fn heartbeat(
             "node {node:?} is not registered; register first"
         )));
     };
-    let changed = controller.liveness.record(
-        &node,
-        now_ms(),
-        request.metrics,
-        request.instances,
-        request.lb,
+    let at_ms = now_ms();
+    let cpu = crate::autoscaler::cpu_samples(&controller, &request.instances);
+    let from_balancer = request.lb.is_some();
+    let changed =
+        controller
+            .liveness
+            .record(&node, at_ms, request.metrics, request.instances, request.lb);
+    // The autoscaler's windows: instance CPU, and for an LB node the tiers' traffic summed
+    // over every LB node's latest report (this one's included).
+    let term = controller.raft.metrics().borrow().current_term;
+    let lb_reports = from_balancer.then(|| {
+        (
+            controller.liveness.lb_reports(),
+            crate::autoscaler::lb_watched_tiers(&controller),
+        )
+    });
+    controller.autoscaler.record_heartbeat(
+        term,
+        at_ms,
+        &cpu,
+        lb_reports
+            .as_ref()
+            .map(|(reports, watched)| (reports.as_slice(), watched)),
     );
     if changed {
         controller.liveness.wake.notify_one();

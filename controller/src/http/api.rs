@@ -16,8 +16,8 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use strata_api::{
-    AddMemberRequest, BalancerView, Event, FieldError, HostMetrics, Instance, ItemList, Node,
-    PoolView, Problem, ScaleRequest, Tier, TierSpec,
+    AddMemberRequest, BalancerView, CustomMetricSample, Event, FieldError, HostMetrics, Instance,
+    ItemList, Node, PoolView, Problem, ScaleRequest, Tier, TierSpec,
 };
 
 use super::ApiError;
@@ -33,6 +33,7 @@ pub fn routes() -> Router<Arc<Controller>> {
             get(get_tier).put(put_tier).delete(delete_tier),
         )
         .route("/v1/tiers/{name}/scale", post(scale_tier))
+        .route("/v1/tiers/{name}/metrics", post(push_metric))
         .route("/v1/tiers/{name}/instances", get(tier_instances))
         .route("/v1/tiers/{name}/pool", get(tier_pool))
         .route("/v1/instances", get(list_instances))
@@ -246,19 +247,49 @@ async fn delete_tier(
     write_response(result)
 }
 
+/// `{"desired": N}` sets the count by hand (pausing the autoscaler), `{"auto": true}` hands
+/// it back; older clients send only `desired`, which means what it always meant.
 async fn scale_tier(
     State(controller): State<Arc<Controller>>,
     Path(name): Path<String>,
     JsonBody(request): JsonBody<ScaleRequest>,
 ) -> Result<Response, ApiError> {
-    let result = controller
-        .propose(Command::ScaleTier {
+    strata_api::validate::scale_request(&request).map_err(Problem::validation)?;
+    let command = match request.desired {
+        Some(desired) => Command::ScaleTier {
             name,
-            desired: request.desired,
+            desired,
             expected_version: request.resource_version,
-        })
-        .await?;
+        },
+        None => Command::ResumeAutoscaling {
+            name,
+            expected_version: request.resource_version,
+        },
+    };
+    let result = controller.propose(command).await?;
     write_response(result)
+}
+
+/// `POST /v1/tiers/{name}/metrics`: one custom metric sample for the autoscaler (204). It
+/// lives in the leader's memory only; see `autoscaler::push_metric`.
+async fn push_metric(
+    State(controller): State<Arc<Controller>>,
+    Path(name): Path<String>,
+    JsonBody(sample): JsonBody<CustomMetricSample>,
+) -> Result<StatusCode, ApiError> {
+    if let Err(errors) = strata_api::validate::custom_metric(&sample) {
+        let mut problem = Problem::validation(errors);
+        // A value that is not a number at all is malformed input (400), like `1e999` or
+        // `NaN` in the JSON text, which never gets this far.
+        if problem.errors.iter().any(|error| error.path == "value") {
+            problem.status = 400;
+        }
+        return Err(ApiError(problem));
+    }
+    crate::autoscaler::push_metric(&controller, &name, &sample)
+        .await
+        .map_err(ApiError)?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Maps an applied command's result to the HTTP answer.

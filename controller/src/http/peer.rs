@@ -35,6 +35,7 @@ pub fn routes() -> Router<Arc<Controller>> {
         .route(routes::MEMBERS, post(members))
         .route(routes::LIVENESS, post(liveness))
         .route(routes::LB_REPORTS, post(lb_reports))
+        .route(routes::CUSTOM_METRIC, post(custom_metric))
         .route(routes::PING, post(ping))
 }
 
@@ -67,7 +68,19 @@ async fn append(
     State(controller): State<Arc<Controller>>,
     PeerJson(request): PeerJson<AppendEntriesRequest<TypeConfig>>,
 ) -> Json<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>> {
-    Json(controller.raft.append_entries(request).await)
+    let leader = request
+        .vote
+        .is_committed()
+        .then(|| request.vote.leader_id().voted_for())
+        .flatten();
+    let answer = controller.raft.append_entries(request).await;
+    // Accepted (whatever the log did): the sender leads this node's term.
+    if let (Some(leader), Ok(response)) = (leader, &answer) {
+        if !matches!(response, AppendEntriesResponse::HigherVote(_)) {
+            controller.quorum.heard_from_leader(leader);
+        }
+    }
+    Json(answer)
 }
 
 async fn vote(
@@ -133,6 +146,18 @@ async fn lb_reports(
     }
 }
 
+/// A custom metric sample a follower forwarded: recorded here if this node leads.
+async fn custom_metric(
+    State(controller): State<Arc<Controller>>,
+    PeerJson((tier, sample)): PeerJson<(String, strata_api::CustomMetricSample)>,
+) -> Json<crate::autoscaler::MetricAnswer> {
+    Json(crate::autoscaler::accept_metric(
+        &controller,
+        &tier,
+        &sample,
+    ))
+}
+
 async fn read_index(State(controller): State<Arc<Controller>>) -> Json<ReadIndex> {
     Json(controller.local_read_index().await)
 }
@@ -155,10 +180,17 @@ async fn members(
 /// Answers a peer's quorum probe (`crate::quorum`) with this node's id, so a probe that
 /// reached the wrong process does not count.
 async fn ping(State(controller): State<Arc<Controller>>) -> Json<crate::quorum::Pong> {
-    let view = controller.quorum.view();
+    let (is_leader, current_leader) = {
+        let metrics = controller.raft.metrics();
+        let metrics = metrics.borrow();
+        (
+            metrics.state == openraft::ServerState::Leader,
+            metrics.current_leader,
+        )
+    };
     Json(crate::quorum::Pong {
         node_id: controller.id,
-        leading: controller.is_leader() && view.has_quorum,
-        leader_contact: view.leader_contact,
+        leading: is_leader && controller.quorum.has_quorum(),
+        leader_contact: controller.quorum.leader_contact(is_leader, current_leader),
     })
 }

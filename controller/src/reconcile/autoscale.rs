@@ -165,6 +165,7 @@ impl Outcome {
             from: self.inputs.from,
             to,
             reason: self.inputs.reason.clone(),
+            inputs: Some(Box::new(self.inputs.clone())),
         })
     }
 }

@@ -137,10 +137,11 @@ fn missing_or_short_data_never_scales_in() {
         .bounded_by
         .iter()
         .any(|b| matches!(b, ScalingBound::ScaleInHeld { .. })));
+    // Less than any reaction time validation accepts (at least 1 s).
     let short = Some(MetricValue {
         value: 10.0,
         instances: 4,
-        covered_ms: 5_000,
+        covered_ms: 500,
     });
     let outcome = once(&s, 4, &[value(10.0, 4), short], LATER);
     assert_eq!(outcome.desired, None);
@@ -170,6 +171,72 @@ fn starting_instances_neither_double_a_scale_out_nor_allow_a_scale_in() {
         ..input
     };
     assert_eq!(plan(&input, &mut memory).desired, None);
+}
+
+#[test]
+fn a_new_leaders_empty_windows_and_silent_agents_never_scale_in() {
+    use super::windows::{Serving, WindowConfig, Windows};
+    use uuid::Uuid;
+    // 4 instances idle at 10%; stabilization off so that only the data rules can hold the
+    // count. The leader took over at 1,000 s with empty windows.
+    let mut policy = ScalingPolicy::target_tracking(CPU, 60.0);
+    policy.reaction_time = Some(Duration::from_secs(10));
+    let s = scaling(vec![policy]);
+    let start = 1_000_000;
+    let ids: Vec<Uuid> = (1..=4).map(Uuid::from_u128).collect();
+    let serving = Serving::new(ids.iter().map(|&id| (id, 0)).collect(), 4, 0);
+    let mut windows = Windows::new(WindowConfig::default());
+    let mut memory = Memory::new(start);
+    let evaluate = |windows: &Windows, memory: &mut Memory, now_ms: u64| {
+        let metrics = windows.policy_values("web", &s.policies, &serving, now_ms);
+        plan(
+            &Input {
+                scaling: &s,
+                desired: 4,
+                last_scaling: None,
+                metrics: &metrics,
+                ready: 4,
+                warming: 0,
+                now_ms,
+            },
+            memory,
+        )
+    };
+    // No data at all, then less than the 10 s reaction time of it.
+    assert_eq!(evaluate(&windows, &mut memory, start).desired, None);
+    for second in 1..10 {
+        let now = start + second * 1000;
+        for &id in &ids {
+            windows.record_cpu("web", id, now, 10.0);
+        }
+        let outcome = evaluate(&windows, &mut memory, now);
+        assert_eq!(
+            outcome.desired, None,
+            "{second} s: {}",
+            outcome.inputs.reason
+        );
+        assert!(outcome.inputs.policies[0].note.contains("abstains"));
+    }
+    // The agents go silent: the last samples age out of the reaction time and the low values
+    // they showed do not count.
+    for second in 25..40 {
+        let outcome = evaluate(&windows, &mut memory, start + second * 1000);
+        assert_eq!(
+            outcome.desired, None,
+            "{second} s: {}",
+            outcome.inputs.reason
+        );
+    }
+    // With a whole reaction time of fresh data, the same values do scale in.
+    for second in 40..=51 {
+        for &id in &ids {
+            windows.record_cpu("web", id, start + second * 1000, 10.0);
+        }
+    }
+    assert_eq!(
+        evaluate(&windows, &mut memory, start + 51_000).desired,
+        Some(1)
+    );
 }
 
 #[test]
@@ -247,6 +314,7 @@ fn scale_out_waits_for_the_cooldown() {
         from: 2,
         to: 4,
         reason: String::new(),
+        inputs: None,
     };
     let mut memory = Memory::new(0);
     let input = Input {
@@ -450,6 +518,87 @@ fn a_schedule_raises_min_at_its_local_time_across_a_dst_change() {
         effective_bounds(&s, paris_ms(2025, 3, 30, 8, 0) - 3_600_000).0,
         1
     );
+}
+
+fn zone_ms(zone: chrono_tz::Tz, y: i32, mo: u32, d: u32, h: u32, mi: u32) -> u64 {
+    let time = zone
+        .with_ymd_and_hms(y, mo, d, h, mi, 0)
+        .single()
+        .expect("unambiguous");
+    u64::try_from(time.timestamp_millis()).expect("after 1970")
+}
+
+#[test]
+fn a_weekday_schedule_keeps_its_local_time_when_the_clocks_go_back() {
+    // New York leaves daylight time on Sunday 2025-11-02 at 02:00: 08:00 local is 12:00 UTC
+    // on Friday 31 October and 13:00 UTC on Monday 3 November.
+    let new_york = chrono_tz::Tz::America__New_York;
+    let mut s = scaling(vec![ScalingPolicy::target_tracking(CPU, 60.0)]);
+    s.schedules = vec![ScalingSchedule {
+        cron: "0 8 * * MON-FRI".to_string(),
+        time_zone: "America/New_York".to_string(),
+        duration: Duration::from_secs(9 * 3600),
+        min: Some(8),
+        max: None,
+    }];
+    let utc = chrono_tz::Tz::UTC;
+    assert_eq!(
+        zone_ms(new_york, 2025, 10, 31, 8, 0),
+        zone_ms(utc, 2025, 10, 31, 12, 0)
+    );
+    assert_eq!(
+        zone_ms(new_york, 2025, 11, 3, 8, 0),
+        zone_ms(utc, 2025, 11, 3, 13, 0)
+    );
+    for (day, fires) in [(31, true), (1, false), (2, false), (3, true), (4, true)] {
+        let month = if day == 31 { 10 } else { 11 };
+        let eight = zone_ms(new_york, 2025, month, day, 8, 0);
+        let before = once(&s, 2, &[value(60.0, 2)], eight - 60_000);
+        assert_eq!(
+            before.desired, None,
+            "{month}-{day}: {}",
+            before.inputs.reason
+        );
+        let at = once(&s, 2, &[value(60.0, 2)], eight);
+        if fires {
+            assert_eq!(at.desired, Some(8), "{month}-{day}");
+            assert_eq!((at.inputs.min, at.inputs.schedule), (8, Some(0)));
+            // 17:00 local ends it, also on the Monday after the change.
+            let five = zone_ms(new_york, 2025, month, day, 17, 0);
+            assert_eq!(effective_bounds(&s, five - 1).0, 8, "{month}-{day}");
+            assert_eq!(effective_bounds(&s, five).0, 1, "{month}-{day}");
+        } else {
+            assert_eq!(at.desired, None, "{month}-{day}: weekend");
+        }
+    }
+    // An hour off in either direction would have fired at 07:00 or 09:00 local.
+    let monday_seven = zone_ms(new_york, 2025, 11, 3, 7, 0);
+    assert_eq!(effective_bounds(&s, monday_seven + 59 * 60_000).0, 1);
+}
+
+#[test]
+fn a_schedule_inside_the_spring_gap_skips_that_day_only() {
+    // 02:30 does not exist in New York on 2025-03-09 (02:00 jumps to 03:00).
+    let new_york = chrono_tz::Tz::America__New_York;
+    let mut s = scaling(Vec::new());
+    s.schedules = vec![ScalingSchedule {
+        cron: "30 2 * * *".to_string(),
+        time_zone: "America/New_York".to_string(),
+        duration: Duration::from_secs(3600),
+        min: Some(5),
+        max: None,
+    }];
+    let before_gap = zone_ms(new_york, 2025, 3, 9, 1, 59);
+    let after_gap = zone_ms(new_york, 2025, 3, 9, 3, 1);
+    assert_eq!(after_gap - before_gap, 2 * 60_000, "the clock jumped");
+    for at in [before_gap, after_gap, zone_ms(new_york, 2025, 3, 9, 3, 45)] {
+        assert_eq!(effective_bounds(&s, at), (1, 20, None), "{at}");
+    }
+    for day in [8, 10] {
+        let at = zone_ms(new_york, 2025, 3, day, 2, 30);
+        assert_eq!(once(&s, 1, &[], at).desired, Some(5), "day {day}");
+        assert_eq!(effective_bounds(&s, at - 1).0, 1, "day {day}");
+    }
 }
 
 #[test]
@@ -657,6 +806,28 @@ proptest! {
         run.ready = start;
         for second in 0..seconds {
             run.tick(&s, second * 1000, cpu_of(&run, cpu * f64::from(start) / 100.0));
+        }
+        prop_assert!(run.decisions.is_empty(), "{:?}", run.decisions);
+    }
+
+    #[test]
+    fn a_metric_wandering_inside_the_tolerance_never_flaps(
+        s in arbitrary_scaling(),
+        start in 1u32..20,
+        offsets in proptest::collection::vec(-0.99f64..0.99, 10..300),
+    ) {
+        let tolerance = s.policies[0].tolerance();
+        let start = start.clamp(s.min, s.max);
+        let mut run = Run::new();
+        run.desired = start;
+        run.ready = start;
+        for (second, offset) in offsets.iter().enumerate() {
+            let metric = MetricValue {
+                value: 60.0 * (1.0 + offset * tolerance),
+                instances: start,
+                covered_ms: u64::MAX,
+            };
+            run.tick(&s, second as u64 * 1000, Some(metric));
         }
         prop_assert!(run.decisions.is_empty(), "{:?}", run.decisions);
     }

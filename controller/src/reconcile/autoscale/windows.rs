@@ -131,6 +131,16 @@ impl Series {
         }
     }
 
+    /// The latest sample taken after `after_ms` and at or before `now_ms`.
+    fn latest(&self, after_ms: u64, now_ms: u64) -> Option<f64> {
+        self.samples
+            .iter()
+            .rev()
+            .find(|&&(at, _)| at <= now_ms)
+            .filter(|&&(at, _)| at > after_ms)
+            .map(|&(_, value)| value)
+    }
+
     /// Mean of the samples taken after `after_ms` and at or before `now_ms`.
     fn mean(&self, after_ms: u64, now_ms: u64) -> Option<f64> {
         let (sum, count) = self
@@ -310,14 +320,29 @@ impl Windows {
         let windows = self.tiers.get(tier)?;
         let covered_ms = now_ms.saturating_sub(windows.first_ms);
         let after = now_ms.saturating_sub(reaction_ms);
+        // Samples from before the newest measured instance joined describe a load that fewer
+        // instances shared: an average reaching back past its arrival overstates what each
+        // carries now, and proportional scaling on it overshoots (each scale-out would be
+        // followed by another while the old samples age out). So per-instance averages take
+        // only samples taken after the newest one finished warming up (a sample describes the
+        // interval before it, so one taken at that moment is still the old load); an instance
+        // with no sample since then contributes its latest one.
+        let joined = serving
+            .measured
+            .iter()
+            .map(|&(_, warm_at)| warm_at)
+            .max()
+            .unwrap_or(0);
         let per_instance = |series: &HashMap<Uuid, Series>| {
             let means: Vec<f64> = serving
                 .measured
                 .iter()
                 .filter_map(|(id, warm_at)| {
+                    let series = series.get(id)?;
+                    let own = after.max(warm_at.saturating_sub(1));
                     series
-                        .get(id)?
-                        .mean(after.max(warm_at.saturating_sub(1)), now_ms)
+                        .mean(own.max(joined), now_ms)
+                        .or_else(|| series.latest(own, now_ms))
                 })
                 .collect();
             (!means.is_empty()).then(|| MetricValue {
@@ -411,6 +436,53 @@ mod tests {
         assert_eq!(value.instances, 2);
         assert!((value.value - 60.0).abs() < 1e-9, "{value:?}");
         assert_eq!(value.covered_ms, 29_000);
+    }
+
+    #[test]
+    fn averages_start_when_the_newest_instance_joined() {
+        // Two instances at 90% for 20 s; a third joins at 20 s and the three settle at 60%.
+        // Over a 10 s reaction time at 25 s, the old samples (90%) would make 4 of the 60%
+        // now: the average must cover only the time since the third joined.
+        let mut windows = Windows::new(WindowConfig::default());
+        for second in 1..=25u64 {
+            let at = second * 1000;
+            let cpu = if second <= 20 { 90.0 } else { 60.0 };
+            windows.record_cpu("web", id(1), at, cpu);
+            windows.record_cpu("web", id(2), at, cpu);
+            if second > 20 {
+                windows.record_cpu("web", id(3), at, 60.0);
+            }
+        }
+        let serving = Serving::new(vec![(id(1), 0), (id(2), 0), (id(3), 20_500)], 3, 0);
+        let value = windows
+            .value(
+                "web",
+                ScalingMetric::CpuUtilization,
+                None,
+                10_000,
+                &serving,
+                25_000,
+            )
+            .expect("data");
+        assert_eq!((value.value, value.instances), (60.0, 3));
+        // An instance whose only samples predate the newest arrival still counts, with its
+        // latest sample.
+        let serving = Serving::new(vec![(id(1), 0), (id(3), 25_000)], 2, 0);
+        let mut sparse = Windows::new(WindowConfig::default());
+        sparse.record_cpu("web", id(1), 22_000, 70.0);
+        sparse.record_cpu("web", id(1), 24_000, 50.0);
+        sparse.record_cpu("web", id(3), 25_000, 40.0);
+        let value = sparse
+            .value(
+                "web",
+                ScalingMetric::CpuUtilization,
+                None,
+                10_000,
+                &serving,
+                25_000,
+            )
+            .expect("data");
+        assert_eq!((value.value, value.instances), (45.0, 2));
     }
 
     #[test]
