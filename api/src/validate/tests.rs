@@ -523,13 +523,13 @@ fn local_template_rules() {
                 s.template.iam_instance_profile = Some("web".into());
             },
             &[
-                "template.key_name",
-                "template.iam_instance_profile",
                 "template.ami",
                 "template.instance_type",
                 "template.subnets",
                 "template.security_groups",
                 "template.user_data",
+                "template.key_name",
+                "template.iam_instance_profile",
                 "template.tags",
             ],
         ),
