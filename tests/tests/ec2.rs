@@ -392,7 +392,8 @@ async fn bad_ec2_tiers_are_rejected_with_their_field_paths() -> anyhow::Result<(
     })
     .await?;
     let subnets = vec!["subnet-1".to_string()];
-    let cases: Vec<(&str, Box<dyn Fn(&mut Value)>, &str)> = vec![
+    type Change = Box<dyn Fn(&mut Value)>;
+    let cases: Vec<(&str, Change, &str)> = vec![
         (
             "no AMI",
             Box::new(|t| {
