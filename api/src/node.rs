@@ -145,6 +145,9 @@ pub struct Instance {
     pub address: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
+    /// The EC2 subnet it is launched into (provider ec2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet: Option<String>,
     pub phase: Phase,
     pub health: Health,
     /// The tier generation whose template it runs.

@@ -128,6 +128,14 @@ pub struct Template {
     pub subnets: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub security_groups: Vec<String>,
+    /// ec2: the key pair to install for SSH.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_name: Option<String>,
+    /// ec2: the IAM instance profile (name) the instances run with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iam_instance_profile: Option<String>,
+    /// ec2: the instance's user data (plain text); by default a script that starts
+    /// `strata-agent` with the join token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_data: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -151,6 +159,8 @@ impl Default for Template {
             instance_type: None,
             subnets: Vec::new(),
             security_groups: Vec::new(),
+            key_name: None,
+            iam_instance_profile: None,
             user_data: None,
             tags: BTreeMap::new(),
         }

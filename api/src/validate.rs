@@ -706,6 +706,12 @@ fn local_template(report: &mut Report, template: &Template) {
     if template.user_data.is_some() {
         report.fail("template.user_data", EC2_ONLY);
     }
+    if template.key_name.is_some() {
+        report.fail("template.key_name", EC2_ONLY);
+    }
+    if template.iam_instance_profile.is_some() {
+        report.fail("template.iam_instance_profile", EC2_ONLY);
+    }
     if !template.tags.is_empty() {
         report.fail("template.tags", EC2_ONLY);
     }
@@ -864,6 +870,12 @@ fn ec2_template(report: &mut Report, template: &Template) {
     }
     if template.tags.len() > limits::TAGS {
         report.fail("template.tags", format!("at most {} tags", limits::TAGS));
+    }
+    if template.subnets.is_empty() {
+        report.fail(
+            "template.subnets",
+            "needs at least one subnet (several, in different availability zones, spread the instances)",
+        );
     }
     for (position, subnet) in template.subnets.iter().enumerate() {
         if subnet.trim().is_empty() {

@@ -145,6 +145,37 @@ pub struct Config {
     #[arg(long, env = "STRATA_WRITE_TIMEOUT", default_value = "10s")]
     pub write_timeout: Duration,
 
+    /// The value of the `strata:cluster` tag on every EC2 instance this cluster launches; the
+    /// EC2 executor only ever sees and touches instances carrying it.
+    #[arg(long, env = "STRATA_CLUSTER_NAME", default_value = "strata")]
+    pub cluster_name: String,
+
+    /// The EC2 API endpoint (a moto server, a VPC endpoint); default: the region's public one.
+    #[arg(long, env = "STRATA_EC2_ENDPOINT")]
+    pub ec2_endpoint: Option<String>,
+
+    /// The AWS region of EC2 tiers. Credentials come from the standard AWS chain
+    /// (environment, profile, web identity, instance role).
+    #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
+    pub aws_region: String,
+
+    /// EC2 API calls per second never exceeded (token bucket), retries included.
+    #[arg(long, env = "STRATA_EC2_CALLS_PER_SECOND", default_value_t = 10.0)]
+    pub ec2_calls_per_second: f64,
+
+    /// Calls the token bucket allows at once after a quiet period.
+    #[arg(long, env = "STRATA_EC2_BURST", default_value_t = 10)]
+    pub ec2_burst: u32,
+
+    /// How often the EC2 executor describes the cluster's instances and converges them.
+    #[arg(long, env = "STRATA_EC2_INTERVAL", default_value = "1s")]
+    pub ec2_interval: Duration,
+
+    /// A tagged EC2 instance that no instance of the state claims is terminated once it is
+    /// this old (covers a record committed but not yet applied on a new leader).
+    #[arg(long, env = "STRATA_EC2_UNKNOWN_GRACE", default_value = "30s")]
+    pub ec2_unknown_grace: Duration,
+
     /// Log filter, in tracing's EnvFilter syntax (RUST_LOG is used when set).
     #[arg(long, env = "STRATA_LOG", default_value = "info")]
     pub log: String,

@@ -18,6 +18,8 @@
 //! - `autoscaler`: the leader's autoscaling loop: metric windows in memory, the planner in
 //!   `reconcile::autoscale` every second, a Raft command when a desired count changes.
 //! - `metrics`: Prometheus text.
+//! - `provider`: executors of the provider planners (`provider::ec2`: EC2 calls on the leader,
+//!   through the `strata-ec2` crate).
 //!
 //! `run` wires them together; the binary only parses flags and calls it.
 
@@ -31,6 +33,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod network;
 pub mod node;
+pub mod provider;
 pub mod quorum;
 pub mod raft_types;
 pub mod reconcile;
@@ -55,6 +58,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let tokens = load_tokens(&config).await?;
+    let tokens_join = tokens.join.clone();
+    let controllers: Vec<String> = match &config.peers {
+        Some(peers) => peers.0.values().cloned().collect(),
+        None => vec![config.advertised_address()],
+    };
     let controller = Controller::start(&config, tokens).await?;
     let address = listener.local_addr().context("read listener address")?;
     tracing::info!(node = config.node_id, %address, "serving the API and peer traffic");
@@ -86,6 +94,33 @@ pub async fn run(
         config.join_token_file.clone(),
         stop.clone(),
     ));
+    let ec2 = {
+        let ec2 = strata_ec2::Ec2::connect(&strata_ec2::Ec2Config {
+            endpoint: config.ec2_endpoint.clone(),
+            region: config.aws_region.clone(),
+            calls_per_second: config.ec2_calls_per_second,
+            burst: config.ec2_burst,
+            ..strata_ec2::Ec2Config::default()
+        })
+        .await;
+        let executor = provider::ec2::ExecutorConfig {
+            cluster: config.cluster_name.clone(),
+            interval: config.ec2_interval.as_std(),
+            sync: reconcile::ec2::SyncConfig {
+                unknown_grace_ms: config.ec2_unknown_grace.as_millis(),
+            },
+            // User data carries the join token as it is at start; a rotated one reaches
+            // instances launched after a restart.
+            join_token: tokens_join.get(),
+            controllers: controllers.clone(),
+        };
+        tokio::spawn(provider::ec2::run(
+            controller.clone(),
+            ec2,
+            executor,
+            stop.clone(),
+        ))
+    };
     let app = http::router(controller.clone());
     let served = http::serve::serve(
         listener,
@@ -102,6 +137,9 @@ pub async fn run(
     stop.cancel();
     if let Err(error) = reconciler.await {
         tracing::warn!(%error, "stop the reconciler");
+    }
+    if let Err(error) = ec2.await {
+        tracing::warn!(%error, "stop the EC2 executor");
     }
     if let Err(error) = autoscaler.await {
         tracing::warn!(%error, "stop the autoscaler");

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 use strata_api::{
-    Event, FieldError, Health, Instance, NodeRole, Phase, RegisterRequest, Resources,
+    Event, FieldError, Health, Instance, NodeRole, Phase, Provider, RegisterRequest, Resources,
     ScalingDecision, ScalingInputs, Tier, TierSpec, TierStatus,
 };
 use uuid::Uuid;
@@ -139,15 +139,21 @@ pub enum NodeAuth {
 }
 
 /// One instance to create.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct NewInstance {
     pub id: Uuid,
     pub tier: String,
+    /// The agent node it runs on (provider local); empty for provider ec2.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub node: String,
+    /// The subnet it is launched into (provider ec2), chosen by the planner so that a launch
+    /// retried after a crash goes where the first attempt went.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet: Option<String>,
 }
 
 /// One change to an instance.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct InstanceUpdate {
     pub id: Uuid,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -159,6 +165,12 @@ pub struct InstanceUpdate {
     /// Why, for the instance's `reason` and the event log.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Provider ec2: the EC2 instance id observed for it (set once; never changed after).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider_id: Option<String>,
+    /// Provider ec2: its private address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
 }
 
 /// A node as the replicated state knows it. Liveness (last heartbeat, metrics) lives in the
@@ -640,39 +652,51 @@ impl State {
     ) -> CommandResult {
         let mut count = 0;
         for new in instances {
-            let (Some(tier), Some(node)) = (self.tiers.get(&new.tier), self.nodes.get(&new.node))
-            else {
+            let Some(tier) = self.tiers.get(&new.tier) else {
                 continue;
             };
             if self.instances.contains_key(&new.id) {
                 continue;
             }
-            // The planner chose the node from the state before this entry; an earlier command
-            // (often of the same round) may have made it unfit since. An instance created on a
-            // NotReady node would stay Pending until the node returns: its agent's reports are
-            // ignored, so the start timeout never fires, yet it counts toward the tier. Skipped
-            // here, the next round places it elsewhere.
-            let unfit = if !node.ready {
-                Some("is not ready")
-            } else if node.draining {
-                Some("is draining")
-            } else if node.cordoned {
-                Some("is cordoned")
-            } else {
-                None
-            };
-            if let Some(why) = unfit {
+            // EC2 instances run on no agent node: the record exists (Raft first) before the
+            // leader's EC2 executor launches it.
+            if tier.spec.provider == Provider::Ec2 {
+                let instance = Instance {
+                    id: new.id,
+                    tier: new.tier.clone(),
+                    provider: Provider::Ec2,
+                    node: None,
+                    provider_id: None,
+                    address: None,
+                    port: tier.spec.template.port,
+                    subnet: new.subnet.clone(),
+                    phase: Phase::Pending,
+                    health: Health::Unknown,
+                    generation: tier.generation,
+                    reason: Some(reason.to_string()),
+                    created_at_ms: at_ms,
+                    updated_at_ms: at_ms,
+                    ready_at_ms: 0,
+                    drain_started_ms: 0,
+                    resource_version: index,
+                };
+                self.instances.insert(new.id, instance);
                 self.record(
                     at_ms,
                     format!("tier/{}", new.tier),
-                    "InstanceNotPlaced",
+                    "InstanceCreated",
                     format!(
-                        "instance {} not placed: node {} {why}; the next round places it elsewhere",
-                        new.id, new.node
+                        "instance {} recorded for subnet {}: {reason}",
+                        new.id,
+                        new.subnet.as_deref().unwrap_or("(default)")
                     ),
                 );
+                count += 1;
                 continue;
             }
+            let Some(node) = self.nodes.get(&new.node) else {
+                continue;
+            };
             let instance = Instance {
                 id: new.id,
                 tier: new.tier.clone(),
@@ -681,6 +705,7 @@ impl State {
                 provider_id: None,
                 address: Some(node.address.clone()),
                 port: None,
+                subnet: None,
                 phase: Phase::Pending,
                 health: Health::Unknown,
                 generation: tier.generation,
@@ -727,6 +752,16 @@ impl State {
                 if let Some(port) = update.port {
                     changed |= instance.port != Some(port);
                     instance.port = Some(port);
+                }
+                // The EC2 id is set once: a second observation never re-points a record at
+                // another EC2 instance.
+                if let (Some(provider_id), None) = (&update.provider_id, &instance.provider_id) {
+                    instance.provider_id = Some(provider_id.clone());
+                    changed = true;
+                }
+                if let Some(address) = &update.address {
+                    changed |= instance.address.as_ref() != Some(address);
+                    instance.address = Some(address.clone());
                 }
             }
             if changed {

@@ -31,6 +31,8 @@ pub struct TierIndex<'a> {
     by_tier: HashMap<&'a str, Vec<&'a Instance>>,
     /// The latest `LB_FAILED`/`LB_SERVING` event per tier: (reason, message, at).
     lb_events: HashMap<&'a str, (&'a str, &'a str, u64)>,
+    /// The latest EC2 call event per tier (`reconcile::ec2::is_provider_event`).
+    provider_events: HashMap<&'a str, (&'a str, &'a str, u64)>,
 }
 
 impl<'a> TierIndex<'a> {
@@ -43,7 +45,16 @@ impl<'a> TierIndex<'a> {
                 .push(instance);
         }
         let mut lb_events = HashMap::new();
+        let mut provider_events = HashMap::new();
         for event in &state.events {
+            if crate::reconcile::ec2::is_provider_event(&event.reason) {
+                if let Some(tier) = event.object.strip_prefix("tier/") {
+                    provider_events.insert(
+                        tier,
+                        (event.reason.as_str(), event.message.as_str(), event.at_ms),
+                    );
+                }
+            }
             if event.reason == LB_FAILED || event.reason == LB_SERVING {
                 if let Some(tier) = event.object.strip_prefix("tier/") {
                     lb_events.insert(
@@ -53,7 +64,11 @@ impl<'a> TierIndex<'a> {
                 }
             }
         }
-        TierIndex { by_tier, lb_events }
+        TierIndex {
+            by_tier,
+            lb_events,
+            provider_events,
+        }
     }
 
     pub fn instances_of(&self, tier: &str) -> &[&'a Instance] {
@@ -125,6 +140,17 @@ pub fn tier_view(state: &State, index: &TierIndex<'_>, tier: &Tier, now_ms: u64)
                 since_ms: *at_ms,
             });
         }
+    }
+    // EC2 tiers: whether the latest EC2 call for the tier succeeded.
+    if let Some((reason, message, at_ms)) = index.provider_events.get(tier.name()) {
+        let failed = *reason == crate::reconcile::ec2::EC2_CALL_FAILED;
+        view.status.conditions.push(Condition {
+            condition_type: "ProviderReady".to_string(),
+            status: !failed,
+            reason: (*reason).to_string(),
+            message: (*message).to_string(),
+            since_ms: *at_ms,
+        });
     }
     let scaling = &tier.spec.scaling;
     if !scaling.policies.is_empty() || !scaling.schedules.is_empty() {

@@ -12,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod linearizability;
+pub mod moto;
 pub mod netns;
 
 use anyhow::{anyhow, bail, Context};
@@ -121,6 +122,9 @@ pub struct ClusterOptions {
     pub namespaces: Vec<(String, IpAddr)>,
     /// More flags for every controller (`--header-timeout 2s`, ...).
     pub controller_args: Vec<&'static str>,
+    /// Extra controller flags (for example `--ec2-endpoint`) and environment.
+    pub extra_args: Vec<String>,
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for ClusterOptions {
@@ -134,6 +138,8 @@ impl Default for ClusterOptions {
             reconcile_interval: "200ms",
             namespaces: Vec::new(),
             controller_args: Vec::new(),
+            extra_args: Vec::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -205,6 +211,8 @@ impl Cluster {
         let reconcile_interval = self.options.reconcile_interval;
         let controller_args = self.options.controller_args.clone();
         let secrets = self._dir.path().join("secrets");
+        let extra_args = self.options.extra_args.clone();
+        let env = self.options.env.clone();
         let node = self
             .nodes
             .get_mut(&id)
@@ -245,6 +253,8 @@ impl Cluster {
             .args(["--heartbeat-grace", heartbeat_grace])
             .args(["--reconcile-interval", reconcile_interval])
             .args(&controller_args)
+            .args(&extra_args)
+            .envs(env)
             .env("STRATA_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log)
@@ -285,6 +295,11 @@ impl Cluster {
         );
         self.start_node(id)?;
         Ok(address)
+    }
+
+    /// The options later (re)starts use: change the environment of a restarted node, say.
+    pub fn options_mut(&mut self) -> &mut ClusterOptions {
+        &mut self.options
     }
 
     /// kill -9 of node `id`.

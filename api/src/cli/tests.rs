@@ -736,6 +736,7 @@ fn instances() -> Vec<Instance> {
         updated_at_ms: NOW_MS - 250_000,
         ready_at_ms: NOW_MS - 250_000,
         drain_started_ms: 0,
+        subnet: None,
         resource_version: 14,
     };
     let running = instance("6f1c2a34-0000-4000-8000-000000000001", "web");

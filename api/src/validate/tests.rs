@@ -519,6 +519,8 @@ fn local_template_rules() {
                 s.template.security_groups = ec2.security_groups;
                 s.template.user_data = ec2.user_data;
                 s.template.tags = ec2.tags;
+                s.template.key_name = Some("ops".into());
+                s.template.iam_instance_profile = Some("web".into());
             },
             &[
                 "template.ami",
@@ -526,6 +528,8 @@ fn local_template_rules() {
                 "template.subnets",
                 "template.security_groups",
                 "template.user_data",
+                "template.key_name",
+                "template.iam_instance_profile",
                 "template.tags",
             ],
         ),
@@ -614,6 +618,12 @@ fn ec2_template_rules() {
                 s.template.env.insert("A".into(), "b".into());
             },
             &["template.env"],
+        ),
+        (
+            "no subnets",
+            ec2_tier,
+            |s| s.template.subnets.clear(),
+            &["template.subnets"],
         ),
         (
             "empty subnet",

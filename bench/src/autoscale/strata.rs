@@ -100,6 +100,7 @@ impl Strata {
                     provider_id: None,
                     address: None,
                     port: None,
+                    subnet: None,
                     phase: Phase::Starting,
                     health: Health::Unknown,
                     generation: 1,

@@ -20,6 +20,8 @@ pub mod pools;
 
 pub mod autoscale;
 
+pub mod ec2;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use strata_api::{
@@ -99,6 +101,12 @@ pub fn plan(
     let mut reservations = Reservations::of(state);
     let index = RoundIndex::of(state);
     for tier in state.tiers.values() {
+        // EC2 tiers are never placed on agents: their records get a subnet, and the leader's
+        // EC2 executor launches them.
+        if tier.spec.provider == strata_api::Provider::Ec2 {
+            commands.extend(ec2::plan_tier(&index, tier, config, now_ms, new_id));
+            continue;
+        }
         commands.extend(plan_tier(
             state,
             &index,
@@ -185,6 +193,7 @@ fn plan_reports(
                     health: health_changed.then_some(report.health),
                     port: report.port.filter(|_| port_changed),
                     reason: report.reason.clone(),
+                    ..Default::default()
                 });
             }
         }
@@ -213,6 +222,7 @@ fn plan_reports(
                 health: None,
                 port: None,
                 reason: Some(reason.to_string()),
+                ..Default::default()
             });
         }
     }
@@ -328,6 +338,7 @@ fn plan_tier(
             health: None,
             port: None,
             reason: Some(reason.to_string()),
+            ..Default::default()
         });
     };
 
@@ -430,6 +441,7 @@ fn plan_tier(
                     id: new_id(),
                     tier: name.to_string(),
                     node: node.id.clone(),
+                    ..Default::default()
                 });
             }
             None => {
@@ -547,6 +559,7 @@ fn plan_orphans_and_forgetting(state: &State, config: &PlanConfig, now_ms: u64) 
             health: None,
             port: None,
             reason: Some("its tier no longer exists".to_string()),
+            ..Default::default()
         })
         .collect();
     if !orphans.is_empty() {
@@ -756,17 +769,20 @@ mod tests {
                     NewInstance {
                         id: Uuid::from_u128(2),
                         tier: "web".to_string(),
-                        node: "a".to_string()
+                        node: "a".to_string(),
+                        ..Default::default()
                     },
                     NewInstance {
                         id: Uuid::from_u128(3),
                         tier: "web".to_string(),
-                        node: "b".to_string()
+                        node: "b".to_string(),
+                        ..Default::default()
                     },
                     NewInstance {
                         id: Uuid::from_u128(4),
                         tier: "web".to_string(),
-                        node: "c".to_string()
+                        node: "c".to_string(),
+                        ..Default::default()
                     },
                 ],
                 reason: "3 of 3 desired".to_string(),
@@ -931,6 +947,7 @@ mod tests {
                     id: Uuid::from_u128(u128::from(draining) + 100),
                     tier: "web".to_string(),
                     node: "a".to_string(),
+                    ..Default::default()
                 }],
                 reason: "test".to_string(),
             });
@@ -1352,6 +1369,7 @@ mod tests {
                     health: None,
                     port: None,
                     reason: Some("no session left on its 1 load balancer(s) after 0s".to_string()),
+                    ..Default::default()
                 }]
             }]
         );

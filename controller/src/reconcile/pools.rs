@@ -48,6 +48,7 @@ pub fn plan(
                 health: None,
                 port: None,
                 reason: Some(reason),
+                ..Default::default()
             })
         })
         .collect();

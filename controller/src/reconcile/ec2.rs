@@ -1,0 +1,486 @@
+//! EC2 tiers: the records planner and the executor's planner. Pure: no IO, no clock.
+//!
+//! - `plan_tier` (called by `plan` for every tier with `provider: ec2`) decides instance
+//!   *records* exactly as for local tiers, Raft first: an instance exists in the state, with its
+//!   uuid and its subnet, before any cloud call. It never places anything on an agent node.
+//!   Scale-out picks the subnet with the fewest live instances (the subnets' zones stay
+//!   balanced); scale-in drains from the fullest subnet, oldest template first, then oldest.
+//!   Outdated instances (an older generation: a new AMI or instance type) roll like local ones,
+//!   within `max_surge` / `max_unavailable`.
+//! - `plan_sync` turns the executor's latest DescribeInstances (leader memory, `Ec2Observed`)
+//!   into Raft commands (an instance's EC2 id, address and phase; a lost instance Failed; a
+//!   terminated one Stopped; provider reachability events) and into the EC2 calls the executor
+//!   makes: launch records that have no EC2 instance (looked up by id *and* by the
+//!   `strata:instance` tag, since moto ignores client tokens), terminate what is stopping,
+//!   failed, duplicated or unknown to the state.
+//!
+//! Guarantees: nothing is launched or terminated before a DescribeInstances of this leadership
+//! succeeded (a new leader observes before it acts); an instance without the cluster's tag is
+//! never touched (the describe filter only returns tagged ones); an unknown tagged instance is
+//! terminated only once it is older than `unknown_grace_ms`, so a record committed but not yet
+//! applied on this leader never gets its instance terminated.
+
+use std::collections::{BTreeMap, HashMap};
+
+use strata_api::{Health, Instance, Phase, Provider, Tier};
+use strata_ec2::{Ec2Instance, Ec2State, TAG_INSTANCE, TAG_TIER};
+use uuid::Uuid;
+
+use super::{millis, PlanConfig, RoundIndex};
+use crate::lifecycle::{step, InstanceEvent};
+use crate::state::{Command, InstanceUpdate, NewInstance, State};
+
+/// Event reasons of EC2 calls. The latest of them on a tier decides its `ProviderReady`
+/// condition (`views`).
+pub const EC2_CALL_FAILED: &str = "Ec2CallFailed";
+pub const EC2_REACHABLE: &str = "Ec2Reachable";
+pub const EC2_LAUNCHED: &str = "Ec2InstanceLaunched";
+pub const EC2_TERMINATED: &str = "Ec2InstanceTerminated";
+pub const EC2_ADOPTED: &str = "Ec2InstanceAdopted";
+
+/// Whether `reason` is one of the EC2 call events above.
+pub fn is_provider_event(reason: &str) -> bool {
+    matches!(
+        reason,
+        EC2_CALL_FAILED | EC2_REACHABLE | EC2_LAUNCHED | EC2_TERMINATED | EC2_ADOPTED
+    )
+}
+
+/// What the EC2 executor saw, in the leader's memory.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Ec2Observed {
+    /// Whether the latest DescribeInstances (of this leadership) succeeded. Until one has,
+    /// nothing is launched or terminated.
+    pub synced: bool,
+    /// Why the latest DescribeInstances failed, if it did.
+    pub error: Option<String>,
+    /// Every instance carrying the cluster tag, as last described (plus what this leader
+    /// launched or terminated since).
+    pub instances: Vec<Ec2Instance>,
+}
+
+/// Tunables of the executor's planner.
+#[derive(Clone, Debug)]
+pub struct SyncConfig {
+    /// A tagged instance the state does not know is terminated once it is this old.
+    pub unknown_grace_ms: u64,
+}
+
+/// A call the executor makes.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Ec2Call {
+    Launch {
+        instance: Uuid,
+        tier: String,
+        subnet: Option<String>,
+    },
+    Terminate {
+        ec2_id: String,
+        /// The tier the instance belongs to (for its event), if known.
+        tier: Option<String>,
+        why: String,
+    },
+}
+
+/// What one sync round decided.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SyncPlan {
+    pub commands: Vec<Command>,
+    pub calls: Vec<Ec2Call>,
+}
+
+/// Records of one EC2 tier: scale to `status.desired`, spread over subnets, roll outdated.
+pub(super) fn plan_tier(
+    index: &RoundIndex<'_>,
+    tier: &Tier,
+    config: &PlanConfig,
+    now_ms: u64,
+    new_id: &mut dyn FnMut() -> Uuid,
+) -> Vec<Command> {
+    let name = tier.name();
+    let desired = tier.status.desired as usize;
+    let subnets = &tier.spec.template.subnets;
+    let mut live: Vec<&Instance> = index
+        .instances_of(name)
+        .iter()
+        .copied()
+        .filter(|instance| instance.phase.is_live())
+        .collect();
+    live.sort_by_key(|instance| (instance.created_at_ms, instance.id));
+
+    let mut per_subnet: BTreeMap<Option<String>, usize> = BTreeMap::new();
+    for subnet in subnets {
+        per_subnet.insert(Some(subnet.clone()), 0);
+    }
+    for instance in &live {
+        *per_subnet.entry(instance.subnet.clone()).or_default() += 1;
+    }
+
+    let mut drains = Vec::new();
+    let mut drain = |instance: &Instance, reason: String| {
+        drains.push(InstanceUpdate {
+            id: instance.id,
+            event: Some(InstanceEvent::Drain),
+            reason: Some(reason),
+            ..InstanceUpdate::default()
+        });
+    };
+    let (mut current, outdated): (Vec<&Instance>, Vec<&Instance>) = live
+        .iter()
+        .copied()
+        .partition(|instance| instance.generation >= tier.generation);
+
+    // Scale in: one at a time from the fullest subnet, the oldest there first.
+    while current.len() > desired {
+        let fullest = current
+            .iter()
+            .map(|instance| &instance.subnet)
+            .max_by_key(|subnet| {
+                (
+                    per_subnet.get(*subnet).copied().unwrap_or(0),
+                    (*subnet).clone(),
+                )
+            })
+            .cloned()
+            .flatten();
+        let Some(position) = current
+            .iter()
+            .position(|instance| instance.subnet == fullest)
+        else {
+            break;
+        };
+        let instance = current.remove(position);
+        if let Some(count) = per_subnet.get_mut(&instance.subnet) {
+            *count = count.saturating_sub(1);
+        }
+        drain(
+            instance,
+            format!(
+                "scaling in to {desired} (from subnet {})",
+                instance.subnet.as_deref().unwrap_or("(default)")
+            ),
+        );
+    }
+
+    // Roll: as for local tiers, keep only the outdated instances the ready current ones cannot
+    // yet replace.
+    let ready_current = current
+        .iter()
+        .filter(|instance| instance.phase == Phase::Running)
+        .count();
+    let rollout = tier.spec.rollout;
+    let keep_outdated = desired.saturating_sub(ready_current + rollout.max_unavailable as usize);
+    for (position, instance) in outdated.iter().enumerate() {
+        if position >= keep_outdated {
+            if let Some(count) = per_subnet.get_mut(&instance.subnet) {
+                *count = count.saturating_sub(1);
+            }
+            drain(instance, "replaced by the new template".to_string());
+        }
+    }
+    let kept_outdated = outdated.len().min(keep_outdated);
+    let ceiling = desired + rollout.max_surge as usize;
+    let mut creates = desired
+        .saturating_sub(current.len())
+        .min(ceiling.saturating_sub(current.len() + kept_outdated));
+
+    let mut commands = Vec::new();
+    let recent_failures = index
+        .instances_of(name)
+        .iter()
+        .filter(|instance| {
+            instance.phase == Phase::Failed
+                && now_ms.saturating_sub(instance.updated_at_ms) < config.failure_window_ms
+        })
+        .count();
+    if creates > 0 && recent_failures >= config.max_failures_in_window {
+        creates = 0;
+        if index.last_event_reason(name) != Some("BackingOff") {
+            commands.push(Command::RecordEvent {
+                object: format!("tier/{name}"),
+                reason: "BackingOff".to_string(),
+                message: format!(
+                    "{recent_failures} instances failed within {}; not launching more until they age out",
+                    millis(config.failure_window_ms)
+                ),
+            });
+        }
+    }
+
+    let mut placed = Vec::new();
+    for _ in 0..creates {
+        // The least used subnet; ties go to the template's order.
+        let subnet = subnets
+            .iter()
+            .min_by_key(|subnet| {
+                per_subnet
+                    .get(&Some((*subnet).clone()))
+                    .copied()
+                    .unwrap_or(0)
+            })
+            .cloned();
+        *per_subnet.entry(subnet.clone()).or_default() += 1;
+        placed.push(NewInstance {
+            id: new_id(),
+            tier: name.to_string(),
+            node: String::new(),
+            subnet,
+        });
+    }
+    if !drains.is_empty() {
+        commands.push(Command::UpdateInstances { updates: drains });
+    }
+    if !placed.is_empty() {
+        let reason = if outdated.is_empty() {
+            format!("{} of {desired} desired", current.len() + placed.len())
+        } else {
+            format!("rolling: {} outdated left", outdated.len())
+        };
+        commands.push(Command::CreateInstances {
+            instances: placed,
+            reason,
+        });
+    }
+    commands
+}
+
+/// The executor's round: observations to commands, and the calls to make.
+pub fn plan_sync(
+    state: &State,
+    observed: &Ec2Observed,
+    config: &SyncConfig,
+    now_ms: u64,
+) -> SyncPlan {
+    let mut plan = SyncPlan::default();
+    let ec2_tiers: Vec<&Tier> = state
+        .tiers
+        .values()
+        .filter(|tier| tier.spec.provider == Provider::Ec2)
+        .collect();
+    let last_provider_event = last_provider_events(state);
+    // Reachability, once per change, on every EC2 tier.
+    for tier in &ec2_tiers {
+        let last = last_provider_event.get(tier.name());
+        match &observed.error {
+            Some(error) => {
+                let message = format!("DescribeInstances failed: {error}");
+                if last != Some(&(EC2_CALL_FAILED, message.as_str())) {
+                    plan.commands.push(Command::RecordEvent {
+                        object: format!("tier/{}", tier.name()),
+                        reason: EC2_CALL_FAILED.to_string(),
+                        message,
+                    });
+                }
+            }
+            None if observed.synced
+                && last.is_some_and(|(reason, _)| *reason == EC2_CALL_FAILED) =>
+            {
+                plan.commands.push(Command::RecordEvent {
+                    object: format!("tier/{}", tier.name()),
+                    reason: EC2_REACHABLE.to_string(),
+                    message: "DescribeInstances answers again".to_string(),
+                });
+            }
+            None => {}
+        }
+    }
+    if !observed.synced {
+        return plan;
+    }
+
+    // EC2 instances by id and by the Strata instance they claim to be (alive ones only for the
+    // latter; several alive ones for one uuid are duplicates).
+    let by_id: HashMap<&str, &Ec2Instance> = observed
+        .instances
+        .iter()
+        .map(|instance| (instance.id.as_str(), instance))
+        .collect();
+    let mut by_uuid: HashMap<Uuid, Vec<&Ec2Instance>> = HashMap::new();
+    for instance in &observed.instances {
+        if instance.state.is_gone() {
+            continue;
+        }
+        if let Some(id) = instance
+            .tag(TAG_INSTANCE)
+            .and_then(|tag| Uuid::parse_str(tag).ok())
+        {
+            by_uuid.entry(id).or_default().push(instance);
+        }
+    }
+    for candidates in by_uuid.values_mut() {
+        candidates.sort_by_key(|instance| (instance.launch_time_ms, instance.id.clone()));
+    }
+
+    let mut updates = Vec::new();
+    for record in state.instances.values() {
+        if record.provider != Provider::Ec2 {
+            continue;
+        }
+        let alive = by_uuid.get(&record.id).cloned().unwrap_or_default();
+        // The one this record stands for: the recorded id, else the oldest alive with its tag.
+        let chosen: Option<&Ec2Instance> = match &record.provider_id {
+            Some(id) => by_id.get(id.as_str()).copied(),
+            None => alive.first().copied(),
+        };
+        // Every other alive instance claiming this uuid is a duplicate.
+        for duplicate in alive
+            .iter()
+            .filter(|instance| chosen.is_none_or(|chosen| chosen.id != instance.id))
+        {
+            plan.calls.push(Ec2Call::Terminate {
+                ec2_id: duplicate.id.clone(),
+                tier: Some(record.tier.clone()),
+                why: format!("a duplicate launch for instance {}", record.id),
+            });
+        }
+        let chosen_alive = chosen.filter(|instance| !instance.state.is_gone());
+        match record.phase {
+            Phase::Pending | Phase::Starting | Phase::Running => match chosen_alive {
+                Some(ec2) => {
+                    if let Some(update) = observe(record, ec2) {
+                        updates.push(update);
+                    }
+                }
+                None if record.provider_id.is_some() => updates.push(InstanceUpdate {
+                    id: record.id,
+                    event: Some(InstanceEvent::Failed),
+                    reason: Some(format!(
+                        "EC2 instance {} was terminated outside Strata",
+                        record.provider_id.as_deref().unwrap_or_default()
+                    )),
+                    ..InstanceUpdate::default()
+                }),
+                None if state.tiers.contains_key(&record.tier) => {
+                    plan.calls.push(Ec2Call::Launch {
+                        instance: record.id,
+                        tier: record.tier.clone(),
+                        subnet: record.subnet.clone(),
+                    })
+                }
+                None => {}
+            },
+            // Still serving while load balancers finish; `pools` ends the drain.
+            Phase::Draining => {
+                if chosen_alive.is_none() && record.provider_id.is_some() {
+                    updates.push(InstanceUpdate {
+                        id: record.id,
+                        event: Some(InstanceEvent::Stopped),
+                        reason: Some("its EC2 instance is gone".to_string()),
+                        ..InstanceUpdate::default()
+                    });
+                }
+            }
+            Phase::Stopping => match chosen_alive {
+                Some(ec2) => plan.calls.push(Ec2Call::Terminate {
+                    ec2_id: ec2.id.clone(),
+                    tier: Some(record.tier.clone()),
+                    why: format!("instance {} stopping: {}", record.id, reason_of(record)),
+                }),
+                None => updates.push(InstanceUpdate {
+                    id: record.id,
+                    event: Some(InstanceEvent::Stopped),
+                    reason: Some("its EC2 instance is terminated".to_string()),
+                    ..InstanceUpdate::default()
+                }),
+            },
+            // A record given up on must not leave a running instance behind.
+            Phase::Failed | Phase::Lost | Phase::Terminated => {
+                if let Some(ec2) = chosen_alive {
+                    plan.calls.push(Ec2Call::Terminate {
+                        ec2_id: ec2.id.clone(),
+                        tier: Some(record.tier.clone()),
+                        why: format!("instance {} is {:?}", record.id, record.phase),
+                    });
+                }
+            }
+        }
+    }
+    if !updates.is_empty() {
+        plan.commands.push(Command::UpdateInstances { updates });
+    }
+
+    // Tagged instances no record claims.
+    for instance in &observed.instances {
+        if instance.state.is_gone() {
+            continue;
+        }
+        let known = instance
+            .tag(TAG_INSTANCE)
+            .and_then(|tag| Uuid::parse_str(tag).ok())
+            .is_some_and(|id| state.instances.contains_key(&id))
+            || state
+                .instances
+                .values()
+                .any(|record| record.provider_id.as_deref() == Some(instance.id.as_str()));
+        if known || now_ms.saturating_sub(instance.launch_time_ms) < config.unknown_grace_ms {
+            continue;
+        }
+        plan.calls.push(Ec2Call::Terminate {
+            ec2_id: instance.id.clone(),
+            tier: instance
+                .tag(TAG_TIER)
+                .filter(|tier| state.tiers.contains_key(*tier))
+                .map(str::to_string),
+            why: "it carries this cluster's tag but no instance of the state claims it".to_string(),
+        });
+    }
+    plan
+}
+
+/// The update that makes a record say what EC2 says of its instance, if any is needed.
+fn observe(record: &Instance, ec2: &Ec2Instance) -> Option<InstanceUpdate> {
+    let new_id = record.provider_id.is_none();
+    let address_changed = ec2.private_ip.is_some() && ec2.private_ip != record.address;
+    let event = match ec2.state {
+        // Health is EC2's instance state until the agent inside heartbeats (not yet checked:
+        // DescribeInstanceStatus is not called).
+        Ec2State::Running => Some(InstanceEvent::BecameReady),
+        Ec2State::Pending => Some(InstanceEvent::Started),
+        Ec2State::Stopping | Ec2State::Stopped => Some(InstanceEvent::Failed),
+        Ec2State::ShuttingDown | Ec2State::Terminated => None,
+    };
+    let moves = event.is_some_and(|event| step(record.phase, event) != record.phase);
+    let health = (ec2.state == Ec2State::Running && record.health != Health::Healthy)
+        .then_some(Health::Healthy);
+    if !(new_id || address_changed || moves || health.is_some()) {
+        return None;
+    }
+    Some(InstanceUpdate {
+        id: record.id,
+        event: event.filter(|_| moves),
+        health,
+        provider_id: new_id.then(|| ec2.id.clone()),
+        address: ec2.private_ip.clone().filter(|_| address_changed),
+        reason: Some(if new_id {
+            format!(
+                "EC2 instance {} ({:?}, {})",
+                ec2.id,
+                ec2.state,
+                ec2.zone.as_deref().unwrap_or("no zone")
+            )
+        } else {
+            format!("EC2 instance {} is {:?}", ec2.id, ec2.state)
+        }),
+        ..InstanceUpdate::default()
+    })
+}
+
+fn reason_of(record: &Instance) -> &str {
+    record.reason.as_deref().unwrap_or("no reason recorded")
+}
+
+/// The latest EC2 call event per tier: (reason, message).
+fn last_provider_events(state: &State) -> HashMap<&str, (&str, &str)> {
+    let mut last = HashMap::new();
+    for event in &state.events {
+        if is_provider_event(&event.reason) {
+            if let Some(tier) = event.object.strip_prefix("tier/") {
+                last.insert(tier, (event.reason.as_str(), event.message.as_str()));
+            }
+        }
+    }
+    last
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,507 @@
+//! EC2 tiers against a real EC2 API implementation on loopback (moto): scaling with the
+//! right tags and zones, a crash between RunInstances and its record, instances changed
+//! behind Strata's back, another cluster's instances, bad input, an unreachable endpoint.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{json, Value};
+use strata_ec2::{Ec2Instance, Launch, TAG_CLUSTER, TAG_INSTANCE, TAG_TIER};
+use strata_tests::moto::{Moto, AMI};
+use strata_tests::{e2e_enabled, eventually, send, Cluster, ClusterOptions, ADMIN_TOKEN};
+
+const CLUSTER: &str = "strata-test";
+
+fn ec2_tier(name: &str, subnets: &[String]) -> Value {
+    json!({
+        "name": name,
+        "provider": "ec2",
+        "template": {
+            "ami": AMI,
+            "instance_type": "t3.micro",
+            "port": 8080,
+            "subnets": subnets,
+            "tags": {"team": "web"},
+        },
+        "scaling": {"min": 0, "max": 10},
+    })
+}
+
+fn options(moto: &Moto, nodes: u64) -> ClusterOptions {
+    let mut extra_args = moto.controller_args();
+    extra_args.extend(
+        [
+            "--cluster-name",
+            CLUSTER,
+            "--ec2-interval",
+            "300ms",
+            "--ec2-unknown-grace",
+            "2s",
+            "--ec2-calls-per-second",
+            "20",
+        ]
+        .map(str::to_string),
+    );
+    ClusterOptions {
+        nodes,
+        extra_args,
+        env: Moto::controller_env(),
+        ..ClusterOptions::default()
+    }
+}
+
+async fn write(
+    cluster: &Cluster,
+    method: Method,
+    path: &str,
+    body: &Value,
+) -> anyhow::Result<Value> {
+    let answer = send(
+        &cluster.http,
+        method,
+        &cluster.url(1, path),
+        Some(ADMIN_TOKEN),
+        Some(body),
+    )
+    .await?;
+    anyhow::ensure!(answer.status < 300, "{path}: {answer:?}");
+    Ok(answer.body)
+}
+
+async fn get(cluster: &Cluster, path: &str) -> anyhow::Result<Value> {
+    let answer = send(
+        &cluster.http,
+        Method::GET,
+        &cluster.url(1, path),
+        Some(ADMIN_TOKEN),
+        None,
+    )
+    .await?;
+    anyhow::ensure!(answer.status == 200, "{path}: {answer:?}");
+    Ok(answer.body)
+}
+
+/// The cluster's instances EC2 reports alive (pending or running).
+async fn alive(moto: &Moto, cluster: &str) -> Result<Vec<Ec2Instance>, String> {
+    let all = moto.ec2.describe_all().await.map_err(|e| e.to_string())?;
+    Ok(all
+        .into_iter()
+        .filter(|instance| !instance.state.is_gone() && instance.tag(TAG_CLUSTER) == Some(cluster))
+        .collect())
+}
+
+/// Waits until EC2 runs exactly `count` instances of `tier`, the state records each of them
+/// Running with its EC2 id, and no uuid is launched twice. Returns the EC2 instances.
+async fn converged(
+    cluster: &Cluster,
+    moto: &Moto,
+    tier: &str,
+    count: usize,
+) -> anyhow::Result<Vec<Ec2Instance>> {
+    eventually(
+        Duration::from_secs(90),
+        &format!("{count} running instances of {tier}"),
+        || async {
+            let running = alive(moto, CLUSTER).await?;
+            let mut uuids = BTreeSet::new();
+            for instance in &running {
+                let uuid = instance.tag(TAG_INSTANCE).unwrap_or_default().to_string();
+                if !uuids.insert(uuid.clone()) {
+                    return Err(format!("duplicate launch for {uuid}: {running:?}"));
+                }
+            }
+            let records = get(cluster, &format!("/v1/tiers/{tier}/instances"))
+                .await
+                .map_err(|e| e.to_string())?;
+            let records = records["items"].as_array().cloned().unwrap_or_default();
+            let recorded: BTreeMap<String, String> = records
+                .iter()
+                .filter(|r| r["phase"] == "Running")
+                .filter_map(|r| {
+                    Some((
+                        r["id"].as_str()?.to_string(),
+                        r["provider_id"].as_str()?.to_string(),
+                    ))
+                })
+                .collect();
+            let live = records
+                .iter()
+                .filter(|r| {
+                    matches!(
+                        r["phase"].as_str(),
+                        Some("Pending" | "Starting" | "Running" | "Draining" | "Stopping")
+                    )
+                })
+                .count();
+            let described: BTreeMap<String, String> = running
+                .iter()
+                .map(|i| {
+                    (
+                        i.tag(TAG_INSTANCE).unwrap_or_default().to_string(),
+                        i.id.clone(),
+                    )
+                })
+                .collect();
+            if running.len() == count && live == count && recorded == described {
+                Ok(Some(running))
+            } else {
+                Err(format!(
+                    "EC2 runs {} ({described:?}); state records running {recorded:?}, {live} live",
+                    running.len()
+                ))
+            }
+        },
+    )
+    .await
+}
+
+async fn scale(cluster: &Cluster, tier: &str, desired: u32) -> anyhow::Result<()> {
+    write(
+        cluster,
+        Method::POST,
+        &format!("/v1/tiers/{tier}/scale"),
+        &json!({"desired": desired}),
+    )
+    .await?;
+    Ok(())
+}
+
+fn zones(moto: &Moto, instances: &[Ec2Instance]) -> BTreeMap<String, usize> {
+    let mut zones: BTreeMap<String, usize> = moto
+        .subnets
+        .iter()
+        .map(|(_, zone)| (zone.clone(), 0))
+        .collect();
+    for instance in instances {
+        *zones
+            .entry(instance.zone.clone().unwrap_or_default())
+            .or_default() += 1;
+    }
+    zones
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_0_5_2_runs_exactly_the_right_tagged_instances_spread_over_zones(
+) -> anyhow::Result<()> {
+    if !e2e_enabled("ec2 scale") {
+        return Ok(());
+    }
+    let moto = Moto::start(&["us-east-1a", "us-east-1b"]).await?;
+    let cluster = Cluster::start(options(&moto, 1)).await?;
+    write(
+        &cluster,
+        Method::PUT,
+        "/v1/tiers/web",
+        &ec2_tier("web", &moto.subnet_ids()),
+    )
+    .await?;
+    // Desired 0: nothing is launched, and no agent gets anything (there is none to get it).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(alive(&moto, CLUSTER)
+        .await
+        .map_err(anyhow::Error::msg)?
+        .is_empty());
+
+    scale(&cluster, "web", 5).await?;
+    let five = converged(&cluster, &moto, "web", 5).await?;
+    for instance in &five {
+        assert_eq!(instance.tag(TAG_TIER), Some("web"), "{instance:?}");
+        assert_eq!(instance.tag("team"), Some("web"), "{instance:?}");
+        assert_eq!(instance.image.as_deref(), Some(AMI));
+        assert_eq!(instance.instance_type.as_deref(), Some("t3.micro"));
+    }
+    let spread = zones(&moto, &five);
+    assert!(spread.values().all(|n| *n == 2 || *n == 3), "{spread:?}");
+
+    scale(&cluster, "web", 2).await?;
+    let two = converged(&cluster, &moto, "web", 2).await?;
+    assert_eq!(
+        zones(&moto, &two).values().copied().collect::<Vec<_>>(),
+        [1, 1]
+    );
+    // The two kept are two of the five (scale-in terminates, never relaunches).
+    let five_ids: BTreeSet<&str> = five.iter().map(|i| i.id.as_str()).collect();
+    assert!(two.iter().all(|i| five_ids.contains(i.id.as_str())));
+
+    // Every call is an event on the tier.
+    let events = get(&cluster, "/v1/events?object=tier/web").await?;
+    let reasons: Vec<&str> = events["items"]
+        .as_array()
+        .map(|items| items.iter().filter_map(|e| e["reason"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        reasons
+            .iter()
+            .filter(|r| **r == "Ec2InstanceLaunched")
+            .count(),
+        5,
+        "{reasons:?}"
+    );
+    assert_eq!(
+        reasons
+            .iter()
+            .filter(|r| **r == "Ec2InstanceTerminated")
+            .count(),
+        3,
+        "{reasons:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_run_instances_and_its_record_neither_duplicates_nor_leaks(
+) -> anyhow::Result<()> {
+    if !e2e_enabled("ec2 crash") {
+        return Ok(());
+    }
+    let moto = Moto::start(&["us-east-1a", "us-east-1b"]).await?;
+    let mut options = options(&moto, 1);
+    options.env.push((
+        "STRATA_FAILPOINT".to_string(),
+        "ec2-after-run-instances".to_string(),
+    ));
+    let mut cluster = Cluster::start(options).await?;
+    write(
+        &cluster,
+        Method::PUT,
+        "/v1/tiers/web",
+        &ec2_tier("web", &moto.subnet_ids()),
+    )
+    .await?;
+    scale(&cluster, "web", 1).await?;
+    // The controller aborts right after its first RunInstances.
+    eventually(Duration::from_secs(60), "the failpoint fired", || {
+        let running = cluster.running();
+        async move { Ok((running.is_empty()).then_some(())).map_err(|()| String::new()) }
+    })
+    .await?;
+    let launched = alive(&moto, CLUSTER).await.map_err(anyhow::Error::msg)?;
+    assert_eq!(launched.len(), 1, "{launched:?}");
+    let records = cluster.log_tail(1);
+    assert!(records.contains("failpoint"), "{records}");
+
+    cluster
+        .options_mut()
+        .env
+        .retain(|(key, _)| key != "STRATA_FAILPOINT");
+    cluster.start_node(1)?;
+    cluster.wait_for_leader(Duration::from_secs(30)).await?;
+    let after = converged(&cluster, &moto, "web", 1).await?;
+    assert_eq!(
+        after[0].id, launched[0].id,
+        "the launched instance is adopted, not replaced"
+    );
+    // And it stays that way.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let later = converged(&cluster, &moto, "web", 1).await?;
+    assert_eq!(later[0].id, launched[0].id);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaces_what_vanished_terminates_unknowns_and_leaves_other_clusters_alone(
+) -> anyhow::Result<()> {
+    if !e2e_enabled("ec2 drift") {
+        return Ok(());
+    }
+    let moto = Moto::start(&["us-east-1a", "us-east-1b"]).await?;
+    let cluster = Cluster::start(options(&moto, 1)).await?;
+    let subnets = moto.subnet_ids();
+    let foreign = |cluster_tag: &str, token: &str| Launch {
+        client_token: token.to_string(),
+        image: AMI.to_string(),
+        instance_type: "t3.micro".to_string(),
+        subnet: subnets.first().cloned(),
+        security_groups: Vec::new(),
+        key_name: None,
+        iam_instance_profile: None,
+        user_data: None,
+        tags: BTreeMap::from([
+            (TAG_CLUSTER.to_string(), cluster_tag.to_string()),
+            (TAG_TIER.to_string(), "web".to_string()),
+        ]),
+    };
+    let other = moto
+        .ec2
+        .run_instance(&foreign("another-cluster", "other-1"))
+        .await?;
+    let untagged = moto
+        .ec2
+        .run_instance(&Launch {
+            tags: BTreeMap::new(),
+            ..foreign("", "plain-1")
+        })
+        .await?;
+
+    write(
+        &cluster,
+        Method::PUT,
+        "/v1/tiers/web",
+        &ec2_tier("web", &subnets),
+    )
+    .await?;
+    scale(&cluster, "web", 2).await?;
+    let two = converged(&cluster, &moto, "web", 2).await?;
+
+    // Terminated behind Strata's back: replaced by a new instance.
+    let victim = two[0].id.clone();
+    moto.ec2.terminate(std::slice::from_ref(&victim)).await?;
+    let replaced = eventually(Duration::from_secs(60), "a replacement", || async {
+        let now = converged(&cluster, &moto, "web", 2)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(now.iter().all(|i| i.id != victim).then_some(now))
+    })
+    .await?;
+    assert_eq!(replaced.len(), 2);
+
+    // Carries this cluster's tag, unknown to the state: terminated once past the grace.
+    let stray = moto.ec2.run_instance(&foreign(CLUSTER, "stray-1")).await?;
+    eventually(
+        Duration::from_secs(60),
+        "the unknown instance terminated",
+        || async {
+            let running = alive(&moto, CLUSTER).await?;
+            Ok((!running.iter().any(|i| i.id == stray.id)).then_some(()))
+        },
+    )
+    .await?;
+    converged(&cluster, &moto, "web", 2).await?;
+
+    // Another cluster's instance and an untagged one are untouched.
+    let all = moto.ec2.describe_all().await?;
+    for id in [&other.id, &untagged.id] {
+        let instance = all.iter().find(|i| &i.id == id);
+        assert!(
+            instance.is_some_and(|i| !i.state.is_gone()),
+            "{id} must be untouched: {instance:?}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_ec2_tiers_are_rejected_with_their_field_paths() -> anyhow::Result<()> {
+    if !e2e_enabled("ec2 bad input") {
+        return Ok(());
+    }
+    let cluster = Cluster::start(ClusterOptions {
+        nodes: 1,
+        ..ClusterOptions::default()
+    })
+    .await?;
+    let subnets = vec!["subnet-1".to_string()];
+    type Change = Box<dyn Fn(&mut Value)>;
+    let cases: Vec<(&str, Change, &str)> = vec![
+        (
+            "no AMI",
+            Box::new(|t| {
+                t["template"].as_object_mut().map(|o| o.remove("ami"));
+            }),
+            "template.ami",
+        ),
+        (
+            "empty subnet list",
+            Box::new(|t| t["template"]["subnets"] = json!([])),
+            "template.subnets",
+        ),
+        (
+            "a driver",
+            Box::new(|t| t["template"]["driver"] = json!("process")),
+            "template.driver",
+        ),
+        (
+            "instance type not family.size",
+            Box::new(|t| t["template"]["instance_type"] = json!("large")),
+            "template.instance_type",
+        ),
+    ];
+    for (what, change, path) in cases {
+        let mut tier = ec2_tier("web", &subnets);
+        change(&mut tier);
+        let answer = send(
+            &cluster.http,
+            Method::PUT,
+            &cluster.url(1, "/v1/tiers/web"),
+            Some(ADMIN_TOKEN),
+            Some(&tier),
+        )
+        .await?;
+        assert_eq!(answer.status, 422, "{what}: {answer:?}");
+        assert!(
+            answer.content_type.starts_with("application/problem+json"),
+            "{what}: {answer:?}"
+        );
+        let paths: Vec<&str> = answer.body["errors"]
+            .as_array()
+            .map(|errors| errors.iter().filter_map(|e| e["path"].as_str()).collect())
+            .unwrap_or_default();
+        assert_eq!(paths, [path], "{what}: {answer:?}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_endpoint_is_a_condition_and_an_event_not_a_crash() -> anyhow::Result<()> {
+    if !e2e_enabled("ec2 unreachable") {
+        return Ok(());
+    }
+    // Nothing listens on this port.
+    let endpoint = format!("http://127.0.0.1:{}", strata_tests::free_port());
+    let mut cluster = Cluster::start(ClusterOptions {
+        nodes: 1,
+        extra_args: ["--ec2-endpoint", &endpoint, "--ec2-interval", "300ms"]
+            .map(str::to_string)
+            .to_vec(),
+        env: Moto::controller_env(),
+        ..ClusterOptions::default()
+    })
+    .await?;
+    write(
+        &cluster,
+        Method::PUT,
+        "/v1/tiers/web",
+        &ec2_tier("web", &["subnet-1".to_string()]),
+    )
+    .await?;
+    scale(&cluster, "web", 2).await?;
+    let condition = eventually(
+        Duration::from_secs(60),
+        "a ProviderReady=false condition",
+        || async {
+            let tier = get(&cluster, "/v1/tiers/web")
+                .await
+                .map_err(|e| e.to_string())?;
+            let conditions = tier["status"]["conditions"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            Ok(conditions
+                .into_iter()
+                .find(|c| c["type"] == "ProviderReady" && c["status"] == false))
+        },
+    )
+    .await?;
+    assert!(
+        condition["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("DescribeInstances")),
+        "{condition}"
+    );
+    // Recorded once, not once per pass, and the controller keeps serving.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let events = get(&cluster, "/v1/events?object=tier/web").await?;
+    let failures = events["items"]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .filter(|e| e["reason"] == "Ec2CallFailed")
+                .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(failures, 1, "{events}");
+    assert_eq!(cluster.running(), vec![1]);
+    Ok(())
+}
