@@ -39,7 +39,7 @@ pub fn observed_startup_ms<'a>(instances: impl IntoIterator<Item = &'a Instance>
     if ready.is_empty() {
         return None;
     }
-    ready.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+    ready.sort_unstable_by_key(|&(created_at_ms, _)| std::cmp::Reverse(created_at_ms));
     let mut startups: Vec<u64> = ready
         .into_iter()
         .take(STARTUP_SAMPLES)
