@@ -2,13 +2,14 @@
 # CI's benchmark step (deploy/test.sh runs it): the Strata vs etcd comparison in smoke mode,
 # 8 clients, 3 s of writes and 2 leader kills per system; then heartbeat capacity with 200
 # simulated agents, start latency with 2 process scale-ups (each about 10 s), fleet-scale
-# state at 200 nodes and 2,000 instances, and the autoscaling simulator on its built-in traces
-# with the real ones cut short (a few seconds of computation, no cluster); as root, leader cuts
-# in namespaces. It checks that
-# the benchmarks still run end to end; it never judges a figure, so debug binaries (already
-# built by the tests) do. The JSON reports are kept in target/bench-smoke.json and
-# target/bench-<name>-smoke.json for the others (heartbeats, start-latency, fleet, autoscale,
-# partition).
+# state at 200 nodes and 2,000 instances, the autoscaling simulator on its built-in traces
+# with the real ones cut short (a few seconds of computation, no cluster), and pool
+# propagation over 3 tiers x 3 simulated servers with 3 s wrk runs through HAProxy with and
+# without churn and through the reload approach (about 20 s); as root, leader cuts in
+# namespaces. It checks that the benchmarks still run end to end; it never judges a figure, so
+# debug binaries (already built by the tests) do. The JSON reports are kept in
+# target/bench-smoke.json and target/bench-<name>-smoke.json for the others (heartbeats,
+# start-latency, fleet, autoscale, pools, partition).
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,6 +20,15 @@ if ! command -v etcd >/dev/null 2>&1; then
     exit 1
 fi
 
+# Debian installs haproxy in /usr/sbin, which a non-root PATH may lack.
+export PATH="$PATH:/usr/sbin"
+for tool in haproxy wrk; do
+    if ! command -v "$tool" >/dev/null 2>&1; then
+        echo "bench smoke: $tool is missing; run deploy/install-deps.d/lb.sh" >&2
+        exit 1
+    fi
+done
+
 cargo build --quiet -p strata-controller -p strata-agent -p strata-bench
 target="${CARGO_TARGET_DIR:-$repo/target}"
 report="$target/bench-smoke.json"
@@ -27,7 +37,7 @@ report="$target/bench-smoke.json"
 cat "$report" >&2
 echo "bench smoke: report in $report" >&2
 
-for bench in heartbeats start-latency fleet; do
+for bench in heartbeats start-latency fleet pools; do
     report="$target/bench-$bench-smoke.json"
     "$target/debug/strata-bench" "$bench" --smoke \
         --strata-bin "$target/debug/strata-controller" > "$report"

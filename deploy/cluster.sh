@@ -11,7 +11,9 @@
 #   deploy/cluster.sh env         print the exports that point stratactl at this cluster
 #
 # State lives in STRATA_HOME (default .data/ in the checkout): one data dir and log per node,
-# the tokens in STRATA_HOME/env. Binaries come from target/debug unless STRATA_BIN is set.
+# the tokens in STRATA_HOME/env (for stratactl) and one file each in STRATA_HOME/secrets (0600),
+# which the controllers and agents read (--*-file): no secret is in their argv or environment,
+# where any process of the same user (an instance, too) could read it in /proc. Binaries come from target/debug unless STRATA_BIN is set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 home="${STRATA_HOME:-$PWD/.data}"
@@ -38,6 +40,21 @@ ensure_env() {
   fi
   # shellcheck disable=SC1091
   . "$home/env"
+  mkdir -p "$home/secrets"
+  chmod 700 "$home/secrets"
+  (
+    umask 077
+    echo "$STRATA_TOKEN" > "$home/secrets/admin-token"
+    echo "$STRATA_VIEWER_TOKEN" > "$home/secrets/viewer-token"
+    echo "$STRATA_CLUSTER_SECRET" > "$home/secrets/cluster-secret"
+    echo "$STRATA_JOIN_TOKEN" > "$home/secrets/join-token"
+  )
+}
+
+# Runs a command without the tokens in its environment.
+clean() {
+  env -u STRATA_TOKEN -u STRATA_VIEWER_TOKEN -u STRATA_CLUSTER_SECRET -u STRATA_JOIN_TOKEN \
+    -u STRATA_ADMIN_TOKEN "$@"
 }
 
 servers() {
@@ -58,11 +75,12 @@ start() {
       echo "node $i already running (pid $(cat "$home/node-$i.pid"))"
       continue
     fi
-    STRATA_ADMIN_TOKEN="$STRATA_TOKEN" \
-    nohup "$bin/strata-controller" --node-id "$i" --listen "127.0.0.1:$((base_port + i - 1))" \
+    clean nohup "$bin/strata-controller" --node-id "$i" --listen "127.0.0.1:$((base_port + i - 1))" \
       --data-dir "$home/node-$i" --peers "$peers" \
-      --viewer-token "$STRATA_VIEWER_TOKEN" --cluster-secret "$STRATA_CLUSTER_SECRET" \
-      --join-token "$STRATA_JOIN_TOKEN" \
+      --admin-token-file "$home/secrets/admin-token" \
+      --viewer-token-file "$home/secrets/viewer-token" \
+      --cluster-secret-file "$home/secrets/cluster-secret" \
+      --join-token-file "$home/secrets/join-token" \
       >> "$home/node-$i.log" 2>&1 &
     echo $! > "$home/node-$i.pid"
     echo "node $i: pid $!, http://127.0.0.1:$((base_port + i - 1)), log $home/node-$i.log"
@@ -86,8 +104,8 @@ agents() {
       continue
     fi
     # PATH carries the build dir so tiers can name strata-workload without a path.
-    PATH="$bin:$PATH" nohup "$bin/strata-agent" --node-id "host-$i" \
-      --controllers "$(servers "$nodes")" --join-token "$STRATA_JOIN_TOKEN" \
+    PATH="$bin:$PATH" clean nohup "$bin/strata-agent" --node-id "host-$i" \
+      --controllers "$(servers "$nodes")" --join-token-file "$home/secrets/join-token" \
       --data-dir "$home/agent-$i" --zone "zone-$(( (i - 1) % 2 + 1 ))" --labels "disk=ssd" \
       --cpu 2 --memory-mb 2048 --heartbeat-interval 1s \
       >> "$home/agent-$i.log" 2>&1 &
@@ -106,8 +124,8 @@ balancers() {
       echo "LB agent lb-$i already running (pid $(cat "$home/lb-$i.pid"))"
       continue
     fi
-    nohup "$bin/strata-agent" --node-id "lb-$i" --lb haproxy \
-      --controllers "$(servers "$nodes")" --join-token "$STRATA_JOIN_TOKEN" \
+    clean nohup "$bin/strata-agent" --node-id "lb-$i" --lb haproxy \
+      --controllers "$(servers "$nodes")" --join-token-file "$home/secrets/join-token" \
       --data-dir "$home/lb-$i" --heartbeat-interval 1s \
       >> "$home/lb-$i.log" 2>&1 &
     echo $! > "$home/lb-$i.pid"

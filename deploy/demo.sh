@@ -2,19 +2,22 @@
 # The demo: installs what is missing, builds, starts a local 3-node control plane, two agents
 # and an LB agent running HAProxy, applies the example web tier (strata-workload processes
 # behind 127.0.0.1:8080) and shows the control plane placing, scaling and replacing instances
-# while the load balancer's pool follows, also through a leader failure. Leaves everything
-# running; stop it with deploy/cluster.sh stop (delete the tiers first to stop their instances).
+# while the load balancer's pool follows: a scale-out, a failed health check, a kill -9 of an
+# instance under a request stream, and a leader failure; then a second tier that the
+# autoscaler sizes under load through HAProxy. Leaves everything running; stop it with
+# deploy/cluster.sh stop (delete the tiers first to stop their instances).
+#
+# Each part of the demo is a function `demo_*`; the list at the end runs them in order. A new
+# part is a new function and one more line in that list.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash deploy/install-deps.sh
-cargo build --workspace --bins
-deploy/cluster.sh start 3
-deploy/cluster.sh agents 2
-deploy/cluster.sh lb 1
-eval "$(deploy/cluster.sh env)"
 ctl=target/debug/stratactl
+frontend=http://127.0.0.1:8080
 
+say() { printf '\n\033[1m%s\033[0m\n' "$*"; }
 step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; "$@"; }
+
+# Waits until the tier has at least WANT healthy instances.
 wait_ready() {
   local tier="$1" want="$2" deadline=$((SECONDS + 60))
   until [ "$($ctl get instances --tier "$tier" -o json | grep -c '"health": "Healthy"')" -ge "$want" ]; do
@@ -23,76 +26,151 @@ wait_ready() {
   done
 }
 
-# Every answer of strata-workload names the instance that served it.
-through_lb() {
-  local n="$1" i
-  for i in $(seq 1 "$n"); do
-    curl -fsS --max-time 2 http://127.0.0.1:8080/ | sed -n 's/.*"instance_id":"\([0-9a-f]\{8\}\).*/served by \1/p'
-  done | sort | uniq -c
-}
+# Waits until the tier's pool has exactly WANT ready servers and the frontend answers.
 wait_pool() {
   local tier="$1" want="$2" deadline=$((SECONDS + 60))
   until [ "$($ctl get pool "$tier" -o json | grep -c '"state": "ready"')" -eq "$want" ] \
-        && curl -fsS --max-time 1 -o /dev/null http://127.0.0.1:8080/; do
+        && curl -fsS --max-time 1 -o /dev/null "$frontend/"; do
     if [ $SECONDS -gt $deadline ]; then echo "pool of $tier did not reach $want ready servers" >&2; return 1; fi
     sleep 0.5
   done
   sleep 1  # one heartbeat for the LB agent to report the version it applied
 }
 
-step $ctl cluster status
-sleep 2
-step $ctl get nodes
-step $ctl apply -f deploy/examples/web.yaml
-wait_ready web 2
-step $ctl get instances --tier web
-wait_pool web 2
-printf '\n\033[1mHAProxy on 127.0.0.1:8080 spreads requests over the pool (curl x6)\033[0m\n'
-through_lb 6
-step $ctl get pool web
-step $ctl scale tier web --replicas 4
-wait_ready web 4
-wait_pool web 4
-step $ctl get instances --tier web
-printf '\n\033[1mthe pool followed the scale-out without a reload (curl x12)\033[0m\n'
-through_lb 12
-step $ctl get pool web
+# N requests through the load balancer, counted by the instance that answered (every answer
+# of strata-workload names it).
+through_lb() {
+  local n="$1" i
+  for i in $(seq 1 "$n"); do
+    curl -fsS --max-time 2 "$frontend/" | sed -n 's/.*"instance_id":"\([0-9a-f]\{8\}\).*/served by \1/p'
+    echo
+  done | grep . | sort | uniq -c
+}
 
-port=$($ctl get instances --tier web -o json | sed -n 's/.*"port": *\([0-9]*\).*/\1/p' | sed -n 1p)
-printf '\n\033[1mthe instance on port %s fails its health check; the control plane replaces it\033[0m\n' "$port"
-step curl -fsS -X POST "http://127.0.0.1:$port/fail"
-sleep 4
-wait_ready web 4
-wait_pool web 4
-step $ctl get instances --tier web
-step $ctl get pool web
+# A request stream through the load balancer in the background: one request every 20 ms
+# until $stream_dir/stop exists; each outcome is a line in $stream_dir/ok or $stream_dir/failed.
+start_stream() {
+  stream_dir="$(mktemp -d)"
+  (
+    while [ ! -e "$stream_dir/stop" ]; do
+      if curl -fsS --max-time 2 -o /dev/null "$frontend/"; then echo >> "$stream_dir/ok"; else echo >> "$stream_dir/failed"; fi
+      sleep 0.02
+    done
+  ) 2>/dev/null &
+  stream_pid=$!
+}
+stop_stream() {
+  touch "$stream_dir/stop"
+  wait "$stream_pid" || true
+  local ok=0 failed=0
+  [ ! -f "$stream_dir/ok" ] || ok=$(wc -l < "$stream_dir/ok")
+  [ ! -f "$stream_dir/failed" ] || failed=$(wc -l < "$stream_dir/failed")
+  say "request stream through $frontend: $ok ok, $failed failed"
+  rm -rf "$stream_dir"
+}
 
-leader=$($ctl cluster status -o json | sed -n 's/.*"leader_id": *\([0-9]*\).*/\1/p')
-printf '\n\033[1mkill -9 of the leader (node %s); the API keeps answering through the others\033[0m\n' "$leader"
-kill -9 "$(cat .data/node-"$leader".pid)"
-step $ctl scale tier web --replicas 3
-step $ctl cluster status
-deploy/cluster.sh start 3 >/dev/null
-wait_ready web 3
-step $ctl describe tier web
-cat <<MSG
+# Waits until no server of the tier's pool is on PORT.
+wait_left_pool() {
+  local tier="$1" port="$2" deadline=$((SECONDS + 30)) pool
+  while pool=$($ctl get pool "$tier" -o json | tr -d '\n ') && [[ "$pool" == *"\"port\":$port,"* ]]; do
+    if [ $SECONDS -gt $deadline ]; then echo "the server on port $port did not leave the pool of $tier" >&2; return 1; fi
+    sleep 0.2
+  done
+}
 
-Everything is running (node $leader was restarted and rejoined). Try:
-  eval "\$(deploy/cluster.sh env)"
-  target/debug/stratactl get nodes
-  target/debug/stratactl get events --object tier/web
-  target/debug/stratactl get pool web          # what HAProxy on 127.0.0.1:8080 serves
-  curl http://127.0.0.1:8080/                  # through the load balancer
-  target/debug/stratactl delete tier web      # stops its instances
-Stop it with: deploy/cluster.sh stop
-MSG
+# The pid of the instance on PORT: strata-workload says it in every answer.
+pid_on_port() {
+  curl -fsS --max-time 2 "http://127.0.0.1:$1/" | sed -n 's/.*"pid":\([0-9]*\).*/\1/p'
+}
+# The port of the first Running instance of the tier.
+first_port() {
+  $ctl get instances --tier "$1" -o json \
+    | tr -d '\n ' | grep -o '"port":[0-9]*,"phase":"Running"' | sed -n '1s/"port":\([0-9]*\).*/\1/p'
+}
 
-# ---------------------------------------------------------------------------------------------
+demo_setup() {
+  bash deploy/install-deps.sh
+  cargo build --workspace --bins
+  deploy/cluster.sh start 3
+  deploy/cluster.sh agents 2
+  deploy/cluster.sh lb 1
+  eval "$(deploy/cluster.sh env)"
+  step $ctl cluster status
+  sleep 2
+  step $ctl get nodes
+}
+
+demo_apply() {
+  step $ctl apply -f deploy/examples/web.yaml
+  wait_ready web 2
+  step $ctl get instances --tier web
+  wait_pool web 2
+  say "HAProxy on 127.0.0.1:8080 spreads requests over the pool (curl x6)"
+  through_lb 6
+  step $ctl get pool web
+}
+
+demo_scale_out() {
+  step $ctl scale tier web --replicas 4
+  wait_ready web 4
+  wait_pool web 4
+  step $ctl get instances --tier web
+  say "the pool followed the scale-out without a reload (curl x12)"
+  through_lb 12
+  step $ctl get pool web
+}
+
+demo_failed_health_check() {
+  local port
+  port=$(first_port web)
+  say "the instance on port $port fails its health check; the control plane replaces it"
+  step curl -fsS -X POST "http://127.0.0.1:$port/fail"
+  echo
+  sleep 4
+  wait_ready web 4
+  wait_pool web 4
+  step $ctl get instances --tier web
+  step $ctl get pool web
+}
+
+demo_kill_instance() {
+  local port pid
+  port=$(first_port web)
+  pid=$(pid_on_port "$port")
+  say "kill -9 of the instance on port $port (pid $pid) under a request stream through HAProxy"
+  start_stream
+  sleep 1
+  step kill -9 "$pid"
+  local killed=$SECONDS
+  wait_left_pool web "$port"
+  say "the killed instance left the pool within $((SECONDS - killed))s; a replacement starts"
+  wait_ready web 4
+  wait_pool web 4
+  sleep 1
+  stop_stream
+  say "the replacement joined the pool; HAProxy retried the requests it had sent to the dead one"
+  step $ctl get pool web
+  step $ctl get events --object tier/web
+}
+
+demo_leader_failure() {
+  local leader
+  leader=$($ctl cluster status -o json | sed -n 's/.*"leader_id": *\([0-9]*\).*/\1/p')
+  say "kill -9 of the leader (node $leader); the API keeps answering through the others"
+  kill -9 "$(cat .data/node-"$leader".pid)"
+  step $ctl scale tier web --replicas 3
+  step $ctl cluster status
+  deploy/cluster.sh start 3 >/dev/null
+  wait_ready web 3
+  wait_pool web 3
+  step $ctl describe tier web
+  demo_restarted_node=$leader
+}
+
 # Autoscaling: deploy/examples/shop.yaml tracks 50% CPU. wrk sends CPU-heavy requests
 # (`?work_ms=10`) through HAProxy on 127.0.0.1:8081; the tier scales out within seconds, and
 # back in to its min once the load is gone and its 30 s stabilization window has passed. Every
 # decision is printed with what each policy saw.
-# ---------------------------------------------------------------------------------------------
 shop_desired() {
   $ctl get tier shop -o json | sed -n 's/^  *"desired": *\([0-9]*\).*/\1/p' | tail -1
 }
@@ -104,30 +182,32 @@ watch_shop() {
     sleep 3
   done
 }
-printf '\n\033[1m== Autoscaling ==\033[0m\n'
-step $ctl apply -f deploy/examples/shop.yaml
-wait_ready shop 2
-deadline=$((SECONDS + 60))
-until curl -fsS --max-time 1 -o /dev/null http://127.0.0.1:8081/; do
-  if [ $SECONDS -gt $deadline ]; then echo "HAProxy does not serve shop on 127.0.0.1:8081" >&2; exit 1; fi
-  sleep 0.5
-done
-printf '\n\033[1mwrk: 2 connections of 10 ms CPU requests through HAProxy for 30 s\033[0m\n'
-wrk -t1 -c2 -d30s 'http://127.0.0.1:8081/?work_ms=10' > .data/wrk-shop.txt 2>&1 &
-wrk_pid=$!
-watch_shop 30
-wait "$wrk_pid" || true
-cat .data/wrk-shop.txt   # "Non-2xx or 3xx responses" or "Socket errors" would show failed requests
-step $ctl describe tier shop
-printf '\n\033[1mthe load stopped; the tier scales back in once its 30 s window has passed\033[0m\n'
-deadline=$((SECONDS + 120))
-until [ "$(shop_desired)" = 2 ]; do
-  if [ $SECONDS -gt $deadline ]; then echo "shop did not scale back in to 2" >&2; exit 1; fi
-  sleep 2
-done
-wait_ready shop 2
-step $ctl get events --object tier/shop
-cat <<MSG
+demo_autoscaling() {
+  local deadline wrk_pid
+  printf '\n\033[1m== Autoscaling ==\033[0m\n'
+  step $ctl apply -f deploy/examples/shop.yaml
+  wait_ready shop 2
+  deadline=$((SECONDS + 60))
+  until curl -fsS --max-time 1 -o /dev/null http://127.0.0.1:8081/; do
+    if [ $SECONDS -gt $deadline ]; then echo "HAProxy does not serve shop on 127.0.0.1:8081" >&2; exit 1; fi
+    sleep 0.5
+  done
+  say "wrk: 2 connections of 10 ms CPU requests through HAProxy for 30 s"
+  wrk -t1 -c2 -d30s 'http://127.0.0.1:8081/?work_ms=10' > .data/wrk-shop.txt 2>&1 &
+  wrk_pid=$!
+  watch_shop 30
+  wait "$wrk_pid" || true
+  cat .data/wrk-shop.txt   # "Non-2xx or 3xx responses" or "Socket errors" would show failed requests
+  step $ctl describe tier shop
+  say "the load stopped; the tier scales back in once its 30 s window has passed"
+  deadline=$((SECONDS + 120))
+  until [ "$(shop_desired)" = 2 ]; do
+    if [ $SECONDS -gt $deadline ]; then echo "shop did not scale back in to 2" >&2; exit 1; fi
+    sleep 2
+  done
+  wait_ready shop 2
+  step $ctl get events --object tier/shop
+  cat <<MSG
 
 The autoscaler sized tier shop by itself. Try:
   wrk -t1 -c2 -d60s 'http://127.0.0.1:8081/?work_ms=10'   # load through HAProxy
@@ -136,3 +216,27 @@ The autoscaler sized tier shop by itself. Try:
   target/debug/stratactl scale tier shop --auto  # and this hands it back
   curl -s http://127.0.0.1:7001/metrics | grep strata_autoscaler
 MSG
+}
+
+demo_done() {
+  cat <<MSG
+
+Everything is running${demo_restarted_node:+ (node $demo_restarted_node was restarted and rejoined)}. Try:
+  eval "\$(deploy/cluster.sh env)"
+  target/debug/stratactl get nodes
+  target/debug/stratactl get events --object tier/web
+  target/debug/stratactl get pool web          # what HAProxy on 127.0.0.1:8080 serves
+  curl $frontend/                  # through the load balancer
+  target/debug/stratactl delete tier web      # stops its instances
+Stop it with: deploy/cluster.sh stop
+MSG
+}
+
+demo_setup
+demo_apply
+demo_scale_out
+demo_failed_health_check
+demo_kill_instance
+demo_leader_failure
+demo_autoscaling
+demo_done

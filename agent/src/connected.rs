@@ -8,6 +8,12 @@
 //!   answers 421 with the leader's address, which the agent then uses until it fails.
 //! - A 404 to a heartbeat (the node is unknown, for example after the cluster was rebuilt)
 //!   makes the agent register again.
+//! - Identity: the join token is used only to register a node that has no credential yet.
+//!   The answer carries the node's credential, which the agent writes to
+//!   `DATA_DIR/node-credential` (0600) before using it, and sends as its bearer token from then
+//!   on; a restarted agent reads it back and keeps its identity. When the controllers no
+//!   longer accept it (401: revoked, or a rebuilt cluster), the agent forgets it and registers
+//!   with the join token again.
 //! - An LB agent (`lb` set) registers with the `load_balancer` role only, hands every answer's
 //!   `pools` (the complete set) to its load balancer before the next heartbeat goes out, and
 //!   reports HAProxy in `lb`. It always long-polls (`wait_ms` = the interval): it has no
@@ -22,6 +28,45 @@ use strata_api::{
     Health, HeartbeatRequest, HeartbeatResponse, InstanceReport as ApiReport, NodeRole, Phase,
     Problem, RegisterRequest, Resources,
 };
+
+/// The node's credential, in the agent's data dir.
+pub const CREDENTIAL_FILE: &str = "node-credential";
+
+/// The credential kept in `data_dir`, if any.
+fn load_credential(data_dir: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(data_dir.join(CREDENTIAL_FILE)).ok()?;
+    let credential = text.trim();
+    (!credential.is_empty()).then(|| credential.to_string())
+}
+
+/// Writes the credential atomically and durably, readable by the agent's user only.
+fn store_credential(data_dir: &std::path::Path, credential: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join(CREDENTIAL_FILE);
+    let temporary = data_dir.join(format!("{CREDENTIAL_FILE}.tmp"));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&temporary)?;
+    file.write_all(format!("{credential}\n").as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, &path)?;
+    std::fs::File::open(data_dir)?.sync_all()
+}
+
+/// Forgets a credential the controllers no longer accept.
+fn forget_credential(data_dir: &std::path::Path) {
+    match std::fs::remove_file(data_dir.join(CREDENTIAL_FILE)) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => tracing::warn!(%error, "remove the refused node credential"),
+    }
+}
+
+use strata_api::validate::{limits, truncated};
 
 use crate::health::HealthStatus;
 use crate::host_metrics::HostMetricsSampler;
@@ -117,9 +162,16 @@ pub struct ControllerLink {
 }
 
 impl ControllerLink {
+    /// Sends `token` as the bearer token from now on.
+    pub fn set_token(&mut self, token: String) {
+        self.token = token;
+    }
+
     pub fn new(controllers: Vec<String>, token: String, timeout: Duration) -> Self {
         let http = reqwest::Client::builder()
             .connect_timeout(timeout.min(Duration::from_millis(500)))
+            // Below the controllers' idle keep-alive timeout (--header-timeout).
+            .pool_idle_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .build()
             .unwrap_or_else(|_| reqwest::Client::new());
@@ -211,7 +263,7 @@ impl ControllerLink {
     pub async fn register(
         &mut self,
         request: &RegisterRequest,
-    ) -> Result<strata_api::Node, LinkError> {
+    ) -> Result<strata_api::Registration, LinkError> {
         self.post("/v1/agents/register", request, Duration::ZERO)
             .await
     }
@@ -249,9 +301,13 @@ pub async fn run(
     let timeout = config
         .interval
         .clamp(Duration::from_millis(500), Duration::from_secs(3));
+    let data_dir = config.supervisor.data_dir.clone();
+    let mut credential = load_credential(&data_dir);
     let mut link = ControllerLink::new(
         config.controllers.clone(),
-        config.join_token.clone(),
+        credential
+            .clone()
+            .unwrap_or_else(|| config.join_token.clone()),
         timeout,
     );
     let registration = RegisterRequest {
@@ -280,10 +336,31 @@ pub async fn run(
         next_delay = config.interval;
         if !registered {
             match link.register(&registration).await {
-                Ok(node) => {
-                    tracing::info!(node = %node.id, status = ?node.status, "registered");
+                Ok(answer) => {
+                    if let Some(issued) = answer.credential {
+                        // Kept before it is relied on: an agent that crashes right after
+                        // registering must not come back without its identity.
+                        if let Err(error) = store_credential(&data_dir, &issued) {
+                            tracing::error!(%error, "store the node credential; registering again");
+                            next_delay = jittered(register_backoff);
+                            register_backoff = next_register_backoff(register_backoff);
+                            continue;
+                        }
+                        link.set_token(issued.clone());
+                        credential = Some(issued);
+                    }
+                    tracing::info!(node = %answer.node.id, status = ?answer.node.status, "registered");
                     registered = true;
                     register_backoff = config.interval;
+                }
+                Err(LinkError::Refused(problem))
+                    if problem.status == 401 && credential.is_some() =>
+                {
+                    tracing::warn!(%problem, "the node credential is no longer accepted (revoked?); registering with the join token");
+                    forget_credential(&data_dir);
+                    credential = None;
+                    link.set_token(config.join_token.clone());
+                    next_delay = jittered(config.interval);
                 }
                 Err(failure) => {
                     next_delay = jittered(register_backoff);
@@ -315,7 +392,7 @@ pub async fn run(
             u64::try_from(config.interval.as_millis()).unwrap_or(u64::MAX)
         };
         let lb_report = match &lb {
-            Some(lb) => Some(lb.report().await),
+            Some(lb) => Some(bounded_lb_report(lb.report().await)),
             None => None,
         };
         let request = HeartbeatRequest {
@@ -362,6 +439,14 @@ pub async fn run(
                     config.interval
                 };
             }
+            Err(LinkError::Refused(problem)) if problem.status == 401 && credential.is_some() => {
+                tracing::warn!(%problem, "the node credential is no longer accepted (revoked?); registering with the join token");
+                forget_credential(&data_dir);
+                credential = None;
+                link.set_token(config.join_token.clone());
+                registered = false;
+                next_delay = jittered(config.interval);
+            }
             Err(LinkError::NotRegistered) => {
                 tracing::warn!("the controllers do not know this node; registering again");
                 registered = false;
@@ -377,6 +462,21 @@ pub async fn run(
         lb.shutdown().await;
     }
     Ok(())
+}
+
+/// The LB report cut to the controllers' limits (an HAProxy error message can be long).
+fn bounded_lb_report(mut report: strata_api::LbReport) -> strata_api::LbReport {
+    for tier in &mut report.tiers {
+        if let Some(error) = &mut tier.error {
+            *error = truncated(error, limits::REASON_BYTES);
+        }
+        tier.servers.truncate(limits::LB_SERVERS);
+        for server in &mut tier.servers {
+            server.status = truncated(&server.status, limits::LB_STATUS_BYTES);
+        }
+    }
+    report.tiers.truncate(limits::LB_TIERS);
+    report
 }
 
 fn api_metrics(metrics: crate::host_metrics::HostMetrics) -> strata_api::HostMetrics {
@@ -406,7 +506,12 @@ pub fn api_report(report: &InstanceReport) -> ApiReport {
             HealthStatus::Unhealthy => Health::Unhealthy,
         },
         port: report.address.map(|address| address.port()),
-        reason: report.reason.clone(),
+        // Reported reasons are cut to what the controllers accept: a long last line of an
+        // instance's stderr must not make the whole heartbeat refused.
+        reason: report
+            .reason
+            .as_deref()
+            .map(|reason| truncated(reason, limits::REASON_BYTES)),
         cpu_percent: report
             .cpu_utilization_percent
             .filter(|value| value.is_finite() && *value >= 0.0)

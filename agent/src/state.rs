@@ -64,6 +64,15 @@ impl StateDir {
             path: instances.clone(),
             source,
         })?;
+        // The data dir holds the node credential and every instance's logs: the agent's
+        // alone. Instances running as another user get their working directory elsewhere.
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(data_dir, fs::Permissions::from_mode(0o700)).map_err(|source| {
+            StateError::CreateDir {
+                path: data_dir.to_path_buf(),
+                source,
+            }
+        })?;
         Ok(StateDir { instances })
     }
 

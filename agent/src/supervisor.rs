@@ -158,6 +158,9 @@ pub struct SupervisorConfig {
     /// Time between SIGTERM and SIGKILL when stopping an instance.
     pub stop_grace: Duration,
     pub qemu: QemuConfig,
+    /// The user process instances run as when their template names none (`--run-as`);
+    /// `None`: the agent's own user.
+    pub run_as: Option<String>,
 }
 
 impl SupervisorConfig {
@@ -167,6 +170,7 @@ impl SupervisorConfig {
             advertise_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             stop_grace: Duration::from_secs(10),
             qemu: QemuConfig::default(),
+            run_as: None,
         }
     }
 }
@@ -187,7 +191,7 @@ pub struct Drivers {
 impl Drivers {
     pub fn real(config: &SupervisorConfig) -> Self {
         Drivers {
-            process: Arc::new(ProcessDriver::new()),
+            process: Arc::new(ProcessDriver::with_default_user(config.run_as.clone())),
             qemu: Arc::new(QemuDriver::new(config.qemu.clone())),
         }
     }

@@ -912,3 +912,109 @@ async fn the_agent_binary_serves_the_pools_of_its_heartbeat_answers() {
     }
     drop(agent);
 }
+
+/// GETs `url` every 10 ms on fresh connections until `stop`; returns (ok, failures).
+fn fresh_stream(url: String, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<(u64, Vec<String>)> {
+    tokio::spawn(async move {
+        let client = client();
+        let (mut ok, mut failed) = (0, Vec::new());
+        while !stop.load(Ordering::Relaxed) {
+            match client.get(&url).send().await {
+                Ok(response) if response.status() == 200 => ok += 1,
+                Ok(response) => failed.push(format!("status {}", response.status())),
+                Err(error) => failed.push(format!("{error:?}")),
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        (ok, failed)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_serves_its_last_pools_before_any_heartbeat_answer() {
+    let binary = require_haproxy!();
+    let servers = workloads(2).await;
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}/");
+    let (fake, controller) =
+        fake_controller::start(vec![pool("web", port, 1, vec![servers[0].ready()])]).await;
+    let data = tempfile::tempdir().expect("temp dir");
+    let agent = LbAgent::start(&binary, &controller, data.path());
+    // Version 2 goes through the Runtime API only: the saved file and layout must carry it.
+    fake.pools
+        .send_replace(vec![pool("web", port, 2, vec![servers[1].ready()])]);
+    let client = client();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(response) = client.get(&url).send().await {
+            let hello: Hello = response.json().await.expect("json");
+            if hello.instance_id == servers[1].id.to_string() {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "version 2 was never served");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // No controller answers the restarted agents: nothing listens on this port.
+    let nowhere = format!("127.0.0.1:{}", free_port());
+
+    // 1. kill -9 of the agent alone: its HAProxy keeps serving, the next agent starts one
+    // from the saved file beside it and soft-stops the old one; no request fails.
+    let old = agent.haproxy_pids();
+    assert!(!old.is_empty());
+    let stop = Arc::new(AtomicBool::new(false));
+    let stream = fresh_stream(url.clone(), stop.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    kill(agent.pid(), Signal::SIGKILL).expect("kill -9 the agent");
+    let mut agent = agent;
+    let _ = agent.child.wait();
+    std::mem::forget(agent);
+    let agent = LbAgent::start(&binary, &nowhere, data.path());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = agent.haproxy_pids();
+        if !now.is_empty() && now.iter().all(|pid| !old.contains(pid)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the old haproxy {old:?} was not replaced: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = stream.await.expect("stream");
+    assert!(ok > 0);
+    assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
+    let hits = spread(&client, &url, 6).await;
+    assert_eq!(
+        hits.keys().copied().collect::<Vec<_>>(),
+        vec![servers[1].id],
+        "the restarted agent must serve the last pool it rendered"
+    );
+
+    // 2. kill -9 of the agent and of its HAProxy: the next agent, still without an answer,
+    // starts HAProxy from the saved file.
+    let pids = agent.haproxy_pids();
+    kill(agent.pid(), Signal::SIGKILL).expect("kill -9 the agent");
+    for pid in pids {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    drop(agent);
+    let agent = LbAgent::start(&binary, &nowhere, data.path());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(response) = client.get(&url).send().await {
+            let hello: Hello = response.json().await.expect("json");
+            assert_eq!(hello.instance_id, servers[1].id.to_string());
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restarted agent does not serve its last pools"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(agent);
+}

@@ -122,6 +122,9 @@ impl Client {
             // A controller that is down refuses at once; one that is cut off would otherwise
             // hold the whole request timeout before the client moves on.
             .connect_timeout(config.request_timeout.min(Duration::from_secs(2)))
+            // Below the controllers' idle keep-alive timeout (--header-timeout): a pooled
+            // connection is not reused just as the server closes it.
+            .pool_idle_timeout(Duration::from_secs(5))
             .build()
             .map_err(|error| ClientError::Config(format!("build HTTP client: {error}")))?;
         Ok(Client {
@@ -168,11 +171,33 @@ impl Client {
         self.call(Method::GET, &path, None).await
     }
 
-    /// `GET /v1/tiers`.
+    /// `GET /v1/tiers`, every page.
     pub async fn list_tiers(&self, stale: bool) -> Result<Vec<Tier>, ClientError> {
         let path = format!("/v1/tiers{}", stale_query(stale));
-        let list: ItemList<Tier> = self.call(Method::GET, &path, None).await?;
-        Ok(list.items)
+        self.list_all(&path).await
+    }
+
+    /// Every page of the list at `path` (which may carry a query), following `continue`.
+    pub async fn list_all<T: DeserializeOwned>(&self, path: &str) -> Result<Vec<T>, ClientError> {
+        let mut items = Vec::new();
+        let mut next: Option<String> = None;
+        loop {
+            let page_path = match &next {
+                None => path.to_string(),
+                Some(token) => format!(
+                    "{path}{}continue={}",
+                    if path.contains('?') { '&' } else { '?' },
+                    encode_query_value(token)
+                ),
+            };
+            let list: ItemList<T> = self.call(Method::GET, &page_path, None).await?;
+            items.extend(list.items);
+            match list.next {
+                // A token that does not move would loop for ever.
+                Some(token) if Some(&token) != next.as_ref() => next = Some(token),
+                _ => return Ok(items),
+            }
+        }
     }
 
     /// `DELETE /v1/tiers/{name}`, optionally only if the tier still has `resource_version`.
@@ -235,8 +260,7 @@ impl Client {
     /// `GET /v1/nodes`: every registered agent host.
     pub async fn list_nodes(&self, stale: bool) -> Result<Vec<Node>, ClientError> {
         let path = format!("/v1/nodes{}", stale_query(stale));
-        let list: ItemList<Node> = self.call(Method::GET, &path, None).await?;
-        Ok(list.items)
+        self.list_all(&path).await
     }
 
     /// `GET /v1/nodes/{id}`.
@@ -261,6 +285,12 @@ impl Client {
         self.node_action(id, "drain").await
     }
 
+    /// `POST /v1/nodes/{id}/revoke`: the node's credential stops working; its agent must
+    /// register again with the join token.
+    pub async fn revoke_node(&self, id: &str) -> Result<Node, ClientError> {
+        self.node_action(id, "revoke").await
+    }
+
     /// Instances of one tier (`GET /v1/tiers/{name}/instances`) or of all tiers
     /// (`GET /v1/instances`). The tier's own route is used so that a mistyped tier name
     /// answers 404 instead of an empty list.
@@ -277,8 +307,7 @@ impl Client {
             ),
             None => format!("/v1/instances{}", stale_query(stale)),
         };
-        let list: ItemList<Instance> = self.call(Method::GET, &path, None).await?;
-        Ok(list.items)
+        self.list_all(&path).await
     }
 
     /// `GET /v1/events`, optionally only those about `object` (`tier/web`, `node/host-1`,
@@ -300,8 +329,7 @@ impl Client {
         } else {
             format!("/v1/events?{}", query.join("&"))
         };
-        let list: ItemList<Event> = self.call(Method::GET, &path, None).await?;
-        Ok(list.items)
+        self.list_all(&path).await
     }
 
     /// Any JSON call, for resources that have no typed method yet. `path` includes the query.

@@ -12,13 +12,22 @@ pub struct ItemList<T> {
     /// server reports it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource_version: Option<u64>,
+    /// More items follow: pass this as `?continue=` (with the same filters) for the next
+    /// page. Absent on the last page.
+    #[serde(rename = "continue", default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
 }
+
+/// Items per page when a list request names no `limit`, and the largest `limit` allowed.
+pub const DEFAULT_PAGE: usize = 500;
+pub const MAX_PAGE: usize = 1000;
 
 impl<T> ItemList<T> {
     pub fn new(items: Vec<T>) -> Self {
         ItemList {
             items,
             resource_version: None,
+            next: None,
         }
     }
 }

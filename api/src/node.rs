@@ -186,7 +186,8 @@ pub struct Event {
 // ---------------------------------------------------------------------------------------------
 // Agent protocol
 
-/// `POST /v1/agents/register`: an agent announces its node (authenticated by the join token).
+/// `POST /v1/agents/register`: an agent announces its node (authenticated by the join token,
+/// or by the node's credential once it has one).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterRequest {
@@ -201,6 +202,18 @@ pub struct RegisterRequest {
     /// Absent: a worker.
     #[serde(default = "default_roles")]
     pub roles: Vec<NodeRole>,
+}
+
+/// The answer to `POST /v1/agents/register`: the node, and, when the agent registered with
+/// the join token, the node's own credential. The agent keeps it (mode 0600 in its data dir)
+/// and sends it as its bearer token from then on; the controllers keep only its digest, so
+/// this is the one time it is ever shown.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Registration {
+    #[serde(flatten)]
+    pub node: Node,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
 }
 
 /// What an agent reports about one instance it runs (or ran).

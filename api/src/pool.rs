@@ -107,6 +107,37 @@ pub struct LbTierReport {
     pub servers: Vec<LbServerReport>,
 }
 
+/// The longest [`LbTierReport::error`] kept, in bytes: the agent cuts what HAProxy said to it
+/// and the controller cuts what any agent sends, so a report stays small in the leader's
+/// memory, in `GET /v1/tiers/{name}/pool` and in the events it causes.
+pub const MAX_LB_ERROR_BYTES: usize = 1024;
+
+/// `text` cut to at most [`MAX_LB_ERROR_BYTES`] bytes on a character boundary, ending in `…`
+/// when something was cut.
+pub fn truncate_lb_error(text: &mut String) {
+    if text.len() <= MAX_LB_ERROR_BYTES {
+        return;
+    }
+    const MARK: &str = "…";
+    let mut end = MAX_LB_ERROR_BYTES - MARK.len();
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push_str(MARK);
+}
+
+impl LbReport {
+    /// Cuts every tier's error to [`MAX_LB_ERROR_BYTES`].
+    pub fn truncate_errors(&mut self) {
+        for tier in &mut self.tiers {
+            if let Some(error) = &mut tier.error {
+                truncate_lb_error(error);
+            }
+        }
+    }
+}
+
 /// What an LB agent adds to its heartbeat.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -144,4 +175,31 @@ pub struct BalancerView {
     pub reloads: u64,
     pub report: LbTierReport,
     pub reported_at_ms: u64,
+}
+
+#[cfg(test)]
+mod truncation_tests {
+    use super::*;
+
+    #[test]
+    fn errors_are_cut_to_the_limit_on_a_char_boundary() {
+        let mut short = "address in use".to_string();
+        truncate_lb_error(&mut short);
+        assert_eq!(short, "address in use");
+
+        let mut exact = "x".repeat(MAX_LB_ERROR_BYTES);
+        truncate_lb_error(&mut exact);
+        assert_eq!(exact.len(), MAX_LB_ERROR_BYTES);
+        assert!(!exact.ends_with('…'));
+
+        // Three-byte characters: the cut never splits one.
+        for prefix in 0..3 {
+            let mut long = format!("{}{}", "a".repeat(prefix), "€".repeat(1000));
+            truncate_lb_error(&mut long);
+            assert!(long.len() <= MAX_LB_ERROR_BYTES, "{}", long.len());
+            assert!(long.len() > MAX_LB_ERROR_BYTES - 6, "{}", long.len());
+            assert!(long.ends_with('…'));
+            assert!(long.starts_with(&"a".repeat(prefix)));
+        }
+    }
 }

@@ -101,6 +101,10 @@ pub struct Template {
     /// process and qemu: extra environment (process) or kernel command line values (qemu).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// process: the host user the program runs as (the agent must run as root); default: the
+    /// agent's `--run-as`, else the agent's own user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
     /// qemu: the guest image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<QemuImage>,
@@ -138,6 +142,7 @@ impl Default for Template {
             driver: None,
             command: Vec::new(),
             env: BTreeMap::new(),
+            user: None,
             image: None,
             cpu: default_cpu(),
             memory_mb: default_memory_mb(),

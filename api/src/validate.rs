@@ -20,7 +20,9 @@ use crate::tier::{
 
 /// The largest tier; beyond this a typo (`max: 10000`) would be taken at its word.
 pub const MAX_INSTANCES: u32 = 1000;
-/// Bounds of `template.cpu`, in cores.
+/// Bounds of `template.cpu`, in cores: a millicore at least (as in Kubernetes), so a
+/// denormal like `5e-324` that no scheduler could account for is refused.
+pub const MIN_CPU: f64 = 0.001;
 pub const MAX_CPU: f64 = 256.0;
 /// Bounds of `template.memory_mb`.
 pub const MIN_MEMORY_MB: u64 = 16;
@@ -35,6 +37,65 @@ pub const MAX_WEIGHT: u32 = 256;
 pub const MAX_THRESHOLD: u32 = 100;
 /// EC2 refuses user data beyond this many bytes.
 pub const MAX_USER_DATA_BYTES: usize = 16 * 1024;
+
+/// Size limits on what a client or an agent sends. Every one is enforced with a field path and
+/// listed in the README; together they bound what a spec, a registration or a heartbeat can
+/// add to the replicated state and to the leader's memory.
+pub mod limits {
+    /// A tier spec, encoded as JSON.
+    pub const TIER_SPEC_BYTES: usize = 64 * 1024;
+    /// `template.command`: arguments, and bytes per argument.
+    pub const COMMAND_ARGS: usize = 256;
+    pub const COMMAND_ARG_BYTES: usize = 4096;
+    /// `template.env`: entries, and bytes per name and per value.
+    pub const ENV_ENTRIES: usize = 128;
+    pub const ENV_NAME_BYTES: usize = 256;
+    pub const ENV_VALUE_BYTES: usize = 4096;
+    /// File paths and the kernel command line of a qemu image, the TLS certificate path.
+    pub const PATH_BYTES: usize = 4096;
+    /// `template.user`: a POSIX user name.
+    pub const USER_BYTES: usize = 32;
+    /// EC2's own limits: 50 tags, keys of 128 and values of 256 characters.
+    pub const TAGS: usize = 50;
+    pub const TAG_KEY_BYTES: usize = 128;
+    pub const TAG_VALUE_BYTES: usize = 256;
+    /// `template.subnets`, `template.security_groups`: entries, and bytes each.
+    pub const EC2_IDS: usize = 16;
+    pub const EC2_ID_BYTES: usize = 64;
+    /// Node labels (registration, `placement.node_labels`).
+    pub const LABELS: usize = 64;
+    /// `scaling.policies` and `scaling.schedules`.
+    pub const POLICIES: usize = 20;
+    pub const SCHEDULES: usize = 50;
+    /// Short strings: health check path, policy names, cron lines, time zones, metric names,
+    /// cookie names.
+    pub const SHORT_BYTES: usize = 256;
+    /// An instance report's `reason` and an LB tier report's `error`.
+    pub const REASON_BYTES: usize = 1024;
+    /// Instance reports in one heartbeat.
+    pub const HEARTBEAT_INSTANCES: usize = 10_000;
+    /// An LB report: tiers, servers per tier, and bytes of a server's `status`.
+    pub const LB_TIERS: usize = 1000;
+    pub const LB_SERVERS: usize = 1000;
+    pub const LB_STATUS_BYTES: usize = 64;
+    /// A registration's `agent_version`.
+    pub const AGENT_VERSION_BYTES: usize = 64;
+    /// A node's `roles`.
+    pub const ROLES: usize = 4;
+}
+
+/// `text` cut to at most `max` bytes, on a character boundary (agents cut what they report,
+/// so a long line of an instance's stderr never makes a heartbeat refused).
+pub fn truncated(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
+}
 
 /// Bounds of `scaling.max_step_percent`.
 pub const MAX_STEP_PERCENT: u32 = 1000;
@@ -74,6 +135,16 @@ pub fn tier_spec(spec: &TierSpec) -> Result<(), Vec<FieldError>> {
     load_balancer(&mut report, &spec.load_balancer);
     placement(&mut report, &spec.placement);
     rollout(&mut report, &spec.rollout);
+    let size = serde_json::to_vec(spec).map_or(0, |bytes| bytes.len());
+    if size > limits::TIER_SPEC_BYTES {
+        report.fail(
+            "spec",
+            format!(
+                "the tier is {size} bytes as JSON; at most {} are allowed",
+                limits::TIER_SPEC_BYTES
+            ),
+        );
+    }
     report.finish()
 }
 
@@ -227,6 +298,20 @@ pub fn is_host_port(address: &str) -> bool {
     port_ok && host_ok
 }
 
+/// True for a POSIX-portable user name as `useradd` accepts it by default: lowercase letters,
+/// digits, `_` and `-`, not starting with a digit or `-`, at most 32 bytes.
+pub fn is_user_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= limits::USER_BYTES
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-'))
+        && bytes
+            .first()
+            .is_some_and(|b| b.is_ascii_lowercase() || *b == b'_')
+}
+
 /// True for an RFC 6265 cookie name: an HTTP token, that is visible ASCII without separators.
 pub fn is_cookie_token(name: &str) -> bool {
     const SEPARATORS: &[u8] = b"()<>@,;:\\\"/[]?={} \t";
@@ -269,6 +354,18 @@ impl Report {
 }
 
 fn scaling(report: &mut Report, scaling: &Scaling) {
+    if scaling.policies.len() > limits::POLICIES {
+        report.fail(
+            "scaling.policies",
+            format!("at most {} policies", limits::POLICIES),
+        );
+    }
+    if scaling.schedules.len() > limits::SCHEDULES {
+        report.fail(
+            "scaling.schedules",
+            format!("at most {} schedules", limits::SCHEDULES),
+        );
+    }
     if scaling.max < 1 {
         report.fail("scaling.max", "must be at least 1");
     }
@@ -533,10 +630,10 @@ pub fn custom_metric(sample: &CustomMetricSample) -> Result<(), Vec<FieldError>>
 }
 
 fn template(report: &mut Report, provider: Provider, template: &Template) {
-    if !template.cpu.is_finite() || template.cpu <= 0.0 || template.cpu > MAX_CPU {
+    if !template.cpu.is_finite() || template.cpu < MIN_CPU || template.cpu > MAX_CPU {
         report.fail(
             "template.cpu",
-            format!("must be greater than 0 and at most {MAX_CPU} cores"),
+            format!("must be at least {MIN_CPU} and at most {MAX_CPU} cores"),
         );
     }
     if !(MIN_MEMORY_MB..=MAX_MEMORY_MB).contains(&template.memory_mb) {
@@ -548,9 +645,31 @@ fn template(report: &mut Report, provider: Provider, template: &Template) {
     if template.port == Some(0) {
         report.fail("template.port", "must be between 1 and 65535");
     }
-    for name in template.env.keys() {
+    if template.env.len() > limits::ENV_ENTRIES {
+        report.fail(
+            "template.env",
+            format!("at most {} variables", limits::ENV_ENTRIES),
+        );
+    }
+    for (name, value) in &template.env {
         let entry_path = path::key("template.env", name);
-        if !path::is_identifier(name) {
+        if value.contains('\0') {
+            report.fail(
+                entry_path.clone(),
+                "must not contain a NUL byte (no program could receive it)",
+            );
+        } else if value.len() > limits::ENV_VALUE_BYTES {
+            report.fail(
+                entry_path.clone(),
+                format!("must be at most {} bytes", limits::ENV_VALUE_BYTES),
+            );
+        }
+        if name.len() > limits::ENV_NAME_BYTES {
+            report.fail(
+                entry_path,
+                format!("the name must be at most {} bytes", limits::ENV_NAME_BYTES),
+            );
+        } else if !path::is_identifier(name) {
             report.fail(
                 entry_path,
                 "is not a valid environment variable name ([A-Za-z_][A-Za-z0-9_]*)",
@@ -598,11 +717,36 @@ fn local_template(report: &mut Report, template: &Template) {
             if template.command.is_empty() {
                 report.fail("template.command", "is required for driver process");
             }
+            if template.command.len() > limits::COMMAND_ARGS {
+                report.fail(
+                    "template.command",
+                    format!("at most {} arguments", limits::COMMAND_ARGS),
+                );
+            }
             for (position, argument) in template.command.iter().enumerate() {
+                let argument_path = path::index("template.command", position);
                 if argument.is_empty() {
+                    report.fail(argument_path, "must not be empty");
+                } else if argument.contains('\0') {
                     report.fail(
-                        path::index("template.command", position),
-                        "must not be empty",
+                        argument_path,
+                        "must not contain a NUL byte (no program could receive it)",
+                    );
+                } else if argument.len() > limits::COMMAND_ARG_BYTES {
+                    report.fail(
+                        argument_path,
+                        format!("must be at most {} bytes", limits::COMMAND_ARG_BYTES),
+                    );
+                }
+            }
+            if let Some(user) = &template.user {
+                if !is_user_name(user) {
+                    report.fail(
+                        "template.user",
+                        format!(
+                            "must be a user name: 1-{} lowercase letters, digits, '_' or '-', not starting with a digit or '-'",
+                            limits::USER_BYTES
+                        ),
                     );
                 }
             }
@@ -620,7 +764,28 @@ fn local_template(report: &mut Report, template: &Template) {
                     if image.initrd.trim().is_empty() {
                         report.fail("template.image.initrd", "must not be empty");
                     }
+                    for (field, value) in [
+                        ("template.image.kernel", Some(&image.kernel)),
+                        ("template.image.initrd", Some(&image.initrd)),
+                        ("template.image.append", image.append.as_ref()),
+                    ] {
+                        let Some(value) = value else { continue };
+                        if value.contains('\0') {
+                            report.fail(field, "must not contain a NUL byte");
+                        } else if value.len() > limits::PATH_BYTES {
+                            report.fail(
+                                field,
+                                format!("must be at most {} bytes", limits::PATH_BYTES),
+                            );
+                        }
+                    }
                 }
+            }
+            if template.user.is_some() {
+                report.fail(
+                    "template.user",
+                    "only applies to driver process (qemu runs as the agent's user)",
+                );
             }
             if template.port.is_none() {
                 report.fail(
@@ -675,6 +840,28 @@ fn ec2_template(report: &mut Report, template: &Template) {
             "template.port",
             "is required for provider ec2: the port the workload listens on",
         );
+    }
+    if template.user.is_some() {
+        report.fail("template.user", LOCAL_ONLY);
+    }
+    for (field, list) in [
+        ("template.subnets", &template.subnets),
+        ("template.security_groups", &template.security_groups),
+    ] {
+        if list.len() > limits::EC2_IDS {
+            report.fail(field, format!("at most {} entries", limits::EC2_IDS));
+        }
+        for (position, id) in list.iter().enumerate() {
+            if id.len() > limits::EC2_ID_BYTES {
+                report.fail(
+                    path::index(field, position),
+                    format!("must be at most {} bytes", limits::EC2_ID_BYTES),
+                );
+            }
+        }
+    }
+    if template.tags.len() > limits::TAGS {
+        report.fail("template.tags", format!("at most {} tags", limits::TAGS));
     }
     for (position, subnet) in template.subnets.iter().enumerate() {
         if subnet.trim().is_empty() {
@@ -738,7 +925,12 @@ fn is_instance_type(instance_type: &str) -> bool {
 }
 
 fn health(report: &mut Report, health: &HealthCheck) {
-    if !health.path.starts_with('/') {
+    if health.path.len() > limits::SHORT_BYTES {
+        report.fail(
+            "health.path",
+            format!("must be at most {} bytes", limits::SHORT_BYTES),
+        );
+    } else if !health.path.starts_with('/') {
         report.fail("health.path", "must start with '/'");
     } else if health
         .path
@@ -786,6 +978,11 @@ fn load_balancer(report: &mut Report, balancer: &LoadBalancer) {
             report.fail(
                 "load_balancer.sticky_cookie",
                 "only applies to mode http: a tcp balancer never sees cookies",
+            );
+        } else if cookie.len() > limits::SHORT_BYTES {
+            report.fail(
+                "load_balancer.sticky_cookie",
+                format!("must be at most {} bytes", limits::SHORT_BYTES),
             );
         } else if !is_cookie_token(cookie) {
             report.fail(
@@ -853,6 +1050,12 @@ fn load_balancer(report: &mut Report, balancer: &LoadBalancer) {
 }
 
 fn placement(report: &mut Report, placement: &Placement) {
+    if placement.node_labels.len() > limits::LABELS {
+        report.fail(
+            "placement.node_labels",
+            format!("at most {} labels", limits::LABELS),
+        );
+    }
     for (key, value) in &placement.node_labels {
         let entry_path = path::key("placement.node_labels", key);
         if !is_label_key(key) {
@@ -906,6 +1109,12 @@ pub fn register(request: &crate::node::RegisterRequest) -> Result<(), Vec<FieldE
             );
         }
     }
+    if request.labels.len() > limits::LABELS {
+        report.fail("labels", format!("at most {} labels", limits::LABELS));
+    }
+    if request.roles.len() > limits::ROLES {
+        report.fail("roles", format!("at most {} roles", limits::ROLES));
+    }
     for (key, value) in &request.labels {
         if !is_label_key(key) {
             report.fail(format!("labels.{key}"), "is not a valid label key");
@@ -913,8 +1122,11 @@ pub fn register(request: &crate::node::RegisterRequest) -> Result<(), Vec<FieldE
             report.fail(format!("labels.{key}"), "is not a valid label value");
         }
     }
-    if request.agent_version.len() > 64 {
-        report.fail("agent_version", "must be at most 64 characters");
+    if request.agent_version.len() > limits::AGENT_VERSION_BYTES {
+        report.fail(
+            "agent_version",
+            format!("must be at most {} bytes", limits::AGENT_VERSION_BYTES),
+        );
     }
     report.finish()
 }
@@ -939,8 +1151,14 @@ pub fn heartbeat(request: &crate::node::HeartbeatRequest) -> Result<(), Vec<Fiel
             report.fail(path, "must be a finite number, at least 0");
         }
     }
-    if request.instances.len() > 10_000 {
-        report.fail("instances", "at most 10000 instances per heartbeat");
+    if request.instances.len() > limits::HEARTBEAT_INSTANCES {
+        report.fail(
+            "instances",
+            format!(
+                "at most {} instances per heartbeat",
+                limits::HEARTBEAT_INSTANCES
+            ),
+        );
     }
     for (index, instance) in request.instances.iter().enumerate() {
         if !instance.cpu_percent.is_finite() || instance.cpu_percent < 0.0 {
@@ -948,6 +1166,51 @@ pub fn heartbeat(request: &crate::node::HeartbeatRequest) -> Result<(), Vec<Fiel
                 format!("instances[{index}].cpu_percent"),
                 "must be a finite number, at least 0",
             );
+        }
+        if instance
+            .reason
+            .as_ref()
+            .is_some_and(|reason| reason.len() > limits::REASON_BYTES)
+        {
+            report.fail(
+                format!("instances[{index}].reason"),
+                format!("must be at most {} bytes", limits::REASON_BYTES),
+            );
+        }
+    }
+    if let Some(lb) = &request.lb {
+        if lb.tiers.len() > limits::LB_TIERS {
+            report.fail("lb.tiers", format!("at most {} tiers", limits::LB_TIERS));
+        }
+        for (index, tier) in lb.tiers.iter().enumerate() {
+            let tier_path = format!("lb.tiers[{index}]");
+            if !is_dns_label(&tier.tier) {
+                report.fail(format!("{tier_path}.tier"), "must be a tier name");
+            }
+            if tier
+                .error
+                .as_ref()
+                .is_some_and(|error| error.len() > limits::REASON_BYTES)
+            {
+                report.fail(
+                    format!("{tier_path}.error"),
+                    format!("must be at most {} bytes", limits::REASON_BYTES),
+                );
+            }
+            if tier.servers.len() > limits::LB_SERVERS {
+                report.fail(
+                    format!("{tier_path}.servers"),
+                    format!("at most {} servers", limits::LB_SERVERS),
+                );
+            }
+            for (position, server) in tier.servers.iter().enumerate() {
+                if server.status.len() > limits::LB_STATUS_BYTES {
+                    report.fail(
+                        format!("{tier_path}.servers[{position}].status"),
+                        format!("must be at most {} bytes", limits::LB_STATUS_BYTES),
+                    );
+                }
+            }
         }
     }
     report.finish()

@@ -431,11 +431,14 @@ impl Drop for StopOnDrop {
 async fn simulate_agent(shared: Arc<Shared>, index: usize) -> AgentLog {
     let mut log = AgentLog::default();
     let node_id = format!("sim-{index:05}");
-    if let Err(error) = register(&shared, &node_id).await {
-        shared.registration_failed.fetch_add(1, Ordering::Relaxed);
-        note_error(&mut log, &shared, format!("register: {error:#}"));
-        return log;
-    }
+    let credential = match register(&shared, &node_id).await {
+        Ok(credential) => credential,
+        Err(error) => {
+            shared.registration_failed.fetch_add(1, Ordering::Relaxed);
+            note_error(&mut log, &shared, format!("register: {error:#}"));
+            return log;
+        }
+    };
     shared.registered.fetch_add(1, Ordering::Relaxed);
 
     let mut body = if shared.echo {
@@ -457,7 +460,7 @@ async fn simulate_agent(shared: Arc<Shared>, index: usize) -> AgentLog {
         if shared.stop.load(Ordering::Relaxed) {
             break;
         }
-        match heartbeat(&shared, &mut target, &body).await {
+        match heartbeat(&shared, &mut target, &body, &credential).await {
             Ok((rtt, redirected, answer)) => {
                 let done = Instant::now();
                 if shared.echo {
@@ -494,7 +497,9 @@ fn micros(duration: Duration) -> u32 {
     u32::try_from(duration.as_micros()).unwrap_or(u32::MAX)
 }
 
-async fn register(shared: &Shared, node_id: &str) -> Result<()> {
+/// Registers `node_id` with the join token and returns the node's credential, which its
+/// heartbeats carry.
+async fn register(shared: &Shared, node_id: &str) -> Result<String> {
     let request = RegisterRequest {
         node_id: node_id.to_owned(),
         address: "127.0.0.1".to_owned(),
@@ -529,7 +534,13 @@ async fn register(shared: &Shared, node_id: &str) -> Result<()> {
             }
         };
         match answer {
-            Ok((status, _)) if status.is_success() => return Ok(()),
+            Ok((status, text)) if status.is_success() => {
+                let answer: strata_api::Registration =
+                    serde_json::from_str(&text).context("decode the registration")?;
+                return answer
+                    .credential
+                    .context("the registration answer carries no credential");
+            }
             Ok((status, text)) => last = format!("{status}: {text}"),
             Err(error) => last = error.to_string(),
         }
@@ -596,6 +607,7 @@ async fn heartbeat(
     shared: &Shared,
     target: &mut String,
     body: &[u8],
+    credential: &str,
 ) -> Result<(Duration, bool, bytes::Bytes)> {
     let _permit = shared.pool.acquire().await.context("pool closed")?;
     let sent = Instant::now();
@@ -604,7 +616,7 @@ async fn heartbeat(
         let response = shared
             .http
             .post(format!("{target}/v1/agents/heartbeat"))
-            .bearer_auth(STRATA_JOIN_TOKEN)
+            .bearer_auth(credential)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(body.to_vec())
             .send()

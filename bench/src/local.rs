@@ -6,7 +6,8 @@
 //! `kill_on_drop`; instances outlive a killed agent by design (the next agent adopts them), so
 //! on drop every process whose working directory lies under the environment's temporary
 //! directory (each instance runs in its own directory under the agent's data dir, and the
-//! benchmark's own qemu runs do too) is sent SIGKILL before the directory is removed.
+//! benchmark's own qemu runs do too), or whose command line names a path under it (HAProxy),
+//! is sent SIGKILL before the directory is removed.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -110,8 +111,11 @@ impl Drop for Reaper {
     }
 }
 
-/// Processes whose current directory is `dir` or below it.
+/// Processes whose current directory is `dir` or below it, or whose command line names a path
+/// under it: HAProxy runs from `/` but is started with `-f <lb-state-dir>/haproxy.cfg`, and,
+/// like an instance, outlives the LB agent that started it.
 pub fn processes_under(dir: &Path) -> Vec<u32> {
+    let needle = dir.display().to_string();
     let own = std::process::id();
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
@@ -122,6 +126,11 @@ pub fn processes_under(dir: &Path) -> Vec<u32> {
         .filter(|pid| *pid != own)
         .filter(|pid| {
             std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(dir))
+                || std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+                    cmdline
+                        .split(|byte| *byte == 0)
+                        .any(|arg| String::from_utf8_lossy(arg).contains(&needle))
+                })
         })
         .collect()
 }

@@ -69,6 +69,10 @@ pub struct PoolsArgs {
     /// wrk connections.
     #[arg(long, default_value_t = 32)]
     connections: usize,
+    /// Rounds of the three churn runs, each round in another order, so that a machine
+    /// whose load drifts during the measurement favours none of them [default: 3, smoke 1].
+    #[arg(long)]
+    repeats: Option<usize>,
     /// Skip the churn measurement (no wrk needed).
     #[arg(long)]
     no_churn: bool,
@@ -114,9 +118,13 @@ pub struct PropagationReport {
 
 #[derive(Debug, Serialize)]
 pub struct ChurnReport {
+    /// Length of each wrk run.
     pub duration_s: f64,
     pub connections: usize,
     pub instances: u32,
+    /// Rounds of the three runs (in rotating order); the figures below sum their requests
+    /// and errors and take the median of their latencies.
+    pub repeats: usize,
     /// Strata's LB agent, no pool change.
     pub steady: WrkResult,
     /// Strata's LB agent, a pool change every second (Runtime API, no reload).
@@ -125,6 +133,19 @@ pub struct ChurnReport {
     pub reload: WrkResult,
     /// churn requests/s over steady requests/s.
     pub churn_ratio: f64,
+    /// The same ratio in each round, to show the noise.
+    pub churn_ratio_by_round: Vec<f64>,
+    /// reload requests/s over steady requests/s.
+    pub reload_ratio: f64,
+    /// Strata's LB agent, no pool change, while another tier (no load balancer) is scaled
+    /// between 4 and 5 every second: the same process, Raft and health-check churn as the
+    /// churn run, without a pool change.
+    pub background: WrkResult,
+    /// background requests/s over steady requests/s: what the churn costs this machine
+    /// whatever the load balancer does.
+    pub background_ratio: f64,
+    /// churn requests/s over background requests/s: what the pool changes cost beyond it.
+    pub churn_over_background: f64,
     pub pool_changes_churn: u64,
     pub pool_changes_reload: u64,
     pub reloads: u64,
@@ -152,10 +173,13 @@ pub async fn run_cli(args: PoolsArgs) -> Result<PoolsReport> {
         .agent_bin
         .clone()
         .unwrap_or_else(|| sibling("strata-agent"));
+    // The worker agent starts the workload from its own directory: the path must be absolute.
     let workload_bin = args
         .workload_bin
         .clone()
         .unwrap_or_else(|| sibling("strata-workload"));
+    let workload_bin = std::path::absolute(&workload_bin)
+        .with_context(|| format!("resolve {}", workload_bin.display()))?;
     let tiers = args.tiers.unwrap_or(if args.smoke { 3 } else { 100 });
     let servers = args.servers.unwrap_or(if args.smoke { 3 } else { 10 });
     let rounds = args.rounds.unwrap_or(if args.smoke { 3 } else { tiers });
@@ -196,6 +220,9 @@ pub async fn run_cli(args: PoolsArgs) -> Result<PoolsReport> {
                 &args.wrk_bin,
                 churn_duration,
                 args.connections,
+                args.repeats
+                    .unwrap_or(if args.smoke { 1 } else { 3 })
+                    .max(1),
             )
             .await?,
         )
@@ -224,8 +251,16 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Frontends listen on a loopback address of their own, and the simulated servers on
+/// another (Linux routes all of 127.0.0.0/8 to `lo`): a port picked for a frontend is free
+/// only until HAProxy binds it, and a thousand servers binding port 0 meanwhile on the same
+/// address would take some (HAProxy's reload then fails with "Address already in use").
+const FRONTEND_IP: &str = "127.0.0.3";
+const SIMULATED_IP: &str = "127.0.0.2";
+
 fn free_listen() -> Result<String> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("pick a free port")?;
+    let listener =
+        std::net::TcpListener::bind((FRONTEND_IP, 0)).context("pick a free frontend port")?;
     Ok(listener.local_addr()?.to_string())
 }
 
@@ -295,7 +330,7 @@ impl Servers {
         {
             return Ok(port);
         }
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let listener = TcpListener::bind((SIMULATED_IP, 0)).await?;
         let port = listener.local_addr()?.port();
         if let Ok(mut ports) = self.ports.lock() {
             ports.insert(id, port);
@@ -360,22 +395,40 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
         .position(|window| window == needle)
 }
 
-/// A worker node that runs nothing but reports every instance placed on it Running and
-/// healthy, listening on a port of `Servers`.
-async fn simulated_worker(api: Api, servers: Arc<Servers>, stop: CancellationToken) -> Result<()> {
+/// Registers the simulated worker node: a worker with room for every instance the benchmark
+/// asks for (the most CPU validation admits, `capacity.cpu <= 4096`; 100 tiers of 11 servers
+/// at 0.01 CPU and 16 MiB take 11 CPUs and 17.6 GiB).
+async fn register_simulated_worker(api: &Api) -> Result<String> {
     let registration = RegisterRequest {
         node_id: "sim".to_string(),
-        address: "127.0.0.1".to_string(),
+        address: SIMULATED_IP.to_string(),
         zone: None,
         labels: Default::default(),
         capacity: Resources {
-            cpu: 100_000.0,
+            cpu: 4096.0,
             memory_mb: 100_000_000,
         },
         agent_version: "bench".to_string(),
         roles: strata_api::default_roles(),
     };
-    let _: serde_json::Value = post_agent(&api, "/v1/agents/register", &registration).await?;
+    let registered: strata_api::Registration =
+        post_agent(api, "/v1/agents/register", &registration, STRATA_JOIN_TOKEN)
+            .await
+            .context("register the simulated worker")?;
+    registered
+        .credential
+        .context("the registration answer carries no credential")
+}
+
+/// The simulated worker's heartbeats (after [`register_simulated_worker`], with the
+/// credential it returned): it runs nothing but reports every instance placed on it Running
+/// and healthy, listening on a port of `Servers`.
+async fn simulated_worker(
+    api: Api,
+    credential: String,
+    servers: Arc<Servers>,
+    stop: CancellationToken,
+) -> Result<()> {
     let mut reports: Vec<InstanceReport> = Vec::new();
     while !stop.is_cancelled() {
         let request = HeartbeatRequest {
@@ -387,7 +440,15 @@ async fn simulated_worker(api: Api, servers: Arc<Servers>, stop: CancellationTok
         };
         let answer: HeartbeatResponse = tokio::select! {
             () = stop.cancelled() => return Ok(()),
-            answer = post_agent(&api, "/v1/agents/heartbeat", &request) => answer?,
+            answer = post_agent(&api, "/v1/agents/heartbeat", &request, &credential) => match answer {
+                Ok(answer) => answer,
+                // A real agent retries too; a lasting failure shows as a wait that times out.
+                Err(error) => {
+                    eprintln!("[pools] simulated worker: {error:#}; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            },
         };
         let assigned: Vec<Assignment> = answer.assignments;
         let mut next = Vec::with_capacity(assigned.len());
@@ -422,11 +483,12 @@ async fn post_agent<B: Serialize, T: serde::de::DeserializeOwned>(
     api: &Api,
     path: &str,
     body: &B,
+    token: &str,
 ) -> Result<T> {
     let response = api
         .http
         .post(format!("{}{path}", api.base))
-        .bearer_auth(STRATA_JOIN_TOKEN)
+        .bearer_auth(token)
         .timeout(Duration::from_secs(15))
         .json(body)
         .send()
@@ -471,10 +533,12 @@ async fn propagation(
     rounds: usize,
 ) -> Result<PropagationReport> {
     let mut env = LocalEnv::start(config).await?;
+    let credential = register_simulated_worker(&env.api).await?;
     let servers = Arc::new(Servers::default());
     let stop = CancellationToken::new();
     let worker = tokio::spawn(simulated_worker(
         env.api.clone(),
+        credential,
         servers.clone(),
         stop.clone(),
     ));
@@ -619,6 +683,7 @@ async fn churn(
     wrk_bin: &Path,
     duration: Duration,
     connections: usize,
+    repeats: usize,
 ) -> Result<ChurnReport> {
     let mut env = LocalEnv::start(config).await?;
     let listen = free_listen()?;
@@ -632,7 +697,7 @@ async fn churn(
         .send(
             Method::PUT,
             "/v1/tiers/web",
-            &tier_body("web", &listen, template, "1s"),
+            &tier_body("web", &listen, template.clone(), "1s"),
         )
         .await?;
     const BASE: u32 = 4;
@@ -648,41 +713,160 @@ async fn churn(
     )
     .await?;
 
-    eprintln!("[pools] churn: steady run");
-    let steady = wrk(wrk_bin, &listen, duration, connections).await?;
-
-    eprintln!("[pools] churn: a pool change every second, Runtime API");
-    let (churned, changes_churn) = with_churn(&env.api, duration, || {
-        wrk(wrk_bin, &listen, duration, connections)
-    })
+    // A second tier of the same workload with no load balancer: scaling it churns processes,
+    // Raft commits and health checks exactly like the pool changes do, without touching any
+    // pool, which tells the cost of the churn on this machine from that of the pool changes.
+    let mut background = tier_body("bg", &free_listen()?, template, "1s");
+    if let Some(body) = background.as_object_mut() {
+        body.remove("load_balancer");
+    }
+    env.api
+        .send(Method::PUT, "/v1/tiers/bg", &background)
+        .await?;
+    scale(&env.api, "bg", BASE).await?;
+    let api = env.api.clone();
+    env.wait(
+        "bg: 4 instances ready",
+        Duration::from_secs(60),
+        move |_| {
+            let api = api.clone();
+            async move {
+                let tier: serde_json::Value = api.get("/v1/tiers/bg").await?;
+                Ok((tier["status"]["ready"].as_u64() == Some(u64::from(BASE))).then_some(()))
+            }
+        },
+    )
     .await?;
 
-    eprintln!("[pools] churn: a pool change every second, rewrite and reload");
-    let reloader = Reloader::start(haproxy_bin, env.dir(), &env.api).await?;
-    let reload_listen = reloader.listen.clone();
-    let (reloaded, changes_reload) = with_churn(&env.api, duration, || {
-        wrk(wrk_bin, &reload_listen, duration, connections)
-    })
-    .await?;
-    let reloads = reloader.stop().await;
-    let churn_ratio = if steady.requests_per_sec > 0.0 {
-        round2(churned.requests_per_sec / steady.requests_per_sec)
-    } else {
-        0.0
+    let mut runs: BTreeMap<Mode, Vec<WrkResult>> = BTreeMap::new();
+    let (mut changes_churn, mut changes_reload, mut reloads) = (0, 0, 0);
+    let mut ratios = Vec::new();
+    for round in 0..repeats {
+        let mut order = [Mode::Steady, Mode::Churn, Mode::Reload, Mode::Background];
+        order.rotate_left(round % 4);
+        let mut this_round = BTreeMap::new();
+        for mode in order {
+            eprintln!("[pools] churn round {}/{repeats}: {mode:?}", round + 1);
+            let result = match mode {
+                Mode::Steady => wrk(wrk_bin, &listen, duration, connections).await?,
+                Mode::Churn => {
+                    let (result, changes) = with_churn(&env.api, duration, || {
+                        wrk(wrk_bin, &listen, duration, connections)
+                    })
+                    .await?;
+                    changes_churn += changes;
+                    result
+                }
+                Mode::Background => {
+                    with_churn_of(&env.api, "bg", duration, || {
+                        wrk(wrk_bin, &listen, duration, connections)
+                    })
+                    .await?
+                    .0
+                }
+                Mode::Reload => {
+                    // A fresh reload-approach HAProxy per run, so it reloads only during
+                    // its own run.
+                    let reloader = Reloader::start(haproxy_bin, env.dir(), &env.api).await?;
+                    let reload_listen = reloader.listen.clone();
+                    let outcome = with_churn(&env.api, duration, || {
+                        wrk(wrk_bin, &reload_listen, duration, connections)
+                    })
+                    .await;
+                    reloads += reloader.stop().await;
+                    let (result, changes) = outcome?;
+                    changes_reload += changes;
+                    result
+                }
+            };
+            this_round.insert(mode, result.requests_per_sec);
+            runs.entry(mode).or_default().push(result);
+        }
+        let steady = this_round.get(&Mode::Steady).copied().unwrap_or(0.0);
+        let churned = this_round.get(&Mode::Churn).copied().unwrap_or(0.0);
+        ratios.push(if steady > 0.0 {
+            round2(churned / steady)
+        } else {
+            0.0
+        });
+    }
+    let merged = |mode: Mode| WrkResult::merge(runs.get(&mode).map_or(&[][..], Vec::as_slice));
+    let (steady, churned, reloaded, background) = (
+        merged(Mode::Steady),
+        merged(Mode::Churn),
+        merged(Mode::Reload),
+        merged(Mode::Background),
+    );
+    let ratio = |other: &WrkResult| {
+        if steady.requests_per_sec > 0.0 {
+            round2(other.requests_per_sec / steady.requests_per_sec)
+        } else {
+            0.0
+        }
     };
     env.check_alive()?;
     Ok(ChurnReport {
         duration_s: duration.as_secs_f64(),
         connections,
         instances: BASE,
+        repeats,
+        churn_ratio: ratio(&churned),
+        churn_ratio_by_round: ratios,
+        reload_ratio: ratio(&reloaded),
+        background_ratio: ratio(&background),
+        churn_over_background: if background.requests_per_sec > 0.0 {
+            round2(churned.requests_per_sec / background.requests_per_sec)
+        } else {
+            0.0
+        },
+        background,
         steady,
         churn: churned,
         reload: reloaded,
-        churn_ratio,
         pool_changes_churn: changes_churn,
         pool_changes_reload: changes_reload,
         reloads,
     })
+}
+
+/// The three runs of the churn measurement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Mode {
+    Steady,
+    Churn,
+    Reload,
+    Background,
+}
+
+impl WrkResult {
+    /// Several runs as one: requests and errors summed, the rate over their total time, the
+    /// median of their latency percentiles.
+    fn merge(runs: &[WrkResult]) -> WrkResult {
+        let median = |pick: fn(&WrkResult) -> f64| {
+            let mut values: Vec<f64> = runs.iter().map(pick).collect();
+            values.sort_by(f64::total_cmp);
+            values.get(values.len() / 2).copied().unwrap_or(0.0)
+        };
+        let seconds: f64 = runs
+            .iter()
+            .filter(|run| run.requests_per_sec > 0.0)
+            .map(|run| run.requests as f64 / run.requests_per_sec)
+            .sum();
+        let requests = runs.iter().map(|run| run.requests).sum();
+        WrkResult {
+            requests,
+            requests_per_sec: if seconds > 0.0 {
+                round2(requests as f64 / seconds)
+            } else {
+                0.0
+            },
+            latency_p50_ms: median(|run| run.latency_p50_ms),
+            latency_p99_ms: median(|run| run.latency_p99_ms),
+            errors: runs.iter().map(|run| run.errors).sum(),
+            non_2xx: runs.iter().map(|run| run.non_2xx).sum(),
+            socket_errors: runs.iter().map(|run| run.socket_errors).sum(),
+        }
+    }
 }
 
 /// Runs `load` while scaling web between 4 and 5 every second; returns its result and the
@@ -692,9 +876,23 @@ where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = Result<WrkResult>>,
 {
+    with_churn_of(api, "web", duration, load).await
+}
+
+/// Like [`with_churn`], scaling `tier` instead.
+async fn with_churn_of<F, Fut>(
+    api: &Api,
+    tier: &str,
+    duration: Duration,
+    load: F,
+) -> Result<(WrkResult, u64)>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<WrkResult>>,
+{
     let stop = CancellationToken::new();
     let churner = {
-        let (api, stop) = (api.clone(), stop.clone());
+        let (api, stop, tier) = (api.clone(), stop.clone(), tier.to_string());
         tokio::spawn(async move {
             let mut changes = 0u64;
             let mut up = true;
@@ -705,12 +903,12 @@ where
                     () = stop.cancelled() => break,
                     _ = tick.tick() => {}
                 }
-                if scale(&api, "web", if up { 5 } else { 4 }).await.is_ok() {
+                if scale(&api, &tier, if up { 5 } else { 4 }).await.is_ok() {
                     changes += 1;
                 }
                 up = !up;
             }
-            let _ = scale(&api, "web", 4).await;
+            let _ = scale(&api, &tier, 4).await;
             changes
         })
     };

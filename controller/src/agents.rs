@@ -52,7 +52,10 @@ impl Touch {
             C::SetNodeReady { node, .. } | C::SetNodeFlags { node, .. } => {
                 Touch::Nodes(vec![node.clone()])
             }
-            C::RegisterNode { registration } => Touch::Nodes(vec![registration.node_id.clone()]),
+            C::RegisterNode { registration, .. } => {
+                Touch::Nodes(vec![registration.node_id.clone()])
+            }
+            C::RevokeNode { node } => Touch::Nodes(vec![node.clone()]),
             C::PutTier { .. }
             | C::ScaleTier { .. }
             | C::ResumeAutoscaling { .. }
@@ -113,6 +116,12 @@ impl Liveness {
         reports: Vec<InstanceReport>,
         lb: Option<LbReport>,
     ) -> bool {
+        // Whatever an agent sends, a report held here stays small (and compares with the
+        // previous one as it is held).
+        let lb = lb.map(|mut lb| {
+            lb.truncate_errors();
+            lb
+        });
         let mut inner = self.lock();
         let observation = inner.nodes.entry(node.to_string()).or_default();
         let changed = observation.last_seen_ms == 0
@@ -424,5 +433,51 @@ fn describe(command: &crate::state::Command) -> String {
         C::RemoveInstances { ids } => format!("forget {} final instance(s)", ids.len()),
         C::RecordEvent { object, reason, .. } => format!("record {reason} on {object}"),
         other => format!("{other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use strata_api::{LbStats, LbTierReport, MAX_LB_ERROR_BYTES};
+
+    fn report(error: &str) -> LbReport {
+        LbReport {
+            worker_pid: Some(7),
+            reloads: 0,
+            tiers: vec![LbTierReport {
+                tier: "web".to_string(),
+                version: 0,
+                error: Some(error.to_string()),
+                stats: LbStats::default(),
+                servers: Vec::new(),
+            }],
+        }
+    }
+
+    #[test]
+    fn an_lb_report_error_is_held_cut_to_the_limit() {
+        let liveness = Liveness::default();
+        let long = "ALERT: ünbindable ".repeat(200);
+        assert!(long.len() > MAX_LB_ERROR_BYTES);
+        liveness.record(
+            "lb-1",
+            1,
+            HostMetrics::default(),
+            Vec::new(),
+            Some(report(&long)),
+        );
+        let held = liveness.lb_reports();
+        let error = held[0].2.tiers[0].error.clone().unwrap_or_default();
+        assert!(error.len() <= MAX_LB_ERROR_BYTES, "{}", error.len());
+        assert!(long.starts_with(error.trim_end_matches('…')));
+        // The same long error again is no change.
+        assert!(!liveness.record(
+            "lb-1",
+            2,
+            HostMetrics::default(),
+            Vec::new(),
+            Some(report(&long))
+        ));
     }
 }

@@ -38,23 +38,74 @@ pub struct Config {
     pub peers: Option<Peers>,
 
     /// Bearer token that may read and write. If absent, one is generated on first start and
-    /// kept in DATA_DIR/admin-token.
+    /// kept in DATA_DIR/admin-token. Prefer --admin-token-file: a flag shows in `ps`.
     #[arg(long, env = "STRATA_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+
+    /// A file holding the admin token (its first line).
+    #[arg(long, env = "STRATA_ADMIN_TOKEN_FILE", conflicts_with = "admin_token")]
+    pub admin_token_file: Option<PathBuf>,
 
     /// Bearer token that may only read.
     #[arg(long, env = "STRATA_VIEWER_TOKEN", hide_env_values = true)]
     pub viewer_token: Option<String>,
+
+    /// A file holding the viewer token.
+    #[arg(
+        long,
+        env = "STRATA_VIEWER_TOKEN_FILE",
+        conflicts_with = "viewer_token"
+    )]
+    pub viewer_token_file: Option<PathBuf>,
 
     /// Shared secret peers authenticate with. Required with --peers (every node needs the same
     /// one); a single node generates one in DATA_DIR/cluster-secret.
     #[arg(long, env = "STRATA_CLUSTER_SECRET", hide_env_values = true)]
     pub cluster_secret: Option<String>,
 
-    /// Token agents register and heartbeat with. Required with --peers (every node needs the
-    /// same one); a single node generates one in DATA_DIR/join-token.
+    /// A file holding the cluster secret.
+    #[arg(
+        long,
+        env = "STRATA_CLUSTER_SECRET_FILE",
+        conflicts_with = "cluster_secret"
+    )]
+    pub cluster_secret_file: Option<PathBuf>,
+
+    /// Token agents register with (it only registers: each node then gets its own
+    /// credential). Required with --peers (every node needs the same one); a single node
+    /// generates one in DATA_DIR/join-token.
     #[arg(long, env = "STRATA_JOIN_TOKEN", hide_env_values = true)]
     pub join_token: Option<String>,
+
+    /// A file holding the join token; SIGHUP re-reads it (rotation: write the new token on
+    /// every controller, then SIGHUP each).
+    #[arg(long, env = "STRATA_JOIN_TOKEN_FILE", conflicts_with = "join_token")]
+    pub join_token_file: Option<PathBuf>,
+
+    /// Registered nodes at most; a new node beyond it is refused (422).
+    #[arg(long, env = "STRATA_MAX_NODES", default_value_t = 20_000)]
+    pub max_nodes: u64,
+
+    /// Tiers at most; a new tier beyond it is refused (422).
+    #[arg(long, env = "STRATA_MAX_TIERS", default_value_t = 1_000)]
+    pub max_tiers: u64,
+
+    /// A client must send a request's complete headers within this (slowloris guard).
+    #[arg(long, env = "STRATA_HEADER_TIMEOUT", default_value = "10s")]
+    pub header_timeout: Duration,
+
+    /// A request body must arrive within this.
+    #[arg(long, env = "STRATA_BODY_TIMEOUT", default_value = "30s")]
+    pub body_timeout: Duration,
+
+    /// An idle keep-alive connection is closed after this.
+    #[arg(long, env = "STRATA_IDLE_TIMEOUT", default_value = "60s")]
+    pub idle_timeout: Duration,
+
+    /// Open client connections at most; beyond it new ones are closed at once. Peer
+    /// connections (from the members' addresses) have their own allowance on top.
+    #[arg(long, env = "STRATA_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
 
     /// A node whose agent is silent for longer than this becomes NotReady and its instances are
     /// replaced elsewhere.
@@ -136,6 +187,18 @@ fn parse_peers(text: &str) -> Result<Peers, String> {
         return Err("no peers given".to_string());
     }
     Ok(Peers(peers))
+}
+
+/// Reads a secret from the first line of `path`.
+pub fn read_secret_file(path: &std::path::Path) -> anyhow::Result<String> {
+    use anyhow::Context;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("read secret file {}", path.display()))?;
+    let secret = text.lines().next().unwrap_or("").trim().to_string();
+    if secret.is_empty() {
+        anyhow::bail!("secret file {} is empty", path.display());
+    }
+    Ok(secret)
 }
 
 impl Config {

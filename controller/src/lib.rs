@@ -81,11 +81,24 @@ pub async fn run(
         let stop = stop.clone();
         tokio::spawn(async move { controller.snapshot_by_size(limit, stop).await })
     };
+    let reload = tokio::spawn(reload_on_sighup(
+        controller.tokens.join.clone(),
+        config.join_token_file.clone(),
+        stop.clone(),
+    ));
     let app = http::router(controller.clone());
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("serve http");
+    let served = http::serve::serve(
+        listener,
+        app,
+        http::serve::ServeConfig {
+            header_timeout: config.header_timeout.as_std(),
+            body_timeout: config.body_timeout.as_std(),
+            max_connections: config.max_connections,
+        },
+        shutdown,
+    )
+    .await
+    .context("serve http");
     stop.cancel();
     if let Err(error) = reconciler.await {
         tracing::warn!(%error, "stop the reconciler");
@@ -96,29 +109,72 @@ pub async fn run(
     if let Err(error) = snapshots.await {
         tracing::warn!(%error, "stop the snapshot trigger");
     }
+    if let Err(error) = reload.await {
+        tracing::warn!(%error, "stop the SIGHUP handler");
+    }
     if let Err(error) = controller.raft.shutdown().await {
         tracing::warn!(%error, "stop raft");
     }
     served
 }
 
+/// Re-reads `--join-token-file` on every SIGHUP, so the join token can be rotated without a
+/// restart; registrations with the old token are refused from then on (registered nodes keep
+/// their credentials).
+async fn reload_on_sighup(
+    join: node::JoinToken,
+    file: Option<std::path::PathBuf>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(stream) => stream,
+        Err(error) => {
+            tracing::warn!(%error, "install SIGHUP handler");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = hangups.recv() => {}
+        }
+        let Some(path) = &file else {
+            tracing::info!("SIGHUP: no --join-token-file to re-read");
+            continue;
+        };
+        match config::read_secret_file(path) {
+            Ok(token) => {
+                join.replace(token);
+                tracing::info!(path = %path.display(), "SIGHUP: join token replaced");
+            }
+            Err(error) => tracing::warn!(%error, "SIGHUP: keep the current join token"),
+        }
+    }
+}
+
 /// Reads the configured tokens, generating and keeping the ones that may be generated.
 async fn load_tokens(config: &Config) -> anyhow::Result<Tokens> {
-    tokio::fs::create_dir_all(&config.data_dir)
-        .await
-        .with_context(|| format!("create data dir {}", config.data_dir.display()))?;
-    let admin = match &config.admin_token {
+    create_private_dir(&config.data_dir)?;
+    let from_file = |path: &Option<std::path::PathBuf>| -> anyhow::Result<Option<String>> {
+        path.as_deref().map(config::read_secret_file).transpose()
+    };
+    let admin_token = from_file(&config.admin_token_file)?.or(config.admin_token.clone());
+    let viewer_token = from_file(&config.viewer_token_file)?.or(config.viewer_token.clone());
+    let cluster_secret = from_file(&config.cluster_secret_file)?.or(config.cluster_secret.clone());
+    let join_token = from_file(&config.join_token_file)?.or(config.join_token.clone());
+    let admin = match &admin_token {
         Some(token) => token.clone(),
         None => stored_secret(&config.data_dir, "admin-token").await?,
     };
-    let cluster_secret = match (&config.cluster_secret, &config.peers) {
+    let cluster_secret = match (&cluster_secret, &config.peers) {
         (Some(secret), _) => secret.clone(),
         (None, None) => stored_secret(&config.data_dir, "cluster-secret").await?,
         (None, Some(_)) => anyhow::bail!(
             "--cluster-secret (or STRATA_CLUSTER_SECRET) is required with --peers: every node must share it"
         ),
     };
-    let join = match (&config.join_token, &config.peers) {
+    let join = match (&join_token, &config.peers) {
         (Some(token), _) => token.clone(),
         (None, None) => stored_secret(&config.data_dir, "join-token").await?,
         (None, Some(_)) => anyhow::bail!(
@@ -127,7 +183,7 @@ async fn load_tokens(config: &Config) -> anyhow::Result<Tokens> {
     };
     for (name, value) in [
         ("admin token", Some(&admin)),
-        ("viewer token", config.viewer_token.as_ref()),
+        ("viewer token", viewer_token.as_ref()),
         ("cluster secret", Some(&cluster_secret)),
         ("join token", Some(&join)),
     ] {
@@ -137,10 +193,19 @@ async fn load_tokens(config: &Config) -> anyhow::Result<Tokens> {
     }
     Ok(Tokens {
         admin,
-        viewer: config.viewer_token.clone(),
+        viewer: viewer_token,
         cluster_secret,
-        join,
+        join: node::JoinToken::new(join),
     })
+}
+
+/// Creates `dir` (and its parents) and makes it readable by its owner only: it holds the
+/// database and generated secrets.
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).with_context(|| format!("create data dir {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("make data dir {} private", dir.display()))
 }
 
 /// Returns the secret kept in `data_dir/name`, creating a random one (mode 0600) if missing.

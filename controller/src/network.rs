@@ -73,7 +73,9 @@ impl PeerClient {
     pub fn new(secret: String) -> Self {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(500))
-            .pool_idle_timeout(Duration::from_secs(30))
+            // Well below a peer's --header-timeout (which also closes idle keep-alive
+            // connections), so a pooled connection is never reused just as the peer closes it.
+            .pool_idle_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .build()
             // Only fails when the TLS backend cannot initialise; we build without TLS.

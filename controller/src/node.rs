@@ -53,6 +53,10 @@ pub enum ClusterError {
     /// A membership change was refused (for example, removing the last voter).
     #[error("membership change refused: {0}")]
     Membership(String),
+    /// A member was added as a learner but has not caught up with the log in time (it may
+    /// be unreachable); it was not made a voter. Repeating the request resumes from there.
+    #[error("{0}")]
+    NotCaughtUp(String),
     #[error("this node is shutting down")]
     ShuttingDown,
     /// A fault of this node, not of the request or the cluster; nothing was proposed.
@@ -103,16 +107,51 @@ pub enum MembershipFailure {
     /// Leadership moved; the caller should find the new leader and retry.
     NotLeader,
     Refused(String),
+    /// Added as a learner, not caught up (see `ClusterError::NotCaughtUp`).
+    NotCaughtUp(String),
 }
 
-/// Authentication material, fixed at start.
+/// Authentication material, fixed at start but for the join token, which can be rotated.
 #[derive(Clone)]
 pub struct Tokens {
     pub admin: String,
     pub viewer: Option<String>,
     pub cluster_secret: String,
-    /// Agents register and heartbeat with this one.
-    pub join: String,
+    /// Agents register with this one (and then use their node's credential).
+    pub join: JoinToken,
+}
+
+/// The join token, replaceable while the node runs (`--join-token-file` and SIGHUP).
+#[derive(Clone)]
+pub struct JoinToken(Arc<std::sync::RwLock<String>>);
+
+impl JoinToken {
+    pub fn new(token: String) -> Self {
+        JoinToken(Arc::new(std::sync::RwLock::new(token)))
+    }
+
+    /// The current token.
+    pub fn get(&self) -> String {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the token: registrations with the old one are refused from now on.
+    pub fn replace(&self, token: String) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = token;
+    }
+}
+
+/// Limits a node enforces on what clients and agents may add.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_nodes: u64,
+    pub max_tiers: u64,
 }
 
 /// A running controller node. Shared by every handler through an `Arc`.
@@ -123,6 +162,7 @@ pub struct Controller {
     pub log: LogStore,
     pub peers: PeerClient,
     pub tokens: Tokens,
+    pub limits: Limits,
     pub write_timeout: Duration,
     /// Heartbeat memory; meaningful only while this node leads. Shared with the state
     /// machine's applied hook (`wake_after_apply`).
@@ -219,6 +259,10 @@ impl Controller {
             log,
             peers,
             tokens,
+            limits: Limits {
+                max_nodes: config.max_nodes,
+                max_tiers: config.max_tiers,
+            },
             write_timeout: config.write_timeout.as_std(),
             liveness,
             autoscaler,
@@ -571,6 +615,9 @@ impl Controller {
                             Ok(Err(MembershipFailure::Refused(error))) => {
                                 Some(Err(ClusterError::Membership(error)))
                             }
+                            Ok(Err(MembershipFailure::NotCaughtUp(error))) => {
+                                Some(Err(ClusterError::NotCaughtUp(error)))
+                            }
                             Err(PeerError::Unreachable { .. }) => None,
                             Err(error) => {
                                 Some(Err(ClusterError::OutcomeUnknown(error.to_string())))
@@ -606,7 +653,10 @@ impl Controller {
         }
     }
 
-    /// Adds a node as a learner, waits for it to catch up, then (if `voter`) promotes it.
+    /// Adds a node as a learner, waits (at most `CATCH_UP_WAIT`) for it to catch up, then (if
+    /// `voter`) promotes it. openraft's blocking `add_learner` would wait for the learner
+    /// however long it takes, so an unreachable member used to hold the request until the
+    /// caller's deadline and then be answered "outcome unknown", although it had been added.
     async fn add_member(
         &self,
         id: NodeId,
@@ -614,9 +664,19 @@ impl Controller {
         voter: bool,
     ) -> Result<(), ClusterError> {
         self.raft
-            .add_learner(id, BasicNode::new(address), true)
+            .add_learner(id, BasicNode::new(address.clone()), false)
             .await
             .map_err(membership_error)?;
+        if !self.caught_up(id, CATCH_UP_WAIT).await {
+            return Err(ClusterError::NotCaughtUp(format!(
+                "node {id} was added as a learner at {address} but has not caught up with the log within {CATCH_UP_WAIT:?} (is it running and reachable?); {}",
+                if voter {
+                    "it is not a voter yet: repeat the request once it is up"
+                } else {
+                    "it will catch up when it can be reached"
+                }
+            )));
+        }
         if voter {
             self.raft
                 .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
@@ -624,6 +684,33 @@ impl Controller {
                 .map_err(membership_error)?;
         }
         Ok(())
+    }
+
+    /// Whether `id`'s replication reached the leader's last log index as of now (later
+    /// writes do not move the goal) within `wait`.
+    async fn caught_up(&self, id: NodeId, wait: Duration) -> bool {
+        let mut metrics = self.raft.metrics();
+        let deadline = tokio::time::Instant::now() + wait;
+        let last = metrics.borrow().last_log_index.unwrap_or(0);
+        loop {
+            let done = {
+                let now = metrics.borrow();
+                now.replication
+                    .as_ref()
+                    .and_then(|replication| replication.get(&id))
+                    .and_then(|matched| matched.as_ref())
+                    .is_some_and(|matched| matched.index >= last)
+            };
+            if done {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, metrics.changed())
+                .await
+                .is_err()
+            {
+                return false;
+            }
+        }
     }
 
     /// Removes a node from the voters and from the cluster.
@@ -768,7 +855,10 @@ fn batch_key(command: &Command) -> Option<String> {
         | Command::DeleteTier { name, .. }
         | Command::ResumeAutoscaling { name, .. }
         | Command::AutoscaleTier { name, .. } => Some(format!("tier/{name}")),
-        Command::RegisterNode { registration } => Some(format!("node/{}", registration.node_id)),
+        Command::RegisterNode { registration, .. } => {
+            Some(format!("node/{}", registration.node_id))
+        }
+        Command::RevokeNode { node } => Some(format!("node/{node}")),
         _ => None,
     }
 }
@@ -897,6 +987,9 @@ fn membership_error(error: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>
         RaftError::Fatal(_) => ClusterError::ShuttingDown,
     }
 }
+
+/// How long adding a member waits for it to catch up before answering.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
 
 /// Unix milliseconds from the system clock. Only leaders call this, to stamp commands.
 pub fn now_ms() -> u64 {

@@ -337,12 +337,25 @@ async fn run_probe(
     } = timing;
     let started = Instant::now();
     let mut elect = true;
+    // When the gate opens: not at once but after a random share of an election timeout.
+    // Nodes whose gates open together (followers of a leader that went away, a cluster
+    // starting) would otherwise all campaign on the same tick, their own randomized election
+    // timers having run out while the gate was shut, and split the vote again and again.
+    let mut enable_at: Option<tokio::time::Instant> = None;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // A late answer still proves contact at the time the ping was sent.
     let ping_timeout = timeout.max(interval);
     loop {
-        ticker.tick().await;
+        match enable_at {
+            Some(at) => tokio::select! {
+                _ = ticker.tick() => {}
+                () = tokio::time::sleep_until(at) => {}
+            },
+            None => {
+                ticker.tick().await;
+            }
+        }
         let (voters, addresses, is_leader, current_leader, leader_ack_ms, running) = {
             let metrics = raft.metrics();
             let metrics = metrics.borrow();
@@ -408,12 +421,22 @@ async fn run_probe(
                 contact_window,
             })
         };
-        if assessment.elect != elect {
-            elect = assessment.elect;
-            raft.runtime_config().elect(elect);
+        if assessment.elect {
+            if !elect {
+                let now = tokio::time::Instant::now();
+                let at = *enable_at.get_or_insert_with(|| now + jitter(contact_window));
+                if now >= at {
+                    elect = true;
+                    enable_at = None;
+                    raft.runtime_config().elect(true);
+                    tracing::info!(node = self_id, "a majority would vote: elections allowed");
+                }
+            }
+        } else {
+            enable_at = None;
             if elect {
-                tracing::info!(node = self_id, "a majority would vote: elections allowed");
-            } else {
+                elect = false;
+                raft.runtime_config().elect(false);
                 tracing::info!(
                     node = self_id,
                     "no majority would vote (peers unreachable or following a leader): no elections"
@@ -437,6 +460,14 @@ async fn run_probe(
             changed
         });
     }
+}
+
+/// A random duration below `bound`.
+fn jitter(bound: Duration) -> Duration {
+    use std::hash::BuildHasher;
+    let bound_ms = bound.as_millis().max(1) as u64;
+    let random = std::collections::hash_map::RandomState::new().hash_one(Instant::now());
+    Duration::from_millis(random % bound_ms)
 }
 
 #[cfg(test)]

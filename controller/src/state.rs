@@ -76,7 +76,21 @@ pub enum Command {
         inputs: Box<ScalingInputs>,
     },
     /// An agent announced its node (new, or after a restart with new facts).
-    RegisterNode { registration: RegisterRequest },
+    RegisterNode {
+        registration: RegisterRequest,
+        /// How the agent proved who it is. `None` in entries written before per-node
+        /// credentials (and in planner tests): accepted, and the node's credential (if any)
+        /// kept.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        auth: Option<NodeAuth>,
+        /// The proposing node's `--max-nodes`: a new node beyond it is refused. In the
+        /// command, not in each node's flags, so every node decides alike.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_nodes: Option<u64>,
+    },
+    /// An operator revoked a node's credential: it no longer authenticates, and the agent
+    /// must register again with the join token.
+    RevokeNode { node: String },
     /// The leader saw a node's heartbeats stop (or resume). Instances on a node that becomes
     /// not ready are Lost.
     SetNodeReady {
@@ -108,6 +122,20 @@ pub enum Command {
     /// Several client commands in one log entry, applied in order, each with its own result
     /// and its own revision (several may write the same object).
     Batch { commands: Vec<Command> },
+}
+
+/// How a registration was authenticated. Credentials are stored as SHA-256 hex digests only:
+/// a snapshot or a log entry never holds one that works.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "by", rename_all = "snake_case")]
+pub enum NodeAuth {
+    /// The join token. A new node (or one whose credential was revoked, or a record from
+    /// before credentials) gets `credential_hash`; a node that holds a credential is not
+    /// taken over: the registration is refused and recorded as an event.
+    JoinToken { credential_hash: String },
+    /// The node's own credential, whose digest this is: accepted while it is still the
+    /// node's (a revocation applied in between makes it fail).
+    Credential { credential_hash: String },
 }
 
 /// One instance to create.
@@ -151,6 +179,10 @@ pub struct NodeRecord {
     pub roles: Vec<NodeRole>,
     pub registered_at_ms: u64,
     pub resource_version: u64,
+    /// SHA-256 (hex) of the node's credential; `None` for records from before credentials
+    /// and after a revocation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_hash: Option<String>,
 }
 
 impl NodeRecord {
@@ -205,6 +237,15 @@ pub enum Rejection {
     Invalid {
         errors: Vec<FieldError>,
     },
+    /// The caller may not do this (a node claimed without its credential).
+    Forbidden {
+        detail: String,
+    },
+    /// A configured limit (`--max-nodes`, `--max-tiers`) would be exceeded.
+    Limit {
+        path: String,
+        detail: String,
+    },
 }
 
 /// The replicated data. Serialized whole into snapshots.
@@ -226,6 +267,9 @@ pub struct State {
     /// gave the objects it changed. See `next_revision`.
     #[serde(default)]
     pub revision: u64,
+    /// Node credential digest → node id; derived from `nodes`, rebuilt by `reindex`.
+    #[serde(skip)]
+    pub credentials: BTreeMap<String, String>,
 }
 
 impl State {
@@ -265,9 +309,12 @@ impl State {
                 to,
                 inputs,
             } => self.autoscale_tier(at_ms, name, *from, *to, inputs),
-            Command::RegisterNode { registration } => {
-                self.register_node(version, at_ms, registration)
-            }
+            Command::RegisterNode {
+                registration,
+                auth,
+                max_nodes,
+            } => self.register_node(version, at_ms, registration, auth.as_ref(), *max_nodes),
+            Command::RevokeNode { node } => self.revoke_node(version, at_ms, node),
             Command::SetNodeReady {
                 node,
                 ready,
@@ -326,6 +373,16 @@ impl State {
                 self.by_node.entry(node.clone()).or_default().insert(*id);
             }
         }
+        self.credentials = self
+            .nodes
+            .values()
+            .filter_map(|node| Some((node.credential_hash.clone()?, node.id.clone())))
+            .collect();
+    }
+
+    /// The node a credential digest belongs to.
+    pub fn node_of_credential(&self, credential_hash: &str) -> Option<&str> {
+        self.credentials.get(credential_hash).map(String::as_str)
     }
 
     /// Instances placed on `node`.
@@ -369,8 +426,60 @@ impl State {
         index: u64,
         at_ms: u64,
         registration: &RegisterRequest,
+        auth: Option<&NodeAuth>,
+        max_nodes: Option<u64>,
     ) -> CommandResult {
         let existing = self.nodes.get(&registration.node_id);
+        let held = existing.and_then(|node| node.credential_hash.clone());
+        let credential_hash = match (auth, &held) {
+            (None, _) => held.clone(),
+            (Some(NodeAuth::JoinToken { credential_hash }), None) => Some(credential_hash.clone()),
+            (Some(NodeAuth::Credential { credential_hash }), Some(current))
+                if credential_hash == current =>
+            {
+                held.clone()
+            }
+            (Some(NodeAuth::JoinToken { .. }), Some(_)) => {
+                let id = &registration.node_id;
+                self.record(
+                    at_ms,
+                    format!("node/{id}"),
+                    "NodeClaimRefused",
+                    format!(
+                        "an agent at {} claimed node {id} with the join token, but the node holds a credential; refused (revoke the node's credential to let a new agent take its place)",
+                        registration.address
+                    ),
+                );
+                return CommandResult::Rejected {
+                    rejection: Rejection::Forbidden {
+                        detail: format!(
+                            "node {id:?} is registered and holds a credential; register with it, or have an operator revoke it"
+                        ),
+                    },
+                };
+            }
+            (Some(NodeAuth::Credential { .. }), _) => {
+                return CommandResult::Rejected {
+                    rejection: Rejection::Forbidden {
+                        detail: format!(
+                            "the credential is no longer node {:?}'s (revoked); register with the join token",
+                            registration.node_id
+                        ),
+                    },
+                };
+            }
+        };
+        if existing.is_none() && max_nodes.is_some_and(|max| self.nodes.len() as u64 >= max) {
+            return CommandResult::Rejected {
+                rejection: Rejection::Limit {
+                    path: "node_id".to_string(),
+                    detail: format!(
+                        "the cluster already has {} nodes, its limit (--max-nodes)",
+                        self.nodes.len()
+                    ),
+                },
+            };
+        }
         let record = NodeRecord {
             id: registration.node_id.clone(),
             address: registration.address.clone(),
@@ -384,6 +493,7 @@ impl State {
             roles: registration.roles.clone(),
             registered_at_ms: existing.map_or(at_ms, |node| node.registered_at_ms),
             resource_version: index,
+            credential_hash,
         };
         let message = match existing {
             None => format!("node {} registered at {}", record.id, record.address),
@@ -396,7 +506,33 @@ impl State {
             "NodeRegistered",
             message,
         );
+        if let Some(old) = held.filter(|old| Some(old) != record.credential_hash.as_ref()) {
+            self.credentials.remove(&old);
+        }
+        if let Some(hash) = &record.credential_hash {
+            self.credentials.insert(hash.clone(), record.id.clone());
+        }
         self.nodes.insert(record.id.clone(), record.clone());
+        CommandResult::Node {
+            node: Box::new(record),
+        }
+    }
+
+    fn revoke_node(&mut self, index: u64, at_ms: u64, node: &str) -> CommandResult {
+        let Some(record) = self.nodes.get_mut(node) else {
+            return not_found_kind("node", node);
+        };
+        if let Some(hash) = record.credential_hash.take() {
+            self.credentials.remove(&hash);
+            record.resource_version = index;
+        }
+        let record = record.clone();
+        self.record(
+            at_ms,
+            format!("node/{node}"),
+            "NodeCredentialRevoked",
+            format!("node {node}'s credential was revoked; its agent must register again with the join token"),
+        );
         CommandResult::Node {
             node: Box::new(record),
         }
@@ -1446,5 +1582,157 @@ mod listen_tests {
         assert_eq!(state.tiers["web"].status.pool_version, 1);
         state.apply(3, &balanced("web", "0.0.0.0:9090"));
         assert_eq!(state.tiers["web"].status.pool_version, 3);
+    }
+
+    fn registration(node: &str) -> RegisterRequest {
+        RegisterRequest {
+            node_id: node.to_string(),
+            address: "127.0.0.1".to_string(),
+            zone: None,
+            labels: BTreeMap::new(),
+            capacity: strata_api::Resources {
+                cpu: 1.0,
+                memory_mb: 512,
+            },
+            agent_version: "test".to_string(),
+            roles: strata_api::default_roles(),
+        }
+    }
+
+    fn register(node: &str, auth: Option<NodeAuth>, max_nodes: Option<u64>) -> Request {
+        Request {
+            at_ms: 1000,
+            command: Command::RegisterNode {
+                registration: registration(node),
+                auth,
+                max_nodes,
+            },
+        }
+    }
+
+    fn join(hash: &str) -> Option<NodeAuth> {
+        Some(NodeAuth::JoinToken {
+            credential_hash: hash.to_string(),
+        })
+    }
+
+    fn own(hash: &str) -> Option<NodeAuth> {
+        Some(NodeAuth::Credential {
+            credential_hash: hash.to_string(),
+        })
+    }
+
+    fn refused(result: &CommandResult) -> bool {
+        matches!(
+            result,
+            CommandResult::Rejected {
+                rejection: Rejection::Forbidden { .. }
+            }
+        )
+    }
+
+    /// The join token registers a node once; after that only the node's credential speaks
+    /// for it, until an operator revokes it. A snapshot round trip keeps the index.
+    #[test]
+    fn node_identity_is_claimed_once_kept_and_revoked() {
+        let mut state = State::default();
+        assert!(matches!(
+            state.apply(1, &register("a", join("h1"), None)),
+            CommandResult::Node { .. }
+        ));
+        assert_eq!(state.node_of_credential("h1"), Some("a"));
+        // A second agent with the join token cannot take the id over; it is on record.
+        assert!(refused(&state.apply(2, &register("a", join("h2"), None))));
+        assert_eq!(state.node_of_credential("h2"), None);
+        assert!(state
+            .events
+            .iter()
+            .any(|event| event.reason == "NodeClaimRefused" && event.object == "node/a"));
+        // The credential re-registers (an agent restart) and keeps the identity.
+        assert!(matches!(
+            state.apply(3, &register("a", own("h1"), None)),
+            CommandResult::Node { .. }
+        ));
+        assert_eq!(state.nodes["a"].credential_hash.as_deref(), Some("h1"));
+        // A credential that is not the node's (any more) is refused.
+        assert!(refused(&state.apply(4, &register("a", own("h9"), None))));
+        // Snapshots keep only the digest, and the index is rebuilt from it.
+        let mut restored: State =
+            serde_json::from_str(&serde_json::to_string(&state).unwrap_or_default())
+                .unwrap_or_default();
+        restored.reindex();
+        assert_eq!(restored.node_of_credential("h1"), Some("a"));
+        // Revocation: the old credential no longer names the node; the join token may
+        // register it again with a new one.
+        state.apply(
+            5,
+            &Request {
+                at_ms: 1000,
+                command: Command::RevokeNode {
+                    node: "a".to_string(),
+                },
+            },
+        );
+        assert_eq!(state.node_of_credential("h1"), None);
+        assert!(refused(&state.apply(6, &register("a", own("h1"), None))));
+        assert!(matches!(
+            state.apply(7, &register("a", join("h3"), None)),
+            CommandResult::Node { .. }
+        ));
+        assert_eq!(state.node_of_credential("h3"), Some("a"));
+    }
+
+    /// Records from before credentials carry no digest: the join token claims them (once),
+    /// and a command without `auth` (older log entries) changes no credential.
+    #[test]
+    fn old_records_and_entries_stay_readable() {
+        let mut state = State::default();
+        state.apply(1, &register("a", None, None));
+        assert_eq!(state.nodes["a"].credential_hash, None);
+        let old: NodeRecord = serde_json::from_value(serde_json::json!({
+            "id": "b", "address": "127.0.0.1", "zone": null, "labels": {},
+            "capacity": {"cpu": 1.0, "memory_mb": 512}, "ready": true, "cordoned": false,
+            "draining": false, "agent_version": "0", "registered_at_ms": 1,
+            "resource_version": 1
+        }))
+        .unwrap_or_else(|error| panic!("old record: {error}"));
+        assert_eq!(old.credential_hash, None);
+        let entry: Command = serde_json::from_value(serde_json::json!({
+            "type": "register_node",
+            "args": {"registration": {"node_id": "c", "address": "127.0.0.1",
+                "capacity": {"cpu": 1.0, "memory_mb": 512}, "agent_version": "0"}}
+        }))
+        .unwrap_or_else(|error| panic!("old entry: {error}"));
+        assert!(matches!(
+            entry,
+            Command::RegisterNode {
+                auth: None,
+                max_nodes: None,
+                ..
+            }
+        ));
+        assert!(matches!(
+            state.apply(2, &register("a", join("h1"), None)),
+            CommandResult::Node { .. }
+        ));
+        state.apply(3, &register("a", None, None));
+        assert_eq!(state.nodes["a"].credential_hash.as_deref(), Some("h1"));
+    }
+
+    #[test]
+    fn max_nodes_refuses_new_nodes_only() {
+        let mut state = State::default();
+        state.apply(1, &register("a", join("h1"), Some(1)));
+        assert!(matches!(
+            state.apply(2, &register("b", join("h2"), Some(1))),
+            CommandResult::Rejected {
+                rejection: Rejection::Limit { .. }
+            }
+        ));
+        // A registered node still registers again.
+        assert!(matches!(
+            state.apply(3, &register("a", own("h1"), Some(1))),
+            CommandResult::Node { .. }
+        ));
     }
 }

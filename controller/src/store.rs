@@ -72,6 +72,24 @@ pub enum StoreError {
 /// The writer stops when every store handle has been dropped.
 pub async fn open(data_dir: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
     let path = data_dir.join(DATABASE_FILE);
+    // The database holds every secret the cluster keeps (node credential digests) and all of
+    // its state: its owner's alone. SQLite gives its -wal and -shm files the database file's
+    // mode, so creating it 0600 first covers them too.
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let private = || -> std::io::Result<()> {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(&path)?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        };
+        private().map_err(|source| StoreError::Open {
+            path: path.display().to_string(),
+            source: sqlx::Error::Io(source),
+        })?;
+    }
     let options = SqliteConnectOptions::new()
         .filename(&path)
         .create_if_missing(true)

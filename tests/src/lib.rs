@@ -119,6 +119,8 @@ pub struct ClusterOptions {
     /// (through `ip netns exec`, which needs root) and listens on its address
     /// `namespaces[i - 1].1`, port 7001; `listen_host` is then unused.
     pub namespaces: Vec<(String, IpAddr)>,
+    /// More flags for every controller (`--header-timeout 2s`, ...).
+    pub controller_args: Vec<&'static str>,
 }
 
 impl Default for ClusterOptions {
@@ -131,6 +133,7 @@ impl Default for ClusterOptions {
             listen_host: IpAddr::V4(Ipv4Addr::LOCALHOST),
             reconcile_interval: "200ms",
             namespaces: Vec::new(),
+            controller_args: Vec::new(),
         }
     }
 }
@@ -173,6 +176,9 @@ impl Cluster {
             .join(",");
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(15))
+            // Below the controllers' idle keep-alive timeout, so a pooled connection is not
+            // reused at the moment the server closes it.
+            .pool_idle_timeout(Duration::from_secs(5))
             .build()
             .context("build http client")?;
         let mut cluster = Cluster {
@@ -197,6 +203,8 @@ impl Cluster {
         let snapshot_log_mib = self.options.snapshot_log_mib;
         let heartbeat_grace = self.options.heartbeat_grace;
         let reconcile_interval = self.options.reconcile_interval;
+        let controller_args = self.options.controller_args.clone();
+        let secrets = self._dir.path().join("secrets");
         let node = self
             .nodes
             .get_mut(&id)
@@ -223,20 +231,40 @@ impl Cluster {
             .arg("--data-dir")
             .arg(&node.data_dir)
             .args(["--peers", &peers])
-            .args(["--admin-token", ADMIN_TOKEN])
-            .args(["--viewer-token", VIEWER_TOKEN])
-            .args(["--cluster-secret", CLUSTER_SECRET])
-            .args(["--join-token", JOIN_TOKEN])
+            // Secrets in files, as the README recommends: nothing in argv for `ps` to show.
+            .arg("--admin-token-file")
+            .arg(secret_file(&secrets, "admin-token", ADMIN_TOKEN)?)
+            .arg("--viewer-token-file")
+            .arg(secret_file(&secrets, "viewer-token", VIEWER_TOKEN)?)
+            .arg("--cluster-secret-file")
+            .arg(secret_file(&secrets, "cluster-secret", CLUSTER_SECRET)?)
+            .arg("--join-token-file")
+            .arg(secret_file(&secrets, "join-token", JOIN_TOKEN)?)
             .args(["--snapshot-logs", &snapshot_logs.to_string()])
             .args(["--snapshot-log-mib", &snapshot_log_mib.to_string()])
             .args(["--heartbeat-grace", heartbeat_grace])
             .args(["--reconcile-interval", reconcile_interval])
+            .args(&controller_args)
             .env("STRATA_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);
         node.process = Some(ProcessGuard::spawn(&mut command)?);
         Ok(())
+    }
+
+    /// The process id of node `id`, while it runs.
+    pub fn pid(&self, id: u64) -> Option<u32> {
+        self.nodes
+            .get(&id)
+            .and_then(|node| node.process.as_ref())
+            .and_then(ProcessGuard::pid)
+    }
+
+    /// Where the controllers' secret files are (`admin-token`, `viewer-token`,
+    /// `cluster-secret`, `join-token`): a test may rewrite one and SIGHUP a node.
+    pub fn secrets_dir(&self) -> PathBuf {
+        self._dir.path().join("secrets")
     }
 
     /// Adds node `id` to the local bookkeeping (not to the Raft membership) and starts it with
@@ -437,6 +465,42 @@ pub fn e2e_enabled(test: &str) -> bool {
     enabled
 }
 
+/// Writes `value` to `dir/name` (mode 0600, `dir` created 0700) and returns its path. The
+/// file is replaced atomically, so a process reading it (an agent starting, a controller on
+/// SIGHUP) never sees it half-written.
+pub fn secret_file(dir: &Path, name: &str, value: &str) -> anyhow::Result<PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("create {}", dir.display()))?;
+    let path = dir.join(name);
+    let temporary = dir.join(format!(".{name}.{}", uuid_like()));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&temporary)
+        .with_context(|| format!("create {}", temporary.display()))?;
+    file.write_all(format!("{value}\n").as_bytes())
+        .with_context(|| format!("write {}", temporary.display()))?;
+    std::fs::rename(&temporary, &path).with_context(|| format!("replace {}", path.display()))?;
+    Ok(path)
+}
+
+/// A name unique within this process and across processes.
+fn uuid_like() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
 /// One `strata-agent` process.
 pub struct AgentProcess {
     pub node_id: String,
@@ -487,13 +551,18 @@ impl AgentProcess {
     ) -> anyhow::Result<AgentProcess> {
         let data_dir = dir.join(format!("agent-{node_id}"));
         let log_path = dir.join(format!("agent-{node_id}.log"));
+        let join_token = secret_file(
+            &dir.join("agent-secrets"),
+            &format!("join-token-{node_id}"),
+            JOIN_TOKEN,
+        )?;
         let mut args = vec![
             "--node-id".to_string(),
             node_id.to_string(),
             "--controllers".to_string(),
             controllers.join(","),
-            "--join-token".to_string(),
-            JOIN_TOKEN.to_string(),
+            "--join-token-file".to_string(),
+            join_token.display().to_string(),
             "--data-dir".to_string(),
             data_dir.display().to_string(),
             "--heartbeat-interval".to_string(),
@@ -516,6 +585,11 @@ impl AgentProcess {
         };
         agent.restart()?;
         Ok(agent)
+    }
+
+    /// The agent's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().and_then(ProcessGuard::pid)
     }
 
     /// Starts the process again with the same flags and data dir.

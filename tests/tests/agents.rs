@@ -719,14 +719,20 @@ async fn bad_commands_tokens_and_heartbeats_are_refused_clearly() -> anyhow::Res
     let nodes = env.nodes().await?;
     assert!(nodes.iter().all(|n| n["id"] != "intruder"), "{nodes:?}");
 
-    // Garbage heartbeats get 4xx with problem documents.
+    // Garbage heartbeats get 4xx with problem documents. They carry host-a's own
+    // credential, which its agent keeps in its data dir.
+    let credential =
+        std::fs::read_to_string(env.agents["host-a"].data_dir.join("node-credential"))?
+            .trim()
+            .to_string();
     let raw = |body: &'static str| {
         let http = http.clone();
         let target = url("/v1/agents/heartbeat");
+        let credential = credential.clone();
         async move {
             let response = http
                 .post(target)
-                .bearer_auth(JOIN_TOKEN)
+                .bearer_auth(credential)
                 .header("content-type", "application/json")
                 .body(body)
                 .send()
@@ -750,7 +756,8 @@ async fn bad_commands_tokens_and_heartbeats_are_refused_clearly() -> anyhow::Res
         ),
         (r#"{"node_id": "host-a", "bogus": true}"#, 422),
         (r#"{"node_id": "Not A Label"}"#, 422),
-        (r#"{"node_id": "never-registered"}"#, 404),
+        // host-a's credential speaks for host-a only.
+        (r#"{"node_id": "never-registered"}"#, 403),
     ] {
         let (got, kind) = raw(body).await?;
         assert_eq!(got, status, "{body}");

@@ -221,7 +221,8 @@ async fn the_log_is_snapshotted_when_it_outgrows_its_size_limit() -> anyhow::Res
     .await?;
     cluster.wait_for_leader(Duration::from_secs(20)).await?;
     // About 2 MiB of tiers of 5 KiB each, from 8 writers spread over the nodes.
-    let padding = "x".repeat(5000);
+    // (Two values: one env value may hold at most 4 KiB.)
+    let padding = "x".repeat(2500);
     let mut writers = Vec::new();
     for writer in 0..8u64 {
         let http = cluster.http.clone();
@@ -231,7 +232,7 @@ async fn the_log_is_snapshotted_when_it_outgrows_its_size_limit() -> anyhow::Res
             for n in 0..50 {
                 let name = format!("big-{writer}-{n}");
                 let mut body = tier_body(&name);
-                body["template"]["env"] = json!({ "PADDING": padding });
+                body["template"]["env"] = json!({ "PADDING": padding, "PADDING_2": padding });
                 let answer = send(
                     &http,
                     Method::PUT,

@@ -43,14 +43,24 @@ struct Args {
         required_unless_present = "assignments"
     )]
     controllers: Vec<String>,
-    /// The cluster's join token (the controllers' --join-token).
+    /// The cluster's join token (the controllers' --join-token). It is used only to register
+    /// once: the node then gets its own credential, kept in DATA_DIR/node-credential (0600).
+    /// Prefer --join-token-file: a flag shows in `ps`, an environment variable in
+    /// /proc/PID/environ.
     #[arg(
         long,
         env = "STRATA_JOIN_TOKEN",
         hide_env_values = true,
-        required_unless_present = "assignments"
+        required_unless_present_any = ["assignments", "join_token_file"]
     )]
     join_token: Option<String>,
+    /// A file holding the join token (its first line).
+    #[arg(long, env = "STRATA_JOIN_TOKEN_FILE", conflicts_with = "join_token")]
+    join_token_file: Option<PathBuf>,
+    /// When the agent runs as root: the user process instances run as unless their template
+    /// names one (`template.user`).
+    #[arg(long, env = "STRATA_RUN_AS")]
+    run_as: Option<String>,
     /// State directory: one record per instance, and the instances' logs.
     #[arg(long, env = "STRATA_DATA_DIR")]
     data_dir: PathBuf,
@@ -73,7 +83,7 @@ struct Args {
     #[arg(long, env = "STRATA_HEARTBEAT_INTERVAL", default_value = "1s")]
     heartbeat_interval: strata_api::Duration,
     /// Standalone mode: JSON file with the instances this node must run (no controllers).
-    #[arg(long, conflicts_with_all = ["controllers", "join_token"])]
+    #[arg(long, conflicts_with_all = ["controllers", "join_token", "join_token_file"])]
     assignments: Option<PathBuf>,
     /// Time an instance gets to exit after SIGTERM before SIGKILL.
     #[arg(long, default_value = "10s")]
@@ -112,6 +122,17 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
         return Err(format!("{value:?} is not a valid label value"));
     }
     Ok((key.to_string(), value.to_string()))
+}
+
+/// The first line of `path`, trimmed.
+fn read_secret_file(path: &std::path::Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("read secret file {}", path.display()))?;
+    let secret = text.lines().next().unwrap_or("").trim().to_string();
+    if secret.is_empty() {
+        anyhow::bail!("secret file {} is empty", path.display());
+    }
+    Ok(secret)
 }
 
 fn host_memory_mb() -> u64 {
@@ -163,8 +184,18 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|| args.data_dir.join("lb")),
         )
     });
+    if let Some(user) = &args.run_as {
+        if !strata_api::validate::is_user_name(user) {
+            anyhow::bail!("--run-as {user:?} is not a user name");
+        }
+    }
+    let join_token = match (&args.join_token_file, args.join_token) {
+        (Some(path), _) => read_secret_file(path)?,
+        (None, token) => token.unwrap_or_default(),
+    };
     let supervisor = SupervisorConfig {
         data_dir: args.data_dir,
+        run_as: args.run_as,
         advertise_ip: args.advertise_ip,
         stop_grace: args.stop_grace.as_std(),
         qemu: QemuConfig {
@@ -207,7 +238,7 @@ async fn main() -> anyhow::Result<()> {
                 ConnectedConfig {
                     node_id: args.node_id,
                     controllers: args.controllers,
-                    join_token: args.join_token.unwrap_or_default(),
+                    join_token,
                     zone: args.zone,
                     labels: args.labels.into_iter().collect(),
                     capacity: strata_api::Resources {

@@ -1,11 +1,19 @@
 //! The `process` driver: the tier's command as a child process group on this host.
 //!
-//! The program finds its port in `PORT` and its identity in `STRATA_INSTANCE_ID`; the
-//! template's `env` is added on top of the agent's own environment. Output goes to
-//! `stdout.log` and `stderr.log` in the instance's directory.
+//! The program finds its port in `PORT` and its identity in `STRATA_INSTANCE_ID`. Its
+//! environment is exactly `PATH` (the agent's, or a default), `PORT`, `STRATA_INSTANCE_ID` and
+//! the template's `env`: nothing of the agent's own environment (which may hold a token) leaks
+//! into a workload. Output goes to `stdout.log` and `stderr.log` in the instance's directory.
+//!
+//! With a user (`template.user`, or the agent's `--run-as`), the program runs under that
+//! user's uid and primary gid with no supplementary groups (std's `CommandExt::uid` drops them
+//! when the parent is root), and its working directory is the user's home (or `/`): the
+//! agent's data dir, which holds the node credential, is the agent's alone (0700).
 
 use std::fs::File;
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -15,16 +23,57 @@ use super::{
     StartRequest, StopOutcome,
 };
 
+/// `PATH` of an instance when the agent itself has none.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 /// Cheap to clone: clones share the table of spawned children.
 #[derive(Clone, Debug, Default)]
 pub struct ProcessDriver {
     groups: ProcessGroups,
+    /// The user instances run as when their template names none (`--run-as`).
+    default_user: Option<String>,
 }
 
 impl ProcessDriver {
     pub fn new() -> Self {
         Self::default()
     }
+
+    /// Instances whose template names no user run as `user`.
+    pub fn with_default_user(user: Option<String>) -> Self {
+        ProcessDriver {
+            groups: ProcessGroups::default(),
+            default_user: user,
+        }
+    }
+}
+
+/// The account an instance runs under.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct RunAs {
+    uid: u32,
+    gid: u32,
+    home: PathBuf,
+}
+
+/// Looks `name` up in the user database. Running as another user needs root; running as
+/// oneself is allowed (and changes nothing).
+fn run_as(name: &str) -> Result<RunAs, DriverError> {
+    let invalid = |detail: String| DriverError::InvalidTemplate(detail);
+    let user = nix::unistd::User::from_name(name)
+        .map_err(|error| invalid(format!("look up user {name:?}: {error}")))?
+        .ok_or_else(|| invalid(format!("user {name:?} does not exist on this host")))?;
+    let me = nix::unistd::geteuid();
+    if !me.is_root() && me != user.uid {
+        return Err(invalid(format!(
+            "running instances as user {name:?} needs an agent running as root"
+        )));
+    }
+    Ok(RunAs {
+        uid: user.uid.as_raw(),
+        gid: user.gid.as_raw(),
+        home: user.dir,
+    })
 }
 
 impl Driver for ProcessDriver {
@@ -43,16 +92,40 @@ impl Driver for ProcessDriver {
             stderr: request.dir.join("stderr.log"),
             console: None,
         };
+        let user = request
+            .template
+            .user
+            .as_deref()
+            .or(self.default_user.as_deref())
+            .map(run_as)
+            .transpose()?;
         let mut command = Command::new(program);
         command
             .args(args)
-            .current_dir(request.dir)
+            .env_clear()
+            .env(
+                "PATH",
+                std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into()),
+            )
             .envs(&request.template.env)
             .env("PORT", request.host_port.to_string())
             .env("STRATA_INSTANCE_ID", request.instance_id.to_string())
             .stdin(Stdio::null())
             .stdout(open_log(&logs.stdout)?)
             .stderr(open_log(&logs.stderr)?);
+        match &user {
+            None => {
+                command.current_dir(request.dir);
+            }
+            Some(user) => {
+                let home = if user.home.is_dir() {
+                    user.home.clone()
+                } else {
+                    PathBuf::from("/")
+                };
+                command.uid(user.uid).gid(user.gid).current_dir(home);
+            }
+        }
         let identity = self.groups.spawn(command, program)?;
         tracing::info!(
             instance = %request.instance_id,

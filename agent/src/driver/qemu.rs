@@ -247,7 +247,14 @@ impl Driver for QemuDriver {
             &console,
         );
         let mut command = Command::new(&self.config.binary);
+        // qemu gets none of the agent's environment either (another instance of the same user
+        // could read it in /proc/PID/environ), only PATH for its helpers.
         command
+            .env_clear()
+            .env(
+                "PATH",
+                std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
+            )
             .args(&args)
             .current_dir(request.dir)
             .stdin(Stdio::null())

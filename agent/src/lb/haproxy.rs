@@ -184,33 +184,56 @@ impl HaproxyProcess {
     }
 }
 
-/// Stops the HAProxy recorded in `path` by an earlier agent process, if it still runs.
-pub async fn stop_recorded(path: &Path, grace: Duration) {
-    let Ok(text) = std::fs::read(path) else {
-        return;
-    };
-    let _ = std::fs::remove_file(path);
-    let Ok(record) = serde_json::from_slice::<Record>(&text) else {
-        return;
-    };
-    let alive = |record: &Record| {
-        crate::procfs::read_proc_stat(record.pid)
-            .is_some_and(|stat| stat.start_time == record.start_time && !stat.has_exited())
-    };
-    if !alive(&record) {
-        return;
+/// The HAProxy master an earlier agent process started and recorded, still running.
+#[derive(Debug)]
+pub struct Recorded {
+    record: Record,
+}
+
+impl Recorded {
+    /// The master recorded in `path`, if it still runs (same pid *and* start time).
+    pub fn read(path: &Path) -> Option<Recorded> {
+        let text = std::fs::read(path).ok()?;
+        let record = serde_json::from_slice::<Record>(&text).ok()?;
+        let recorded = Recorded { record };
+        recorded.alive().then_some(recorded)
     }
-    tracing::warn!(
-        pid = record.pid,
-        "stopping the haproxy an earlier agent left running"
-    );
-    kill_group(record.pid, Signal::SIGTERM);
-    let deadline = Instant::now() + grace;
-    while alive(&record) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+
+    fn alive(&self) -> bool {
+        crate::procfs::read_proc_stat(self.record.pid)
+            .is_some_and(|stat| stat.start_time == self.record.start_time && !stat.has_exited())
     }
-    if alive(&record) {
-        kill_group(record.pid, Signal::SIGKILL);
+
+    /// Soft stop (SIGUSR1 to the group, management guide 4): it stops listening at once and
+    /// exits when its connections have closed, at the latest after the file's
+    /// `hard-stop-after`. For handing its ports to a new HAProxy that already listens.
+    pub fn soft_stop(&self) {
+        if self.alive() {
+            tracing::info!(
+                pid = self.record.pid,
+                "the haproxy an earlier agent left running finishes its connections and exits"
+            );
+            kill_group(self.record.pid, Signal::SIGUSR1);
+        }
+    }
+
+    /// Hard stop: SIGTERM to the group, SIGKILL after `grace`.
+    pub async fn stop(&self, grace: Duration) {
+        if !self.alive() {
+            return;
+        }
+        tracing::warn!(
+            pid = self.record.pid,
+            "stopping the haproxy an earlier agent left running"
+        );
+        kill_group(self.record.pid, Signal::SIGTERM);
+        let deadline = Instant::now() + grace;
+        while self.alive() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if self.alive() {
+            kill_group(self.record.pid, Signal::SIGKILL);
+        }
     }
 }
 

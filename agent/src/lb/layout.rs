@@ -25,7 +25,7 @@ use uuid::Uuid;
 pub const MIN_SLOTS: usize = 8;
 
 /// A tier's health check as HAProxy runs it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Check {
     /// `None`: a TCP connect check; `Some(path)`: `GET path`, 2xx/3xx passes.
     pub http_path: Option<String>,
@@ -36,7 +36,7 @@ pub struct Check {
 }
 
 /// Everything about a tier whose change needs a reload (HAProxy cannot change it at run time).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Frontend {
     pub listen: SocketAddr,
     pub mode: LbMode,
@@ -53,7 +53,7 @@ pub struct Frontend {
 }
 
 /// One occupied slot.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SlotServer {
     pub instance_id: Uuid,
     pub address: IpAddr,
@@ -63,7 +63,7 @@ pub struct SlotServer {
 }
 
 /// One tier as HAProxy serves it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TierLayout {
     /// The pool version this layout was built from.
     pub version: u64,
@@ -83,7 +83,8 @@ impl TierLayout {
     }
 }
 
-/// Every tier HAProxy serves, by tier name.
+/// Every tier HAProxy serves, by tier name. It is saved beside `haproxy.cfg` (as JSON), so a
+/// restarted agent knows which slot holds which instance in the file it finds.
 pub type Layout = BTreeMap<String, TierLayout>;
 
 /// The backend of a tier.
@@ -427,7 +428,10 @@ pub fn rendered_weights(tier: &TierLayout) -> Vec<u32> {
 ///
 /// - Only servers changed: Runtime API commands, then `WriteConfig`; no reload. For each slot,
 ///   the address before the weight before the state, so a slot is never ready on an old
-///   address or weight.
+///   address or weight. Within a tier, servers are added before any is taken out (`drain`
+///   or `maint` come last): a pool that swaps one server for another never passes through a
+///   moment with neither, which HAProxy would answer with 503 (no server), a failure no retry
+///   covers.
 /// - A tier came or went, a frontend changed, a slot count changed (or a weight under
 ///   static-rr): one `Reload`, which writes the file itself; the new worker reads every slot
 ///   from it, so no Runtime API command is needed.
@@ -441,9 +445,22 @@ pub fn plan(current: &Layout, desired: &Layout) -> Vec<LbAction> {
         let Some(have) = current.get(tier) else {
             continue;
         };
+        let mut tier_actions = Vec::new();
         for (slot, (old, new)) in have.slots.iter().zip(&want.slots).enumerate() {
-            slot_actions(tier, slot, old.as_ref(), new.as_ref(), &mut actions);
+            slot_actions(tier, slot, old.as_ref(), new.as_ref(), &mut tier_actions);
         }
+        let (leaving, entering): (Vec<LbAction>, Vec<LbAction>) =
+            tier_actions.into_iter().partition(|action| {
+                matches!(
+                    action,
+                    LbAction::SetState {
+                        state: AdminState::Drain | AdminState::Maint,
+                        ..
+                    }
+                )
+            });
+        actions.extend(entering);
+        actions.extend(leaving);
     }
     if !actions.is_empty() {
         actions.push(LbAction::WriteConfig);
@@ -605,7 +622,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn server_changes_are_runtime_commands_in_address_weight_state_order() {
+    fn server_changes_are_runtime_commands_in_address_weight_state_order_adding_before_removing() {
         let ready = ServerState::Ready;
         let current = layout_of(
             &[pool(
@@ -636,11 +653,6 @@ pub(crate) mod tests {
                     slot: 0,
                     weight: 50
                 },
-                LbAction::SetState {
-                    tier: tier.clone(),
-                    slot: 1,
-                    state: AdminState::Drain
-                },
                 LbAction::SetAddr {
                     tier: tier.clone(),
                     slot: 2,
@@ -657,6 +669,12 @@ pub(crate) mod tests {
                     slot: 2,
                     state: AdminState::Ready
                 },
+                // Taken out after the new server is in.
+                LbAction::SetState {
+                    tier: tier.clone(),
+                    slot: 1,
+                    state: AdminState::Drain
+                },
                 LbAction::WriteConfig,
             ]
         );
@@ -665,11 +683,6 @@ pub(crate) mod tests {
         assert_eq!(
             plan(&desired, &after),
             vec![
-                LbAction::SetState {
-                    tier: tier.clone(),
-                    slot: 0,
-                    state: AdminState::Maint
-                },
                 LbAction::SetWeight {
                     tier: tier.clone(),
                     slot: 1,
@@ -679,6 +692,11 @@ pub(crate) mod tests {
                     tier: tier.clone(),
                     slot: 1,
                     state: AdminState::Ready
+                },
+                LbAction::SetState {
+                    tier: tier.clone(),
+                    slot: 0,
+                    state: AdminState::Maint
                 },
                 LbAction::SetState {
                     tier,

@@ -20,6 +20,8 @@
 //!   triggered: it is tried again every [`RETRY`].
 //! - HAProxy's process group is stopped when the agent shuts the role down, and killed when
 //!   the handle is dropped without a shutdown.
+//! - A restarted agent serves the file its predecessor rendered (when the layout saved with
+//!   it still renders to it) until the controller sends pools: see [`LoadBalancer::start`].
 
 mod haproxy;
 pub mod layout;
@@ -34,11 +36,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use strata_api::{LbMode, LbReport, LbServerReport, LbStats, LbTierReport, Pool};
 
 pub use haproxy::check_config;
-use haproxy::{HaproxyProcess, Launch};
+use haproxy::{HaproxyProcess, Launch, Recorded};
 pub use layout::{desired_layout, plan, AdminState, Layout, LbAction};
 use render::{render, RenderPaths};
 use runtime::RuntimeClient;
@@ -93,6 +96,11 @@ impl LbConfig {
     pub fn pid_path(&self) -> PathBuf {
         self.state_dir.join("haproxy.pid")
     }
+
+    /// The [`Layout`] `haproxy.cfg` was rendered from, as JSON.
+    pub fn layout_path(&self) -> PathBuf {
+        self.state_dir.join("layout.json")
+    }
 }
 
 /// Why the role could not start.
@@ -141,8 +149,15 @@ pub struct LoadBalancer {
 }
 
 impl LoadBalancer {
-    /// Starts HAProxy with no tier (or the file's last content is not trusted: the agent
-    /// rewrites it from the pools it is given) and the task that owns it.
+    /// Starts HAProxy and the task that owns it.
+    ///
+    /// A state dir that holds the file an earlier agent process rendered, with the layout it
+    /// was rendered from, starts HAProxy from that file: the agent serves its last pools until
+    /// the first [`LoadBalancer::apply`] (the first heartbeat answer), so a restart of the
+    /// agent, or of the agent and its HAProxy, costs no listener. An HAProxy the earlier agent
+    /// left running keeps serving until the new one listens beside it (both bind with
+    /// SO_REUSEPORT), then soft-stops, finishing its connections. Without such a file (or if
+    /// HAProxy refuses it) the earlier HAProxy is stopped and HAProxy starts with no tier.
     pub async fn start(config: LbConfig) -> Result<LoadBalancer, LbError> {
         std::fs::create_dir_all(&config.state_dir).map_err(|source| LbError::StateDir {
             path: config.state_dir.clone(),
@@ -156,10 +171,36 @@ impl LoadBalancer {
                 });
             }
         }
-        haproxy::stop_recorded(&config.pid_path(), STOP_GRACE).await;
+        let earlier = Recorded::read(&config.pid_path());
         let mut converger = Converger::new(config);
-        if let Err(error) = converger.start().await {
-            return Err(LbError::Start(error));
+        let mut started = false;
+        if let Some(layout) = converger.saved_layout() {
+            let tiers = layout.len();
+            converger.running = layout;
+            match converger.start().await {
+                Ok(()) => {
+                    tracing::info!(
+                        tiers,
+                        "serving the last rendered configuration until the controller answers"
+                    );
+                    if let Some(earlier) = &earlier {
+                        earlier.soft_stop();
+                    }
+                    started = true;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "haproxy cannot start from the last rendered configuration; starting with no tier");
+                    converger.running = Layout::new();
+                }
+            }
+        }
+        if !started {
+            if let Some(earlier) = &earlier {
+                earlier.stop(STOP_GRACE).await;
+            }
+            if let Err(error) = converger.start().await {
+                return Err(LbError::Start(error));
+            }
         }
         let (requests, receiver) = mpsc::channel(16);
         let cancel = CancellationToken::new();
@@ -238,12 +279,18 @@ struct Converger {
     live: bool,
     /// The latest pools the controller sent.
     pools: Vec<Pool>,
+    /// Whether the controller has sent pools yet. Until it has, HAProxy serves `running` as
+    /// it was restored from the state dir (or nothing), and is only restarted, never changed.
+    told: bool,
     /// Tiers not served, and why.
     errors: BTreeMap<String, String>,
     reloads: u64,
     worker_pid: Option<u32>,
-    /// The last text written to `haproxy.cfg`.
+    /// Request-rate baselines per tier (`None`) and per server, for [`Converger::report`].
+    rates: stats::Rates<(String, Option<Uuid>)>,
+    /// The last text written to `haproxy.cfg`, and whether `haproxy -c` passed it.
     written: Option<String>,
+    written_checked: bool,
     /// When HAProxy may be started again after a failed start.
     next_start: Instant,
     start_backoff: Duration,
@@ -264,10 +311,13 @@ impl Converger {
             running: Layout::new(),
             live: false,
             pools: Vec::new(),
+            told: false,
             errors: BTreeMap::new(),
             reloads: 0,
             worker_pid: None,
+            rates: stats::Rates::default(),
             written: None,
+            written_checked: false,
             next_start: Instant::now(),
             start_backoff: Duration::from_millis(500),
             dirty: false,
@@ -285,6 +335,7 @@ impl Converger {
                     None => break,
                     Some(Request::Apply(pools, reply)) => {
                         self.pools = pools;
+                        self.told = true;
                         let outcome = self.converge().await;
                         let _ = reply.send(outcome);
                     }
@@ -345,9 +396,14 @@ impl Converger {
         }
         self.live = false;
         self.worker_pid = None;
-        let refused = self.refusals(&BTreeSet::new());
-        let (mut desired, mut errors) = desired_layout(&self.pools, &self.running, &refused);
-        self.write_checked(&mut desired, &mut errors).await?;
+        let (mut desired, mut errors) = if self.told {
+            let refused = self.refusals(&BTreeSet::new());
+            desired_layout(&self.pools, &self.running, &refused)
+        } else {
+            (self.running.clone(), BTreeMap::new())
+        };
+        self.write_checked(&mut desired, &mut errors, Check::Now)
+            .await?;
         let launch = Launch {
             binary: self.config.haproxy_bin.clone(),
             config: self.config.config_path(),
@@ -364,8 +420,12 @@ impl Converger {
                     self.config.log_path().display()
                 ));
             }
+            // The master socket's path may still reach an HAProxy an earlier agent left
+            // running, until this one binds it: only this master's worker counts.
             if let Ok(list) = self.master.show_proc().await {
-                if let Some(worker) = list.worker_pid {
+                if let (Some(worker), true) =
+                    (list.worker_pid, list.master_pid == Some(process.pid()))
+                {
                     break worker;
                 }
             }
@@ -384,6 +444,7 @@ impl Converger {
         );
         self.process = Some(process);
         self.worker_pid = Some(worker);
+        self.rates = stats::Rates::default();
         self.running = loaded(desired);
         self.errors = errors;
         self.live = true;
@@ -409,6 +470,10 @@ impl Converger {
             }
             self.dirty = outcome.failure.is_some();
             outcome.errors = self.errors.clone();
+            return outcome;
+        }
+        if !self.told {
+            // Serving what was restored; nothing to converge to yet.
             return outcome;
         }
         let served: BTreeSet<SocketAddr> = self
@@ -437,7 +502,7 @@ impl Converger {
             Some(reason) => self.reload(reason, &mut desired, &mut errors).await,
             // Slots changed in place (or only versions moved on): the file follows.
             None => self
-                .write_checked(&mut desired, &mut errors)
+                .write_checked(&mut desired, &mut errors, Check::Deferred)
                 .await
                 .map(|()| self.running = desired),
         };
@@ -530,23 +595,35 @@ impl Converger {
     /// Renders `desired`, has HAProxy check it when it differs from what is written, and
     /// writes it. A file HAProxy refuses is blamed on the tiers new or changed since the
     /// running layout: they are left out (with the error) and the rest is tried again.
+    ///
+    /// `Check::Deferred` (slots changed in place, HAProxy already runs them) writes without
+    /// `haproxy -c`: the file differs from a checked one only in server lines rendered from
+    /// typed addresses, ports and weights, and the check (a process that parses the whole
+    /// file, tens of ms of CPU) would otherwise run on every pool change. The next start or
+    /// reload checks it first, written or not.
     async fn write_checked(
         &mut self,
         desired: &mut Layout,
         errors: &mut BTreeMap<String, String>,
+        check: Check,
     ) -> Result<(), String> {
         let admin = self.config.admin_socket();
         let paths = RenderPaths {
             admin_socket: &admin,
         };
         let mut text = render(desired, &paths);
-        if self.written.as_deref() == Some(text.as_str()) {
+        let unchanged = self.written.as_deref() == Some(text.as_str());
+        if unchanged && (self.written_checked || check == Check::Deferred) {
             return Ok(());
         }
         let candidate = self.config.state_dir.join("haproxy.cfg.new");
         write_file(&candidate, &text)?;
         let binary = self.config.haproxy_bin.clone();
-        if let Err(message) = check_config(&binary, &candidate, START_LIMIT).await {
+        let checked = match check {
+            Check::Now => check_config(&binary, &candidate, START_LIMIT).await,
+            Check::Deferred => Ok(()),
+        };
+        if let Err(message) = checked {
             let suspects: Vec<String> = desired
                 .iter()
                 .filter(|(tier, layout)| {
@@ -580,7 +657,37 @@ impl Converger {
             )
         })?;
         self.written = Some(text);
+        self.written_checked = check == Check::Now;
+        self.save_layout(desired);
         Ok(())
+    }
+
+    /// Saves the layout the file was just rendered from. A crash between the two writes
+    /// leaves a layout that does not render to the file, which [`Converger::saved_layout`]
+    /// then ignores.
+    fn save_layout(&self, layout: &Layout) {
+        let path = self.config.layout_path();
+        let candidate = self.config.state_dir.join("layout.json.new");
+        let saved = serde_json::to_string(layout)
+            .map_err(|e| e.to_string())
+            .and_then(|text| write_file(&candidate, &text))
+            .and_then(|()| std::fs::rename(&candidate, &path).map_err(|e| e.to_string()));
+        if let Err(error) = saved {
+            tracing::warn!(%error, path = %path.display(), "save the rendered layout");
+        }
+    }
+
+    /// The layout saved beside `haproxy.cfg`, if it renders exactly to the file there (so it
+    /// says truly which slot holds which instance in it).
+    fn saved_layout(&self) -> Option<Layout> {
+        let text = std::fs::read_to_string(self.config.layout_path()).ok()?;
+        let layout: Layout = serde_json::from_str(&text).ok()?;
+        let file = std::fs::read_to_string(self.config.config_path()).ok()?;
+        let admin = self.config.admin_socket();
+        let paths = RenderPaths {
+            admin_socket: &admin,
+        };
+        (!layout.is_empty() && render(&layout, &paths) == file).then_some(layout)
     }
 
     /// Writes the file for `desired` and reloads HAProxy through the master CLI, then waits
@@ -591,7 +698,7 @@ impl Converger {
         desired: &mut Layout,
         errors: &mut BTreeMap<String, String>,
     ) -> Result<(), String> {
-        self.write_checked(desired, errors).await?;
+        self.write_checked(desired, errors, Check::Now).await?;
         let before = self.master.show_proc().await.map_err(|e| e.to_string())?;
         tracing::info!(%reason, "reloading haproxy");
         self.master.reload().await.map_err(|e| e.to_string())?;
@@ -617,6 +724,9 @@ impl Converger {
             tokio::time::sleep(Duration::from_millis(5)).await;
         };
         self.wait_admin_socket(worker).await;
+        // The new worker counts from zero: no rate is derived across the reload, even for a
+        // counter that has climbed past its old value by the next report.
+        self.rates = stats::Rates::default();
         self.reloads += 1;
         self.worker_pid = Some(worker);
         self.running = loaded(std::mem::take(desired));
@@ -659,6 +769,16 @@ impl Converger {
         };
         let mut tiers = Vec::new();
         let live = self.live;
+        let now = Instant::now();
+        let rates = &mut self.rates;
+        // The request rate since the previous report, from the counter's delta; HAProxy's
+        // own last-second `rate` when there is no baseline (first report, counter reset).
+        let mut with_rate = |key: (String, Option<Uuid>), mut stats: LbStats| {
+            if let Some(rate) = rates.sample(key, now, stats.total) {
+                stats.request_rate = rate;
+            }
+            stats
+        };
         for (tier, layout) in &self.running {
             if !live {
                 break;
@@ -675,7 +795,11 @@ impl Converger {
                     Some(LbServerReport {
                         instance_id: server.instance_id,
                         status: row.map_or("UNKNOWN", |row| row.status()).to_string(),
-                        stats: row.map(|row| row.stats(http)).unwrap_or_default(),
+                        stats: row
+                            .map(|row| {
+                                with_rate((tier.clone(), Some(server.instance_id)), row.stats(http))
+                            })
+                            .unwrap_or_default(),
                     })
                 })
                 .collect();
@@ -684,11 +808,22 @@ impl Converger {
                 version: layout.version,
                 error: None,
                 stats: find(&backend, "BACKEND")
-                    .map(|row| row.stats(http))
+                    .map(|row| with_rate((tier.clone(), None), row.stats(http)))
                     .unwrap_or_else(LbStats::default),
                 servers,
             });
         }
+        let reported: BTreeSet<(String, Option<Uuid>)> = tiers
+            .iter()
+            .flat_map(|tier| {
+                std::iter::once((tier.tier.clone(), None)).chain(
+                    tier.servers
+                        .iter()
+                        .map(|server| (tier.tier.clone(), Some(server.instance_id))),
+                )
+            })
+            .collect();
+        self.rates.retain(|key| reported.contains(key));
         for (tier, error) in &self.errors {
             if live && self.running.contains_key(tier) {
                 continue;
@@ -702,12 +837,24 @@ impl Converger {
             });
         }
         tiers.sort_by(|a, b| a.tier.cmp(&b.tier));
-        LbReport {
+        let mut report = LbReport {
             worker_pid: self.worker_pid.filter(|_| live),
             reloads: self.reloads,
             tiers,
-        }
+        };
+        // HAProxy's messages can be long (every ALERT of a refused file).
+        report.truncate_errors();
+        report
     }
+}
+
+/// Whether [`Converger::write_checked`] has HAProxy check the file before it is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Check {
+    /// Before a start or a reload.
+    Now,
+    /// After an in-place change through the Runtime API: checked by the next start or reload.
+    Deferred,
 }
 
 /// A layout as HAProxy holds it right after reading its file.

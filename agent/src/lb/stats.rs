@@ -12,6 +12,7 @@
 //! columns reads the same.
 
 use std::collections::BTreeMap;
+use std::time::Instant;
 
 use strata_api::LbStats;
 
@@ -57,6 +58,43 @@ impl StatRow {
             http_5xx: self.number("hrsp_5xx"),
             total,
         }
+    }
+}
+
+/// Per-second rates from HAProxy's counters (`req_tot`, `stot`), as deltas between two
+/// reports. The counters start from zero in every new worker, so they go down after a
+/// reload or a restart: a counter lower than its baseline is a reset, which starts a new
+/// baseline (no rate is derived across it; the caller falls back to HAProxy's own
+/// last-second `rate` for that one report, as for a key seen the first time).
+#[derive(Debug)]
+pub struct Rates<K> {
+    baselines: BTreeMap<K, (Instant, u64)>,
+}
+
+impl<K> Default for Rates<K> {
+    fn default() -> Self {
+        Rates {
+            baselines: BTreeMap::new(),
+        }
+    }
+}
+
+impl<K: Ord> Rates<K> {
+    /// The rate of `counter` per second since the previous sample of `key`, which `counter`
+    /// replaces as the baseline; `None` for a first sample, a reset or no time elapsed.
+    pub fn sample(&mut self, key: K, at: Instant, counter: u64) -> Option<f64> {
+        let previous = self.baselines.insert(key, (at, counter));
+        let (then, before) = previous?;
+        let elapsed = at.checked_duration_since(then)?.as_secs_f64();
+        if counter < before || elapsed <= 0.0 {
+            return None;
+        }
+        Some((counter - before) as f64 / elapsed)
+    }
+
+    /// Forgets the keys `keep` refuses (servers and tiers no longer served).
+    pub fn retain(&mut self, mut keep: impl FnMut(&K) -> bool) {
+        self.baselines.retain(|key, _| keep(key));
     }
 }
 
@@ -110,6 +148,27 @@ pub fn parse_show_stat(text: &str) -> Vec<StatRow> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn rates_come_from_counter_deltas_and_a_reset_starts_a_new_baseline() {
+        use std::time::Duration;
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut rates = Rates::default();
+        assert_eq!(rates.sample("web", at(0), 100), None, "first sample");
+        assert_eq!(rates.sample("web", at(1000), 150), Some(50.0));
+        assert_eq!(rates.sample("web", at(1500), 150), Some(0.0));
+        // A reload: the new worker counts from zero.
+        assert_eq!(rates.sample("web", at(2500), 20), None, "a reset");
+        assert_eq!(
+            rates.sample("web", at(3500), 60),
+            Some(40.0),
+            "from the new baseline"
+        );
+        assert_eq!(rates.sample("web", at(3500), 70), None, "no time elapsed");
+        rates.retain(|key| *key != "web");
+        assert_eq!(rates.sample("web", at(4500), 80), None, "forgotten");
+    }
+
     use super::*;
 
     /// Lines as HAProxy 2.6.12 prints them (cut after `rtime`'s neighbours).

@@ -47,9 +47,19 @@ pub struct Cli {
     )]
     pub server: Vec<String>,
 
-    /// Bearer token sent with every request.
+    /// Bearer token sent with every request. Prefer --token-file: a flag shows in `ps`.
     #[arg(long, global = true, env = "STRATA_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+
+    /// A file holding the bearer token (its first line).
+    #[arg(
+        long,
+        global = true,
+        env = "STRATA_TOKEN_FILE",
+        conflicts_with = "token",
+        value_name = "FILE"
+    )]
+    pub token_file: Option<std::path::PathBuf>,
 
     /// Output format: aligned tables and short messages, or the full objects as JSON or YAML.
     #[arg(short, long, global = true, value_enum, default_value_t = OutputFormat::Table)]
@@ -126,6 +136,21 @@ pub enum Command {
     /// Move a node's instances elsewhere; returns once the controller has recorded the drain,
     /// not when the instances have moved.
     Drain {
+        /// The node's id (the agent's --node-id).
+        node: String,
+    },
+    /// Revoke a credential: the node's agent can no longer authenticate with it and must
+    /// register again with the join token (rotate the join token too if it may have leaked).
+    Revoke {
+        #[command(subcommand)]
+        resource: RevokeResource,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RevokeResource {
+    /// A node's credential.
+    Node {
         /// The node's id (the agent's --node-id).
         node: String,
     },
@@ -336,7 +361,10 @@ pub async fn run(cli: Cli) -> ExitCode {
 pub async fn execute(cli: Cli, streams: &mut Streams<'_>) -> Result<(), CliError> {
     let client = Client::new(ClientConfig {
         servers: cli.server,
-        token: cli.token,
+        token: match &cli.token_file {
+            Some(path) => Some(read_token_file(path)?),
+            None => cli.token,
+        },
         request_timeout: cli.request_timeout.as_std(),
         failover_deadline: cli.failover_deadline.as_std(),
     })?;
@@ -357,7 +385,26 @@ pub async fn execute(cli: Cli, streams: &mut Streams<'_>) -> Result<(), CliError
             node_action(&context, NodeAction::Uncordon, &node, streams).await
         }
         Command::Drain { node } => node_action(&context, NodeAction::Drain, &node, streams).await,
+        Command::Revoke {
+            resource: RevokeResource::Node { node },
+        } => node_action(&context, NodeAction::Revoke, &node, streams).await,
     }
+}
+
+/// The first line of a token file.
+fn read_token_file(path: &std::path::Path) -> Result<String, CliError> {
+    let text = std::fs::read_to_string(path).map_err(|source| CliError::ReadFile {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let token = text.lines().next().unwrap_or("").trim().to_string();
+    if token.is_empty() {
+        return Err(CliError::Invalid(format!(
+            "token file {} is empty",
+            path.display()
+        )));
+    }
+    Ok(token)
 }
 
 /// What every command needs besides its own arguments.
@@ -567,6 +614,7 @@ enum NodeAction {
     Cordon,
     Uncordon,
     Drain,
+    Revoke,
 }
 
 async fn node_action(
@@ -581,6 +629,7 @@ async fn node_action(
         NodeAction::Uncordon => (client.uncordon_node(id).await?, "uncordoned"),
         // The controller only records the drain; instances move afterwards.
         NodeAction::Drain => (client.drain_node(id).await?, "draining"),
+        NodeAction::Revoke => (client.revoke_node(id).await?, "credential revoked"),
     };
     context.print(streams.stdout, &node, || {
         format!("node/{} {done}\n", node.id)

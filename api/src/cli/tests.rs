@@ -973,6 +973,7 @@ fn json_list<T: serde::Serialize>(items: Vec<T>) -> Option<Answer> {
     json_answer(&ItemList {
         items,
         resource_version: Some(40),
+        next: None,
     })
 }
 

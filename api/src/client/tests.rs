@@ -485,3 +485,26 @@ async fn node_ids_cannot_change_the_route() {
         "POST /v1/nodes/..%2Ftiers%2Fweb/drain|Bearer secret-token|"
     );
 }
+
+/// Lists follow `continue` until the last page.
+#[tokio::test]
+async fn lists_follow_continue_to_the_last_page() {
+    let server = FakeServer::start(|target| match target {
+        "GET /v1/events?object=tier%2Fweb" => Some((
+            200,
+            "application/json",
+            r#"{"items":[1,2],"continue":"00000000000000000002"}"#.to_string(),
+        )),
+        "GET /v1/events?object=tier%2Fweb&continue=00000000000000000002" => {
+            Some((200, "application/json", r#"{"items":[3]}"#.to_string()))
+        }
+        _ => Some((500, "text/plain", String::new())),
+    })
+    .await;
+    let client = client(vec![server.url()], 1_000);
+    let items: Vec<u32> = client
+        .list_all("/v1/events?object=tier%2Fweb")
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {:?}", server.requests()));
+    assert_eq!(items, [1, 2, 3]);
+}

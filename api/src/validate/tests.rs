@@ -1483,6 +1483,307 @@ fn custom_metric_samples() {
     }
 }
 
+/// Every size limit on a spec, at its bound (accepted) and one past it (refused with the
+/// field's path); NUL bytes and denormal CPU values are refused with theirs.
+#[test]
+fn spec_limits_and_unstartable_values() {
+    check(&[
+        (
+            "cpu denormal",
+            process_tier,
+            |s| s.template.cpu = 5e-324,
+            &["template.cpu"],
+        ),
+        (
+            "cpu a millicore",
+            process_tier,
+            |s| s.template.cpu = 0.001,
+            &[],
+        ),
+        (
+            "NUL in an argument",
+            process_tier,
+            |s| s.template.command[1] = "a\0b".to_string(),
+            &["template.command[1]"],
+        ),
+        (
+            "NUL in an env value",
+            process_tier,
+            |s| {
+                s.template.env.insert("GREETING".into(), "hi\0".into());
+            },
+            &["template.env.GREETING"],
+        ),
+        (
+            "arguments at the limit",
+            process_tier,
+            |s| s.template.command = vec!["a".to_string(); limits::COMMAND_ARGS],
+            &[],
+        ),
+        (
+            "too many arguments",
+            process_tier,
+            |s| s.template.command = vec!["a".to_string(); limits::COMMAND_ARGS + 1],
+            &["template.command"],
+        ),
+        (
+            "an argument too long",
+            process_tier,
+            |s| s.template.command[0] = "a".repeat(limits::COMMAND_ARG_BYTES + 1),
+            &["template.command[0]"],
+        ),
+        (
+            "an env value too long",
+            process_tier,
+            |s| {
+                s.template
+                    .env
+                    .insert("BIG".into(), "v".repeat(limits::ENV_VALUE_BYTES + 1));
+            },
+            &["template.env.BIG"],
+        ),
+        (
+            "too many env entries",
+            process_tier,
+            |s| {
+                for index in 0..=limits::ENV_ENTRIES {
+                    s.template.env.insert(format!("V{index}"), "1".into());
+                }
+            },
+            &["template.env"],
+        ),
+        (
+            "a user",
+            process_tier,
+            |s| s.template.user = Some("nobody".into()),
+            &[],
+        ),
+        (
+            "a user that is no user name",
+            process_tier,
+            |s| s.template.user = Some("root; rm".into()),
+            &["template.user"],
+        ),
+        (
+            "a user on qemu",
+            qemu_tier,
+            |s| s.template.user = Some("nobody".into()),
+            &["template.user"],
+        ),
+        (
+            "a user on ec2",
+            ec2_tier,
+            |s| s.template.user = Some("nobody".into()),
+            &["template.user"],
+        ),
+        (
+            "a kernel path too long",
+            qemu_tier,
+            |s| {
+                if let Some(image) = &mut s.template.image {
+                    image.kernel = format!("/{}", "k".repeat(limits::PATH_BYTES));
+                }
+            },
+            &["template.image.kernel"],
+        ),
+        (
+            "too many tags",
+            ec2_tier,
+            |s| {
+                for index in 0..=limits::TAGS {
+                    s.template.tags.insert(format!("t{index}"), "v".into());
+                }
+            },
+            &["template.tags"],
+        ),
+        (
+            "too many subnets",
+            ec2_tier,
+            |s| s.template.subnets = vec!["subnet-1".to_string(); limits::EC2_IDS + 1],
+            &["template.subnets"],
+        ),
+        (
+            "too many node labels",
+            process_tier,
+            |s| {
+                for index in 0..=limits::LABELS {
+                    s.placement
+                        .node_labels
+                        .insert(format!("k{index}"), "v".into());
+                }
+            },
+            &["placement.node_labels"],
+        ),
+        (
+            "a health path too long",
+            process_tier,
+            |s| s.health.path = format!("/{}", "p".repeat(limits::SHORT_BYTES)),
+            &["health.path"],
+        ),
+        (
+            "a spec too large as a whole",
+            process_tier,
+            |s| {
+                // Each value within its own limit, the whole beyond the spec's.
+                for index in 0..20 {
+                    s.template
+                        .env
+                        .insert(format!("V{index}"), "v".repeat(limits::ENV_VALUE_BYTES));
+                }
+            },
+            &["spec"],
+        ),
+    ]);
+}
+
+#[test]
+fn policy_count_limit() {
+    let mut spec = process_tier();
+    let policy = spec.scaling.policies[0].clone();
+    spec.scaling.policies = vec![policy; limits::POLICIES + 1];
+    // (The copies also repeat one metric, which is refused on its own.)
+    assert!(paths(&spec).contains(&"scaling.policies".to_string()));
+}
+
+fn registration() -> crate::node::RegisterRequest {
+    crate::node::RegisterRequest {
+        node_id: "host-a".into(),
+        address: "127.0.0.1".into(),
+        zone: None,
+        labels: BTreeMap::new(),
+        capacity: crate::node::Resources {
+            cpu: 2.0,
+            memory_mb: 1024,
+        },
+        agent_version: "1".into(),
+        roles: crate::node::default_roles(),
+    }
+}
+
+fn register_paths(request: &crate::node::RegisterRequest) -> Vec<String> {
+    register(request).map_or_else(
+        |errors| errors.into_iter().map(|e| e.path).collect(),
+        |()| Vec::new(),
+    )
+}
+
+fn heartbeat_paths(request: &crate::node::HeartbeatRequest) -> Vec<String> {
+    heartbeat(request).map_or_else(
+        |errors| errors.into_iter().map(|e| e.path).collect(),
+        |()| Vec::new(),
+    )
+}
+
+#[test]
+fn registration_limits() {
+    assert!(register_paths(&registration()).is_empty());
+    let mut labels = registration();
+    for index in 0..=limits::LABELS {
+        labels.labels.insert(format!("k{index}"), "v".into());
+    }
+    assert_eq!(register_paths(&labels), ["labels"]);
+    let mut version = registration();
+    version.agent_version = "v".repeat(limits::AGENT_VERSION_BYTES + 1);
+    assert_eq!(register_paths(&version), ["agent_version"]);
+    let mut roles = registration();
+    roles.roles = vec![crate::node::NodeRole::Worker; limits::ROLES + 1];
+    assert_eq!(register_paths(&roles), ["roles"]);
+}
+
+#[test]
+fn heartbeat_limits() {
+    use crate::node::{Health, HeartbeatRequest, InstanceReport, Phase};
+    use crate::pool::{LbReport, LbServerReport, LbTierReport};
+    let report = |reason: usize| InstanceReport {
+        id: uuid::Uuid::nil(),
+        phase: Phase::Failed,
+        health: Health::Unknown,
+        port: None,
+        reason: Some("r".repeat(reason)),
+        cpu_percent: 0.0,
+    };
+    let request = |instances: Vec<InstanceReport>, lb: Option<LbReport>| HeartbeatRequest {
+        node_id: "host-a".into(),
+        metrics: Default::default(),
+        instances,
+        wait_ms: 0,
+        lb,
+    };
+    assert!(heartbeat_paths(&request(vec![report(limits::REASON_BYTES)], None)).is_empty());
+    assert_eq!(
+        heartbeat_paths(&request(vec![report(limits::REASON_BYTES + 1)], None)),
+        ["instances[0].reason"]
+    );
+    assert_eq!(
+        heartbeat_paths(&request(
+            vec![report(0); limits::HEARTBEAT_INSTANCES + 1],
+            None
+        )),
+        ["instances"]
+    );
+    let tier = |error: usize, servers: usize, status: usize| LbTierReport {
+        tier: "web".into(),
+        version: 1,
+        error: Some("e".repeat(error)),
+        stats: Default::default(),
+        servers: vec![
+            LbServerReport {
+                instance_id: uuid::Uuid::nil(),
+                status: "s".repeat(status),
+                stats: Default::default(),
+            };
+            servers
+        ],
+    };
+    let lb = |tiers: Vec<LbTierReport>| {
+        Some(LbReport {
+            worker_pid: None,
+            reloads: 0,
+            tiers,
+        })
+    };
+    assert!(heartbeat_paths(&request(
+        Vec::new(),
+        lb(vec![tier(limits::REASON_BYTES, 1, 4)])
+    ))
+    .is_empty());
+    assert_eq!(
+        heartbeat_paths(&request(
+            Vec::new(),
+            lb(vec![tier(limits::REASON_BYTES + 1, 1, 4)])
+        )),
+        ["lb.tiers[0].error"]
+    );
+    assert_eq!(
+        heartbeat_paths(&request(
+            Vec::new(),
+            lb(vec![tier(0, limits::LB_SERVERS + 1, 4)])
+        )),
+        ["lb.tiers[0].servers"]
+    );
+    assert_eq!(
+        heartbeat_paths(&request(
+            Vec::new(),
+            lb(vec![tier(0, 1, limits::LB_STATUS_BYTES + 1)])
+        )),
+        ["lb.tiers[0].servers[0].status"]
+    );
+    assert_eq!(
+        heartbeat_paths(&request(
+            Vec::new(),
+            lb(vec![tier(0, 0, 0); limits::LB_TIERS + 1])
+        )),
+        ["lb.tiers"]
+    );
+}
+
+#[test]
+fn truncation_keeps_characters_whole() {
+    assert_eq!(truncated("héllo", 2), "h");
+    assert_eq!(truncated("héllo", 3), "hé");
+    assert_eq!(truncated("short", 100), "short");
+}
+
 /// Every example in `deploy/examples/` decodes and validates, so the demo and the README never
 /// show a file the API would refuse.
 #[test]

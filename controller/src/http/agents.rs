@@ -5,20 +5,20 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::http::StatusCode;
 use axum::routing::post;
 use axum::{Json, Router};
 use strata_api::{
-    Assignment, HeartbeatRequest, HeartbeatResponse, Node, NodeRole, Phase, Pool, Problem,
-    RegisterRequest,
+    Assignment, HeartbeatRequest, HeartbeatResponse, NodeRole, Phase, Pool, Problem,
+    RegisterRequest, Registration,
 };
 use uuid::Uuid;
 
-use super::api::{node_answer, JsonBody};
-use super::ApiError;
+use super::api::{node_answer, rejection_error, JsonBody};
+use super::{credential_digest, ApiError, Caller};
 use crate::node::{now_ms, Controller};
-use crate::state::{Command, CommandResult};
+use crate::state::{Command, CommandResult, NodeAuth};
 use crate::views;
 
 pub fn routes() -> Router<Arc<Controller>> {
@@ -27,16 +27,65 @@ pub fn routes() -> Router<Arc<Controller>> {
         .route("/v1/agents/heartbeat", post(heartbeat))
 }
 
+fn forbidden(detail: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::FORBIDDEN, "forbidden", "Forbidden", detail)
+}
+
+/// A fresh node credential: 256 random bits in hex.
+fn new_credential() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// With the join token: a new node gets its credential in the answer (a registered node that
+/// holds one is refused, and the attempt recorded as an event). With the node's credential:
+/// the node's facts are updated, for that node only.
 async fn register(
     State(controller): State<Arc<Controller>>,
+    Extension(caller): Extension<Caller>,
     JsonBody(registration): JsonBody<RegisterRequest>,
-) -> Result<Json<Node>, ApiError> {
+) -> Result<Json<Registration>, ApiError> {
     strata_api::validate::register(&registration).map_err(Problem::validation)?;
+    let (auth, credential) = match caller {
+        Caller::Join => {
+            let credential = new_credential();
+            let credential_hash = credential_digest(&credential);
+            (NodeAuth::JoinToken { credential_hash }, Some(credential))
+        }
+        Caller::Node {
+            id,
+            credential_hash,
+        } => {
+            if id != registration.node_id {
+                return Err(forbidden(format!(
+                    "this credential is node {id:?}'s; it cannot register node {:?}",
+                    registration.node_id
+                )));
+            }
+            (NodeAuth::Credential { credential_hash }, None)
+        }
+        Caller::Admin | Caller::Viewer => {
+            return Err(forbidden("registration needs the join token"));
+        }
+    };
     let result = controller
-        .propose(Command::RegisterNode { registration })
+        .propose(Command::RegisterNode {
+            registration,
+            auth: Some(auth),
+            max_nodes: Some(controller.limits.max_nodes),
+        })
         .await?;
     match result {
-        CommandResult::Node { node } => Ok(node_answer(&controller, &node)),
+        CommandResult::Node { node } => {
+            let Json(view) = node_answer(&controller, &node);
+            Ok(Json(Registration {
+                node: view,
+                credential,
+            }))
+        }
+        CommandResult::Rejected { rejection } => Err(rejection_error(rejection)),
         other => Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
@@ -50,9 +99,25 @@ async fn register(
 /// A follower answers 421 with the leader's address, so the agent can talk to it directly.
 async fn heartbeat(
     State(controller): State<Arc<Controller>>,
+    Extension(caller): Extension<Caller>,
     JsonBody(request): JsonBody<HeartbeatRequest>,
 ) -> Result<Json<HeartbeatResponse>, ApiError> {
     strata_api::validate::heartbeat(&request).map_err(Problem::validation)?;
+    // A node speaks for itself only (like Kubernetes' NodeRestriction): a heartbeat in
+    // another node's name could read its templates and, reporting no instances, have its
+    // healthy instances replaced.
+    match &caller {
+        Caller::Node { id, .. } if *id == request.node_id => {}
+        Caller::Node { id, .. } => {
+            return Err(forbidden(format!(
+                "this credential is node {id:?}'s; it cannot heartbeat for node {:?}",
+                request.node_id
+            )))
+        }
+        _ => return Err(forbidden(
+            "heartbeats need the node's own credential (register with the join token to get it)",
+        )),
+    }
     if !controller.is_leader() {
         let mut problem = Problem::new(
             421,
@@ -70,13 +135,48 @@ async fn heartbeat(
             "node {node:?} is not registered; register first"
         )));
     };
+    // The leader's memory keeps only what concerns the node: reports of instances placed on
+    // it and, for a load balancer, of the tiers and servers it is told to serve. What else a
+    // heartbeat carries (at most the 1 MiB a body may hold) is read and dropped, so the
+    // memory heartbeats take grows with the cluster's real size, not with what agents send.
+    let (instances, lb) = controller.state.read(|machine| {
+        let state = &machine.state;
+        let instances: Vec<_> = request
+            .instances
+            .into_iter()
+            .filter(|report| {
+                state
+                    .instances
+                    .get(&report.id)
+                    .is_some_and(|instance| instance.node.as_deref() == Some(node.as_str()))
+            })
+            .collect();
+        let serves = state
+            .nodes
+            .get(&node)
+            .is_some_and(|record| record.has_role(NodeRole::LoadBalancer));
+        let lb = request.lb.filter(|_| serves).map(|mut lb| {
+            lb.tiers.retain(|tier| state.tiers.contains_key(&tier.tier));
+            for tier in &mut lb.tiers {
+                tier.servers.retain(|server| {
+                    state
+                        .instances
+                        .get(&server.instance_id)
+                        .is_some_and(|instance| instance.tier == tier.tier)
+                });
+            }
+            lb
+        });
+        (instances, lb)
+    });
     let at_ms = now_ms();
-    let cpu = crate::autoscaler::cpu_samples(&controller, &request.instances);
-    let from_balancer = request.lb.is_some();
-    let changed =
-        controller
-            .liveness
-            .record(&node, at_ms, request.metrics, request.instances, request.lb);
+    // Only the node's own instances count for autoscaling too: a node cannot skew another
+    // tier's CPU by reporting instances it does not run.
+    let cpu = crate::autoscaler::cpu_samples(&controller, &instances);
+    let from_balancer = lb.is_some();
+    let changed = controller
+        .liveness
+        .record(&node, at_ms, request.metrics, instances, lb);
     // The autoscaler's windows: instance CPU, and for an LB node the tiers' traffic summed
     // over every LB node's latest report (this one's included).
     let term = controller.raft.metrics().borrow().current_term;

@@ -86,6 +86,18 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
 }
 
 fn body_rejection(rejection: BytesRejection) -> ApiError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&rejection);
+    while let Some(error) = source {
+        if error.is::<super::serve::BodyTimeout>() {
+            return ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body-timeout",
+                "Request body timeout",
+                "the request body did not arrive within --body-timeout",
+            );
+        }
+        source = error.source();
+    }
     if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -106,6 +118,45 @@ fn body_rejection(rejection: BytesRejection) -> ApiError {
 struct ReadParams {
     #[serde(default)]
     stale: bool,
+}
+
+/// `?stale=&limit=&continue=` of a list.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    #[serde(default)]
+    stale: bool,
+    limit: Option<usize>,
+    #[serde(rename = "continue")]
+    after: Option<String>,
+}
+
+/// One page of `items` (sorted by their keys, which are strings ordered as the items are):
+/// those after `after`, at most `limit`, and the key to continue from if more follow.
+/// Continuing from a key, not an offset, keeps pages right while objects come and go.
+fn page<T>(
+    items: impl Iterator<Item = (String, T)>,
+    limit: Option<usize>,
+    after: Option<&str>,
+) -> Result<(Vec<T>, Option<String>), ApiError> {
+    use strata_api::list::{DEFAULT_PAGE, MAX_PAGE};
+    let limit = limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError(Problem::validation(vec![FieldError::new(
+            "limit",
+            format!("must be between 1 and {MAX_PAGE}"),
+        )])));
+    }
+    let mut page = Vec::new();
+    let mut last = None;
+    for (key, item) in items.filter(|(key, _)| after.is_none_or(|after| key.as_str() > after)) {
+        if page.len() == limit {
+            return Ok((page, last));
+        }
+        last = Some(key);
+        page.push(item);
+    }
+    Ok((page, None))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -129,27 +180,31 @@ async fn read_barrier(controller: &Controller, stale: bool) -> Result<(), ApiErr
 
 async fn list_tiers(
     State(controller): State<Arc<Controller>>,
-    params: Result<Query<ReadParams>, QueryRejection>,
+    params: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Json<ItemList<Tier>>, ApiError> {
     let params = query(params)?;
     read_barrier(&controller, params.stale).await?;
     let now = now_ms();
-    let (items, applied) = controller.state.read(|machine| {
+    controller.state.read(|machine| {
         let index = TierIndex::of(&machine.state);
-        (
+        let (items, next) = page(
             machine
                 .state
                 .tiers
-                .values()
+                .iter()
+                .map(|(name, tier)| (name.clone(), tier)),
+            params.limit,
+            params.after.as_deref(),
+        )?;
+        Ok(Json(ItemList {
+            items: items
+                .into_iter()
                 .map(|tier| tier_view(&machine.state, &index, tier, now))
-                .collect::<Vec<Tier>>(),
-            list_version(&machine.state, machine.last_applied),
-        )
-    });
-    Ok(Json(ItemList {
-        items,
-        resource_version: Some(applied),
-    }))
+                .collect(),
+            resource_version: Some(list_version(&machine.state, machine.last_applied)),
+            next,
+        }))
+    })
 }
 
 async fn get_tier(
@@ -224,6 +279,27 @@ async fn put_tier(
     JsonBody(spec): JsonBody<TierSpec>,
 ) -> Result<Response, ApiError> {
     strata_api::validate::put_tier(&name, &spec).map_err(Problem::validation)?;
+    // Checked against this node's state before proposing: writes racing past it can exceed
+    // the limit by the writes in flight at once, which keeps the bound's purpose (no
+    // unbounded growth) without a change to the replicated command.
+    let (count, exists) = controller.state.read(|machine| {
+        (
+            machine.state.tiers.len(),
+            machine.state.tiers.contains_key(&name),
+        )
+    });
+    if !exists && count as u64 >= controller.limits.max_tiers {
+        let mut problem = Problem::validation(vec![FieldError::new(
+            "name",
+            format!(
+                "the cluster already has {count} tiers, its limit (--max-tiers {})",
+                controller.limits.max_tiers
+            ),
+        )]);
+        problem.problem_type = "urn:strata:problem:limit".to_string();
+        problem.title = "Limit reached".to_string();
+        return Err(ApiError(problem));
+    }
     let result = controller
         .propose(Command::PutTier {
             spec: Box::new(spec),
@@ -317,7 +393,7 @@ fn write_response(result: CommandResult) -> Result<Response, ApiError> {
     }
 }
 
-fn rejection_error(rejection: Rejection) -> ApiError {
+pub(super) fn rejection_error(rejection: Rejection) -> ApiError {
     match rejection {
         Rejection::NotFound { kind, name } => {
             ApiError::not_found(format!("{kind} {name:?} does not exist"))
@@ -343,6 +419,15 @@ fn rejection_error(rejection: Rejection) -> ApiError {
             ApiError(problem)
         }
         Rejection::Invalid { errors } => ApiError(Problem::validation(errors)),
+        Rejection::Forbidden { detail } => {
+            ApiError::new(StatusCode::FORBIDDEN, "forbidden", "Forbidden", detail)
+        }
+        Rejection::Limit { path, detail } => {
+            let mut problem = Problem::validation(vec![FieldError::new(path, detail)]);
+            problem.problem_type = "urn:strata:problem:limit".to_string();
+            problem.title = "Limit reached".to_string();
+            ApiError(problem)
+        }
     }
 }
 
@@ -385,22 +470,30 @@ async fn remove_member(
 
 async fn list_nodes(
     State(controller): State<Arc<Controller>>,
-    params: Result<Query<ReadParams>, QueryRejection>,
+    params: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Json<ItemList<Node>>, ApiError> {
     let params = query(params)?;
     read_barrier(&controller, params.stale).await?;
     let mut heartbeats = heartbeats_for_read(&controller, params.stale).await;
-    Ok(Json(controller.state.read(|machine| {
-        ItemList {
-            items: machine
+    controller.state.read(|machine| {
+        let (records, next) = page(
+            machine
                 .state
                 .nodes
-                .values()
+                .iter()
+                .map(|(id, record)| (id.clone(), record)),
+            params.limit,
+            params.after.as_deref(),
+        )?;
+        Ok(Json(ItemList {
+            items: records
+                .into_iter()
                 .map(|record| node_view(&machine.state, record, heartbeats.remove(&record.id)))
                 .collect(),
             resource_version: Some(list_version(&machine.state, machine.last_applied)),
-        }
-    })))
+            next,
+        }))
+    })
 }
 
 async fn get_node(
@@ -453,23 +546,23 @@ async fn node_action(
     State(controller): State<Arc<Controller>>,
     Path((id, action)): Path<(String, String)>,
 ) -> Result<Json<Node>, ApiError> {
-    let (cordoned, draining) = match action.as_str() {
-        "cordon" => (true, false),
-        "uncordon" => (false, false),
-        "drain" => (true, true),
+    let flags = |cordoned, draining| Command::SetNodeFlags {
+        node: id.clone(),
+        cordoned,
+        draining,
+    };
+    let command = match action.as_str() {
+        "cordon" => flags(true, false),
+        "uncordon" => flags(false, false),
+        "drain" => flags(true, true),
+        "revoke" => Command::RevokeNode { node: id.clone() },
         _ => {
             return Err(ApiError::not_found(format!(
-                "no node action {action:?}; use cordon, uncordon or drain"
+                "no node action {action:?}; use cordon, uncordon, drain or revoke"
             )))
         }
     };
-    let result = controller
-        .propose(Command::SetNodeFlags {
-            node: id.clone(),
-            cordoned,
-            draining,
-        })
-        .await?;
+    let result = controller.propose(command).await?;
     match result {
         // The leader's planners heard of it when it applied there (`wake_after_apply`).
         CommandResult::Node { node } => Ok(node_answer(&controller, &node)),
@@ -489,25 +582,33 @@ struct InstanceParams {
     #[serde(default)]
     stale: bool,
     tier: Option<String>,
+    limit: Option<usize>,
+    #[serde(rename = "continue")]
+    after: Option<String>,
 }
 
 async fn tier_instances(
     State(controller): State<Arc<Controller>>,
     Path(name): Path<String>,
-    params: Result<Query<ReadParams>, QueryRejection>,
+    params: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Json<ItemList<Instance>>, ApiError> {
     let params = query(params)?;
     read_barrier(&controller, params.stale).await?;
-    controller
-        .state
-        .read(|machine| {
-            machine.state.tiers.contains_key(&name).then(|| ItemList {
-                items: instances_of(&machine.state, Some(&name)),
-                resource_version: Some(list_version(&machine.state, machine.last_applied)),
-            })
-        })
-        .map(Json)
-        .ok_or_else(|| ApiError::not_found(format!("tier {name:?} does not exist")))
+    controller.state.read(|machine| {
+        if !machine.state.tiers.contains_key(&name) {
+            return Err(ApiError::not_found(format!("tier {name:?} does not exist")));
+        }
+        let (items, next) = page(
+            instances_of(&machine.state, Some(&name)).into_iter(),
+            params.limit,
+            params.after.as_deref(),
+        )?;
+        Ok(Json(ItemList {
+            items,
+            resource_version: Some(list_version(&machine.state, machine.last_applied)),
+            next,
+        }))
+    })
 }
 
 async fn list_instances(
@@ -516,20 +617,37 @@ async fn list_instances(
 ) -> Result<Json<ItemList<Instance>>, ApiError> {
     let params = query(params)?;
     read_barrier(&controller, params.stale).await?;
-    Ok(Json(controller.state.read(|machine| ItemList {
-        items: instances_of(&machine.state, params.tier.as_deref()),
-        resource_version: Some(list_version(&machine.state, machine.last_applied)),
-    })))
+    controller.state.read(|machine| {
+        let (items, next) = page(
+            instances_of(&machine.state, params.tier.as_deref()).into_iter(),
+            params.limit,
+            params.after.as_deref(),
+        )?;
+        Ok(Json(ItemList {
+            items,
+            resource_version: Some(list_version(&machine.state, machine.last_applied)),
+            next,
+        }))
+    })
 }
 
-fn instances_of(state: &Replicated, tier: Option<&str>) -> Vec<Instance> {
-    let mut items: Vec<Instance> = state
+/// Instances (of `tier`, or all) by tier, creation time and id, each with a page key that
+/// sorts the same way (tier names hold no space, which sorts before every character they
+/// may hold).
+fn instances_of(state: &Replicated, tier: Option<&str>) -> Vec<(String, Instance)> {
+    let mut items: Vec<(String, Instance)> = state
         .instances
         .values()
         .filter(|instance| tier.is_none_or(|tier| instance.tier == tier))
-        .cloned()
+        .map(|instance| {
+            let key = format!(
+                "{} {:020} {}",
+                instance.tier, instance.created_at_ms, instance.id
+            );
+            (key, instance.clone())
+        })
         .collect();
-    items.sort_by_key(|instance| (instance.tier.clone(), instance.created_at_ms, instance.id));
+    items.sort_by(|a, b| a.0.cmp(&b.0));
     items
 }
 
@@ -539,6 +657,9 @@ struct EventParams {
     #[serde(default)]
     stale: bool,
     object: Option<String>,
+    limit: Option<usize>,
+    #[serde(rename = "continue")]
+    after: Option<String>,
 }
 
 async fn list_events(
@@ -547,9 +668,9 @@ async fn list_events(
 ) -> Result<Json<ItemList<Event>>, ApiError> {
     let params = query(params)?;
     read_barrier(&controller, params.stale).await?;
-    Ok(Json(controller.state.read(|machine| {
-        ItemList {
-            items: machine
+    controller.state.read(|machine| {
+        let (items, next) = page(
+            machine
                 .state
                 .events
                 .iter()
@@ -559,11 +680,16 @@ async fn list_events(
                         .as_ref()
                         .is_none_or(|object| &event.object == object)
                 })
-                .cloned()
-                .collect(),
+                .map(|event| (format!("{:020}", event.id), event.clone())),
+            params.limit,
+            params.after.as_deref(),
+        )?;
+        Ok(Json(ItemList {
+            items,
             resource_version: Some(list_version(&machine.state, machine.last_applied)),
-        }
-    })))
+            next,
+        }))
+    })
 }
 
 /// A list's `resource_version`: the state's revision when it was read (at least every item's

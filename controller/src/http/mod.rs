@@ -12,6 +12,7 @@
 mod agents;
 mod api;
 mod peer;
+pub mod serve;
 
 use std::sync::Arc;
 
@@ -112,6 +113,11 @@ impl From<ClusterError> for ApiError {
                 "timeout",
                 "Cluster did not answer in time",
             ),
+            ClusterError::NotCaughtUp(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "member-not-caught-up",
+                "Member added, not caught up",
+            ),
             ClusterError::Membership(_) => (
                 StatusCode::CONFLICT,
                 "membership",
@@ -199,14 +205,30 @@ async fn not_found(request: Request<Body>) -> ApiError {
     ))
 }
 
+/// The token of an `Authorization: Bearer <token>` header. The scheme is matched without
+/// regard to case (RFC 7235, section 2.1: "case-insensitive token").
 fn bearer(request: &Request) -> Option<&str> {
-    request
+    let value = request
         .headers()
         .get(header::AUTHORIZATION)?
         .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::trim)
+        .ok()?;
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|token| !token.is_empty())
+}
+
+/// The SHA-256 digest of a node credential, in lowercase hex: what the replicated node
+/// record keeps. Credentials are 256 random bits, so a fast digest suffices (no password
+/// stretching is needed against guessing).
+pub fn credential_digest(credential: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(credential.as_bytes())
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
 }
 
 /// Compares secrets without stopping at the first differing byte, so response times do not
@@ -221,32 +243,53 @@ fn same_secret(given: &str, expected: &str) -> bool {
             == 0
 }
 
-/// Who a bearer token speaks for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Role {
+/// Who a bearer token speaks for. Agent handlers receive it as a request extension.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Caller {
     Admin,
     Viewer,
-    Agent,
+    /// The join token: may only register.
+    Join,
+    /// A node's own credential: may register and heartbeat for that node only.
+    Node {
+        id: String,
+        credential_hash: String,
+    },
 }
 
-fn role_of(tokens: &crate::node::Tokens, token: &str) -> Option<Role> {
+fn caller_of(controller: &Controller, token: &str) -> Option<Caller> {
+    let tokens = &controller.tokens;
     if same_secret(token, &tokens.admin) {
-        Some(Role::Admin)
-    } else if tokens
+        return Some(Caller::Admin);
+    }
+    if tokens
         .viewer
         .as_deref()
         .is_some_and(|viewer| same_secret(token, viewer))
     {
-        Some(Role::Viewer)
-    } else if same_secret(token, &tokens.join) {
-        Some(Role::Agent)
-    } else {
-        None
+        return Some(Caller::Viewer);
     }
+    if same_secret(token, &tokens.join.get()) {
+        return Some(Caller::Join);
+    }
+    // A digest looked up in a map: the map's comparisons see only the digest, which says
+    // nothing about how close a guess of the credential was.
+    let credential_hash = credential_digest(token);
+    let id = controller.state.read(|machine| {
+        machine
+            .state
+            .node_of_credential(&credential_hash)
+            .map(str::to_string)
+    })?;
+    Some(Caller::Node {
+        id,
+        credential_hash,
+    })
 }
 
-/// `/v1/agents/*` is for agents (join token) and admins; everything else under `/v1` is for
-/// admins, and for viewers on safe methods.
+/// `/v1/agents/*` is for agents (the join token registers; a node credential registers and
+/// heartbeats for its node); everything else under `/v1` is for admins, and for viewers on
+/// safe methods. Neither admin nor viewer tokens are a node identity.
 async fn require_api_token(
     State(controller): State<Arc<Controller>>,
     request: Request,
@@ -261,7 +304,7 @@ async fn require_api_token(
         )
         .into_response();
     };
-    let Some(role) = role_of(&controller.tokens, token) else {
+    let Some(caller) = caller_of(&controller, token) else {
         return ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -275,20 +318,27 @@ async fn require_api_token(
         *request.method(),
         Method::GET | Method::HEAD | Method::OPTIONS
     );
-    let refusal = match (role, agent_route) {
-        (Role::Admin, _) | (Role::Agent, true) => None,
-        (Role::Viewer, false) if safe => None,
-        (Role::Viewer, false) => {
+    let refusal = match (&caller, agent_route) {
+        (Caller::Admin, false) | (Caller::Join | Caller::Node { .. }, true) => None,
+        (Caller::Viewer, false) if safe => None,
+        (Caller::Viewer, false) => {
             Some("the viewer token may only read; writes need the admin token")
         }
-        (Role::Viewer, true) => Some("agent endpoints need the join token"),
-        (Role::Agent, false) => Some("the join token may only register and heartbeat"),
+        (Caller::Admin | Caller::Viewer, true) => Some(
+            "agent endpoints need the join token (to register) or a node's credential; the admin and viewer tokens are no node's identity",
+        ),
+        (Caller::Join, false) => Some("the join token may only register a node"),
+        (Caller::Node { .. }, false) => Some("a node credential may only be used by its agent"),
     };
     match refusal {
         Some(detail) => {
             ApiError::new(StatusCode::FORBIDDEN, "forbidden", "Forbidden", detail).into_response()
         }
-        None => next.run(request).await,
+        None => {
+            let mut request = request;
+            request.extensions_mut().insert(caller);
+            next.run(request).await
+        }
     }
 }
 
@@ -327,6 +377,10 @@ async fn require_cluster_secret(
 ) -> Response {
     match bearer(&request) {
         Some(secret) if same_secret(secret, &controller.tokens.cluster_secret) => {
+            // A peer's connection is never closed to make room for another.
+            if let Some(connection) = request.extensions().get::<Arc<serve::Connection>>() {
+                connection.mark_peer();
+            }
             next.run(request).await
         }
         _ => ApiError::new(

@@ -172,6 +172,7 @@ async fn members(
             .await
             .map_err(|error| match error {
                 ClusterError::NoLeader(_) => MembershipFailure::NotLeader,
+                ClusterError::NotCaughtUp(detail) => MembershipFailure::NotCaughtUp(detail),
                 other => MembershipFailure::Refused(other.to_string()),
             }),
     )

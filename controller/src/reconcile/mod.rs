@@ -627,6 +627,8 @@ mod tests {
                     agent_version: "test".to_string(),
                     roles: strata_api::default_roles(),
                 },
+                auth: None,
+                max_nodes: None,
             });
             self.heartbeat(id, Vec::new());
         }
@@ -1217,6 +1219,8 @@ mod tests {
                     agent_version: "test".to_string(),
                     roles: vec![NodeRole::LoadBalancer],
                 },
+                auth: None,
+                max_nodes: None,
             });
             self.heartbeat(id, Vec::new());
         }
