@@ -283,9 +283,11 @@ pub struct Scaling {
     /// below still pace it.
     #[serde(default = "default_cooldown")]
     pub cooldown: Duration,
-    /// Scale-in uses the highest recommendation seen during this window (like HPA).
-    #[serde(default = "default_scale_in_stabilization")]
-    pub scale_in_stabilization: Duration,
+    /// Scale-in uses the highest recommendation seen during this window (like HPA). When
+    /// absent the window adapts to the tier's observed start-up time (see
+    /// [`Scaling::scale_in_window_ms`]); a value set here is used exactly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_in_stabilization: Option<Duration>,
     /// At most this many instances added or removed per `step_period`.
     #[serde(default = "default_max_step")]
     pub max_step: u32,
@@ -312,7 +314,7 @@ impl Scaling {
             schedules: Vec::new(),
             warmup: default_warmup(),
             cooldown: default_cooldown(),
-            scale_in_stabilization: default_scale_in_stabilization(),
+            scale_in_stabilization: None,
             max_step: default_max_step(),
             max_step_percent: default_max_step_percent(),
             step_period: default_step_period(),
@@ -320,18 +322,52 @@ impl Scaling {
     }
 }
 
+/// How many observed start-ups long an adaptive scale-in window is.
+pub const ADAPTIVE_STABILIZATION_STARTUPS: u64 = 3;
+/// The bounds of an adaptive scale-in window, and the window until a start-up has been seen.
+pub const ADAPTIVE_STABILIZATION_MIN: Duration = Duration::from_secs(60);
+pub const ADAPTIVE_STABILIZATION_MAX: Duration = Duration::from_secs(300);
+
+impl Scaling {
+    /// The scale-in stabilization window in force, in milliseconds, and whether it adapts.
+    ///
+    /// An explicit `scale_in_stabilization` is used exactly. Otherwise the window is
+    /// `clamp(ADAPTIVE_STABILIZATION_STARTUPS × observed start-up, 60 s, 300 s)`, and 300 s
+    /// (HPA's default) until a start-up has been observed. Why start-ups: scaling in too early
+    /// costs one start-up of under-capacity when the load comes back, so the window that is
+    /// worth its instance-seconds is a few start-ups long (bench/README.md, "adaptive window").
+    pub fn scale_in_window_ms(&self, observed_startup_ms: Option<u64>) -> (u64, bool) {
+        match self.scale_in_stabilization {
+            Some(explicit) => (explicit.as_millis(), false),
+            None => (adaptive_scale_in_window_ms(observed_startup_ms), true),
+        }
+    }
+}
+
+/// See [`Scaling::scale_in_window_ms`].
+pub fn adaptive_scale_in_window_ms(observed_startup_ms: Option<u64>) -> u64 {
+    let (low, high) = (
+        ADAPTIVE_STABILIZATION_MIN.as_millis(),
+        ADAPTIVE_STABILIZATION_MAX.as_millis(),
+    );
+    match observed_startup_ms {
+        None => high,
+        Some(startup) => startup
+            .saturating_mul(ADAPTIVE_STABILIZATION_STARTUPS)
+            .clamp(low, high),
+    }
+}
+
 // The defaults below are the policy `strata-bench autoscale` measured (bench/README.md): react
-// within seconds on the way up, wait a stabilization window on the way down. The window stays
-// at HPA's 300 s: shorter ones save instance-seconds when instances start in 30 s but cost
-// SLO violations once they take a minute or more to start (the bench's window sweep).
+// within seconds on the way up, wait a stabilization window on the way down. The window is not
+// a fixed default: a fixed 90 s saves instance-seconds when instances start in 30 s but costs
+// SLO violations once they take a minute or more to start, so an unset window adapts to the
+// observed start-up (`Scaling::scale_in_window_ms`).
 fn default_warmup() -> Duration {
     Duration::from_secs(0)
 }
 fn default_cooldown() -> Duration {
     Duration::from_secs(0)
-}
-fn default_scale_in_stabilization() -> Duration {
-    Duration::from_secs(300)
 }
 fn default_max_step() -> u32 {
     4
@@ -756,6 +792,16 @@ pub struct ScalingInputs {
     /// Each window or limit that changed the count on its way to `to`, in the order applied.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub bounded_by: Vec<ScalingBound>,
+    /// The scale-in stabilization window in force, and whether it adapted to the observed
+    /// start-up time (`scale_in_stabilization` unset) rather than being set explicitly.
+    #[serde(default)]
+    pub stabilization_ms: u64,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stabilization_adaptive: bool,
+    /// The median start-up time (created to ready) of the tier's recent instances, when any
+    /// has become ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_startup_ms: Option<u64>,
     /// The decision in plain words.
     pub reason: String,
 }

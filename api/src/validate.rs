@@ -393,11 +393,9 @@ fn scaling(report: &mut Report, scaling: &Scaling) {
         report.fail("scaling.max_step", "must be at least 1");
     }
     report.at_most("scaling.cooldown", scaling.cooldown, ONE_DAY);
-    report.at_most(
-        "scaling.scale_in_stabilization",
-        scaling.scale_in_stabilization,
-        ONE_DAY,
-    );
+    if let Some(window) = scaling.scale_in_stabilization {
+        report.at_most("scaling.scale_in_stabilization", window, ONE_DAY);
+    }
     report.at_least("scaling.step_period", scaling.step_period, ONE_SECOND);
     report.at_most("scaling.step_period", scaling.step_period, ONE_DAY);
 

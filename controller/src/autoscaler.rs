@@ -33,7 +33,9 @@ use uuid::Uuid;
 
 use crate::network::{routes, PeerError};
 use crate::node::{now_ms, Controller, LocalWriteError};
-use crate::reconcile::autoscale::windows::{LbSample, Serving, WindowConfig, Windows};
+use crate::reconcile::autoscale::windows::{
+    observed_startup_ms, LbSample, Serving, WindowConfig, Windows,
+};
 use crate::reconcile::autoscale::{plan, Input, Memory};
 use crate::state::{Command, CommandResult};
 use crate::views::TierIndex;
@@ -388,6 +390,8 @@ struct TierCopy {
     desired: u32,
     last_scaling: Option<ScalingDecision>,
     serving: Serving,
+    /// See `windows::observed_startup_ms`.
+    observed_startup_ms: Option<u64>,
     alive: HashSet<Uuid>,
 }
 
@@ -453,6 +457,7 @@ async fn evaluate(controller: &Controller, term: u64) {
                         &tier.spec.scaling,
                         now,
                     ),
+                    observed_startup_ms: observed_startup_ms(instances.iter().copied()),
                     alive: instances
                         .iter()
                         .filter(|instance| !instance.phase.is_final())
@@ -497,6 +502,7 @@ async fn evaluate(controller: &Controller, term: u64) {
                     metrics: &metrics,
                     ready: tier.serving.ready(),
                     warming: tier.serving.warming(),
+                    observed_startup_ms: tier.observed_startup_ms,
                     now_ms: now,
                 },
                 memory,

@@ -261,7 +261,19 @@ pub fn describe_tier(tier: &Tier, related: Related<'_>, now_ms: u64) -> String {
         "Pacing",
         format!(
             "cooldown {}, scale-in stabilization {}, at most {} per {}",
-            scaling.cooldown, scaling.scale_in_stabilization, scaling.max_step, scaling.step_period
+            scaling.cooldown,
+            match scaling.scale_in_stabilization {
+                Some(window) => window.to_string(),
+                None => format!(
+                    "adaptive ({} start-ups, {}..{}; {} until one is seen)",
+                    crate::tier::ADAPTIVE_STABILIZATION_STARTUPS,
+                    crate::tier::ADAPTIVE_STABILIZATION_MIN,
+                    crate::tier::ADAPTIVE_STABILIZATION_MAX,
+                    crate::tier::ADAPTIVE_STABILIZATION_MAX
+                ),
+            },
+            scaling.max_step,
+            scaling.step_period
         ),
     );
 
@@ -466,6 +478,19 @@ fn decision_details(inputs: &ScalingInputs) -> Vec<String> {
                 Duration::from_millis(*period_ms)
             ),
             ScalingBound::Bounds { min, max } => format!("bounded by min {min} and max {max}"),
+        });
+    }
+    if inputs.stabilization_adaptive {
+        let window = Duration::from_millis(inputs.stabilization_ms);
+        lines.push(match inputs.observed_startup_ms {
+            Some(startup) => format!(
+                "scale-in window {window}, adaptive: {} × the observed start-up {}, within {}..{}",
+                crate::tier::ADAPTIVE_STABILIZATION_STARTUPS,
+                Duration::from_millis(startup),
+                crate::tier::ADAPTIVE_STABILIZATION_MIN,
+                crate::tier::ADAPTIVE_STABILIZATION_MAX
+            ),
+            None => format!("scale-in window {window}, adaptive: no start-up observed yet"),
         });
     }
     lines.push(format!(

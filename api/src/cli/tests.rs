@@ -1353,6 +1353,9 @@ fn describe_tier_explains_autoscaler_decisions_and_a_pause() {
             limit: 2,
             allowed: 4,
         }],
+        stabilization_ms: 300_000,
+        stabilization_adaptive: false,
+        observed_startup_ms: None,
         reason: "scale out from 2 to 4: the policies ask for 8, limited to 2 more per 15s".into(),
     };
     let events = vec![
@@ -1406,4 +1409,55 @@ fn describe_tier_explains_autoscaler_decisions_and_a_pause() {
   5s ago  desired 4 -> 3: scaled by an operator
 "
     );
+}
+
+#[test]
+fn describe_tier_shows_whether_the_scale_in_window_adapts() {
+    use crate::tier::{ScalingBound, ScalingInputs};
+    let inputs = ScalingInputs {
+        at_ms: NOW_MS - 20_000,
+        from: 4,
+        to: 4,
+        ready: 4,
+        min: 2,
+        max: 6,
+        bounded_by: vec![ScalingBound::Stabilization {
+            window_ms: 120_000,
+            highest: 4,
+        }],
+        stabilization_ms: 120_000,
+        stabilization_adaptive: true,
+        observed_startup_ms: Some(30_000),
+        reason: "keep 4: the highest recommendation of the last 2m was 4".into(),
+        ..ScalingInputs::default()
+    };
+    let events = vec![Event {
+        id: 1,
+        at_ms: NOW_MS - 20_000,
+        object: "tier/web".into(),
+        reason: "ScaledIn".into(),
+        message: inputs.reason.clone(),
+        scaling: Some(Box::new(inputs)),
+    }];
+    let mut web = tier("web", 7);
+    web.spec.scaling.scale_in_stabilization = None;
+    let related = render::Related {
+        instances: None,
+        events: Some(&events),
+        pool: None,
+    };
+    let text = render::describe_tier(&web, related, NOW_MS);
+    assert!(
+        text.contains(
+            "scale-in stabilization adaptive (3 start-ups, 1m..5m; 5m until one is seen)"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("scale-in window 2m, adaptive: 3 × the observed start-up 30s, within 1m..5m"),
+        "{text}"
+    );
+    web.spec.scaling.scale_in_stabilization = Some(crate::Duration::from_secs(45));
+    let text = render::describe_tier(&web, related, NOW_MS);
+    assert!(text.contains("scale-in stabilization 45s,"), "{text}");
 }

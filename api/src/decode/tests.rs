@@ -404,7 +404,7 @@ fn scaling_blocks_of_earlier_files_still_decode_the_same() {
     assert_eq!(scaling.cooldown, crate::Duration::from_secs(45));
     assert_eq!(
         scaling.scale_in_stabilization,
-        crate::Duration::from_secs(120)
+        Some(crate::Duration::from_secs(120))
     );
     assert_eq!(scaling.max_step, 3);
     assert_eq!(scaling.step_period, crate::Duration::from_secs(30));

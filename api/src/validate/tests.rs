@@ -223,7 +223,7 @@ fn scaling_rules() {
         (
             "stabilization over 24h",
             process_tier,
-            |s| s.scaling.scale_in_stabilization = Duration::from_secs(86_401),
+            |s| s.scaling.scale_in_stabilization = Some(Duration::from_secs(86_401)),
             &["scaling.scale_in_stabilization"],
         ),
         (

@@ -12,7 +12,9 @@ use std::collections::HashSet;
 
 use anyhow::Context as _;
 use strata_api::{Health, Instance, Phase, Provider, Scaling, ScalingDecision, TierSpec};
-use strata_controller::reconcile::autoscale::windows::{Serving, WindowConfig, Windows};
+use strata_controller::reconcile::autoscale::windows::{
+    observed_startup_ms, Serving, WindowConfig, Windows,
+};
 use strata_controller::reconcile::autoscale::{plan, Input, Memory};
 use uuid::Uuid;
 
@@ -139,6 +141,7 @@ impl Autoscaler for Strata {
                 metrics: &metrics,
                 ready: serving.ready(),
                 warming: serving.warming(),
+                observed_startup_ms: observed_startup_ms(&self.instances),
                 now_ms,
             },
             &mut self.memory,
@@ -210,8 +213,17 @@ mod tests {
         assert!(rows[419].ready >= 12, "{:?}", rows[419]);
         // Without overshooting: averages start when the newest instance joined.
         assert_eq!(report.peak_instances, 12, "{report:?}");
-        // Back to 4 after the 300 s stabilization window (and not before).
-        assert!(rows[420 + 290].desired >= 12, "{:?}", rows[710]);
+        // Back to 4 after the stabilization window (and not before): unset, it adapts to the
+        // observed 10 s start-ups, 3 of them raised to the 60 s floor.
+        assert!(rows[420 + 55].desired >= 12, "{:?}", rows[475]);
+        let back = rows[420..]
+            .iter()
+            .position(|r| r.desired == 4)
+            .expect("back to 4");
+        assert!(
+            (60..=75).contains(&back),
+            "back to 4 {back} s after the load dropped"
+        );
         assert_eq!(rows.last().map(|r| r.desired), Some(4));
         assert!(report.slo_violation_seconds > 0 && report.slo_violation_seconds < 60);
         // One way up, one way down: no flapping.

@@ -16,7 +16,8 @@
 //! 2. The largest recommendation wins; scale-in needs every policy to agree (none may block
 //!    it) and no instance starting or warming up.
 //! 3. Scale-in is stabilized: the count never drops below the highest recommendation of the
-//!    last `scale_in_stabilization`, and a leader that has not yet watched one whole window
+//!    last `scale_in_stabilization` (when unset, a window of a few observed start-ups, see
+//!    `Scaling::scale_in_window_ms`), and a leader that has not yet watched one whole window
 //!    does not scale in at all, so a failover never makes a decision the old leader, with its
 //!    longer memory, would not have made.
 //! 4. Scale-out waits `cooldown` after the previous scale-out.
@@ -41,7 +42,9 @@
 //!     let memory = memories.entry(name).or_insert_with(|| Memory::new(now));
 //!     let outcome = autoscale::plan(&Input { scaling, desired: status.desired,
 //!         last_scaling: status.last_scaling.as_ref(), metrics: &metrics,
-//!         ready: serving.ready(), warming: serving.warming(), now_ms: now }, memory);
+//!         ready: serving.ready(), warming: serving.warming(),
+//!         observed_startup_ms: windows::observed_startup_ms(&instances_of_tier),
+//!         now_ms: now }, memory);
 //!     if let Some(to) = outcome.desired { propose ScaleTier(to) with outcome.inputs as event }
 //!     windows.prune(now);
 //! ```
@@ -83,6 +86,9 @@ pub struct Input<'a> {
     pub ready: u32,
     /// Instances that exist but are not yet ready or still warming up.
     pub warming: u32,
+    /// The tier's observed start-up time ([`windows::observed_startup_ms`]); an unset
+    /// `scale_in_stabilization` adapts to it.
+    pub observed_startup_ms: Option<u64>,
     pub now_ms: u64,
 }
 
@@ -361,7 +367,10 @@ pub fn plan(input: &Input<'_>, memory: &mut Memory) -> Outcome {
     inputs.policies = verdicts.into_iter().map(|v| v.evaluation).collect();
     inputs.recommendation = recommendation;
 
-    let window_ms = scaling.scale_in_stabilization.as_millis();
+    let (window_ms, adaptive) = scaling.scale_in_window_ms(input.observed_startup_ms);
+    inputs.stabilization_ms = window_ms;
+    inputs.stabilization_adaptive = adaptive;
+    inputs.observed_startup_ms = input.observed_startup_ms;
     let mut target = recommendation.unwrap_or(current);
     let mut why = match recommendation {
         Some(count) if count > current => format!("the policies ask for {count}"),

@@ -17,7 +17,7 @@ fn scaling(policies: Vec<ScalingPolicy>) -> Scaling {
         policies,
         max_step: 100,
         max_step_percent: None,
-        scale_in_stabilization: Duration::from_secs(0),
+        scale_in_stabilization: Some(Duration::from_secs(0)),
         ..Scaling::with_bounds(1, 20)
     }
 }
@@ -41,6 +41,7 @@ fn once(scaling: &Scaling, desired: u32, metrics: &[Option<MetricValue>], now_ms
             metrics,
             ready: desired,
             warming: 0,
+            observed_startup_ms: None,
             now_ms,
         },
         &mut memory,
@@ -162,6 +163,7 @@ fn starting_instances_neither_double_a_scale_out_nor_allow_a_scale_in() {
         metrics: &[value(90.0, 4)],
         ready: 4,
         warming: 2,
+        observed_startup_ms: None,
         now_ms: LATER,
     };
     assert_eq!(plan(&input, &mut memory).desired, None);
@@ -197,6 +199,7 @@ fn a_new_leaders_empty_windows_and_silent_agents_never_scale_in() {
                 metrics: &metrics,
                 ready: 4,
                 warming: 0,
+                observed_startup_ms: None,
                 now_ms,
             },
             memory,
@@ -242,7 +245,7 @@ fn a_new_leaders_empty_windows_and_silent_agents_never_scale_in() {
 #[test]
 fn scale_in_is_stabilized_over_the_window() {
     let mut s = scaling(vec![ScalingPolicy::target_tracking(CPU, 60.0)]);
-    s.scale_in_stabilization = Duration::from_secs(60);
+    s.scale_in_stabilization = Some(Duration::from_secs(60));
     let mut memory = Memory::new(0);
     let mut desired = 8;
     let mut step = |now_s: u64, cpu: f64, desired: &mut u32| {
@@ -254,6 +257,7 @@ fn scale_in_is_stabilized_over_the_window() {
                 metrics: &[value(cpu, *desired)],
                 ready: *desired,
                 warming: 0,
+                observed_startup_ms: None,
                 now_ms: now_s * 1000,
             },
             &mut memory,
@@ -289,7 +293,7 @@ fn scale_in_is_stabilized_over_the_window() {
 #[test]
 fn a_new_leader_waits_a_whole_window_before_scaling_in() {
     let mut s = scaling(vec![ScalingPolicy::target_tracking(CPU, 60.0)]);
-    s.scale_in_stabilization = Duration::from_secs(300);
+    s.scale_in_stabilization = Some(Duration::from_secs(300));
     let mut memory = Memory::new(1_000_000);
     let metrics = [value(10.0, 8)];
     let at = |now_ms| Input {
@@ -299,10 +303,120 @@ fn a_new_leader_waits_a_whole_window_before_scaling_in() {
         metrics: &metrics,
         ready: 8,
         warming: 0,
+        observed_startup_ms: None,
         now_ms,
     };
     assert_eq!(plan(&at(1_000_000 + 299_000), &mut memory).desired, None);
     assert_eq!(plan(&at(1_000_000 + 300_000), &mut memory).desired, Some(2));
+}
+
+/// The window a leader that has watched an idle 8-instance tier since 0 needs before it scales
+/// in, found by evaluating every second: the planner's own answer, not the helper's.
+fn first_scale_in_s(s: &Scaling, observed_startup_ms: Option<u64>) -> (u64, ScalingInputs) {
+    let mut memory = Memory::new(0);
+    let metrics = [value(10.0, 8)];
+    for second in 0..=400 {
+        let outcome = plan(
+            &Input {
+                scaling: s,
+                desired: 8,
+                last_scaling: None,
+                metrics: &metrics,
+                ready: 8,
+                warming: 0,
+                observed_startup_ms,
+                now_ms: second * 1000,
+            },
+            &mut memory,
+        );
+        if outcome.desired.is_some() {
+            return (second, outcome.inputs);
+        }
+    }
+    panic!("no scale-in within 400 s");
+}
+
+#[test]
+fn an_explicit_window_wins_over_the_observed_start_up() {
+    let mut s = scaling(vec![ScalingPolicy::target_tracking(CPU, 60.0)]);
+    s.scale_in_stabilization = Some(Duration::from_secs(200));
+    let (second, inputs) = first_scale_in_s(&s, Some(10_000));
+    assert_eq!(second, 200);
+    assert_eq!(inputs.stabilization_ms, 200_000);
+    assert!(!inputs.stabilization_adaptive);
+    assert_eq!(inputs.observed_startup_ms, Some(10_000));
+    // An explicit 0 is honoured too: it is a value, not "unset".
+    s.scale_in_stabilization = Some(Duration::from_secs(0));
+    assert_eq!(first_scale_in_s(&s, Some(120_000)).0, 0);
+}
+
+#[test]
+fn an_unset_window_is_300_s_until_a_start_up_is_observed() {
+    let mut s = scaling(vec![ScalingPolicy::target_tracking(CPU, 60.0)]);
+    s.scale_in_stabilization = None;
+    let (second, inputs) = first_scale_in_s(&s, None);
+    assert_eq!(second, 300);
+    assert_eq!(inputs.stabilization_ms, 300_000);
+    assert!(inputs.stabilization_adaptive);
+    assert_eq!(inputs.observed_startup_ms, None);
+}
+
+#[test]
+fn an_unset_window_is_a_few_start_ups_within_its_bounds() {
+    let mut s = scaling(vec![ScalingPolicy::target_tracking(CPU, 60.0)]);
+    s.scale_in_stabilization = None;
+    let k = strata_api::ADAPTIVE_STABILIZATION_STARTUPS;
+    // Fast start-ups shorten the window to k of them.
+    let (second, inputs) = first_scale_in_s(&s, Some(30_000));
+    assert_eq!(second, 30 * k);
+    assert_eq!(inputs.stabilization_ms, 30_000 * k);
+    assert!(inputs.stabilization_adaptive);
+    // Never below 60 s, however fast instances start...
+    assert_eq!(first_scale_in_s(&s, Some(1_000)).0, 60);
+    assert_eq!(first_scale_in_s(&s, Some(0)).0, 60);
+    // ...and never above 300 s, however slow.
+    assert_eq!(first_scale_in_s(&s, Some(600_000)).0, 300);
+    assert_eq!(first_scale_in_s(&s, Some(u64::MAX)).0, 300);
+}
+
+#[test]
+fn the_observed_start_up_is_the_median_of_the_recent_ready_instances() {
+    use super::windows::{observed_startup_ms, STARTUP_SAMPLES};
+    let instance = |created_s: u64, startup_s: Option<u64>| strata_api::Instance {
+        id: uuid::Uuid::from_u128(u128::from(created_s) + 1),
+        tier: "web".to_string(),
+        provider: strata_api::Provider::Local,
+        node: None,
+        provider_id: None,
+        address: None,
+        port: None,
+        phase: strata_api::Phase::Running,
+        health: strata_api::Health::Healthy,
+        generation: 1,
+        reason: None,
+        created_at_ms: created_s * 1000,
+        updated_at_ms: created_s * 1000,
+        ready_at_ms: startup_s.map_or(0, |s| (created_s + s) * 1000),
+        drain_started_ms: 0,
+        resource_version: 0,
+    };
+    assert_eq!(observed_startup_ms(&[] as &[strata_api::Instance]), None);
+    // Not yet ready: no data.
+    assert_eq!(observed_startup_ms(&[instance(5, None)]), None);
+    // One instance restarted long after creation does not move the median.
+    let tier = [
+        instance(1, Some(30)),
+        instance(2, Some(40)),
+        instance(3, Some(5_000)),
+        instance(4, None),
+    ];
+    assert_eq!(observed_startup_ms(&tier), Some(40_000));
+    // Only the most recently created instances count: an old image's slow boots age out.
+    let mut tier: Vec<_> = (0..STARTUP_SAMPLES as u64)
+        .map(|i| instance(1_000 + i, Some(20)))
+        .collect();
+    tier.extend((0..STARTUP_SAMPLES as u64).map(|i| instance(i, Some(200))));
+    assert_eq!(observed_startup_ms(&tier), Some(20_000));
 }
 
 #[test]
@@ -324,6 +438,7 @@ fn scale_out_waits_for_the_cooldown() {
         metrics: &[value(90.0, 4)],
         ready: 4,
         warming: 0,
+        observed_startup_ms: None,
         now_ms: LATER,
     };
     let outcome = plan(&input, &mut memory);
@@ -361,6 +476,7 @@ fn a_period_changes_at_most_the_larger_of_its_limits() {
         metrics: &[value(600.0, 2)],
         ready: 2,
         warming: 0,
+        observed_startup_ms: None,
         now_ms: LATER,
     };
     assert_eq!(plan(&input, &mut memory).desired, Some(6));
@@ -657,6 +773,7 @@ impl Run {
                 metrics: &metrics,
                 ready: self.ready,
                 warming: self.starting.len() as u32,
+                observed_startup_ms: None,
                 now_ms,
             },
             &mut self.memory,
@@ -702,7 +819,7 @@ fn arbitrary_scaling() -> impl Strategy<Value = Scaling> {
                 Scaling {
                     policies: vec![policy],
                     cooldown: Duration::from_secs(cooldown),
-                    scale_in_stabilization: Duration::from_secs(window),
+                    scale_in_stabilization: Some(Duration::from_secs(window)),
                     max_step,
                     max_step_percent: percent,
                     step_period: Duration::from_secs(period),
@@ -746,7 +863,7 @@ proptest! {
             }
         }
         let period = s.step_period.as_millis();
-        let window = s.scale_in_stabilization.as_millis();
+        let window = s.scale_in_window_ms(None).0;
         for (i, &(at, from, to)) in run.decisions.iter().enumerate() {
             // Bounds-only corrections aside, the starting count is within bounds here.
             if to > from {

@@ -17,6 +17,38 @@ use uuid::Uuid;
 
 use super::MetricValue;
 
+/// How many of a tier's most recent instances the observed start-up time looks at.
+pub const STARTUP_SAMPLES: usize = 20;
+
+/// The median start-up time (`ready_at_ms - created_at_ms`) of the tier's most recently
+/// created instances that have become ready, or `None` before any has.
+///
+/// The median, not the mean: one instance that was restarted long after it was created (its
+/// `ready_at_ms` is when it last became ready) must not stretch the tier's scale-in window.
+pub fn observed_startup_ms<'a>(instances: impl IntoIterator<Item = &'a Instance>) -> Option<u64> {
+    let mut ready: Vec<(u64, u64)> = instances
+        .into_iter()
+        .filter(|instance| instance.ready_at_ms != 0)
+        .map(|instance| {
+            (
+                instance.created_at_ms,
+                instance.ready_at_ms.saturating_sub(instance.created_at_ms),
+            )
+        })
+        .collect();
+    if ready.is_empty() {
+        return None;
+    }
+    ready.sort_unstable_by_key(|&(created_at_ms, _)| std::cmp::Reverse(created_at_ms));
+    let mut startups: Vec<u64> = ready
+        .into_iter()
+        .take(STARTUP_SAMPLES)
+        .map(|(_, startup)| startup)
+        .collect();
+    startups.sort_unstable();
+    Some(startups[startups.len() / 2])
+}
+
 /// Limits of the windows.
 #[derive(Clone, Debug)]
 pub struct WindowConfig {
