@@ -388,6 +388,7 @@ fn the_observed_start_up_is_the_median_of_the_recent_ready_instances() {
         provider: strata_api::Provider::Local,
         node: None,
         provider_id: None,
+        subnet: None,
         address: None,
         port: None,
         phase: strata_api::Phase::Running,

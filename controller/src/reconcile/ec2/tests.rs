@@ -39,6 +39,8 @@ impl World {
                 agent_version: "test".to_string(),
                 roles: strata_api::default_roles(),
             },
+            auth: None,
+            max_nodes: None,
         });
         let spec: TierSpec = serde_json::from_value(serde_json::json!({
             "name": "web",
