@@ -697,6 +697,32 @@ impl State {
             let Some(node) = self.nodes.get(&new.node) else {
                 continue;
             };
+            // The planner chose the node from the state before this entry; an earlier command
+            // (often of the same round) may have made it unfit since. An instance created on a
+            // NotReady node would stay Pending until the node returns: its agent's reports are
+            // ignored, so the start timeout never fires, yet it counts toward the tier. Skipped
+            // here, the next round places it elsewhere.
+            let unfit = if !node.ready {
+                Some("is not ready")
+            } else if node.draining {
+                Some("is draining")
+            } else if node.cordoned {
+                Some("is cordoned")
+            } else {
+                None
+            };
+            if let Some(why) = unfit {
+                self.record(
+                    at_ms,
+                    format!("tier/{}", new.tier),
+                    "InstanceNotPlaced",
+                    format!(
+                        "instance {} not placed: node {} {why}; the next round places it elsewhere",
+                        new.id, new.node
+                    ),
+                );
+                continue;
+            }
             let instance = Instance {
                 id: new.id,
                 tier: new.tier.clone(),
