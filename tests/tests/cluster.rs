@@ -25,25 +25,38 @@ async fn put_tier(cluster: &Cluster, node: u64, name: &str) -> anyhow::Result<u1
 }
 
 async fn tier_names(cluster: &Cluster, node: u64, stale: bool) -> anyhow::Result<BTreeSet<String>> {
-    let suffix = if stale { "?stale=true" } else { "" };
-    let answer = send(
-        &cluster.http,
-        Method::GET,
-        &cluster.url(node, &format!("/v1/tiers{suffix}")),
-        Some(ADMIN_TOKEN),
-        None,
-    )
-    .await?;
-    anyhow::ensure!(answer.status == 200, "list tiers on {node}: {answer:?}");
-    Ok(answer.body["items"]
-        .as_array()
-        .map(|items| {
-            items
-                .iter()
-                .filter_map(|tier| tier["name"].as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default())
+    // Every page: a list answers at most 500 items and names the next page in `continue`.
+    let mut names = BTreeSet::new();
+    let mut next: Option<String> = None;
+    loop {
+        let mut query = vec!["limit=1000".to_string()];
+        if stale {
+            query.push("stale=true".to_string());
+        }
+        if let Some(token) = &next {
+            query.push(format!("continue={token}"));
+        }
+        let answer = send(
+            &cluster.http,
+            Method::GET,
+            &cluster.url(node, &format!("/v1/tiers?{}", query.join("&"))),
+            Some(ADMIN_TOKEN),
+            None,
+        )
+        .await?;
+        anyhow::ensure!(answer.status == 200, "list tiers on {node}: {answer:?}");
+        if let Some(items) = answer.body["items"].as_array() {
+            names.extend(
+                items
+                    .iter()
+                    .filter_map(|tier| tier["name"].as_str().map(str::to_string)),
+            );
+        }
+        match answer.body["continue"].as_str() {
+            Some(token) => next = Some(token.to_string()),
+            None => return Ok(names),
+        }
+    }
 }
 
 /// A node's `/metrics` text.
