@@ -18,6 +18,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -155,6 +156,11 @@ pub struct SupervisorConfig {
     pub data_dir: PathBuf,
     /// The address instances are reached at; ports are allocated on it.
     pub advertise_ip: IpAddr,
+    /// The ports instances are given (`--instance-ports`). Kept below the kernel's ephemeral
+    /// range (`net.ipv4.ip_local_port_range`, 32768-60999 by default) so that an outgoing
+    /// connection of any program cannot take a port between its allocation and the instance's
+    /// bind; Nomad's dynamic port range (20000-32000) is chosen the same way.
+    pub instance_ports: RangeInclusive<u16>,
     /// Time between SIGTERM and SIGKILL when stopping an instance.
     pub stop_grace: Duration,
     pub qemu: QemuConfig,
@@ -168,6 +174,7 @@ impl SupervisorConfig {
         SupervisorConfig {
             data_dir: data_dir.into(),
             advertise_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            instance_ports: DEFAULT_INSTANCE_PORTS,
             stop_grace: Duration::from_secs(10),
             qemu: QemuConfig::default(),
             run_as: None,
@@ -569,21 +576,25 @@ impl Supervisor {
         // The api's validation requires a driver for local tiers; an assignment without one is
         // read as the simplest kind.
         let kind = assignment.template.driver.unwrap_or(DriverKind::Process);
-        let started = allocate_port(self.config.advertise_ip, &in_use)
-            .map_err(|source| DriverError::Spawn {
-                program: "port allocation".to_string(),
-                source,
+        let started = allocate_port(
+            self.config.advertise_ip,
+            self.config.instance_ports.clone(),
+            &in_use,
+        )
+        .map_err(|source| DriverError::Spawn {
+            program: "port allocation".to_string(),
+            source,
+        })
+        .and_then(|host_port| {
+            self.drivers.get(kind).start(&StartRequest {
+                instance_id,
+                tier: &assignment.tier,
+                template: &assignment.template,
+                dir: &dir,
+                advertise_ip: self.config.advertise_ip,
+                host_port,
             })
-            .and_then(|host_port| {
-                self.drivers.get(kind).start(&StartRequest {
-                    instance_id,
-                    tier: &assignment.tier,
-                    template: &assignment.template,
-                    dir: &dir,
-                    advertise_ip: self.config.advertise_ip,
-                    host_port,
-                })
-            });
+        });
         let (record, phase) = match started {
             Ok(record) => (record, InstancePhase::Starting),
             Err(error) => {
@@ -659,18 +670,38 @@ impl Supervisor {
     }
 }
 
-/// A port on `ip` that is free right now and not used by another instance. Another program
-/// may still take it before the instance binds it; the instance then fails and is replaced,
-/// which is rare enough to accept.
-pub fn allocate_port(ip: IpAddr, in_use: &BTreeSet<u16>) -> std::io::Result<u16> {
-    for _ in 0..32 {
-        let listener = TcpListener::bind(SocketAddr::new(ip, 0))?;
-        let port = listener.local_addr()?.port();
-        if !in_use.contains(&port) {
+/// The default of [`SupervisorConfig::instance_ports`].
+pub const DEFAULT_INSTANCE_PORTS: RangeInclusive<u16> = 20000..=32000;
+
+/// A port of `range` on `ip` that is free right now and not used by another instance. The
+/// search starts at a random port, so agents sharing a host (and a range) rarely probe the
+/// same one at once. Another program may still bind it before the instance does; the
+/// instance then fails and is replaced.
+pub fn allocate_port(
+    ip: IpAddr,
+    range: RangeInclusive<u16>,
+    in_use: &BTreeSet<u16>,
+) -> std::io::Result<u16> {
+    let (low, high) = (*range.start(), *range.end());
+    if low == 0 || low > high {
+        return Err(std::io::Error::other(format!(
+            "the instance port range {low}-{high} is empty"
+        )));
+    }
+    let size = u32::from(high - low) + 1;
+    let first = rand::Rng::gen_range(&mut rand::thread_rng(), 0..size);
+    for step in 0..size {
+        let port = low + ((first + step) % size) as u16;
+        if in_use.contains(&port) {
+            continue;
+        }
+        if TcpListener::bind(SocketAddr::new(ip, port)).is_ok() {
             return Ok(port);
         }
     }
-    Err(std::io::Error::other("no free port found in 32 tries"))
+    Err(std::io::Error::other(format!(
+        "no free port on {ip} in the instance port range {low}-{high}"
+    )))
 }
 
 #[cfg(test)]
@@ -801,9 +832,30 @@ mod tests {
     #[test]
     fn allocates_distinct_free_ports() {
         let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
-        let first = allocate_port(ip, &BTreeSet::new()).expect("port");
-        let second = allocate_port(ip, &BTreeSet::from([first])).expect("port");
+        let first = allocate_port(ip, DEFAULT_INSTANCE_PORTS, &BTreeSet::new()).expect("port");
+        let second =
+            allocate_port(ip, DEFAULT_INSTANCE_PORTS, &BTreeSet::from([first])).expect("port");
         assert_ne!(first, second);
+        assert!(
+            DEFAULT_INSTANCE_PORTS.contains(&first) && DEFAULT_INSTANCE_PORTS.contains(&second)
+        );
         TcpListener::bind((ip, second)).expect("allocated port is bindable");
+    }
+
+    #[test]
+    fn a_range_with_every_port_taken_is_a_clear_error() {
+        let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let held = TcpListener::bind((ip, 0)).expect("bind");
+        let port = held.local_addr().expect("addr").port();
+        let error = allocate_port(ip, port..=port, &BTreeSet::new()).expect_err("taken");
+        assert!(error.to_string().contains("no free port"), "{error}");
+        let free = allocate_port(ip, 20000..=20001, &BTreeSet::from([20000, 20001]));
+        assert!(
+            free.is_err(),
+            "ports of other instances are skipped: {free:?}"
+        );
+        #[allow(clippy::reversed_empty_ranges)]
+        let empty = allocate_port(ip, 30..=20, &BTreeSet::new());
+        assert!(empty.is_err());
     }
 }

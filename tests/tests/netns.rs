@@ -391,6 +391,9 @@ async fn keepalived_moves_the_virtual_ip_to_lb2_when_lb1s_haproxy_dies() -> anyh
     let stream = VipStream::start(url, 4);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let lb1_state = env.lb_state_dir("lb-1");
+    // LB1 fails from the moment its agent is killed: a request that fails between that and
+    // HAProxy's kill -9 is part of the outage, not before it.
+    let killed = Instant::now();
     if let Some(agent) = env.agents.get_mut("lb-1") {
         agent.kill();
     }
@@ -399,7 +402,6 @@ async fn keepalived_moves_the_virtual_ip_to_lb2_when_lb1s_haproxy_dies() -> anyh
     for pid in &haproxy_pids {
         let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
     }
-    let killed = Instant::now();
     let moved = eventually(
         bound + Duration::from_secs(5),
         "the virtual IP on lb-2 only",
@@ -427,7 +429,9 @@ async fn keepalived_moves_the_virtual_ip_to_lb2_when_lb1s_haproxy_dies() -> anyh
         .filter(|o| o.error.is_none() && o.started > moved)
         .count();
     let first_failure = failed.iter().map(|o| o.started).min();
-    let last_failure = failed.iter().map(|o| o.finished).max();
+    // A request that started during the outage may end (time out) after it: what must not
+    // fail is a request started once the bound has passed.
+    let last_failure = failed.iter().map(|o| o.started).max();
     let allowed = stream_bound(4, bound);
     println!(
         "VIP moved {moved_after:?} after the kill (bound {bound:?}); {} requests, {} failed \
@@ -452,7 +456,7 @@ async fn keepalived_moves_the_virtual_ip_to_lb2_when_lb1s_haproxy_dies() -> anyh
     );
     ensure!(
         last_failure.is_none_or(|at| at.saturating_duration_since(killed) <= bound),
-        "requests still failed {:?} after the kill, beyond the {bound:?} bound: {sample:?}",
+        "a request started {:?} after the kill failed, beyond the {bound:?} bound: {sample:?}",
         last_failure.map(|at| at.saturating_duration_since(killed))
     );
     ensure!(
@@ -517,8 +521,9 @@ impl Vrrp {
 /// How long each client of [`VipStream`] waits between requests.
 const STREAM_PAUSE: Duration = Duration::from_millis(20);
 /// The connect timeout of a stream request: while no namespace holds the address, a SYN to it
-/// gets no answer.
-const STREAM_CONNECT_TIMEOUT: Duration = Duration::from_millis(250);
+/// gets no answer. Long enough that a busy machine's scheduling does not fail a connection to
+/// a healthy balancer, short against the failover bound.
+const STREAM_CONNECT_TIMEOUT: Duration = Duration::from_millis(1000);
 
 /// The most requests `clients` paced clients can fail during an outage of `outage`: each
 /// client starts a request at most once per [`STREAM_PAUSE`], plus the one in flight.

@@ -73,6 +73,10 @@ struct Args {
     /// Address instances are reached at; their ports are allocated on it.
     #[arg(long, env = "STRATA_ADVERTISE_IP", default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
     advertise_ip: IpAddr,
+    /// Ports given to instances, as LOW-HIGH. Keep it outside the kernel's ephemeral range
+    /// (net.ipv4.ip_local_port_range) so outgoing connections cannot take an allocated port.
+    #[arg(long, env = "STRATA_INSTANCE_PORTS", default_value = "20000-32000", value_parser = parse_port_range)]
+    instance_ports: std::ops::RangeInclusive<u16>,
     /// CPU cores offered to instances (default: all of this host's).
     #[arg(long, env = "STRATA_CPU")]
     cpu: Option<f64>,
@@ -109,6 +113,24 @@ struct Args {
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 enum LbKind {
     Haproxy,
+}
+
+fn parse_port_range(text: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    let (low, high) = text
+        .split_once('-')
+        .ok_or_else(|| format!("{text:?} is not LOW-HIGH, like 20000-32000"))?;
+    let port = |s: &str| {
+        s.trim()
+            .parse::<u16>()
+            .map_err(|_| format!("{s:?} is not a port (1-65535)"))
+    };
+    let (low, high) = (port(low)?, port(high)?);
+    if low == 0 || low > high {
+        return Err(format!(
+            "{text:?} is empty: LOW must be at least 1 and at most HIGH"
+        ));
+    }
+    Ok(low..=high)
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -197,6 +219,7 @@ async fn main() -> anyhow::Result<()> {
         data_dir: args.data_dir,
         run_as: args.run_as,
         advertise_ip: args.advertise_ip,
+        instance_ports: args.instance_ports,
         stop_grace: args.stop_grace.as_std(),
         qemu: QemuConfig {
             binary: args.qemu_binary,
