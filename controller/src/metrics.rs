@@ -87,6 +87,14 @@ pub fn render(controller: &Controller) -> String {
         controller.liveness.plan_micros_last.load(Ordering::Relaxed),
         controller.liveness.plan_micros_max.load(Ordering::Relaxed)
     );
+    let _ = writeln!(
+        out,
+        "# HELP strata_plan_cpu_micros CPU time of the planners in the last reconcile round (leader only).\n# TYPE strata_plan_cpu_micros gauge\nstrata_plan_cpu_micros {}",
+        controller
+            .liveness
+            .plan_cpu_micros_last
+            .load(Ordering::Relaxed)
+    );
     let liveness = &controller.liveness;
     let mut counter = |name: &str, help: &str, value: u64| {
         let _ = writeln!(

@@ -19,11 +19,11 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::BasicNode;
+use openraft::{BasicNode, EntryPayload, RaftLogId};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::raft_types::{NodeId, TypeConfig};
+use crate::raft_types::{Entry, NodeId, TypeConfig};
 
 /// Peer routes, shared with the server half.
 pub mod routes {
@@ -83,6 +83,12 @@ impl PeerClient {
         PeerClient { http, secret }
     }
 
+    /// The same client with a connection pool of its own: calls made through it never wait
+    /// for a connection (or the runtime driving one) that other calls use.
+    pub fn with_own_connections(&self) -> PeerClient {
+        PeerClient::new(self.secret.clone())
+    }
+
     /// POSTs `body` as JSON to `route` on the peer at `address` and decodes the JSON answer.
     pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
         &self,
@@ -129,6 +135,35 @@ impl PeerClient {
                 source,
             })
     }
+}
+
+/// The entries of one AppendEntries at most, in bytes of their commands' JSON (one entry is
+/// sent however large it is).
+///
+/// openraft 0.9 bounds an AppendEntries by entry count only (`max_payload_entries`), and gives
+/// each one the heartbeat interval as its deadline (replication/mod.rs). A batched entry can
+/// carry a hundred tier writes or instance updates, so 64 of them can be tens of megabytes,
+/// which no follower decodes and persists within 100 ms: the request times out, is sent
+/// again, and the leader's lease runs out. Sending a prefix and answering
+/// `AppendEntriesResponse::PartialSuccess` with its last log id is what openraft documents
+/// for this ("the application is allowed to send just [a prefix] and return
+/// PartialSuccess"; `raft/message/append_entries.rs`).
+pub const APPEND_BYTES: usize = 256 * 1024;
+
+/// How many of `entries`, from the first, fit `budget` bytes (at least one).
+pub fn entries_within(entries: &[Entry], budget: usize) -> usize {
+    let mut total = 0usize;
+    for (index, entry) in entries.iter().enumerate() {
+        // The log id, the entry's framing and a membership entry's nodes, roughly.
+        total += 64;
+        if let EntryPayload::Normal(proposal) = &entry.payload {
+            total += proposal.json().len();
+        }
+        if index > 0 && total > budget {
+            return index;
+        }
+    }
+    entries.len()
 }
 
 /// Creates one `PeerConnection` per replication target.
@@ -190,7 +225,23 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         request: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.rpc(routes::APPEND, &request, &option).await
+        let mut request = request;
+        // What openraft sent, cut to a byte budget (see `APPEND_BYTES`): the follower then
+        // has all of it, and openraft sends the rest next.
+        let cut = entries_within(&request.entries, APPEND_BYTES);
+        let sent_last = if cut < request.entries.len() {
+            request.entries.truncate(cut);
+            request.entries.last().map(|entry| *entry.get_log_id())
+        } else {
+            None
+        };
+        let response = self.rpc(routes::APPEND, &request, &option).await?;
+        Ok(match (response, sent_last) {
+            (AppendEntriesResponse::Success, Some(last)) => {
+                AppendEntriesResponse::PartialSuccess(Some(last))
+            }
+            (response, _) => response,
+        })
     }
 
     async fn install_snapshot(
@@ -210,5 +261,55 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         self.rpc(routes::VOTE, &request, &option).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft_types::{LogId, Proposal};
+    use crate::state::{Command, Request};
+
+    fn entry(index: u64, reason_bytes: usize) -> Entry {
+        let request = Request {
+            at_ms: 1,
+            command: Command::RecordEvent {
+                object: "tier/web".to_string(),
+                reason: "Test".to_string(),
+                message: "x".repeat(reason_bytes),
+            },
+        };
+        Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Proposal::new(request).expect("encodes")),
+        }
+    }
+
+    #[test]
+    fn an_append_is_cut_to_its_byte_budget_but_always_carries_one_entry() {
+        let small: Vec<Entry> = (1..=64).map(|index| entry(index, 100)).collect();
+        assert_eq!(
+            entries_within(&small, APPEND_BYTES),
+            64,
+            "small entries all fit"
+        );
+        let large: Vec<Entry> = (1..=64).map(|index| entry(index, 100_000)).collect();
+        let cut = entries_within(&large, APPEND_BYTES);
+        assert!((1..64).contains(&cut), "cut at {cut}");
+        let sent: usize = large[..cut]
+            .iter()
+            .map(|entry| match &entry.payload {
+                EntryPayload::Normal(proposal) => proposal.json().len(),
+                _ => 0,
+            })
+            .sum();
+        assert!(sent <= APPEND_BYTES, "{sent} bytes sent");
+        let huge = vec![entry(1, APPEND_BYTES * 2), entry(2, 10)];
+        assert_eq!(
+            entries_within(&huge, APPEND_BYTES),
+            1,
+            "one entry goes however large"
+        );
+        assert_eq!(entries_within(&[], APPEND_BYTES), 0);
     }
 }

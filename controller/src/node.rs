@@ -850,7 +850,7 @@ pub struct Pending {
 /// never batched, such as the planners' commands).
 fn batch_key(command: &Command) -> Option<String> {
     match command {
-        Command::PutTier { spec } => Some(format!("tier/{}", spec.name)),
+        Command::PutTier { spec, .. } => Some(format!("tier/{}", spec.name)),
         Command::ScaleTier { name, .. }
         | Command::DeleteTier { name, .. }
         | Command::ResumeAutoscaling { name, .. }

@@ -216,8 +216,8 @@ fn note(answers: &Answers, peer: NodeId, answer: PeerAnswer) {
 }
 
 impl Quorum {
-    /// Starts the probe loop for this node and returns its view. The loop ends when Raft
-    /// shuts down.
+    /// Starts the probe loop for this node, on a thread of its own, and returns its view. The
+    /// loop ends when Raft shuts down.
     pub fn start(
         raft: Raft,
         peers: PeerClient,
@@ -235,14 +235,39 @@ impl Quorum {
             elect_window,
             contact_window,
         };
-        tokio::spawn(run_probe(
-            raft,
-            peers,
-            self_id,
-            timing,
-            view.clone(),
-            answers.clone(),
-        ));
+        // The probe runs on a thread of its own, with its own connections to the peers: a
+        // leader whose runtime is busy (a planner round over 100,000 instances, a burst of
+        // heartbeats, a snapshot) is slow, not cut off, and must not refuse requests for it.
+        // Pings sent from the API runtime would wait behind that work, and their answers
+        // would come "late" though the peers answered at once.
+        let probe_peers = peers.with_own_connections();
+        let probe_view = view.clone();
+        let probe_answers = answers.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("strata-quorum-{self_id}"))
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(error) => {
+                        tracing::error!(%error, "cannot start the quorum probe's runtime");
+                        return;
+                    }
+                };
+                runtime.block_on(run_probe(
+                    raft,
+                    probe_peers,
+                    self_id,
+                    timing,
+                    probe_view,
+                    probe_answers,
+                ));
+            });
+        if let Err(error) = spawned {
+            tracing::error!(%error, "cannot start the quorum probe's thread");
+        }
         Quorum {
             view,
             answers,

@@ -46,7 +46,13 @@ pub struct Request {
 pub enum Command {
     /// Create or replace a tier. `spec.resource_version` is the compare-and-set precondition:
     /// `Some(0)` means "must not exist yet", `Some(v)` "must be at version v".
-    PutTier { spec: Box<TierSpec> },
+    PutTier {
+        spec: Box<TierSpec>,
+        /// The proposing node's `--max-tiers`: a new tier beyond it is refused. In the
+        /// command, so that writes racing on several nodes cannot pass it together.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_tiers: Option<u64>,
+    },
     DeleteTier {
         name: String,
         expected_version: Option<u64>,
@@ -301,7 +307,7 @@ impl State {
         }
         let version = self.next_revision(index);
         match command {
-            Command::PutTier { spec } => self.put_tier(version, at_ms, spec),
+            Command::PutTier { spec, max_tiers } => self.put_tier(version, at_ms, spec, *max_tiers),
             Command::DeleteTier {
                 name,
                 expected_version,
@@ -912,9 +918,29 @@ impl State {
         }
     }
 
-    fn put_tier(&mut self, index: u64, at_ms: u64, spec: &TierSpec) -> CommandResult {
+    fn put_tier(
+        &mut self,
+        index: u64,
+        at_ms: u64,
+        spec: &TierSpec,
+        max_tiers: Option<u64>,
+    ) -> CommandResult {
         if let Err(rejection) = self.check_version(&spec.name, spec.resource_version) {
             return CommandResult::Rejected { rejection };
+        }
+        if !self.tiers.contains_key(&spec.name)
+            && max_tiers.is_some_and(|max| self.tiers.len() as u64 >= max)
+        {
+            return CommandResult::Rejected {
+                rejection: Rejection::Limit {
+                    path: "name".to_string(),
+                    detail: format!(
+                        "the cluster already has {} tiers, its limit (--max-tiers {})",
+                        self.tiers.len(),
+                        max_tiers.unwrap_or_default()
+                    ),
+                },
+            };
         }
         // Decided here rather than in request validation: whether an address is taken
         // depends on the other tiers at this log position.
@@ -1257,6 +1283,7 @@ mod tests {
             at_ms: 1000,
             command: Command::PutTier {
                 spec: Box::new(spec),
+                max_tiers: None,
             },
         }
     }
@@ -1504,6 +1531,7 @@ mod tests {
                 commands: vec![
                     Command::PutTier {
                         spec: Box::new(spec("api", 1, 5)),
+                        max_tiers: None,
                     },
                     Command::ScaleTier {
                         name: "web".to_string(),
@@ -1546,13 +1574,13 @@ mod tests {
                     let name = format!("t{}", value % 3);
                     let expected_version = (*version > 0).then_some(*version);
                     let command = match kind {
-                        0 => Command::PutTier { spec: Box::new(spec(&name, 0, 5 + value)) },
+                        0 => Command::PutTier { spec: Box::new(spec(&name, 0, 5 + value)), max_tiers: None },
                         1 => Command::ScaleTier { name, desired: *value, expected_version },
                         2 => Command::DeleteTier { name, expected_version },
                         _ => {
                             let mut s = spec(&name, 1, 5);
                             s.resource_version = expected_version;
-                            Command::PutTier { spec: Box::new(s) }
+                            Command::PutTier { spec: Box::new(s), max_tiers: None }
                         }
                     };
                     Request { at_ms: 1000 + i as u64, command }
@@ -1590,6 +1618,7 @@ mod listen_tests {
             at_ms: 1000,
             command: Command::PutTier {
                 spec: Box::new(spec),
+                max_tiers: None,
             },
         }
     }
@@ -1636,7 +1665,7 @@ mod listen_tests {
         assert_eq!(state.tiers["web"].status.pool_version, 1);
         // A scaling-only change leaves the pool as it was.
         let mut request = balanced("web", "0.0.0.0:8080");
-        if let Command::PutTier { spec } = &mut request.command {
+        if let Command::PutTier { spec, .. } = &mut request.command {
             spec.scaling.max = 5;
         }
         state.apply(2, &request);
@@ -1794,6 +1823,64 @@ mod listen_tests {
         assert!(matches!(
             state.apply(3, &register("a", own("h1"), Some(1))),
             CommandResult::Node { .. }
+        ));
+    }
+
+    #[test]
+    fn max_tiers_is_decided_in_apply_so_racing_writes_cannot_pass_it() {
+        let spec = |name: &str, min: u32, max: u32| -> TierSpec {
+            serde_json::from_value(serde_json::json!({
+                "name": name,
+                "template": {"driver": "process", "command": ["app"]},
+                "scaling": {"min": min, "max": max},
+            }))
+            .unwrap_or_else(|error| panic!("{error}"))
+        };
+        let mut state = State::default();
+        let limited = |name: &str| Request {
+            at_ms: 1000,
+            command: Command::PutTier {
+                spec: Box::new(spec(name, 1, 5)),
+                max_tiers: Some(2),
+            },
+        };
+        // Two writes checked against the same count (as on two nodes at once) and a third:
+        // the log orders them, and only what fits is stored.
+        assert!(matches!(
+            state.apply(1, &limited("a")),
+            CommandResult::Tier { .. }
+        ));
+        assert!(matches!(
+            state.apply(2, &limited("b")),
+            CommandResult::Tier { .. }
+        ));
+        match state.apply(3, &limited("c")) {
+            CommandResult::Rejected {
+                rejection: Rejection::Limit { path, detail },
+            } => {
+                assert_eq!(path, "name");
+                assert!(detail.contains("--max-tiers 2"), "{detail}");
+            }
+            other => panic!("expected a limit, got {other:?}"),
+        }
+        assert_eq!(state.tiers.len(), 2);
+        // An existing tier can still be updated at the limit.
+        assert!(matches!(
+            state.apply(4, &limited("a")),
+            CommandResult::Tier { .. }
+        ));
+        // Entries written before the limit was in the command carry none.
+        let old: Command = serde_json::from_value(serde_json::json!({
+            "type": "put_tier",
+            "args": {"spec": serde_json::to_value(spec("d", 1, 5)).unwrap_or_default()}
+        }))
+        .unwrap_or_else(|error| panic!("{error}"));
+        assert!(matches!(
+            old,
+            Command::PutTier {
+                max_tiers: None,
+                ..
+            }
         ));
     }
 }

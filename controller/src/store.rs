@@ -741,13 +741,22 @@ impl StateMachineStore {
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
         let started = std::time::Instant::now();
-        let (data, last_applied, last_membership) = {
-            let machine = self.read(|machine| {
-                serde_json::to_vec(machine)
-                    .map(|data| (data, machine.last_applied, machine.last_membership.clone()))
-            });
-            machine.map_err(|error| io_error(ErrorSubject::StateMachine, ErrorVerb::Read, error))?
-        };
+        // A copy taken under the read lock, encoded off it and off the async workers: encoding
+        // the state of a large fleet takes hundreds of milliseconds, and apply (which waits
+        // for the lock on a worker) and every request would wait with it.
+        let machine = self.read(StateMachine::clone);
+        let (last_applied, last_membership) =
+            (machine.last_applied, machine.last_membership.clone());
+        let data = tokio::task::spawn_blocking(move || serde_json::to_vec(&machine))
+            .await
+            .map_err(|error| {
+                io_error(
+                    ErrorSubject::StateMachine,
+                    ErrorVerb::Read,
+                    std::io::Error::other(error),
+                )
+            })?
+            .map_err(|error| io_error(ErrorSubject::StateMachine, ErrorVerb::Read, error))?;
         let counter = self.shared.snapshot_counter.fetch_add(1, Ordering::Relaxed);
         let snapshot_id = match last_applied {
             Some(id) => format!("{}-{}-{counter}", id.leader_id.term, id.index),
@@ -840,14 +849,29 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
-        let mut machine: StateMachine = serde_json::from_slice(&data).map_err(|error| {
+        // Decoded off the async workers, like a build: a large fleet's state takes a while.
+        let (data, decoded) = tokio::task::spawn_blocking(move || {
+            let decoded = serde_json::from_slice::<StateMachine>(&data).map(|mut machine| {
+                machine.state.reindex();
+                machine
+            });
+            (data, decoded)
+        })
+        .await
+        .map_err(|error| {
+            io_error(
+                ErrorSubject::Snapshot(Some(meta.signature())),
+                ErrorVerb::Read,
+                std::io::Error::other(error),
+            )
+        })?;
+        let machine = decoded.map_err(|error| {
             io_error(
                 ErrorSubject::Snapshot(Some(meta.signature())),
                 ErrorVerb::Read,
                 error,
             )
         })?;
-        machine.state.reindex();
         self.persist_snapshot(StoredSnapshot {
             meta: meta.clone(),
             data,

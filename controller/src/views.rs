@@ -28,7 +28,7 @@ pub const LB_SERVING: &str = "LoadBalancerServing";
 
 /// Every instance of each tier, built once for views of many tiers.
 pub struct TierIndex<'a> {
-    by_tier: HashMap<&'a str, Vec<&'a Instance>>,
+    by_tier: foldhash::HashMap<&'a str, Vec<&'a Instance>>,
     /// The latest `LB_FAILED`/`LB_SERVING` event per tier: (reason, message, at).
     lb_events: HashMap<&'a str, (&'a str, &'a str, u64)>,
     /// The latest EC2 call event per tier (`reconcile::ec2::is_provider_event`).
@@ -37,7 +37,7 @@ pub struct TierIndex<'a> {
 
 impl<'a> TierIndex<'a> {
     pub fn of(state: &'a State) -> Self {
-        let mut by_tier: HashMap<&str, Vec<&Instance>> = HashMap::new();
+        let mut by_tier: foldhash::HashMap<&str, Vec<&Instance>> = Default::default();
         for instance in state.instances.values() {
             by_tier
                 .entry(instance.tier.as_str())
@@ -73,6 +73,13 @@ impl<'a> TierIndex<'a> {
 
     pub fn instances_of(&self, tier: &str) -> &[&'a Instance] {
         self.by_tier.get(tier).map_or(&[], Vec::as_slice)
+    }
+
+    /// Every tier name that instances carry (existing tiers or not), with its instances.
+    pub fn groups(&self) -> impl Iterator<Item = (&'a str, &[&'a Instance])> + '_ {
+        self.by_tier
+            .iter()
+            .map(|(tier, instances)| (*tier, instances.as_slice()))
     }
 
     /// The reason of the tier's latest load-balancer event, if any.

@@ -279,9 +279,8 @@ async fn put_tier(
     JsonBody(spec): JsonBody<TierSpec>,
 ) -> Result<Response, ApiError> {
     strata_api::validate::put_tier(&name, &spec).map_err(Problem::validation)?;
-    // Checked against this node's state before proposing: writes racing past it can exceed
-    // the limit by the writes in flight at once, which keeps the bound's purpose (no
-    // unbounded growth) without a change to the replicated command.
+    // Checked here for a quick answer, and again in apply (`max_tiers` in the command), where
+    // the log orders writes racing on several nodes: only what fits is stored.
     let (count, exists) = controller.state.read(|machine| {
         (
             machine.state.tiers.len(),
@@ -303,6 +302,7 @@ async fn put_tier(
     let result = controller
         .propose(Command::PutTier {
             spec: Box::new(spec),
+            max_tiers: Some(controller.limits.max_tiers),
         })
         .await?;
     write_response(result)

@@ -22,7 +22,8 @@ pub mod autoscale;
 
 pub mod ec2;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use strata_api::{
     Health, HostMetrics, Instance, InstanceReport, LbReport, NodeRole, Phase, Spread, Tier,
@@ -48,7 +49,7 @@ pub struct NodeObservation {
 pub struct Observed<'a> {
     /// When this node became leader: no node is judged silent for longer than that.
     pub leader_since_ms: u64,
-    pub nodes: &'a HashMap<String, NodeObservation>,
+    pub nodes: &'a HashMap<String, Arc<NodeObservation>>,
 }
 
 /// Tunables of the planners.
@@ -94,12 +95,12 @@ pub fn plan(
     // act on something another one changes this round (an instance on a node going NotReady,
     // say) sees the change next round: level-triggered, so that only delays, never doubles.
     let mut commands = plan_nodes(state, observed, config, now_ms);
-    let updates = plan_reports(state, observed, config);
+    let index = RoundIndex::of(state);
+    let updates = plan_reports(state, &index, observed, config);
     if !updates.is_empty() {
         commands.push(Command::UpdateInstances { updates });
     }
-    let mut reservations = Reservations::of(state);
-    let index = RoundIndex::of(state);
+    let mut reservations = Reservations::of(state, &index);
     for tier in state.tiers.values() {
         // EC2 tiers are never placed on agents: their records get a subnet, and the leader's
         // EC2 executor launches them.
@@ -117,7 +118,7 @@ pub fn plan(
             new_id,
         ));
     }
-    commands.extend(plan_orphans_and_forgetting(state, config, now_ms));
+    commands.extend(plan_orphans_and_forgetting(state, &index, config, now_ms));
     commands.extend(pools::plan(state, &index.tiers, observed, now_ms));
     commands
 }
@@ -159,6 +160,7 @@ fn plan_nodes(
 
 fn plan_reports(
     state: &State,
+    index: &RoundIndex<'_>,
     observed: &Observed<'_>,
     config: &PlanConfig,
 ) -> Vec<InstanceUpdate> {
@@ -167,13 +169,18 @@ fn plan_reports(
         if !state.nodes.get(node_id).is_some_and(|node| node.ready) {
             continue;
         }
-        let mut reported = HashSet::new();
-        for report in &observation.reports {
-            reported.insert(report.id);
-            let Some(instance) = state.instances.get(&report.id) else {
+        // The node's instances (in id order) and its reports, sorted by id, are joined by
+        // binary search: a round over 100,000 instances does no lookup in the whole map.
+        let on_node = index.instances_on(node_id);
+        let mut reports: Vec<&InstanceReport> = observation.reports.iter().collect();
+        reports.sort_by_key(|report| report.id);
+        for report in &reports {
+            let Ok(position) = on_node.binary_search_by_key(&report.id, |instance| instance.id)
+            else {
                 continue;
             };
-            if instance.node.as_deref() != Some(node_id.as_str()) || instance.phase.is_final() {
+            let instance = on_node[position];
+            if instance.phase.is_final() {
                 continue;
             }
             let event = match report.phase {
@@ -199,8 +206,11 @@ fn plan_reports(
         }
         // Instances the agent should have reported by now but did not.
         let heard_at = observation.last_seen_ms;
-        for instance in state.instances_on(node_id) {
-            if reported.contains(&instance.id) {
+        for &instance in on_node {
+            if reports
+                .binary_search_by_key(&instance.id, |report| report.id)
+                .is_ok()
+            {
                 continue;
             }
             let unreported_for = heard_at.saturating_sub(instance.updated_at_ms);
@@ -237,7 +247,13 @@ struct RoundIndex<'a> {
     /// load-balancer event per tier: the read models' index, shared with `pools`.
     tiers: crate::views::TierIndex<'a>,
     /// The reason of each object's latest event.
-    last_reason: HashMap<&'a str, &'a str>,
+    last_reason: foldhash::HashMap<&'a str, &'a str>,
+    /// Nodes being drained (usually none): a set, so that a round asks it once per instance
+    /// instead of looking up each instance's node.
+    draining: HashSet<&'a str>,
+    /// Every instance of each node, in instance id order: one pass over the instances, not a
+    /// lookup in the map per instance of each node.
+    by_node: foldhash::HashMap<&'a str, Vec<&'a Instance>>,
 }
 
 impl<'a> RoundIndex<'a> {
@@ -248,10 +264,27 @@ impl<'a> RoundIndex<'a> {
             .iter()
             .map(|event| (event.object.as_str(), event.reason.as_str()))
             .collect();
+        let mut by_node: foldhash::HashMap<&str, Vec<&Instance>> = Default::default();
+        for instance in state.instances.values() {
+            if let Some(node) = &instance.node {
+                by_node.entry(node.as_str()).or_default().push(instance);
+            }
+        }
         RoundIndex {
             tiers: crate::views::TierIndex::of(state),
             last_reason,
+            draining: state
+                .nodes
+                .values()
+                .filter(|node| node.draining)
+                .map(|node| node.id.as_str())
+                .collect(),
+            by_node,
         }
+    }
+
+    fn instances_on(&self, node: &str) -> &[&'a Instance] {
+        self.by_node.get(node).map_or(&[], Vec::as_slice)
     }
 
     fn instances_of(&self, tier: &str) -> &[&'a Instance] {
@@ -265,48 +298,103 @@ impl<'a> RoundIndex<'a> {
     }
 }
 
-/// CPU and memory reserved on each node, including instances planned this round.
-struct Reservations {
-    used: BTreeMap<String, (f64, u64)>,
+/// CPU and memory reserved on each node, including instances planned this round, and the
+/// nodes ordered by load for placement.
+///
+/// Placement wants the node with the fewest instances of the tier in its spread domain, then
+/// the least loaded, then the first by id. Scanning every node for every new instance made a
+/// round over 10,000 nodes and a thousand new instances take seconds; walking the nodes in
+/// (load, id) order instead finds, for each spread count, its best node first, and stops at
+/// the first node whose count is the lowest any eligible node can have (usually the first
+/// eligible node that fits).
+struct Reservations<'a> {
+    nodes: &'a BTreeMap<String, NodeRecord>,
+    used: foldhash::HashMap<&'a str, (f64, u64)>,
+    by_load: BTreeSet<(Load, &'a str)>,
 }
 
-impl Reservations {
-    fn of(state: &State) -> Self {
-        let mut used: BTreeMap<String, (f64, u64)> = BTreeMap::new();
-        for instance in state.instances.values() {
-            if instance.phase.is_final() {
-                continue;
-            }
-            let (Some(node), Some(tier)) = (&instance.node, state.tiers.get(&instance.tier)) else {
+/// A node's load (reserved CPU over capacity), ordered by `f64::total_cmp`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Load(f64);
+
+impl Eq for Load {}
+
+impl PartialOrd for Load {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Load {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
+
+impl<'a> Reservations<'a> {
+    fn of(state: &'a State, index: &RoundIndex<'a>) -> Self {
+        let mut used: foldhash::HashMap<&'a str, (f64, u64)> = Default::default();
+        // One tier lookup per tier, not per instance.
+        for (name, instances) in index.tiers.groups() {
+            let Some(tier) = state.tiers.get(name) else {
                 continue;
             };
-            let entry = used.entry(node.clone()).or_default();
-            entry.0 += tier.spec.template.cpu;
-            entry.1 += tier.spec.template.memory_mb;
+            let template = &tier.spec.template;
+            for instance in instances {
+                if instance.phase.is_final() {
+                    continue;
+                }
+                let Some(node) = &instance.node else {
+                    continue;
+                };
+                let entry = used.entry(node.as_str()).or_default();
+                entry.0 += template.cpu;
+                entry.1 += template.memory_mb;
+            }
         }
-        Reservations { used }
+        let mut reservations = Reservations {
+            nodes: &state.nodes,
+            used,
+            by_load: BTreeSet::new(),
+        };
+        reservations.by_load = state
+            .nodes
+            .values()
+            .map(|node| (reservations.load(node), node.id.as_str()))
+            .collect();
+        reservations
     }
 
     fn fits(&self, node: &NodeRecord, cpu: f64, memory_mb: u64) -> bool {
-        let (used_cpu, used_memory) = self.used.get(&node.id).copied().unwrap_or_default();
+        let (used_cpu, used_memory) = self.used.get(node.id.as_str()).copied().unwrap_or_default();
         // A small tolerance so that, say, 4 x 0.25 CPU fit exactly on one core.
         used_cpu + cpu <= node.capacity.cpu + 1e-9
             && used_memory + memory_mb <= node.capacity.memory_mb
     }
 
-    fn load(&self, node: &NodeRecord) -> f64 {
-        let (used_cpu, _) = self.used.get(&node.id).copied().unwrap_or_default();
-        if node.capacity.cpu > 0.0 {
+    fn load(&self, node: &NodeRecord) -> Load {
+        let (used_cpu, _) = self.used.get(node.id.as_str()).copied().unwrap_or_default();
+        Load(if node.capacity.cpu > 0.0 {
             used_cpu / node.capacity.cpu
         } else {
             1.0
-        }
+        })
     }
 
-    fn reserve(&mut self, node: &str, cpu: f64, memory_mb: u64) {
-        let entry = self.used.entry(node.to_string()).or_default();
+    fn reserve(&mut self, node: &'a NodeRecord, cpu: f64, memory_mb: u64) {
+        let before = self.load(node);
+        self.by_load.remove(&(before, node.id.as_str()));
+        let entry = self.used.entry(node.id.as_str()).or_default();
         entry.0 += cpu;
         entry.1 += memory_mb;
+        self.by_load.insert((self.load(node), node.id.as_str()));
+    }
+
+    /// Nodes from the least loaded, ties by id.
+    fn by_load(&self) -> impl Iterator<Item = &'a NodeRecord> + '_ {
+        self.by_load
+            .iter()
+            .filter_map(|(_, id)| self.nodes.get(*id))
     }
 }
 
@@ -316,7 +404,7 @@ fn plan_tier(
     tier: &Tier,
     config: &PlanConfig,
     now_ms: u64,
-    reservations: &mut Reservations,
+    reservations: &mut Reservations<'_>,
     new_id: &mut dyn FnMut() -> Uuid,
 ) -> Vec<Command> {
     let name = tier.name();
@@ -345,9 +433,8 @@ fn plan_tier(
     let node_draining = |instance: &Instance| {
         instance
             .node
-            .as_ref()
-            .and_then(|node| state.nodes.get(node))
-            .is_some_and(|node| node.draining)
+            .as_deref()
+            .is_some_and(|node| !index.draining.is_empty() && index.draining.contains(node))
     };
     let mut current = Vec::new();
     let mut outdated = Vec::new();
@@ -430,13 +517,25 @@ fn plan_tier(
 
     let mut placed = Vec::new();
     let mut unschedulable = None;
-    let mut spread_counts = spread_counts(state, index, tier);
+    let (mut spread_counts, eligible_nodes) = if creates > 0 {
+        (spread_counts(state, index, tier), Eligible::of(state, tier))
+    } else {
+        (
+            BTreeMap::new(),
+            Eligible {
+                nodes: 0,
+                zones: BTreeSet::new(),
+            },
+        )
+    };
     for _ in 0..creates {
-        match choose_node(state, tier, reservations, &spread_counts) {
+        match choose_node(tier, reservations, &spread_counts, &eligible_nodes) {
             Some(node) => {
                 let template = &tier.spec.template;
-                reservations.reserve(&node.id, template.cpu, template.memory_mb);
-                *spread_counts.entry(spread_key(tier, node)).or_default() += 1;
+                reservations.reserve(node, template.cpu, template.memory_mb);
+                *spread_counts
+                    .entry(spread_key(tier, node).to_string())
+                    .or_default() += 1;
                 placed.push(NewInstance {
                     id: new_id(),
                     tier: name.to_string(),
@@ -485,10 +584,10 @@ fn plan_tier(
     commands
 }
 
-fn spread_key(tier: &Tier, node: &NodeRecord) -> String {
+fn spread_key<'n>(tier: &Tier, node: &'n NodeRecord) -> &'n str {
     match tier.spec.placement.spread {
-        Spread::Node => node.id.clone(),
-        Spread::Zone => node.zone.clone().unwrap_or_default(),
+        Spread::Node => &node.id,
+        Spread::Zone => node.zone.as_deref().unwrap_or_default(),
     }
 }
 
@@ -504,55 +603,117 @@ fn spread_counts(state: &State, index: &RoundIndex<'_>, tier: &Tier) -> BTreeMap
             .as_ref()
             .and_then(|node| state.nodes.get(node))
         {
-            *counts.entry(spread_key(tier, node)).or_default() += 1;
+            *counts
+                .entry(spread_key(tier, node).to_string())
+                .or_default() += 1;
         }
     }
     counts
 }
 
-/// The best node for one more instance of `tier`: eligible, with room, in the least used spread
-/// domain, then the least loaded, then by id (deterministic).
-fn choose_node<'a>(
-    state: &'a State,
-    tier: &Tier,
-    reservations: &Reservations,
-    spread: &BTreeMap<String, usize>,
-) -> Option<&'a NodeRecord> {
-    let template = &tier.spec.template;
-    let wanted = &tier.spec.placement.node_labels;
-    state
-        .nodes
-        .values()
-        .filter(|node| node.ready && !node.cordoned && !node.draining)
-        .filter(|node| node.has_role(NodeRole::Worker))
-        .filter(|node| {
-            wanted
-                .iter()
-                .all(|(key, value)| node.labels.get(key) == Some(value))
-        })
-        .filter(|node| reservations.fits(node, template.cpu, template.memory_mb))
-        .min_by(|a, b| {
-            let key = |node: &NodeRecord| {
-                (
-                    spread.get(&spread_key(tier, node)).copied().unwrap_or(0),
-                    reservations.load(node),
-                )
-            };
-            let (spread_a, load_a) = key(a);
-            let (spread_b, load_b) = key(b);
-            spread_a
-                .cmp(&spread_b)
-                .then(load_a.total_cmp(&load_b))
-                .then(a.id.cmp(&b.id))
-        })
+/// Whether `tier` may run on `node` at all (room aside).
+fn eligible(tier: &Tier, node: &NodeRecord) -> bool {
+    node.ready
+        && !node.cordoned
+        && !node.draining
+        && node.has_role(NodeRole::Worker)
+        && tier
+            .spec
+            .placement
+            .node_labels
+            .iter()
+            .all(|(key, value)| node.labels.get(key) == Some(value))
 }
 
-fn plan_orphans_and_forgetting(state: &State, config: &PlanConfig, now_ms: u64) -> Vec<Command> {
+/// What placement knows of the nodes `tier` may run on, gathered once per tier and round.
+struct Eligible<'n> {
+    /// How many nodes the tier may run on.
+    nodes: usize,
+    /// Their zones, when the tier spreads over zones (a few; per node there would be as many
+    /// domains as nodes).
+    zones: BTreeSet<&'n str>,
+}
+
+impl<'n> Eligible<'n> {
+    fn of(state: &'n State, tier: &Tier) -> Self {
+        let mut found = Eligible {
+            nodes: 0,
+            zones: BTreeSet::new(),
+        };
+        for node in state.nodes.values().filter(|node| eligible(tier, node)) {
+            found.nodes += 1;
+            if tier.spec.placement.spread == Spread::Zone {
+                found.zones.insert(spread_key(tier, node));
+            }
+        }
+        found
+    }
+
+    /// A count no eligible node is below, `None` when there is no eligible node. Exact for
+    /// zones; for nodes 0, which any node without an instance of the tier has (when every
+    /// eligible node holds one, the walk goes on to the end).
+    fn floor(&self, tier: &Tier, spread: &BTreeMap<String, usize>) -> Option<usize> {
+        if self.nodes == 0 {
+            return None;
+        }
+        match tier.spec.placement.spread {
+            Spread::Node => Some(0),
+            Spread::Zone => self
+                .zones
+                .iter()
+                .map(|zone| spread.get(*zone).copied().unwrap_or(0))
+                .min(),
+        }
+    }
+}
+
+/// The best node for one more instance of `tier`: eligible, with room, in the least used spread
+/// domain, then the least loaded, then by id (deterministic). No eligible node has a lower
+/// count than `eligible.floor`, so the walk stops at a node that has it.
+fn choose_node<'a>(
+    tier: &Tier,
+    reservations: &Reservations<'a>,
+    spread: &BTreeMap<String, usize>,
+    eligible_nodes: &Eligible<'_>,
+) -> Option<&'a NodeRecord> {
+    let template = &tier.spec.template;
+    let count = |domain: &str| spread.get(domain).copied().unwrap_or(0);
+    let floor = eligible_nodes.floor(tier, spread)?;
+    let mut best: Option<(usize, &'a NodeRecord)> = None;
+    for node in reservations.by_load() {
+        if !eligible(tier, node) || !reservations.fits(node, template.cpu, template.memory_mb) {
+            continue;
+        }
+        let spread = count(spread_key(tier, node));
+        // In (load, id) order, the first node of each count is that count's best.
+        if best.is_none_or(|(best, _)| spread < best) {
+            best = Some((spread, node));
+            if spread <= floor {
+                break;
+            }
+        }
+    }
+    best.map(|(_, node)| node)
+}
+
+fn plan_orphans_and_forgetting(
+    state: &State,
+    index: &RoundIndex<'_>,
+    config: &PlanConfig,
+    now_ms: u64,
+) -> Vec<Command> {
     let mut commands = Vec::new();
-    let orphans: Vec<InstanceUpdate> = state
-        .instances
-        .values()
-        .filter(|instance| instance.phase.is_live() && !state.tiers.contains_key(&instance.tier))
+    // One lookup per tier name, not per instance.
+    let mut orphaned: Vec<&Instance> = index
+        .tiers
+        .groups()
+        .filter(|(tier, _)| !state.tiers.contains_key(*tier))
+        .flat_map(|(_, instances)| instances.iter().copied())
+        .filter(|instance| instance.phase.is_live())
+        .collect();
+    orphaned.sort_by_key(|instance| instance.id);
+    let orphans: Vec<InstanceUpdate> = orphaned
+        .into_iter()
         .map(|instance| InstanceUpdate {
             id: instance.id,
             event: Some(InstanceEvent::Drain),
@@ -599,7 +760,7 @@ mod tests {
         index: u64,
         now: u64,
         next_id: u128,
-        observed: HashMap<String, NodeObservation>,
+        observed: HashMap<String, Arc<NodeObservation>>,
         leader_since: u64,
     }
 
@@ -649,12 +810,12 @@ mod tests {
         fn heartbeat(&mut self, id: &str, reports: Vec<InstanceReport>) {
             self.observed.insert(
                 id.to_string(),
-                NodeObservation {
+                Arc::new(NodeObservation {
                     last_seen_ms: self.now,
                     metrics: HostMetrics::default(),
                     reports,
                     lb: None,
-                },
+                }),
             );
         }
 
@@ -672,6 +833,7 @@ mod tests {
             let spec: TierSpec = serde_json::from_value(body).unwrap_or_else(|e| panic!("{e}"));
             self.apply(Command::PutTier {
                 spec: Box::new(spec),
+                max_tiers: None,
             });
         }
 
@@ -848,7 +1010,7 @@ mod tests {
         // Two seconds later, a and b report; c is silent. Not yet past the 3 s grace.
         world.now += 2_000;
         world.all_healthy();
-        if let Some(observation) = world.observed.get_mut("c") {
+        if let Some(observation) = world.observed.get_mut("c").map(Arc::make_mut) {
             observation.last_seen_ms -= 2_000;
         }
         assert!(world.plan().is_empty(), "judged before the grace ran out");
@@ -1095,7 +1257,7 @@ mod tests {
                 .filter(|i| matches!(i.phase, Phase::Draining | Phase::Stopping))
                 .map(|i| i.id)
                 .collect();
-            if let Some(observation) = world.observed.get_mut(&node) {
+            if let Some(observation) = world.observed.get_mut(&node).map(Arc::make_mut) {
                 for id in draining {
                     observation
                         .reports
@@ -1266,7 +1428,7 @@ mod tests {
                         .collect(),
                 }],
             };
-            let observation = self.observed.entry(node.to_string()).or_default();
+            let observation = Arc::make_mut(self.observed.entry(node.to_string()).or_default());
             observation.last_seen_ms = self.now;
             observation.lb = Some(report);
         }
@@ -1465,7 +1627,11 @@ mod tests {
         let version = world.pool("web").version;
         let failing = |world: &mut World, error: Option<&str>| {
             world.lb_report("lb", "web", version, &[]);
-            if let Some(lb) = world.observed.get_mut("lb").and_then(|o| o.lb.as_mut()) {
+            if let Some(lb) = world
+                .observed
+                .get_mut("lb")
+                .and_then(|o| Arc::make_mut(o).lb.as_mut())
+            {
                 lb.tiers[0].error = error.map(str::to_string);
             }
         };
@@ -1502,6 +1668,86 @@ mod tests {
             .map(|c| c.status);
         assert_eq!(condition, Some(true));
         assert_eq!(view.status.endpoints, ["127.0.0.9:8080"]);
+    }
+
+    /// Placement as it was first written: every node compared with every other.
+    fn choose_node_by_scan<'a>(
+        state: &'a State,
+        tier: &Tier,
+        reservations: &Reservations<'_>,
+        spread: &BTreeMap<String, usize>,
+    ) -> Option<&'a NodeRecord> {
+        let template = &tier.spec.template;
+        state
+            .nodes
+            .values()
+            .filter(|node| eligible(tier, node))
+            .filter(|node| reservations.fits(node, template.cpu, template.memory_mb))
+            .min_by(|a, b| {
+                let key = |node: &NodeRecord| {
+                    (
+                        spread.get(spread_key(tier, node)).copied().unwrap_or(0),
+                        reservations.load(node),
+                    )
+                };
+                key(a).cmp(&key(b)).then(a.id.cmp(&b.id))
+            })
+    }
+
+    proptest::proptest! {
+        /// The walk in load order chooses exactly the node a scan of every node chooses, for
+        /// any mix of capacities, zones, cordons, labels, earlier placements and spread.
+        #[test]
+        fn placement_by_load_order_matches_a_full_scan(
+            nodes in proptest::collection::vec(
+                (0usize..3, proptest::sample::select(vec![0.5f64, 1.0, 1.5, 4.0]), 0u8..8),
+                1..24,
+            ),
+            earlier in 0u32..30,
+            zone_spread in proptest::bool::ANY,
+            labelled in proptest::bool::ANY,
+            placements in 1usize..30,
+        ) {
+            let mut world = World::new();
+            for (n, (zone, cpu, flags)) in nodes.iter().enumerate() {
+                let id = format!("n{n:02}");
+                world.node(&id, &format!("z{zone}"), *cpu);
+                if *flags == 1 {
+                    world.apply(Command::SetNodeFlags { node: id.clone(), cordoned: true, draining: false });
+                }
+                if *flags == 2 {
+                    world.apply(Command::SetNodeFlags { node: id.clone(), cordoned: false, draining: true });
+                }
+                if *flags == 3 {
+                    world.apply(Command::SetNodeReady { node: id.clone(), ready: false, reason: "test".to_string() });
+                }
+            }
+            // Other instances already reserve room unevenly.
+            world.tier("other", 0, 40, serde_json::json!({}));
+            world.apply(Command::ScaleTier { name: "other".to_string(), desired: earlier, expected_version: None });
+            world.settle(2);
+            let mut placement = serde_json::json!({"spread": if zone_spread { "zone" } else { "node" }});
+            if labelled {
+                placement["node_labels"] = serde_json::json!({"disk": "ssd"});
+            }
+            world.tier("web", 0, 40, serde_json::json!({"placement": placement}));
+            world.apply(Command::ScaleTier { name: "web".to_string(), desired: 3, expected_version: None });
+            world.settle(1);
+            let state = &world.state;
+            let tier = &state.tiers["web"];
+            let index = RoundIndex::of(state);
+            let mut reservations = Reservations::of(state, &index);
+            let mut spread = spread_counts(state, &index, tier);
+            let eligible_nodes = Eligible::of(state, tier);
+            for _ in 0..placements {
+                let fast = choose_node(tier, &reservations, &spread, &eligible_nodes);
+                let scanned = choose_node_by_scan(state, tier, &reservations, &spread);
+                proptest::prop_assert_eq!(fast.map(|n| &n.id), scanned.map(|n| &n.id));
+                let Some(node) = fast else { break };
+                reservations.reserve(node, tier.spec.template.cpu, tier.spec.template.memory_mb);
+                *spread.entry(spread_key(tier, node).to_string()).or_default() += 1;
+            }
+        }
     }
 
     proptest::proptest! {

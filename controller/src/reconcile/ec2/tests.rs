@@ -56,6 +56,7 @@ impl World {
         .unwrap_or_else(|error| panic!("{error}"));
         world.apply(Command::PutTier {
             spec: Box::new(spec),
+            max_tiers: None,
         });
         world
     }
