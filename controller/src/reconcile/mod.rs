@@ -520,13 +520,7 @@ fn plan_tier(
     let (mut spread_counts, eligible_nodes) = if creates > 0 {
         (spread_counts(state, index, tier), Eligible::of(state, tier))
     } else {
-        (
-            BTreeMap::new(),
-            Eligible {
-                nodes: 0,
-                zones: BTreeSet::new(),
-            },
-        )
+        Default::default()
     };
     for _ in 0..creates {
         match choose_node(tier, reservations, &spread_counts, &eligible_nodes) {
@@ -626,6 +620,7 @@ fn eligible(tier: &Tier, node: &NodeRecord) -> bool {
 }
 
 /// What placement knows of the nodes `tier` may run on, gathered once per tier and round.
+#[derive(Default)]
 struct Eligible<'n> {
     /// How many nodes the tier may run on.
     nodes: usize,
@@ -636,10 +631,7 @@ struct Eligible<'n> {
 
 impl<'n> Eligible<'n> {
     fn of(state: &'n State, tier: &Tier) -> Self {
-        let mut found = Eligible {
-            nodes: 0,
-            zones: BTreeSet::new(),
-        };
+        let mut found = Eligible::default();
         for node in state.nodes.values().filter(|node| eligible(tier, node)) {
             found.nodes += 1;
             if tier.spec.placement.spread == Spread::Zone {
