@@ -14,11 +14,19 @@
 # the tokens in STRATA_HOME/env (for stratactl) and one file each in STRATA_HOME/secrets (0600),
 # which the controllers and agents read (--*-file): no secret is in their argv or environment,
 # where any process of the same user (an instance, too) could read it in /proc. Binaries come from target/debug unless STRATA_BIN is set.
+#
+# Every link is mutual TLS: deploy/dev-ca.sh makes a development CA in STRATA_HOME/pki with
+# certificates for the controllers, the agents and stratactl (`env` exports the latter's).
+# STRATA_TLS=0 runs plain HTTP instead (--insecure-http).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 home="${STRATA_HOME:-$PWD/.data}"
 bin="${STRATA_BIN:-$PWD/target/debug}"
 base_port="${STRATA_BASE_PORT:-7001}"
+tls="${STRATA_TLS:-1}"
+pki="$home/pki"
+scheme=https
+[ "$tls" = 1 ] || scheme=http
 
 # A pid counts as running unless it is gone or a zombie (a killed node whose parent has not
 # reaped it yet still answers kill -0).
@@ -42,6 +50,9 @@ ensure_env() {
   . "$home/env"
   mkdir -p "$home/secrets"
   chmod 700 "$home/secrets"
+  if [ "$tls" = 1 ]; then
+    bash deploy/dev-ca.sh "$pki" controller agent client
+  fi
   (
     umask 077
     echo "$STRATA_TOKEN" > "$home/secrets/admin-token"
@@ -51,10 +62,34 @@ ensure_env() {
   )
 }
 
-# Runs a command without the tokens in its environment.
+# Runs a command without the tokens (and stratactl's TLS settings) in its environment.
 clean() {
   env -u STRATA_TOKEN -u STRATA_VIEWER_TOKEN -u STRATA_CLUSTER_SECRET -u STRATA_JOIN_TOKEN \
-    -u STRATA_ADMIN_TOKEN "$@"
+    -u STRATA_ADMIN_TOKEN -u STRATA_CA_CERT -u STRATA_TLS_CERT -u STRATA_TLS_KEY "$@"
+}
+
+# The TLS flags of a controller, and of an agent.
+controller_tls() {
+  if [ "$tls" = 1 ]; then
+    echo "--tls-cert $pki/controller.pem --tls-key $pki/controller-key.pem --client-ca $pki/ca.pem"
+  else
+    echo "--insecure-http"
+  fi
+}
+agent_tls() {
+  if [ "$tls" = 1 ]; then
+    echo "--ca-cert $pki/ca.pem --tls-cert $pki/agent.pem --tls-key $pki/agent-key.pem"
+  fi
+}
+
+# curl with the admin token and, under TLS, stratactl's client certificate.
+api() {
+  local path="$1"
+  shift
+  if [ "$tls" = 1 ]; then
+    set -- --cacert "$pki/ca.pem" --cert "$pki/client.pem" --key "$pki/client-key.pem" "$@"
+  fi
+  curl -fsS -H "Authorization: Bearer $STRATA_TOKEN" "$@" "$scheme://127.0.0.1:$base_port$path"
 }
 
 servers() {
@@ -80,13 +115,13 @@ start() {
       --admin-token-file "$home/secrets/admin-token" \
       --viewer-token-file "$home/secrets/viewer-token" \
       --cluster-secret-file "$home/secrets/cluster-secret" \
-      --join-token-file "$home/secrets/join-token" \
+      --join-token-file "$home/secrets/join-token" $(controller_tls) \
       >> "$home/node-$i.log" 2>&1 &
     echo $! > "$home/node-$i.pid"
-    echo "node $i: pid $!, http://127.0.0.1:$((base_port + i - 1)), log $home/node-$i.log"
+    echo "node $i: pid $!, $scheme://127.0.0.1:$((base_port + i - 1)), log $home/node-$i.log"
   done
   local deadline=$((SECONDS + 30))
-  until curl -fsS -H "Authorization: Bearer $STRATA_TOKEN" "http://127.0.0.1:$base_port/v1/cluster" 2>/dev/null | grep '"leader_id":[0-9]' >/dev/null; do
+  until api /v1/cluster 2>/dev/null | grep '"leader_id":[0-9]' >/dev/null; do
     if [ $SECONDS -gt $deadline ]; then echo "no leader after 30s; see $home/node-*.log" >&2; exit 1; fi
     sleep 0.2
   done
@@ -107,7 +142,7 @@ agents() {
     PATH="$bin:$PATH" clean nohup "$bin/strata-agent" --node-id "host-$i" \
       --controllers "$(servers "$nodes")" --join-token-file "$home/secrets/join-token" \
       --data-dir "$home/agent-$i" --zone "zone-$(( (i - 1) % 2 + 1 ))" --labels "disk=ssd" \
-      --cpu 2 --memory-mb 2048 --heartbeat-interval 1s \
+      --cpu 2 --memory-mb 2048 --heartbeat-interval 1s $(agent_tls) \
       >> "$home/agent-$i.log" 2>&1 &
     echo $! > "$home/agent-$i.pid"
     echo "agent host-$i: pid $!, log $home/agent-$i.log"
@@ -126,7 +161,7 @@ balancers() {
     fi
     clean nohup "$bin/strata-agent" --node-id "lb-$i" --lb haproxy \
       --controllers "$(servers "$nodes")" --join-token-file "$home/secrets/join-token" \
-      --data-dir "$home/lb-$i" --heartbeat-interval 1s \
+      --data-dir "$home/lb-$i" --heartbeat-interval 1s $(agent_tls) \
       >> "$home/lb-$i.log" 2>&1 &
     echo $! > "$home/lb-$i.pid"
     echo "LB agent lb-$i: pid $!, log $home/lb-$i.log"
@@ -149,10 +184,13 @@ case "${1:-}" in
   stop) stop ;;
   status)
     ensure_env
-    curl -fsS -H "Authorization: Bearer $STRATA_TOKEN" "http://127.0.0.1:$base_port/v1/cluster"; echo ;;
+    api /v1/cluster; echo ;;
   env)
     ensure_env
     cat "$home/env"
-    echo "export STRATA_SERVER=$(servers "$(cat "$home/nodes" 2>/dev/null || echo 3)")" ;;
-  *) sed -n '2,16p' "$0"; exit 2 ;;
+    echo "export STRATA_SERVER=$(servers "$(cat "$home/nodes" 2>/dev/null || echo 3)")"
+    if [ "$tls" = 1 ]; then
+      echo "export STRATA_CA_CERT=$pki/ca.pem STRATA_TLS_CERT=$pki/client.pem STRATA_TLS_KEY=$pki/client-key.pem"
+    fi ;;
+  *) sed -n '2,21p' "$0"; exit 2 ;;
 esac

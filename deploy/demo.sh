@@ -214,7 +214,8 @@ The autoscaler sized tier shop by itself. Try:
   target/debug/stratactl describe tier shop      # recent decisions in plain words
   target/debug/stratactl scale tier shop 3       # a count by hand pauses its autoscaler
   target/debug/stratactl scale tier shop --auto  # and this hands it back
-  curl -s http://127.0.0.1:7001/metrics | grep strata_autoscaler
+  curl -s --cacert .data/pki/ca.pem --cert .data/pki/client.pem --key .data/pki/client-key.pem \
+    https://127.0.0.1:7001/metrics | grep strata_autoscaler   # mutual TLS: stratactl's certificate
 MSG
 }
 

@@ -8,7 +8,7 @@ SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
 # Debian packages every part needs.
-packages=(ca-certificates curl git pkg-config build-essential iproute2 procps)
+packages=(ca-certificates curl git pkg-config build-essential iproute2 procps openssl)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep "install ok installed" >/dev/null || missing+=("$package")

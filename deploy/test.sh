@@ -10,6 +10,8 @@ cargo clippy --workspace --all-targets -- -D warnings
 # The end-to-end tests start the real binaries, which test builds do not produce by themselves.
 cargo build --workspace --bins
 cargo nextest run --workspace --no-fail-fast
+# The agents suite again, every link mutual TLS (controllers, peers, agents, clients).
+STRATA_E2E_TLS=1 cargo nextest run -p strata-tests --test agents --no-fail-fast
 if [ -x bench/smoke.sh ]; then
   bench/smoke.sh
 fi

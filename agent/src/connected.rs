@@ -66,6 +66,7 @@ fn forget_credential(data_dir: &std::path::Path) {
     }
 }
 
+use strata_api::tls::Transport;
 use strata_api::validate::{limits, truncated};
 
 use crate::health::HealthStatus;
@@ -120,6 +121,9 @@ pub struct ConnectedConfig {
     /// Controller addresses (`host:port`), any of them.
     pub controllers: Vec<String>,
     pub join_token: String,
+    /// Plain HTTP or TLS (`--ca-cert`, with the node's client certificate for controllers
+    /// that require one).
+    pub transport: Transport,
     pub zone: Option<String>,
     pub labels: BTreeMap<String, String>,
     pub capacity: Resources,
@@ -136,6 +140,8 @@ pub enum ConnectedError {
     Supervisor(#[from] SupervisorError),
     #[error("load balancer: {0}")]
     Lb(#[from] LbError),
+    #[error("build the HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
 }
 
 /// Why a call to the controllers failed.
@@ -153,6 +159,8 @@ pub enum LinkError {
 /// The agent's connection to the controller cluster.
 pub struct ControllerLink {
     http: reqwest::Client,
+    /// `http` or `https`: controllers and the leader hints they give are `host:port`.
+    scheme: &'static str,
     controllers: Vec<String>,
     token: String,
     /// The controller to try first: the leader when known.
@@ -167,21 +175,26 @@ impl ControllerLink {
         self.token = token;
     }
 
-    pub fn new(controllers: Vec<String>, token: String, timeout: Duration) -> Self {
-        let http = reqwest::Client::builder()
+    pub fn new(
+        controllers: Vec<String>,
+        token: String,
+        timeout: Duration,
+        transport: &Transport,
+    ) -> Result<Self, reqwest::Error> {
+        let builder = reqwest::Client::builder()
             .connect_timeout(timeout.min(Duration::from_millis(500)))
             // Below the controllers' idle keep-alive timeout (--header-timeout).
             .pool_idle_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .build()
-            .unwrap_or_else(|_| reqwest::Client::new());
-        ControllerLink {
+            .tcp_nodelay(true);
+        let http = transport.apply(builder).build()?;
+        Ok(ControllerLink {
             http,
+            scheme: transport.scheme(),
             controllers,
             token,
             preferred: None,
             timeout,
-        }
+        })
     }
 
     /// Candidates in the order to try: the preferred one, then the configured list.
@@ -211,7 +224,7 @@ impl ControllerLink {
             }
             let answer = self
                 .http
-                .post(format!("http://{address}{path}"))
+                .post(format!("{}://{address}{path}", self.scheme))
                 .bearer_auth(&self.token)
                 .timeout(self.timeout + hold)
                 .json(body)
@@ -309,7 +322,8 @@ pub async fn run(
             .clone()
             .unwrap_or_else(|| config.join_token.clone()),
         timeout,
-    );
+        &config.transport,
+    )?;
     let registration = RegisterRequest {
         node_id: config.node_id.clone(),
         address: config.supervisor.advertise_ip.to_string(),
@@ -546,11 +560,14 @@ mod tests {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
-        let mut link = ControllerLink::new(
+        let Ok(mut link) = ControllerLink::new(
             vec![format!("127.0.0.1:{port}")],
             "token".to_string(),
             Duration::from_millis(500),
-        );
+            &Transport::Plain,
+        ) else {
+            panic!("build the link");
+        };
         let request = HeartbeatRequest {
             node_id: "host-a".to_string(),
             metrics: strata_api::HostMetrics::default(),

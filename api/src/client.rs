@@ -26,6 +26,7 @@ use crate::node::{Event, Instance, Node};
 use crate::pool::PoolView;
 use crate::problem::Problem;
 use crate::tier::{ScaleRequest, Tier, TierSpec};
+use crate::tls::Transport;
 
 /// The controller `stratactl` talks to when no `--server` is given.
 pub const DEFAULT_SERVER: &str = "127.0.0.1:7001";
@@ -33,8 +34,11 @@ pub const DEFAULT_SERVER: &str = "127.0.0.1:7001";
 /// How to reach the controllers.
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
-    /// `host:port` or `http://host:port` of each controller, in the order to try them.
+    /// `host:port`, `http://host:port` or `https://host:port` of each controller, in the
+    /// order to try them. A bare `host:port` takes the transport's scheme.
     pub servers: Vec<String>,
+    /// Plain HTTP, or TLS with the CA (and client certificate) to use.
+    pub transport: Transport,
     /// Sent as `Authorization: Bearer <token>`.
     pub token: Option<String>,
     /// Limit on one attempt against one controller, connection included.
@@ -47,6 +51,7 @@ impl Default for ClientConfig {
     fn default() -> Self {
         ClientConfig {
             servers: vec![DEFAULT_SERVER.to_string()],
+            transport: Transport::Plain,
             token: None,
             request_timeout: Duration::from_secs(10),
             // Long enough to ride out a leader election and a controller restart.
@@ -111,20 +116,23 @@ impl Client {
         let servers = config
             .servers
             .iter()
-            .map(|server| normalize_server(server))
+            .map(|server| normalize_server(server, &config.transport))
             .collect::<Result<Vec<_>, _>>()?;
         if servers.is_empty() {
             return Err(ClientError::Config(
                 "no controller address given".to_string(),
             ));
         }
-        let http = reqwest::Client::builder()
+        let builder = reqwest::Client::builder()
             // A controller that is down refuses at once; one that is cut off would otherwise
             // hold the whole request timeout before the client moves on.
             .connect_timeout(config.request_timeout.min(Duration::from_secs(2)))
             // Below the controllers' idle keep-alive timeout (--header-timeout): a pooled
             // connection is not reused just as the server closes it.
-            .pool_idle_timeout(Duration::from_secs(5))
+            .pool_idle_timeout(Duration::from_secs(5));
+        let http = config
+            .transport
+            .apply(builder)
             .build()
             .map_err(|error| ClientError::Config(format!("build HTTP client: {error}")))?;
         Ok(Client {
@@ -506,29 +514,31 @@ fn backoff(round: u32) -> Duration {
     Duration::from_millis(half + jitter)
 }
 
-fn normalize_server(server: &str) -> Result<String, ClientError> {
+fn normalize_server(server: &str, transport: &Transport) -> Result<String, ClientError> {
     let server = server.trim();
-    if server.starts_with("https://") {
-        return Err(ClientError::Config(format!(
-            "{server}: https is not supported; controllers serve plain HTTP"
-        )));
-    }
-    let host_port = match server.strip_prefix("http://") {
-        Some(rest) => rest,
-        None if server.contains("://") => {
+    let (scheme, host_port) = if let Some(rest) = server.strip_prefix("https://") {
+        if matches!(transport, Transport::Plain) {
             return Err(ClientError::Config(format!(
-                "{server}: only http:// addresses are supported"
-            )))
+                "{server}: https needs --ca-cert, the CA that signed the controllers' certificates"
+            )));
         }
-        None => server,
-    }
-    .trim_end_matches('/');
+        ("https", rest)
+    } else if let Some(rest) = server.strip_prefix("http://") {
+        ("http", rest)
+    } else if server.contains("://") {
+        return Err(ClientError::Config(format!(
+            "{server}: only http:// and https:// addresses are supported"
+        )));
+    } else {
+        (transport.scheme(), server)
+    };
+    let host_port = host_port.trim_end_matches('/');
     if host_port.is_empty() || host_port.contains('/') {
         return Err(ClientError::Config(format!(
-            "{server:?}: give host:port, optionally after http://"
+            "{server:?}: give host:port, optionally after http:// or https://"
         )));
     }
-    let base = format!("http://{host_port}");
+    let base = format!("{scheme}://{host_port}");
     match reqwest::Url::parse(&base) {
         Ok(url) if url.host_str().is_some_and(|host| !host.is_empty()) => Ok(base),
         Ok(_) => Err(ClientError::Config(format!("{server:?}: no host"))),

@@ -23,6 +23,7 @@ pub mod pool;
 pub mod problem;
 pub mod schedule;
 pub mod tier;
+pub mod tls;
 pub mod validate;
 
 #[cfg(test)]

@@ -353,6 +353,8 @@ fn strata_members(program: &Path, dir: &Path, addresses: &[String], ports: &[u16
                 STRATA_CLUSTER_SECRET.into(),
                 "--join-token".into(),
                 STRATA_JOIN_TOKEN.into(),
+                // Loopback only; the TLS cost is measured by `strata-bench tls`.
+                "--insecure-http".into(),
             ];
             Member {
                 node_id,

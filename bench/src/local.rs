@@ -183,6 +183,8 @@ impl LocalEnv {
             STRATA_ADMIN_TOKEN,
             "--join-token",
             STRATA_JOIN_TOKEN,
+            // Loopback only; the TLS cost is measured by `strata-bench tls`.
+            "--insecure-http",
         ]);
         if let Some(interval) = config.reconcile_interval {
             command.args([

@@ -82,6 +82,51 @@ pub struct Config {
     #[arg(long, env = "STRATA_JOIN_TOKEN_FILE", conflicts_with = "join_token")]
     pub join_token_file: Option<PathBuf>,
 
+    /// This node's certificate (PEM, with its chain): the API and peer port serve TLS with
+    /// it, and peer calls present it as their client certificate. The certificate needs the
+    /// addresses clients and peers use as subject alternative names, and both the
+    /// serverAuth and clientAuth key usages (`deploy/dev-ca.sh` makes such certificates).
+    #[arg(
+        long,
+        env = "STRATA_TLS_CERT",
+        requires = "tls_key",
+        value_name = "FILE"
+    )]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM).
+    #[arg(
+        long,
+        env = "STRATA_TLS_KEY",
+        requires = "tls_cert",
+        value_name = "FILE"
+    )]
+    pub tls_key: Option<PathBuf>,
+
+    /// Mutual TLS: every client (peers, agents, stratactl) must present a certificate signed
+    /// by this CA; others fail the handshake.
+    #[arg(
+        long,
+        env = "STRATA_CLIENT_CA",
+        requires = "tls_cert",
+        value_name = "FILE"
+    )]
+    pub client_ca: Option<PathBuf>,
+
+    /// The CA peers' certificates are checked against (default: --client-ca).
+    #[arg(
+        long,
+        env = "STRATA_CA_CERT",
+        requires = "tls_cert",
+        value_name = "FILE"
+    )]
+    pub ca_cert: Option<PathBuf>,
+
+    /// Serve plain HTTP, without TLS: for tests and benchmarks on loopback. Without it,
+    /// --tls-cert and --tls-key are required.
+    #[arg(long, env = "STRATA_INSECURE_HTTP", conflicts_with = "tls_cert")]
+    pub insecure_http: bool,
+
     /// Registered nodes at most; a new node beyond it is refused (422).
     #[arg(long, env = "STRATA_MAX_NODES", default_value_t = 20_000)]
     pub max_nodes: u64,

@@ -7,6 +7,7 @@
 //!   `apply`. No IO.
 //! - `store`: the only module that knows sqlx: log storage, vote, snapshots, the state machine
 //!   store openraft drives.
+//! - `tls`: the server's TLS (`--tls-cert`, mutual with `--client-ca`) and the peer calls'.
 //! - `network`: Raft RPCs and forwarded requests to peers over HTTP.
 //! - `node`: a running node: start and bootstrap, the write path (propose, forward to the
 //!   leader) and the read path (ReadIndex).
@@ -39,6 +40,7 @@ pub mod raft_types;
 pub mod reconcile;
 pub mod state;
 pub mod store;
+pub mod tls;
 pub mod views;
 
 use std::future::Future;
@@ -57,15 +59,22 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let tls = tls::TlsSetup::from_config(&config)?;
     let tokens = load_tokens(&config).await?;
     let tokens_join = tokens.join.clone();
     let controllers: Vec<String> = match &config.peers {
         Some(peers) => peers.0.values().cloned().collect(),
         None => vec![config.advertised_address()],
     };
-    let controller = Controller::start(&config, tokens).await?;
+    let controller = Controller::start(&config, tokens, tls.peers.clone()).await?;
     let address = listener.local_addr().context("read listener address")?;
-    tracing::info!(node = config.node_id, %address, "serving the API and peer traffic");
+    tracing::info!(
+        node = config.node_id,
+        %address,
+        tls = tls.acceptor.is_some(),
+        mutual = config.client_ca.is_some(),
+        "serving the API and peer traffic"
+    );
     let stop = tokio_util::sync::CancellationToken::new();
     let reconciler = tokio::spawn(agents::run_reconciler(
         controller.clone(),
@@ -129,6 +138,7 @@ pub async fn run(
             header_timeout: config.header_timeout.as_std(),
             body_timeout: config.body_timeout.as_std(),
             max_connections: config.max_connections,
+            tls: tls.acceptor.clone(),
         },
         shutdown,
     )

@@ -10,6 +10,7 @@
 //! `Network`, and an error the remote Raft returned is `RemoteError`.
 
 use std::time::Duration;
+use strata_api::tls::Transport;
 
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
@@ -44,6 +45,8 @@ pub mod routes {
 pub struct PeerClient {
     http: reqwest::Client,
     secret: String,
+    /// Plain HTTP or TLS (with this node's certificate as the client's).
+    transport: Transport,
 }
 
 /// How one peer call failed.
@@ -70,23 +73,25 @@ pub enum PeerError {
 }
 
 impl PeerClient {
-    pub fn new(secret: String) -> Self {
-        let http = reqwest::Client::builder()
+    pub fn new(secret: String, transport: Transport) -> Result<Self, reqwest::Error> {
+        let builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(500))
             // Well below a peer's --header-timeout (which also closes idle keep-alive
             // connections), so a pooled connection is never reused just as the peer closes it.
             .pool_idle_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .build()
-            // Only fails when the TLS backend cannot initialise; we build without TLS.
-            .unwrap_or_else(|_| reqwest::Client::new());
-        PeerClient { http, secret }
+            .tcp_nodelay(true);
+        let http = transport.apply(builder).build()?;
+        Ok(PeerClient {
+            http,
+            secret,
+            transport,
+        })
     }
 
     /// The same client with a connection pool of its own: calls made through it never wait
     /// for a connection (or the runtime driving one) that other calls use.
-    pub fn with_own_connections(&self) -> PeerClient {
-        PeerClient::new(self.secret.clone())
+    pub fn with_own_connections(&self) -> Result<PeerClient, reqwest::Error> {
+        PeerClient::new(self.secret.clone(), self.transport.clone())
     }
 
     /// POSTs `body` as JSON to `route` on the peer at `address` and decodes the JSON answer.
@@ -99,7 +104,7 @@ impl PeerClient {
     ) -> Result<Resp, PeerError> {
         let response = self
             .http
-            .post(format!("http://{address}{route}"))
+            .post(format!("{}://{address}{route}", self.transport.scheme()))
             .bearer_auth(&self.secret)
             .timeout(timeout)
             .json(body)

@@ -181,7 +181,12 @@ pub struct Controller {
 impl Controller {
     /// Opens the stores, starts Raft and, where this node is the one to do it, initialises the
     /// cluster.
-    pub async fn start(config: &Config, tokens: Tokens) -> anyhow::Result<Arc<Controller>> {
+    /// Starts the node; `peer_transport` is how it reaches its peers (plain or TLS).
+    pub async fn start(
+        config: &Config,
+        tokens: Tokens,
+        peer_transport: strata_api::tls::Transport,
+    ) -> anyhow::Result<Arc<Controller>> {
         use anyhow::Context;
         tokio::fs::create_dir_all(&config.data_dir)
             .await
@@ -215,7 +220,8 @@ impl Controller {
         }
         .validate()
         .context("validate raft config")?;
-        let peers = PeerClient::new(tokens.cluster_secret.clone());
+        let peers = PeerClient::new(tokens.cluster_secret.clone(), peer_transport)
+            .context("build the peer client")?;
         let network = NetworkFactory {
             client: peers.clone(),
         };

@@ -240,7 +240,12 @@ impl Quorum {
         // heartbeats, a snapshot) is slow, not cut off, and must not refuse requests for it.
         // Pings sent from the API runtime would wait behind that work, and their answers
         // would come "late" though the peers answered at once.
-        let probe_peers = peers.with_own_connections();
+        let probe_peers = peers.with_own_connections().unwrap_or_else(|error| {
+            // Building a client only fails when its TLS config cannot be used, and the same
+            // config built the shared one: share its connections rather than probe nothing.
+            tracing::warn!(%error, "the quorum probe shares the peer connections");
+            peers.clone()
+        });
         let probe_view = view.clone();
         let probe_answers = answers.clone();
         let spawned = std::thread::Builder::new()

@@ -23,8 +23,12 @@ pub const VIEWER_TOKEN: &str = "test-viewer-token";
 pub const CLUSTER_SECRET: &str = "test-cluster-secret";
 pub const JOIN_TOKEN: &str = "test-join-token";
 
-/// Path of a workspace binary built alongside the tests.
+/// Path of a workspace binary built alongside the tests, or in `STRATA_TEST_BIN_DIR` when set
+/// (binaries built elsewhere, say a release build).
 pub fn binary(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("STRATA_TEST_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("."));
     // target/<profile>/deps/<test-binary> → target/<profile>/<name>
     let dir = exe
@@ -33,6 +37,89 @@ pub fn binary(name: &str) -> PathBuf {
         .map(Path::to_path_buf)
         .unwrap_or_default();
     dir.join(name)
+}
+
+/// Whether the end-to-end suites run against controllers serving mutual TLS
+/// (`STRATA_E2E_TLS=1`): every cluster the harness starts then uses the test PKI, and every
+/// agent and client presents its certificate.
+pub fn tls_enabled() -> bool {
+    std::env::var("STRATA_E2E_TLS").is_ok_and(|value| value == "1")
+}
+
+/// Set once a TLS cluster started in this process: agents started afterwards use TLS too.
+static TLS_CLUSTER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The test PKI, made by `deploy/dev-ca.sh` once per target dir (under
+/// `target/<profile>/strata-test-pki/<name>`): a CA with certificates `controller`, `client`
+/// and `agent`, all for `127.0.0.1` and `localhost`. `name` tells two CAs apart (a
+/// certificate of `other` is one the cluster's CA did not sign).
+#[derive(Clone, Debug)]
+pub struct Pki {
+    pub dir: PathBuf,
+}
+
+impl Pki {
+    pub fn get(name: &str) -> anyhow::Result<Pki> {
+        let root = binary("strata-test-pki");
+        let dir = root.join(name);
+        if dir.join("agent.pem").exists() {
+            return Ok(Pki { dir });
+        }
+        std::fs::create_dir_all(&root).context("create the test PKI dir")?;
+        // Made aside and renamed into place, so tests starting together never see half a PKI.
+        let building = root.join(format!("{name}.building-{}", std::process::id()));
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/dev-ca.sh");
+        let status = Command::new("bash")
+            .arg(&script)
+            .arg(&building)
+            .args(["controller", "client", "agent"])
+            .status()
+            .context("run deploy/dev-ca.sh")?;
+        if !status.success() {
+            let _ = std::fs::remove_dir_all(&building);
+            bail!("deploy/dev-ca.sh failed: {status}");
+        }
+        if std::fs::rename(&building, &dir).is_err() {
+            // Another test made it first.
+            let _ = std::fs::remove_dir_all(&building);
+        }
+        Ok(Pki { dir })
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    pub fn cert(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.pem"))
+    }
+
+    pub fn key(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}-key.pem"))
+    }
+
+    /// A client transport trusting this CA, presenting certificate `name` if given.
+    pub fn transport(&self, name: Option<&str>) -> anyhow::Result<strata_api::tls::Transport> {
+        let cert = name.map(|name| self.cert(name));
+        let key = name.map(|name| self.key(name));
+        Ok(strata_api::tls::Transport::from_flags(
+            Some(&self.ca()),
+            cert.as_deref(),
+            key.as_deref(),
+        )?)
+    }
+
+    /// `--ca-cert`, `--tls-cert`, `--tls-key` for a client presenting certificate `name`.
+    pub fn client_flags(&self, name: &str) -> Vec<String> {
+        vec![
+            "--ca-cert".to_string(),
+            self.ca().display().to_string(),
+            "--tls-cert".to_string(),
+            self.cert(name).display().to_string(),
+            "--tls-key".to_string(),
+            self.key(name).display().to_string(),
+        ]
+    }
 }
 
 /// A free loopback port. Another process could take it before we bind it again; tests accept
@@ -125,6 +212,8 @@ pub struct ClusterOptions {
     /// Extra controller flags (for example `--ec2-endpoint`) and environment.
     pub extra_args: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// Mutual TLS with the test PKI (`Pki::get("cluster")`); default: `STRATA_E2E_TLS=1`.
+    pub tls: bool,
 }
 
 impl Default for ClusterOptions {
@@ -140,6 +229,7 @@ impl Default for ClusterOptions {
             controller_args: Vec::new(),
             extra_args: Vec::new(),
             env: Vec::new(),
+            tls: tls_enabled(),
         }
     }
 }
@@ -150,6 +240,8 @@ pub struct Cluster {
     peers: String,
     options: ClusterOptions,
     pub http: reqwest::Client,
+    /// The PKI the controllers serve mutual TLS with, when `options.tls`.
+    pub pki: Option<Pki>,
     _dir: tempfile::TempDir,
 }
 
@@ -180,11 +272,24 @@ impl Cluster {
             .map(|node| format!("{}={}", node.id, node.address))
             .collect::<Vec<_>>()
             .join(",");
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(15))
-            // Below the controllers' idle keep-alive timeout, so a pooled connection is not
-            // reused at the moment the server closes it.
-            .pool_idle_timeout(Duration::from_secs(5))
+        let pki = if options.tls {
+            TLS_CLUSTER.store(true, std::sync::atomic::Ordering::Relaxed);
+            Some(Pki::get("cluster")?)
+        } else {
+            None
+        };
+        let transport = match &pki {
+            Some(pki) => pki.transport(Some("client"))?,
+            None => strata_api::tls::Transport::Plain,
+        };
+        let http = transport
+            .apply(
+                reqwest::Client::builder()
+                    .timeout(Duration::from_secs(15))
+                    // Below the controllers' idle keep-alive timeout, so a pooled connection
+                    // is not reused at the moment the server closes it.
+                    .pool_idle_timeout(Duration::from_secs(5)),
+            )
             .build()
             .context("build http client")?;
         let mut cluster = Cluster {
@@ -192,6 +297,7 @@ impl Cluster {
             peers,
             options,
             http,
+            pki,
             _dir: dir,
         };
         let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
@@ -213,6 +319,17 @@ impl Cluster {
         let secrets = self._dir.path().join("secrets");
         let extra_args = self.options.extra_args.clone();
         let env = self.options.env.clone();
+        let tls_args: Vec<String> = match &self.pki {
+            Some(pki) => vec![
+                "--tls-cert".to_string(),
+                pki.cert("controller").display().to_string(),
+                "--tls-key".to_string(),
+                pki.key("controller").display().to_string(),
+                "--client-ca".to_string(),
+                pki.ca().display().to_string(),
+            ],
+            None => vec!["--insecure-http".to_string()],
+        };
         let node = self
             .nodes
             .get_mut(&id)
@@ -252,6 +369,7 @@ impl Cluster {
             .args(["--snapshot-log-mib", &snapshot_log_mib.to_string()])
             .args(["--heartbeat-grace", heartbeat_grace])
             .args(["--reconcile-interval", reconcile_interval])
+            .args(&tls_args)
             .args(&controller_args)
             .args(&extra_args)
             .envs(env)
@@ -321,7 +439,25 @@ impl Cluster {
     }
 
     pub fn url(&self, id: u64, path: &str) -> String {
-        format!("http://{}{}", self.address(id), path)
+        format!("{}://{}{}", self.scheme(), self.address(id), path)
+    }
+
+    /// `https` when the controllers serve TLS, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.pki.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// The flags `stratactl` needs to reach this cluster beyond `--server` and the token:
+    /// the CA and a client certificate under TLS, nothing otherwise.
+    pub fn stratactl_tls_flags(&self) -> Vec<String> {
+        self.pki
+            .as_ref()
+            .map(|pki| pki.client_flags("client"))
+            .unwrap_or_default()
     }
 
     /// The node ids whose processes are running.
@@ -589,6 +725,9 @@ impl AgentProcess {
             "--memory-mb".to_string(),
             "4096".to_string(),
         ];
+        if tls_enabled() || TLS_CLUSTER.load(std::sync::atomic::Ordering::Relaxed) {
+            args.extend(Pki::get("cluster")?.client_flags("agent"));
+        }
         args.extend(extra.iter().map(|arg| arg.to_string()));
         let mut agent = AgentProcess {
             node_id: node_id.to_string(),

@@ -853,6 +853,7 @@ async fn stratactl_drains_and_cordons_a_node_and_a_template_change_rolls() -> an
     let ctl = |args: &[&str]| {
         let output = std::process::Command::new(binary("stratactl"))
             .args(["--server", &env.cluster.address(1), "--token", ADMIN_TOKEN])
+            .args(env.cluster.stratactl_tls_flags())
             .args(args)
             .output();
         match output {

@@ -12,6 +12,7 @@ use strata_agent::driver::{AccelChoice, QemuConfig};
 use strata_agent::lb::LbConfig;
 use strata_agent::standalone::{self, StandaloneConfig};
 use strata_agent::SupervisorConfig;
+use strata_api::tls::Transport;
 
 /// The Strata agent: registers this host with the controllers, heartbeats (host metrics and
 /// the phase, health and CPU of each instance), and starts, supervises and health-checks the
@@ -35,7 +36,8 @@ struct Args {
     /// This node's name, a DNS label (lowercase letters, digits, '-').
     #[arg(long, env = "STRATA_NODE_ID")]
     node_id: String,
-    /// Controller addresses (host:port), comma separated; any of them will do.
+    /// Controller addresses (host:port, or https://host:port with --ca-cert), comma
+    /// separated; any of them will do.
     #[arg(
         long,
         env = "STRATA_CONTROLLERS",
@@ -57,6 +59,25 @@ struct Args {
     /// A file holding the join token (its first line).
     #[arg(long, env = "STRATA_JOIN_TOKEN_FILE", conflicts_with = "join_token")]
     join_token_file: Option<PathBuf>,
+    /// The CA that signed the controllers' certificates: the agent talks TLS to them.
+    #[arg(long, env = "STRATA_CA_CERT", value_name = "FILE")]
+    ca_cert: Option<PathBuf>,
+    /// This node's client certificate (PEM), for controllers that require one (--client-ca).
+    #[arg(
+        long,
+        env = "STRATA_TLS_CERT",
+        requires = "tls_key",
+        value_name = "FILE"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(
+        long,
+        env = "STRATA_TLS_KEY",
+        requires = "tls_cert",
+        value_name = "FILE"
+    )]
+    tls_key: Option<PathBuf>,
     /// When the agent runs as root: the user process instances run as unless their template
     /// names one (`template.user`).
     #[arg(long, env = "STRATA_RUN_AS")]
@@ -113,6 +134,32 @@ struct Args {
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 enum LbKind {
     Haproxy,
+}
+
+/// The controllers as `host:port` (how leader hints name them too): an `http://` or
+/// `https://` prefix is dropped once it agrees with the transport.
+fn controller_addresses(given: &[String], transport: &Transport) -> anyhow::Result<Vec<String>> {
+    given
+        .iter()
+        .map(|address| {
+            let address = address.trim().trim_end_matches('/');
+            let (scheme, rest) = match address.split_once("://") {
+                Some((scheme, rest)) => (Some(scheme), rest),
+                None => (None, address),
+            };
+            match scheme {
+                None => Ok(rest.to_string()),
+                Some(scheme) if scheme == transport.scheme() => Ok(rest.to_string()),
+                Some("https") => {
+                    anyhow::bail!("{address}: https needs --ca-cert, the CA that signed the controllers' certificates")
+                }
+                Some(scheme) => anyhow::bail!(
+                    "{address}: the agent talks {} to its controllers, not {scheme}",
+                    transport.scheme()
+                ),
+            }
+        })
+        .collect()
 }
 
 fn parse_port_range(text: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
@@ -215,6 +262,12 @@ async fn main() -> anyhow::Result<()> {
         (Some(path), _) => read_secret_file(path)?,
         (None, token) => token.unwrap_or_default(),
     };
+    let transport = Transport::from_flags(
+        args.ca_cert.as_deref(),
+        args.tls_cert.as_deref(),
+        args.tls_key.as_deref(),
+    )?;
+    let controllers = controller_addresses(&args.controllers, &transport)?;
     let supervisor = SupervisorConfig {
         data_dir: args.data_dir,
         run_as: args.run_as,
@@ -260,8 +313,9 @@ async fn main() -> anyhow::Result<()> {
             connected::run(
                 ConnectedConfig {
                     node_id: args.node_id,
-                    controllers: args.controllers,
+                    controllers,
                     join_token,
+                    transport,
                     zone: args.zone,
                     labels: args.labels.into_iter().collect(),
                     capacity: strata_api::Resources {

@@ -22,6 +22,7 @@ use crate::list::ItemList;
 use crate::node::Node;
 use crate::problem::Problem;
 use crate::tier::ScaleRequest;
+use crate::tls::Transport;
 use crate::validate;
 
 /// Command line of `stratactl`.
@@ -35,8 +36,9 @@ use crate::validate;
                   and stratactl moves to the next one when a controller is down or has no leader."
 )]
 pub struct Cli {
-    /// Controller API addresses (host:port or http://host:port), comma-separated; tried in
-    /// turn until one answers.
+    /// Controller API addresses (host:port, http://host:port or https://host:port),
+    /// comma-separated; tried in turn until one answers. A bare host:port is https when
+    /// --ca-cert is given.
     #[arg(
         long,
         global = true,
@@ -60,6 +62,30 @@ pub struct Cli {
         value_name = "FILE"
     )]
     pub token_file: Option<std::path::PathBuf>,
+
+    /// The CA that signed the controllers' certificates: talk TLS to them.
+    #[arg(long, global = true, env = "STRATA_CA_CERT", value_name = "FILE")]
+    pub ca_cert: Option<std::path::PathBuf>,
+
+    /// A client certificate (PEM), for controllers that require one (--client-ca).
+    #[arg(
+        long,
+        global = true,
+        env = "STRATA_TLS_CERT",
+        requires = "tls_key",
+        value_name = "FILE"
+    )]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// The client certificate's private key (PEM).
+    #[arg(
+        long,
+        global = true,
+        env = "STRATA_TLS_KEY",
+        requires = "tls_cert",
+        value_name = "FILE"
+    )]
+    pub tls_key: Option<std::path::PathBuf>,
 
     /// Output format: aligned tables and short messages, or the full objects as JSON or YAML.
     #[arg(short, long, global = true, value_enum, default_value_t = OutputFormat::Table)]
@@ -323,6 +349,8 @@ pub enum CliError {
     Output(#[from] std::io::Error),
     #[error("encode output: {0}")]
     Encode(String),
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// The streams a command reads and writes.
@@ -359,8 +387,14 @@ pub async fn run(cli: Cli) -> ExitCode {
 /// Runs one command, writing results to `streams.stdout` and per-item failures to
 /// `streams.stderr`; the returned error is the command's overall failure.
 pub async fn execute(cli: Cli, streams: &mut Streams<'_>) -> Result<(), CliError> {
+    let transport = Transport::from_flags(
+        cli.ca_cert.as_deref(),
+        cli.tls_cert.as_deref(),
+        cli.tls_key.as_deref(),
+    )?;
     let client = Client::new(ClientConfig {
         servers: cli.server,
+        transport,
         token: match &cli.token_file {
             Some(path) => Some(read_token_file(path)?),
             None => cli.token,

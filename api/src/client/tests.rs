@@ -7,6 +7,7 @@ use super::*;
 fn client(servers: Vec<String>, deadline_ms: u64) -> Client {
     Client::new(ClientConfig {
         servers,
+        transport: Transport::Plain,
         token: Some("secret-token".to_string()),
         request_timeout: Duration::from_millis(500),
         failover_deadline: Duration::from_millis(deadline_ms),
@@ -298,24 +299,48 @@ async fn a_success_body_of_the_wrong_shape_is_a_decode_error() {
 
 #[test]
 fn server_addresses_are_normalized_or_refused() {
+    let plain = Transport::Plain;
     assert_eq!(
-        normalize_server("127.0.0.1:7001").ok().as_deref(),
+        normalize_server("127.0.0.1:7001", &plain).ok().as_deref(),
         Some("http://127.0.0.1:7001")
     );
     assert_eq!(
-        normalize_server(" http://c1:7001/ ").ok().as_deref(),
+        normalize_server(" http://c1:7001/ ", &plain)
+            .ok()
+            .as_deref(),
         Some("http://c1:7001")
     );
     for bad in [
         "",
+        // https without a CA to trust: refused before any connection is tried.
         "https://c1:7001",
         "ftp://c1",
         "c1:7001/v1",
         "http://",
         "http://:80",
     ] {
-        assert!(normalize_server(bad).is_err(), "{bad:?}");
+        assert!(normalize_server(bad, &plain).is_err(), "{bad:?}");
     }
+    // With TLS, a bare address takes https and an explicit scheme stays.
+    let tls = Transport::Tls(std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth(),
+    ));
+    assert_eq!(
+        normalize_server("c1:7001", &tls).ok().as_deref(),
+        Some("https://c1:7001")
+    );
+    assert_eq!(
+        normalize_server("https://c1:7001/", &tls).ok().as_deref(),
+        Some("https://c1:7001")
+    );
+    assert_eq!(
+        normalize_server("http://c1:7001", &tls).ok().as_deref(),
+        Some("http://c1:7001")
+    );
     assert!(matches!(
         Client::new(ClientConfig {
             servers: Vec::new(),

@@ -66,12 +66,21 @@ const MAX_HEADERS: usize = 100;
 /// How long shutdown waits for connections to finish their requests.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// Bounds of the server.
-#[derive(Clone, Copy, Debug)]
+/// Bounds of the server, and its TLS.
+#[derive(Clone)]
 pub struct ServeConfig {
     pub header_timeout: Duration,
     pub body_timeout: Duration,
     pub max_connections: usize,
+    /// TLS on every connection (`--tls-cert`); `None` serves plain HTTP (`--insecure-http`).
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// The limits the request path needs (the part of `ServeConfig` that is `Copy`).
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    header_timeout: Duration,
+    body_timeout: Duration,
 }
 
 /// One open connection, as the table and the request path see it. Handlers find it in the
@@ -238,8 +247,12 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         connections.spawn(serve_connection(
             stream,
+            config.tls.clone(),
             router.clone(),
-            config,
+            Limits {
+                header_timeout: config.header_timeout,
+                body_timeout: config.body_timeout,
+            },
             table.clone(),
             connection,
             stopping.clone(),
@@ -258,12 +271,49 @@ pub async fn serve(
 
 async fn serve_connection(
     stream: TcpStream,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     router: Router,
-    config: ServeConfig,
+    limits: Limits,
     table: Arc<Table>,
     connection: Arc<Connection>,
     stopping: CancellationToken,
 ) {
+    match tls {
+        None => serve_http(stream, router, limits, &table, &connection, &stopping).await,
+        Some(acceptor) => {
+            // The handshake has the header timeout (a client that opens a connection and sends
+            // nothing is a slowloris either way) and yields to eviction and shutdown. A client
+            // without a certificate the --client-ca accepts fails here.
+            let handshake = tokio::time::timeout(limits.header_timeout, acceptor.accept(stream));
+            let outcome = tokio::select! {
+                outcome = handshake => Some(outcome),
+                () = connection.close.cancelled() => None,
+                () = stopping.cancelled() => None,
+            };
+            match outcome {
+                Some(Ok(Ok(stream))) => {
+                    serve_http(stream, router, limits, &table, &connection, &stopping).await;
+                }
+                Some(Ok(Err(error))) => tracing::debug!(%error, "TLS handshake failed"),
+                Some(Err(_)) => tracing::debug!("TLS handshake timed out"),
+                None => {}
+            }
+        }
+    }
+    table.release(&connection);
+}
+
+/// HTTP/1.1 on an accepted (and, with TLS, handshaken) connection, until it ends.
+async fn serve_http<S>(
+    stream: S,
+    router: Router,
+    config: Limits,
+    table: &Arc<Table>,
+    connection: &Arc<Connection>,
+    stopping: &CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let io = TokioIo::new(Guarded {
         inner: stream,
         table: table.clone(),
@@ -318,13 +368,12 @@ async fn serve_connection(
     if let Err(error) = outcome {
         tracing::debug!(%error, "connection ended");
     }
-    table.release(&connection);
 }
 
 /// One request: the checks below the router, then the router.
 async fn handle(
     router: Router,
-    config: ServeConfig,
+    config: Limits,
     connection: &Arc<Connection>,
     request: Request<Incoming>,
 ) -> Response<Body> {
@@ -464,15 +513,15 @@ impl http_body::Body for DeadlineBody {
 
 /// The connection's socket: reads mark it active, and the body-less error responses hyper
 /// writes itself (400, 414, 431) are replaced by problem documents.
-struct Guarded {
-    inner: TcpStream,
+struct Guarded<S> {
+    inner: S,
     table: Arc<Table>,
     connection: Arc<Connection>,
     /// A replacement response still to be written, and how much of it has been.
     replacement: Option<(Vec<u8>, usize)>,
 }
 
-impl Guarded {
+impl<S: AsyncWrite + Unpin> Guarded<S> {
     /// Writes what is left of the replacement; `Ready(Ok)` once it is all out.
     fn poll_replacement(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while let Some((bytes, written)) = &mut self.replacement {
@@ -527,7 +576,7 @@ fn replace_bare_error(head: &[u8]) -> Option<Vec<u8>> {
     )
 }
 
-impl AsyncRead for Guarded {
+impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -543,7 +592,7 @@ impl AsyncRead for Guarded {
     }
 }
 
-impl AsyncWrite for Guarded {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -1,0 +1,285 @@
+//! TLS end to end: a 3-node cluster serving mutual TLS (`--tls-cert`, `--client-ca`) with two
+//! agents running a tier through it, `stratactl` with its certificate, and the clients it
+//! refuses: no certificate, a certificate of another CA, plain HTTP. A controller given
+//! neither TLS nor `--insecure-http` does not start. The whole agents suite also runs under
+//! mutual TLS with `STRATA_E2E_TLS=1` (deploy/test.sh does so).
+//!
+//! These run when `STRATA_E2E=1` (deploy/test.sh and CI set it).
+
+use std::process::Command;
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::Value;
+use strata_tests::{
+    binary, e2e_enabled, eventually, kill_instances, send, until, workload_tier, AgentProcess,
+    Cluster, ClusterOptions, Pki, ADMIN_TOKEN,
+};
+
+/// A client of the test PKI's CA, presenting `certificate` (from `pki`) if given.
+fn client(pki: &Pki, certificate: Option<&str>) -> anyhow::Result<reqwest::Client> {
+    Ok(pki
+        .transport(certificate)?
+        .apply(reqwest::Client::builder().timeout(Duration::from_secs(5)))
+        .build()?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mutual_tls_cluster_runs_agents_and_refuses_strangers() -> anyhow::Result<()> {
+    if !e2e_enabled("tls") {
+        return Ok(());
+    }
+    let cluster = Cluster::start(ClusterOptions {
+        tls: true,
+        ..ClusterOptions::default()
+    })
+    .await?;
+    let Some(pki) = cluster.pki.clone() else {
+        anyhow::bail!("a TLS cluster has a PKI");
+    };
+    assert_eq!(cluster.scheme(), "https");
+    let dir = tempfile::tempdir()?;
+    let controllers: Vec<String> = (1..=3).map(|id| cluster.address(id)).collect();
+    let mut agents = vec![
+        AgentProcess::start(dir.path(), "host-a", &controllers, &[])?,
+        AgentProcess::start(dir.path(), "host-b", &controllers, &[])?,
+    ];
+    let result = async {
+        // Both agents register over TLS (and so the tier spreads over them).
+        eventually(Duration::from_secs(30), "both nodes Ready", || async {
+            let answer = send(
+                &cluster.http,
+                Method::GET,
+                &cluster.url(1, "/v1/nodes"),
+                Some(ADMIN_TOKEN),
+                None,
+            )
+            .await
+            .map_err(|error| error.to_string())?;
+            let ready = answer.body["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|n| n["status"] == "Ready")
+                .count();
+            until(ready == 2, (), || answer.body.to_string())
+        })
+        .await?;
+        // A write through a follower (forwarded to the leader over the TLS peer link) and the
+        // agents, both over TLS, bring a tier up.
+        let leader = cluster.status(1).await?["leader_id"].as_u64().unwrap_or(1);
+        let follower = (1..=3).find(|id| *id != leader).unwrap_or(1);
+        let answer = send(
+            &cluster.http,
+            Method::PUT,
+            &cluster.url(follower, "/v1/tiers/web"),
+            Some(ADMIN_TOKEN),
+            Some(&workload_tier("web", 2, 4)),
+        )
+        .await?;
+        assert!(answer.status < 300, "put tier: {answer:?}");
+        let running = eventually(
+            Duration::from_secs(60),
+            "2 instances Running and healthy",
+            || async {
+                let answer = send(
+                    &cluster.http,
+                    Method::GET,
+                    &cluster.url(1, "/v1/tiers/web/instances"),
+                    Some(ADMIN_TOKEN),
+                    None,
+                )
+                .await
+                .map_err(|error| error.to_string())?;
+                let items: Vec<Value> =
+                    answer.body["items"].as_array().cloned().unwrap_or_default();
+                let live: Vec<Value> = items
+                    .into_iter()
+                    .filter(|i| i["phase"] == "Running" && i["health"] == "Healthy")
+                    .collect();
+                if live.len() == 2 {
+                    Ok(Some(live))
+                } else {
+                    Err(format!("{} live", live.len()))
+                }
+            },
+        )
+        .await?;
+        let nodes: std::collections::BTreeSet<&str> =
+            running.iter().filter_map(|i| i["node"].as_str()).collect();
+        assert_eq!(nodes.len(), 2, "spread over both agents: {running:?}");
+
+        // stratactl with the CA and its certificate reads the cluster; without the
+        // certificate the handshake fails.
+        let stratactl = |extra: &[String]| {
+            Command::new(binary("stratactl"))
+                .args(["--server", &cluster.address(2), "--token", ADMIN_TOKEN])
+                .args(["--failover-deadline", "2s", "-o", "json"])
+                .args(extra)
+                .args(["get", "tiers"])
+                .output()
+        };
+        let output = stratactl(&pki.client_flags("client"))?;
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(String::from_utf8_lossy(&output.stdout).contains("\"web\""));
+        let output = stratactl(&["--ca-cert".to_string(), pki.ca().display().to_string()])?;
+        assert!(!output.status.success(), "no client certificate: refused");
+
+        // Strangers: no certificate, a certificate of another CA, plain HTTP. Each fails before
+        // a request is read, on a follower and on the leader alike.
+        let no_certificate = client(&pki, None)?;
+        let other = Pki::get("other")?;
+        let other_ca = other
+            .transport(Some("client"))?
+            .apply(reqwest::Client::builder().timeout(Duration::from_secs(5)))
+            .build()?;
+        // Trusting the cluster's CA but presenting a certificate the other CA signed.
+        let foreign_certificate =
+            strata_api::tls::Transport::Tls(std::sync::Arc::new(strata_api::tls::client_config(
+                &pki.ca(),
+                Some(&strata_api::tls::Identity {
+                    cert: other.cert("client"),
+                    key: other.key("client"),
+                }),
+            )?))
+            .apply(reqwest::Client::builder().timeout(Duration::from_secs(5)))
+            .build()?;
+        let plain = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()?;
+        for id in 1..=3 {
+            let url = cluster.url(id, "/v1/cluster");
+            for (who, http) in [
+                ("no certificate", &no_certificate),
+                ("another CA's certificate", &foreign_certificate),
+                ("a client trusting another CA", &other_ca),
+            ] {
+                let answer = http.get(&url).bearer_auth(ADMIN_TOKEN).send().await;
+                assert!(answer.is_err(), "{who} on node {id}: {answer:?}");
+            }
+            let answer = plain
+                .get(format!("http://{}/v1/cluster", cluster.address(id)))
+                .bearer_auth(ADMIN_TOKEN)
+                .send()
+                .await;
+            assert!(
+                answer.as_ref().map_or(true, |a| !a.status().is_success()),
+                "plain HTTP on node {id}: {answer:?}"
+            );
+        }
+        // The cluster kept serving its own clients meanwhile.
+        let status = cluster.status(3).await?;
+        assert!(status["leader_id"].as_u64().is_some(), "{status}");
+        anyhow::Ok(running)
+    }
+    .await;
+    let seen: Vec<String> = match &result {
+        Ok(running) => running
+            .iter()
+            .filter_map(|i| i["id"].as_str().map(str::to_string))
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    for agent in &mut agents {
+        agent.kill();
+    }
+    kill_instances(&seen);
+    if let Err(error) = &result {
+        for agent in &agents {
+            eprintln!("--- agent {}\n{}", agent.node_id, agent.log_tail());
+        }
+        for id in 1..=3 {
+            eprintln!("--- node {id}\n{}", cluster.log_tail(id));
+        }
+        anyhow::bail!("{error:#}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_needs_tls_or_an_explicit_insecure_flag() -> anyhow::Result<()> {
+    if !e2e_enabled("tls") {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let output = Command::new(binary("strata-controller"))
+        .args(["--node-id", "1", "--listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir.path().join("node"))
+        .env_remove("STRATA_INSECURE_HTTP")
+        .output()?;
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--tls-cert") && stderr.contains("--insecure-http"),
+        "{stderr}"
+    );
+    // A key without its certificate is refused by the flag parser.
+    let pki = Pki::get("cluster")?;
+    let output = Command::new(binary("strata-controller"))
+        .args(["--node-id", "1", "--listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir.path().join("node"))
+        .arg("--tls-key")
+        .arg(pki.key("controller"))
+        .output()?;
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--tls-cert"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_without_a_client_ca_serves_clients_without_certificates() -> anyhow::Result<()> {
+    if !e2e_enabled("tls") {
+        return Ok(());
+    }
+    // The harness serves mutual TLS; this needs a node without --client-ca, started by hand.
+    let pki = Pki::get("cluster")?;
+    let dir = tempfile::tempdir()?;
+    let port = strata_tests::free_port();
+    let mut node = strata_tests::ProcessGuard::spawn(
+        Command::new(binary("strata-controller"))
+            .args(["--node-id", "1", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--data-dir")
+            .arg(dir.path().join("node"))
+            .args(["--admin-token", ADMIN_TOKEN])
+            .arg("--tls-cert")
+            .arg(pki.cert("controller"))
+            .arg("--tls-key")
+            .arg(pki.key("controller"))
+            .arg("--ca-cert")
+            .arg(pki.ca())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()),
+    )?;
+    let http = client(&pki, None)?;
+    let url = format!("https://127.0.0.1:{port}/v1/cluster");
+    let status = eventually(
+        Duration::from_secs(20),
+        "the node answers over TLS",
+        || async {
+            let answer = http
+                .get(&url)
+                .bearer_auth(ADMIN_TOKEN)
+                .send()
+                .await
+                .map_err(|error| error.to_string())?;
+            answer
+                .json::<Value>()
+                .await
+                .map(Some)
+                .map_err(|error| error.to_string())
+        },
+    )
+    .await?;
+    assert!(status["leader_id"].is_u64(), "{status}");
+    // A client that does not trust the server's CA refuses it.
+    let other = client(&Pki::get("other")?, None)?;
+    assert!(other.get(&url).send().await.is_err());
+    node.kill();
+    Ok(())
+}
