@@ -5,11 +5,12 @@
 # state at 200 nodes and 2,000 instances, the autoscaling simulator on its built-in traces
 # with the real ones cut short (a few seconds of computation, no cluster), and pool
 # propagation over 3 tiers x 3 simulated servers with 3 s wrk runs through HAProxy with and
-# without churn and through the reload approach (about 20 s); as root, leader cuts in
+# without churn and through the reload approach (about 20 s), writes and heartbeats with plain
+# HTTP against mutual TLS (8 clients, 200 agents); as root, leader cuts in
 # namespaces. It checks that the benchmarks still run end to end; it never judges a figure, so
 # debug binaries (already built by the tests) do. The JSON reports are kept in
 # target/bench-smoke.json and target/bench-<name>-smoke.json for the others (heartbeats,
-# start-latency, fleet, autoscale, pools, partition).
+# start-latency, fleet, autoscale, pools, tls, partition).
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -37,7 +38,7 @@ report="$target/bench-smoke.json"
 cat "$report" >&2
 echo "bench smoke: report in $report" >&2
 
-for bench in heartbeats start-latency fleet pools; do
+for bench in heartbeats start-latency fleet pools tls; do
     report="$target/bench-$bench-smoke.json"
     "$target/debug/strata-bench" "$bench" --smoke \
         --strata-bin "$target/debug/strata-controller" > "$report"

@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use tokio::process::{Child, Command};
 
+use strata_api::tls::Transport;
+
 use crate::system::{Probe, System};
 
 /// The shared secrets a Strata cluster is started with. Fixed values are fine: every member
@@ -60,6 +62,9 @@ impl Member {
 pub struct Cluster {
     pub system: System,
     pub members: Vec<Member>,
+    /// How clients reach the members: plain HTTP, or TLS with the cluster's CA and a client
+    /// certificate (`start_tls`).
+    pub transport: Transport,
     // Dropped after `members` so that no process still writes into it while it is removed.
     dir: Option<tempfile::TempDir>,
     kept_dir: Option<PathBuf>,
@@ -69,7 +74,14 @@ impl Cluster {
     /// Starts three members of `system` and waits until they have elected a leader.
     /// With `keep_dir` the data and logs stay on disk after the run, for a post-mortem.
     pub async fn start(system: System, binaries: &Binaries, keep_dir: bool) -> Result<Cluster> {
-        Cluster::start_on(system, binaries, keep_dir, None, &[]).await
+        Cluster::start_on(system, binaries, keep_dir, None, &[], false).await
+    }
+
+    /// A Strata cluster serving mutual TLS: a development CA (`deploy/dev-ca.sh`) in the
+    /// cluster's directory, `--tls-cert`/`--client-ca` on every member, https endpoints, and
+    /// `transport` presenting a client certificate of that CA.
+    pub async fn start_tls(binaries: &Binaries, keep_dir: bool) -> Result<Cluster> {
+        Cluster::start_on(System::Strata, binaries, keep_dir, None, &[], true).await
     }
 
     /// Like `start`, with `extra` appended to every member's command line.
@@ -79,7 +91,7 @@ impl Cluster {
         keep_dir: bool,
         extra: &[String],
     ) -> Result<Cluster> {
-        Cluster::start_on(system, binaries, keep_dir, None, extra).await
+        Cluster::start_on(system, binaries, keep_dir, None, extra, false).await
     }
 
     /// Like `start`, with member `i` inside network namespace `hosts[i].0`, listening on its
@@ -90,7 +102,7 @@ impl Cluster {
         keep_dir: bool,
         hosts: &[(String, std::net::Ipv4Addr)],
     ) -> Result<Cluster> {
-        Cluster::start_on(system, binaries, keep_dir, Some(hosts), &[]).await
+        Cluster::start_on(system, binaries, keep_dir, Some(hosts), &[], false).await
     }
 
     async fn start_on(
@@ -99,6 +111,7 @@ impl Cluster {
         keep_dir: bool,
         hosts: Option<&[(String, std::net::Ipv4Addr)]>,
         extra: &[String],
+        tls: bool,
     ) -> Result<Cluster> {
         let dir = tempfile::Builder::new()
             .prefix(&format!("strata-bench-{}-", system.name()))
@@ -116,6 +129,29 @@ impl Cluster {
             System::Strata => strata_members(&binaries.strata, dir.path(), &addresses, &ports),
             System::Etcd => etcd_members(&binaries.etcd, dir.path(), &addresses, &ports),
         };
+        let transport = if tls {
+            let pki = dir.path().join("pki");
+            make_pki(&pki)?;
+            for member in &mut members {
+                member.args.retain(|arg| arg != "--insecure-http");
+                for (flag, file) in [
+                    ("--tls-cert", "controller.pem"),
+                    ("--tls-key", "controller-key.pem"),
+                    ("--client-ca", "ca.pem"),
+                ] {
+                    member.args.push(flag.to_string());
+                    member.args.push(pki.join(file).display().to_string());
+                }
+                member.endpoint = member.endpoint.replacen("http://", "https://", 1);
+            }
+            Transport::from_flags(
+                Some(&pki.join("ca.pem")),
+                Some(&pki.join("client.pem")),
+                Some(&pki.join("client-key.pem")),
+            )?
+        } else {
+            Transport::Plain
+        };
         for member in &mut members {
             member.args.extend(extra.iter().cloned());
         }
@@ -127,6 +163,7 @@ impl Cluster {
         let mut cluster = Cluster {
             system,
             members,
+            transport,
             dir: None,
             kept_dir: None,
         };
@@ -146,6 +183,14 @@ impl Cluster {
         }
         cluster.wait_for_leader(READY_TIMEOUT).await?;
         Ok(cluster)
+    }
+
+    /// `probe_client` with this cluster's transport.
+    pub fn probe_client(&self) -> Result<reqwest::Client> {
+        self.transport
+            .apply(probe_builder())
+            .build()
+            .context("build HTTP client")
     }
 
     pub fn endpoints(&self) -> Vec<String> {
@@ -226,7 +271,7 @@ impl Cluster {
     /// Waits until every running member names the same leader and that leader agrees.
     /// Returns the leader's member index.
     pub async fn wait_for_leader(&mut self, timeout: Duration) -> Result<usize> {
-        let http = probe_client()?;
+        let http = self.probe_client()?;
         let deadline = Instant::now() + timeout;
         loop {
             self.check_alive()?;
@@ -433,11 +478,27 @@ fn free_ports(count: usize) -> Result<Vec<u16>> {
 
 /// A client for status probes: short timeouts so a dead or hung member cannot stall a loop.
 pub fn probe_client() -> Result<reqwest::Client> {
+    probe_builder().build().context("build HTTP client")
+}
+
+fn probe_builder() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .timeout(Duration::from_millis(1000))
         .connect_timeout(Duration::from_millis(300))
-        .build()
-        .context("build HTTP client")
+}
+
+/// A CA and the certificates `controller` and `client` in `dir`, by `deploy/dev-ca.sh` (the
+/// script of this checkout).
+fn make_pki(dir: &Path) -> Result<()> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/dev-ca.sh");
+    let status = std::process::Command::new("bash")
+        .arg(&script)
+        .arg(dir)
+        .args(["controller", "client"])
+        .status()
+        .with_context(|| format!("run {}", script.display()))?;
+    anyhow::ensure!(status.success(), "{} failed: {status}", script.display());
+    Ok(())
 }
 
 /// User plus system CPU time of one process from its `/proc/.../stat`, assuming the usual

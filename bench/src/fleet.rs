@@ -163,7 +163,7 @@ async fn measure(
         memory_mb: per_node * 2 * TEMPLATE_MEMORY_MB,
     };
     let fleet = Fleet::start(
-        cluster.endpoints(),
+        cluster,
         leader,
         nodes,
         Duration::from_secs(1),

@@ -31,7 +31,7 @@ use strata_api::{
 };
 use tokio::sync::Semaphore;
 
-use crate::cluster::{probe_client, Binaries, Cluster, STRATA_JOIN_TOKEN};
+use crate::cluster::{Binaries, Cluster, STRATA_JOIN_TOKEN};
 use crate::stats::{cores, own_cpu_seconds, percentile, round2};
 use crate::system::System;
 
@@ -178,8 +178,10 @@ pub(crate) struct Shared {
     http: reqwest::Client,
     /// Bounds requests in flight, and with them the connections the client opens.
     pool: Semaphore,
-    /// `http://127.0.0.1:port` of each member.
+    /// `http://127.0.0.1:port` (or `https://`) of each member.
     endpoints: Vec<String>,
+    /// `http` or `https`, for the leader hints of 421 answers (`host:port`).
+    scheme: &'static str,
     /// Where registrations go: the leader when the run began (a follower would forward them).
     register_to: String,
     epoch: Instant,
@@ -217,10 +219,10 @@ pub(crate) struct Fleet {
 }
 
 impl Fleet {
-    /// Starts `agents` simulated agents: registrations go to `endpoints[leader]`, heartbeats
+    /// Starts `agents` simulated agents: registrations go to the cluster's member `leader`, heartbeats
     /// every `interval` through a pool of `pool` requests, each bounded by `timeout`.
     pub(crate) fn start(
-        endpoints: Vec<String>,
+        cluster: &Cluster,
         leader: usize,
         agents: usize,
         interval: Duration,
@@ -228,11 +230,16 @@ impl Fleet {
         timeout: Duration,
         echo: Option<Resources>,
     ) -> Result<Fleet> {
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_millis(500)))
-            .tcp_nodelay(true)
-            .pool_max_idle_per_host(pool)
+        let transport = &cluster.transport;
+        let endpoints = cluster.endpoints();
+        let http = transport
+            .apply(
+                reqwest::Client::builder()
+                    .timeout(timeout)
+                    .connect_timeout(timeout.min(Duration::from_millis(500)))
+                    .tcp_nodelay(true)
+                    .pool_max_idle_per_host(pool),
+            )
             .build()
             .context("build HTTP client")?;
         let shared = Arc::new(Shared {
@@ -240,6 +247,7 @@ impl Fleet {
             pool: Semaphore::new(pool),
             register_to: endpoints[leader].clone(),
             endpoints,
+            scheme: transport.scheme(),
             epoch: Instant::now(),
             interval,
             agents,
@@ -285,14 +293,14 @@ impl Drop for Fleet {
     }
 }
 
-async fn measure(
+pub(crate) async fn measure(
     cluster: &mut Cluster,
     agents: usize,
     config: &HeartbeatsConfig,
 ) -> Result<HeartbeatRun> {
     let leader = cluster.wait_for_leader(Duration::from_secs(30)).await?;
     let mut fleet = Fleet::start(
-        cluster.endpoints(),
+        cluster,
         leader,
         agents,
         config.interval,
@@ -332,7 +340,7 @@ async fn measure(
     // An election during registration (seen with a large pool on a loaded machine) settles
     // within seconds; measure the leader that then leads.
     let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
-    let probe = probe_client()?;
+    let probe = cluster.probe_client()?;
     let pids: Vec<Option<u32>> = cluster.members.iter().map(|m| m.pid()).collect();
     let cpu = |pids: &[Option<u32>]| -> Vec<Option<f64>> {
         pids.iter()
@@ -634,7 +642,7 @@ async fn heartbeat(
                 .and_then(|problem| problem.leader);
             match leader {
                 Some(address) => {
-                    *target = format!("http://{address}");
+                    *target = format!("{}://{address}", shared.scheme);
                     redirected = true;
                     continue;
                 }

@@ -8,7 +8,8 @@
 //! holds their percentiles and CPU readings; `pools` measures load-balancer pools (propagation
 //! to HAProxy, throughput under churn against the reload approach); `reaction` the autoscaler's
 //! reaction time from a load step to new instances serving; `autoscale` replays load traces
-//! through Strata's autoscaler planner, HPA and AWS target tracking in simulated time.
+//! through Strata's autoscaler planner, HPA and AWS target tracking in simulated time; `tls`
+//! writes and heartbeats with plain HTTP against mutual TLS.
 //! Results go to stdout as JSON, progress to stderr.
 //! These are benchmarks, never timed tests: nothing here fails on a slow number.
 
@@ -24,6 +25,7 @@ mod reaction;
 mod start_latency;
 mod stats;
 mod system;
+mod tls;
 mod writes;
 
 use std::path::PathBuf;
@@ -87,6 +89,9 @@ enum Command {
     /// Fleet-scale state: 10,000 simulated nodes and 100,000 instances over 5,000 tiers
     /// through the real API and Raft; planner round, snapshot, restart, catch-up and RSS.
     Fleet(fleet::FleetArgs),
+    /// What TLS costs: writes/s and heartbeat capacity, plain HTTP against mutual TLS, each
+    /// on a fresh 3-member cluster in the same run.
+    Tls(tls::TlsArgs),
     /// Autoscaling simulator: load traces through Strata's planner, Kubernetes HPA defaults
     /// and AWS target tracking on the same simulated tier (simulated time; no cluster).
     Autoscale(autoscale::AutoscaleArgs),
@@ -266,6 +271,7 @@ async fn run(command: Command) -> Result<()> {
     match command {
         Command::Writes(args) => {
             let config = WritesConfig {
+                transport: strata_api::tls::Transport::Plain,
                 clients: args.load.clients,
                 duration: args.load.duration.as_std(),
                 warmup: args.load.warmup.as_std(),
@@ -307,6 +313,7 @@ async fn run(command: Command) -> Result<()> {
         }
         Command::Compare(args) => compare(args).await,
         Command::Fleet(args) => print_json(&fleet::run_cli(args).await?),
+        Command::Tls(args) => print_json(&tls::run_cli(args).await?),
         Command::Partition(args) => {
             let mut report = PartitionComparison {
                 strata: None,
@@ -339,7 +346,7 @@ async fn run(command: Command) -> Result<()> {
     }
 }
 
-async fn run_writes(
+pub(crate) async fn run_writes(
     cluster: &mut Cluster,
     writer: &Writer,
     config: &WritesConfig,
@@ -378,6 +385,7 @@ async fn run_writes(
 async fn compare(args: CompareArgs) -> Result<()> {
     let smoke = args.smoke;
     let config = WritesConfig {
+        transport: strata_api::tls::Transport::Plain,
         clients: args.clients.unwrap_or(if smoke { 8 } else { 64 }),
         duration: args
             .duration
@@ -414,7 +422,8 @@ async fn compare(args: CompareArgs) -> Result<()> {
         let result = async {
             let writes = run_writes(&mut cluster, &writer, &config).await?;
             let hot = Writer::hot(system, Some(STRATA_ADMIN_TOKEN.to_owned()));
-            hot.prepare(&cluster.endpoints()[0]).await?;
+            hot.prepare(&cluster.transport, &cluster.endpoints()[0])
+                .await?;
             eprintln!("[{}] hot object", system.name());
             let hot_object_writes = run_writes(&mut cluster, &hot, &config).await?;
             let failover = failover::run(&mut cluster, &writer, kills).await?;

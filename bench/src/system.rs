@@ -83,14 +83,22 @@ impl Writer {
     }
 
     /// Creates what the writes need before they start: the hot tier on Strata.
-    pub async fn prepare(&self, endpoint: &str) -> Result<()> {
+    pub async fn prepare(
+        &self,
+        transport: &strata_api::tls::Transport,
+        endpoint: &str,
+    ) -> Result<()> {
         if !self.hot || self.system != System::Strata {
             return Ok(());
         }
         let body = format!(
             r#"{{"name":"{HOT_TIER}","template":{{"driver":"process","command":["strata-workload"]}},"scaling":{{"min":0,"max":1000,"desired":0}}}}"#
         );
-        let mut request = reqwest::Client::new()
+        let http = transport
+            .apply(reqwest::Client::builder())
+            .build()
+            .context("build HTTP client")?;
+        let mut request = http
             .put(format!("{endpoint}/v1/tiers/{HOT_TIER}"))
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(body);

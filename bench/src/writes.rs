@@ -18,6 +18,8 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Debug)]
 pub struct WritesConfig {
+    /// Plain HTTP or TLS, as the cluster serves.
+    pub transport: strata_api::tls::Transport,
     pub clients: usize,
     pub duration: Duration,
     pub warmup: Duration,
@@ -68,10 +70,14 @@ pub async fn run(
     let mut tasks = Vec::with_capacity(config.clients);
     for client in 0..config.clients {
         // One reqwest::Client per task: its own pool, so its own keep-alive connection.
-        let http = reqwest::Client::builder()
-            .timeout(WRITE_TIMEOUT)
-            .tcp_nodelay(true)
-            .pool_max_idle_per_host(1)
+        let http = config
+            .transport
+            .apply(
+                reqwest::Client::builder()
+                    .timeout(WRITE_TIMEOUT)
+                    .tcp_nodelay(true)
+                    .pool_max_idle_per_host(1),
+            )
             .build()
             .context("build HTTP client")?;
         let endpoint = endpoints[client % endpoints.len()].clone();
