@@ -32,29 +32,31 @@ done
 
 cargo build --quiet -p strata-controller -p strata-agent -p strata-bench
 target="${CARGO_TARGET_DIR:-$repo/target}"
+# The binaries: those just built, or STRATA_TEST_BIN_DIR's (as for the tests).
+bin="${STRATA_TEST_BIN_DIR:-$target/debug}"
 report="$target/bench-smoke.json"
-"$target/debug/strata-bench" compare --smoke \
-    --strata-bin "$target/debug/strata-controller" "$@" > "$report"
+"$bin/strata-bench" compare --smoke \
+    --strata-bin "$bin/strata-controller" "$@" > "$report"
 cat "$report" >&2
 echo "bench smoke: report in $report" >&2
 
 for bench in heartbeats start-latency fleet pools tls; do
     report="$target/bench-$bench-smoke.json"
-    "$target/debug/strata-bench" "$bench" --smoke \
-        --strata-bin "$target/debug/strata-controller" > "$report"
+    "$bin/strata-bench" "$bench" --smoke \
+        --strata-bin "$bin/strata-controller" > "$report"
     cat "$report" >&2
     echo "bench smoke: $bench report in $report" >&2
 done
 
 report="$target/bench-autoscale-smoke.json"
-"$target/debug/strata-bench" autoscale --smoke > "$report"
+"$bin/strata-bench" autoscale --smoke > "$report"
 echo "bench smoke: autoscale report in $report" >&2
 
 # Leader cut off, not killed: needs root for network namespaces (CI runs as root).
 if [ "$(id -u)" = 0 ]; then
     report="$target/bench-partition-smoke.json"
-    "$target/debug/strata-bench" partition --cuts 2 \
-        --strata-bin "$target/debug/strata-controller" > "$report"
+    "$bin/strata-bench" partition --cuts 2 \
+        --strata-bin "$bin/strata-controller" > "$report"
     cat "$report" >&2
     echo "bench smoke: partition report in $report" >&2
 else

@@ -793,6 +793,23 @@ impl AgentProcess {
     }
 }
 
+impl Drop for AgentProcess {
+    /// The agent and every instance it ever started (its data dir's records), whether the test
+    /// saw them or not: an autoscaler's scale-out, say, is not in a test's own list.
+    fn drop(&mut self) {
+        self.kill();
+        let ids: Vec<String> = std::fs::read_dir(self.data_dir.join("instances"))
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|entry| entry.file_name().to_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        kill_instances(&ids);
+    }
+}
+
 /// Process ids whose environment or command line carries `STRATA_INSTANCE_ID=<id>`: the
 /// processes of one instance (a workload process, or the qemu running its VM).
 pub fn processes_of_instance(id: &str) -> Vec<u32> {

@@ -29,8 +29,10 @@ async fn main() -> anyhow::Result<()> {
 /// accepted sockets as they come (its docs point to `ListenerExt::tap_io` for `set_nodelay`),
 /// and Linux copies `TCP_NODELAY` from a listening socket to the sockets it accepts, so setting
 /// it here keeps Nagle's algorithm from holding back a small response (a Raft reply, a write's
-/// answer) behind an unacknowledged segment. `SO_REUSEADDR` and the backlog match what
-/// `TcpListener::bind` does.
+/// answer) behind an unacknowledged segment. `SO_REUSEADDR` matches what `TcpListener::bind`
+/// does; the backlog is 4096 (the kernel caps it at `net.core.somaxconn`) rather than its
+/// 1024, so a burst of connections (a flood the server sheds, a fleet reconnecting after a
+/// restart) finds room in the accept queue instead of waiting out SYN retransmissions.
 fn listen(address: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     let socket = if address.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
@@ -40,7 +42,7 @@ fn listen(address: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListe
     socket.set_reuseaddr(true)?;
     socket.set_nodelay(true)?;
     socket.bind(address)?;
-    socket.listen(1024)
+    socket.listen(4096)
 }
 
 async fn shutdown_signal() {
