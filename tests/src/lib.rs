@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod fault_proxy;
 pub mod linearizability;
 pub mod moto;
 pub mod netns;

@@ -27,12 +27,12 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(3);
 const IDLE: usize = 25_000;
 const FLOODERS: usize = 2;
 /// The flooders spread their connects over this long (about 12,500 a second); the probes
-/// start once it is over, while the connections are held. (A client opening connections
-/// faster than the cap per probation period, for good, keeps every slot young: per-address
-/// limits belong in front of the node; see `controller/src/http/serve.rs`.)
+/// start once every connect is done, while the connections are held. (A client opening
+/// connections faster than the cap per probation period, for good, keeps every slot young:
+/// per-address limits belong in front of the node; see `controller/src/http/serve.rs`.)
 const RAMP: Duration = Duration::from_secs(2);
-/// From the flood's start to the first probe.
-const BUILD_UP: Duration = Duration::from_secs(3);
+/// How long the flooders may take to make their connections on a loaded machine.
+const BUILD_UP: Duration = Duration::from_secs(20);
 /// Slowloris connections: a request head one header line every 500 ms, never finished.
 const SLOWLORIS: usize = 500;
 /// How long the flood is held.
@@ -121,8 +121,9 @@ async fn a_flooded_node_keeps_answering_and_closes_idle_connections() -> anyhow:
 
     let stop = Arc::new(AtomicBool::new(false));
     let closed = Arc::new(AtomicUsize::new(0));
-    // Each flooder reports once the flood is over (build-up, the probes' window, a margin).
-    let hold = BUILD_UP + FLOOD + Duration::from_secs(1);
+    // Each flooder reports once the flood is over (the probes' window after its connects,
+    // and a margin).
+    let hold = Duration::from_millis(500) + FLOOD + Duration::from_secs(1);
     let per_flooder = IDLE / FLOODERS;
     let mut flooders = Vec::new();
     for index in 0..FLOODERS {
@@ -148,8 +149,20 @@ async fn a_flooded_node_keeps_answering_and_closes_idle_connections() -> anyhow:
         stop.clone(),
         closed.clone(),
     );
-    // Let the flood build up past the cap.
-    tokio::time::sleep(BUILD_UP).await;
+    // Let the flood build up past the cap: every flooder has made its connections.
+    let built = Instant::now();
+    while flooders.iter().any(|(_, output)| {
+        !std::fs::read_to_string(output)
+            .unwrap_or_default()
+            .contains("connected")
+    }) {
+        anyhow::ensure!(
+            built.elapsed() < BUILD_UP,
+            "the flooders did not connect within {BUILD_UP:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
 
     // Fresh connections each time, as a new client would make.
     let probe = reqwest::Client::builder()

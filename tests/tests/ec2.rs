@@ -1,6 +1,7 @@
 //! EC2 tiers against a real EC2 API implementation on loopback (moto): scaling with the
 //! right tags and zones, a crash between RunInstances and its record, instances changed
-//! behind Strata's back, another cluster's instances, bad input, an unreachable endpoint.
+//! behind Strata's back, another cluster's instances, bad input, an unreachable endpoint, and
+//! an API that throttles, fails and drops connections (`strata_tests::fault_proxy`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -8,6 +9,7 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::{json, Value};
 use strata_ec2::{Ec2Instance, Launch, TAG_CLUSTER, TAG_INSTANCE, TAG_TIER};
+use strata_tests::fault_proxy::{busiest_window, Fault, FaultProxy};
 use strata_tests::moto::{Moto, AMI};
 use strata_tests::{e2e_enabled, eventually, send, Cluster, ClusterOptions, ADMIN_TOKEN};
 
@@ -378,6 +380,76 @@ async fn replaces_what_vanished_terminates_unknowns_and_leaves_other_clusters_al
             "{id} must be untouched: {instance:?}"
         );
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_throttling_failures_and_lost_answers_the_tier_converges_without_duplicates(
+) -> anyhow::Result<()> {
+    if !e2e_enabled("ec2 faults") {
+        return Ok(());
+    }
+    let moto = Moto::start(&["us-east-1a", "us-east-1b"]).await?;
+    let proxy = FaultProxy::start(&moto.endpoint).await?;
+    let mut options = options(&moto, 1);
+    // The controllers talk to EC2 through the proxy; the test's own client goes to moto.
+    for arg in options.extra_args.iter_mut() {
+        if *arg == moto.endpoint {
+            *arg = proxy.endpoint.clone();
+        }
+    }
+    let cluster = Cluster::start(options).await?;
+    write(
+        &cluster,
+        Method::PUT,
+        "/v1/tiers/web",
+        &ec2_tier("web", &moto.subnet_ids()),
+    )
+    .await?;
+    scale(&cluster, "web", 5).await?;
+    // `converged` fails on a uuid launched twice and needs EC2 and the state to agree exactly.
+    let five = converged(&cluster, &moto, "web", 5).await?;
+    scale(&cluster, "web", 2).await?;
+    let two = converged(&cluster, &moto, "web", 2).await?;
+    let kept: BTreeSet<&str> = two.iter().map(|i| i.id.as_str()).collect();
+    assert!(
+        kept.iter().all(|id| five.iter().any(|i| i.id == *id)),
+        "scale-in kept instances of the five: {two:?}"
+    );
+    let calls = proxy.calls();
+    let faults = |fault: Fault, action: Option<&str>| {
+        calls
+            .iter()
+            .filter(|c| c.fault == fault && action.is_none_or(|a| c.action == a))
+            .count()
+    };
+    // The faults did happen: a launch whose answer was lost, throttling, 503s, drops.
+    assert!(
+        faults(Fault::DroppedAfter, Some("RunInstances")) >= 1,
+        "{calls:?}"
+    );
+    assert!(faults(Fault::Throttled, None) >= 1, "{calls:?}");
+    assert!(faults(Fault::Unavailable, None) >= 1, "{calls:?}");
+    // The token bucket (--ec2-calls-per-second 20, burst 10) held: in any second, at most
+    // 10 + 20 calls, with 50 ms of slack for when the proxy saw them.
+    let busiest = busiest_window(&calls, Duration::from_millis(950));
+    assert!(
+        busiest <= 30,
+        "{busiest} calls within one second; {} calls in all",
+        calls.len()
+    );
+    // Nothing leaks afterwards either: the two stay the only ones.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let later = converged(&cluster, &moto, "web", 2).await?;
+    assert_eq!(
+        later.iter().map(|i| i.id.as_str()).collect::<BTreeSet<_>>(),
+        kept
+    );
+    println!(
+        "{} EC2 calls through the proxy, {} faulted, busiest second {busiest}",
+        calls.len(),
+        calls.iter().filter(|c| c.fault != Fault::None).count()
+    );
     Ok(())
 }
 

@@ -8,9 +8,10 @@
 //!
 //! Opens COUNT connections to TARGET (`ip:port`), spread evenly over RAMP_MS, connection `i`
 //! from 127.0.0.(FIRST_SOURCE + i % SOURCES) so the flood does not use up the ephemeral ports
-//! of 127.0.0.1. Each sends nothing and waits for the server to close it. After HOLD_MS (from
-//! the start) it prints one line, `opened=N closed=N refused=N`, where `closed` counts the
-//! connections the server closed and `refused` those it never accepted, and exits.
+//! of 127.0.0.1. Each sends nothing and waits for the server to close it. Once every connect
+//! has completed (or failed) it prints `connected`; HOLD_MS later it prints
+//! `opened=N closed=N refused=N`, where `closed` counts the connections the server closed and
+//! `refused` those it never accepted, and exits.
 //! Connections to loopback only: it refuses any other target.
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -108,6 +109,20 @@ async fn flood(
             }
             closed.fetch_add(1, Ordering::Relaxed);
         });
+    }
+    // A connect that hangs (a SYN never answered) gives up with the kernel's retries, within
+    // about two minutes; the flood does not wait that long.
+    let connect_deadline = tokio::time::Instant::now() + ramp + Duration::from_secs(60);
+    while opened.load(Ordering::Relaxed) + refused.load(Ordering::Relaxed) < count
+        && tokio::time::Instant::now() < connect_deadline
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    {
+        use std::io::Write;
+        let mut stdout = std::io::stdout();
+        let _ = writeln!(stdout, "connected");
+        let _ = stdout.flush();
     }
     tokio::time::sleep(hold).await;
     (
