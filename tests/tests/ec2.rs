@@ -454,6 +454,74 @@ async fn through_throttling_failures_and_lost_answers_the_tier_converges_without
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_failover_in_the_middle_of_a_scale_out_neither_duplicates_nor_loses(
+) -> anyhow::Result<()> {
+    if !e2e_enabled("ec2 failover") {
+        return Ok(());
+    }
+    let moto = Moto::start(&["us-east-1a", "us-east-1b"]).await?;
+    let mut options = options(&moto, 3);
+    // A slow call rate stretches the scale-out over seconds, so the kill lands inside it.
+    if let Some(position) = options
+        .extra_args
+        .iter()
+        .position(|arg| arg == "--ec2-calls-per-second")
+    {
+        options.extra_args[position + 1] = "3".to_string();
+    }
+    options
+        .extra_args
+        .extend(["--ec2-burst", "1"].map(str::to_string));
+    let mut cluster = Cluster::start(options).await?;
+    write(
+        &cluster,
+        Method::PUT,
+        "/v1/tiers/web",
+        &ec2_tier("web", &moto.subnet_ids()),
+    )
+    .await?;
+    scale(&cluster, "web", 8).await?;
+    // Some launched, not all: then the leader dies.
+    let launched = eventually(Duration::from_secs(60), "a scale-out under way", || async {
+        let running = alive(&moto, CLUSTER).await?;
+        match running.len() {
+            0 | 1 => Err(format!("{} launched", running.len())),
+            n if n < 8 => Ok(Some(n)),
+            n => Err(format!("{n} launched: too late to cut in")),
+        }
+    })
+    .await?;
+    let old = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    cluster.kill(old);
+    let new = cluster
+        .wait_for_leader_other_than(Some(old), Duration::from_secs(30))
+        .await;
+    // The old leader comes back as a follower (it may have launched more meanwhile).
+    cluster.start_node(old)?;
+    let new = new?;
+    cluster.wait_for_leader(Duration::from_secs(30)).await?;
+    let eight = converged(&cluster, &moto, "web", 8).await?;
+    // Nothing was launched twice, not even briefly: over every instance EC2 ever ran for
+    // the cluster (terminated ones included), each uuid appears once.
+    let all = moto.ec2.describe_all().await?;
+    let mut uuids = BTreeMap::new();
+    for instance in all.iter().filter(|i| i.tag(TAG_CLUSTER) == Some(CLUSTER)) {
+        *uuids
+            .entry(instance.tag(TAG_INSTANCE).unwrap_or_default().to_string())
+            .or_insert(0) += 1;
+    }
+    assert!(
+        uuids.values().all(|count| *count == 1) && uuids.len() == 8,
+        "launches per uuid: {uuids:?}"
+    );
+    println!(
+        "leader {old} killed with {launched} of 8 launched; leader {new} finished: {:?}",
+        eight.iter().map(|i| i.id.as_str()).collect::<Vec<_>>()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_ec2_tiers_are_rejected_with_their_field_paths() -> anyhow::Result<()> {
     if !e2e_enabled("ec2 bad input") {
         return Ok(());
