@@ -370,9 +370,254 @@ pub enum WriteErrors {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use axum::body::Body;
+    use axum::http::{header, Method, Request, StatusCode};
+    use serde_json::Value;
+    use tower::ServiceExt;
+
+    use crate::node::{Controller, JoinToken, Tokens};
+
+    const METHODS: [&str; 8] = [
+        "get", "put", "post", "delete", "patch", "head", "options", "trace",
+    ];
+
+    /// Every (method, path) the document describes.
+    fn operations(document: &Value) -> Vec<(String, String)> {
+        let mut found = Vec::new();
+        if let Some(Value::Object(paths)) = document.get("paths") {
+            for (path, item) in paths {
+                for method in METHODS {
+                    if item.get(method).is_some() {
+                        found.push((method.to_uppercase(), path.clone()));
+                    }
+                }
+            }
+        }
+        found
+    }
+
+    /// The document's shape: what a client (and schemathesis) relies on.
     #[test]
-    fn dump() {
-        let text = serde_json::to_string_pretty(&super::super::document()).unwrap_or_default();
-        std::fs::write("/tmp/openapi.json", text).ok();
+    fn every_operation_has_security_and_problem_errors_and_every_ref_resolves() {
+        let document = super::super::document();
+        assert_eq!(document["openapi"], "3.1.0");
+        let operations = operations(&document);
+        assert!(operations.len() >= 20, "{operations:?}");
+        assert!(
+            operations
+                .iter()
+                .all(|(_, path)| !path.starts_with("/raft")),
+            "peer routes are internal"
+        );
+        for (method, path) in &operations {
+            let operation = &document["paths"][path][method.to_lowercase()];
+            let security = operation["security"].as_array();
+            assert!(security.is_some(), "{method} {path}: no security");
+            let open = matches!(
+                path.as_str(),
+                "/healthz" | "/readyz" | "/metrics" | "/openapi.json"
+            );
+            assert_eq!(
+                security.is_some_and(|all| all.iter().all(|one| one == &serde_json::json!({}))),
+                open,
+                "{method} {path}: security {security:?}"
+            );
+            let Some(Value::Object(responses)) = operation.get("responses") else {
+                panic!("{method} {path}: no responses");
+            };
+            for (status, response) in responses {
+                if status.starts_with('4') || status.starts_with('5') {
+                    assert_eq!(
+                        response["content"][strata_api::PROBLEM_CONTENT_TYPE]["schema"]["$ref"],
+                        "#/components/schemas/Problem",
+                        "{method} {path} {status}"
+                    );
+                }
+            }
+            if !open {
+                for status in ["401", "403", "503"] {
+                    assert!(
+                        responses.contains_key(status),
+                        "{method} {path}: no {status}"
+                    );
+                }
+            }
+        }
+        // Every reference names a schema the document holds.
+        fn refs(value: &Value, into: &mut Vec<String>) {
+            match value {
+                Value::Object(object) => {
+                    if let Some(Value::String(reference)) = object.get("$ref") {
+                        into.push(reference.clone());
+                    }
+                    object.values().for_each(|child| refs(child, into));
+                }
+                Value::Array(items) => items.iter().for_each(|item| refs(item, into)),
+                _ => {}
+            }
+        }
+        let mut all = Vec::new();
+        refs(&document, &mut all);
+        for reference in all {
+            let name = reference.trim_start_matches("#/components/schemas/");
+            assert!(
+                document["components"]["schemas"].get(name).is_some(),
+                "dangling {reference}"
+            );
+        }
+        // A flattened spec does not refuse the fields beside it (see `merge_flattened`).
+        let tier = &document["components"]["schemas"]["Tier"];
+        assert!(tier.get("allOf").is_none(), "{tier}");
+        assert!(tier["properties"].get("generation").is_some());
+        assert!(tier["properties"].get("template").is_some());
+        assert!(tier.get("additionalProperties").is_none());
+    }
+
+    /// Routes are added only through `routes!` (which documents them): a plain `.route(`
+    /// outside the peer routes would serve something the document does not describe.
+    #[test]
+    fn no_route_is_added_around_the_document() {
+        for (file, text) in [
+            ("api.rs", include_str!("api.rs")),
+            ("agents.rs", include_str!("agents.rs")),
+            ("mod.rs", include_str!("mod.rs")),
+        ] {
+            assert!(
+                !text.contains(concat!(".route", "(")),
+                "{file} adds a route without documenting it: use routes! on an OpenApiRouter"
+            );
+        }
+    }
+
+    async fn single_node() -> (Arc<Controller>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap_or_else(|error| panic!("temp dir: {error}"));
+        let data_dir = dir.path().to_string_lossy().to_string();
+        let config = <crate::Config as clap::Parser>::try_parse_from([
+            "strata-controller",
+            "--node-id",
+            "1",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &data_dir,
+            "--insecure-http",
+        ])
+        .unwrap_or_else(|error| panic!("config: {error}"));
+        let tokens = Tokens {
+            admin: "admin-token".to_string(),
+            viewer: None,
+            cluster_secret: "cluster-secret".to_string(),
+            join: JoinToken::new("join-token".to_string()),
+        };
+        let controller = Controller::start(&config, tokens, strata_api::tls::Transport::Plain)
+            .await
+            .unwrap_or_else(|error| panic!("start: {error:#}"));
+        for _ in 0..200 {
+            if controller.leader().is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        assert!(controller.leader().is_some(), "no leader");
+        (controller, dir)
+    }
+
+    async fn call(
+        router: &axum::Router,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+    ) -> (StatusCode, Value) {
+        let method = Method::from_bytes(method.as_bytes()).unwrap_or(Method::GET);
+        let mut request = Request::builder().method(method.clone()).uri(path);
+        if let Some(token) = token {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let body = if matches!(method, Method::POST | Method::PUT) {
+            request = request.header(header::CONTENT_TYPE, "application/json");
+            Body::from("{}")
+        } else {
+            Body::empty()
+        };
+        let request = request
+            .body(body)
+            .unwrap_or_else(|error| panic!("request: {error}"));
+        let response = router
+            .clone()
+            .oneshot(request)
+            .await
+            .unwrap_or_else(|never| match never {});
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 16 * 1024 * 1024)
+            .await
+            .unwrap_or_default();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    /// The router serves exactly what the document describes: every documented operation
+    /// reaches a handler (no fallback 404, no 405), every other method on a documented path
+    /// is a 405, and `/openapi.json` is this document, served without a token.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_router_serves_what_the_document_describes() {
+        let (controller, _dir) = single_node().await;
+        let router = super::super::router(controller);
+        let document = super::super::document();
+        let operations = operations(&document);
+        let fill = |path: &str| {
+            path.replace("{name}", "web")
+                .replace("{id}", "1")
+                .replace("{action}", "cordon")
+        };
+        for (method, path) in &operations {
+            let (status, body) = call(&router, method, &fill(path), Some("admin-token")).await;
+            assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+            let detail = body["detail"].as_str().unwrap_or("");
+            assert!(
+                !detail.starts_with("no route for"),
+                "{method} {path}: {status} {body}"
+            );
+            let documented = &document["paths"][path][method.to_lowercase()]["responses"];
+            assert!(
+                documented.get(status.as_str()).is_some(),
+                "{method} {path} answered {status}, which the document does not list: {body}"
+            );
+        }
+        for path in document["paths"]
+            .as_object()
+            .map(|paths| paths.keys())
+            .into_iter()
+            .flatten()
+        {
+            for method in METHODS {
+                // axum answers HEAD for every GET route (RFC 9110: HEAD is GET without
+                // the body), so HEAD is no separate operation.
+                if method == "head" || document["paths"][path].get(method).is_some() {
+                    continue;
+                }
+                // Tokens are checked before methods: agent paths need an agent's token.
+                let token = if path.starts_with("/v1/agents/") {
+                    "join-token"
+                } else {
+                    "admin-token"
+                };
+                let (status, _) =
+                    call(&router, &method.to_uppercase(), &fill(path), Some(token)).await;
+                assert_eq!(
+                    status,
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "{method} {path} is served but not documented"
+                );
+            }
+        }
+        let (status, served) = call(&router, "GET", "/openapi.json", None).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(served, document);
+        let (status, body) = call(&router, "GET", "/v1/undocumented", Some("admin-token")).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
     }
 }

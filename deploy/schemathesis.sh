@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# Fuzzes the API against its own OpenAPI document: starts a real 3-node cluster on loopback,
+# waits for a leader, and runs schemathesis with the admin token over every operation of
+# GET /openapi.json. It fails on a server error (5xx other than the 503/504 the document
+# lists), a response body that does not match its schema, a status code or a content type
+# the document does not list for the operation.
+#
+#   deploy/schemathesis.sh            (after `cargo build -p strata-controller`)
+#
+# STRATA_BIN: where strata-controller is (default target/debug).
+# STRATA_FUZZ_EXAMPLES: test cases per operation and phase (default 20; a run takes about
+#   two minutes on 2 cores). STRATA_FUZZ_SEED: a seed, to replay a run.
+# The cluster's processes and its temporary directory are removed on every exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin="${STRATA_BIN:-$PWD/target/debug}"
+examples="${STRATA_FUZZ_EXAMPLES:-20}"
+schemathesis="${SCHEMATHESIS:-}"
+if [ -z "$schemathesis" ]; then
+  for candidate in /opt/strata-schemathesis/bin/schemathesis "$(command -v schemathesis || true)"; do
+    if [ -n "$candidate" ] && [ -x "$candidate" ]; then schemathesis="$candidate"; break; fi
+  done
+fi
+if [ -z "$schemathesis" ]; then
+  echo "schemathesis.sh: schemathesis not found; run deploy/install-deps.sh" >&2
+  exit 1
+fi
+[ -x "$bin/strata-controller" ] || cargo build -p strata-controller --bin strata-controller
+
+work="$(mktemp -d -t strata-fuzz.XXXXXX)"
+pids=()
+cleanup() {
+  local status=$?
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  if [ "$status" != 0 ] && [ -d "$work" ]; then
+    for log in "$work"/node-*.log; do
+      [ -f "$log" ] || continue
+      echo "--- last lines of $(basename "$log")" >&2
+      tail -n 20 "$log" >&2
+    done
+  fi
+  rm -rf "$work"
+  exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Three free loopback ports (bound and released at once; nothing else here takes ports).
+read -r -a ports <<<"$(python3 - <<'EOF'
+import socket
+sockets = [socket.socket() for _ in range(3)]
+for s in sockets:
+    s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in sockets))
+EOF
+)"
+
+umask 077
+mkdir -p "$work/secrets"
+for name in admin-token cluster-secret join-token; do
+  head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$work/secrets/$name"
+  echo >>"$work/secrets/$name"
+done
+
+# Plain HTTP on loopback: newer controllers serve it only when told to.
+insecure=()
+if "$bin/strata-controller" --help 2>/dev/null | grep -q -- '--insecure-http'; then
+  insecure=(--insecure-http)
+fi
+
+peers=""
+for i in 1 2 3; do peers="$peers${peers:+,}$i=127.0.0.1:${ports[$((i - 1))]}"; done
+for i in 1 2 3; do
+  env -u STRATA_ADMIN_TOKEN -u STRATA_TOKEN -u STRATA_CLUSTER_SECRET -u STRATA_JOIN_TOKEN \
+    "$bin/strata-controller" --node-id "$i" --listen "127.0.0.1:${ports[$((i - 1))]}" \
+    --data-dir "$work/node-$i" --peers "$peers" \
+    --admin-token-file "$work/secrets/admin-token" \
+    --cluster-secret-file "$work/secrets/cluster-secret" \
+    --join-token-file "$work/secrets/join-token" \
+    "${insecure[@]}" >"$work/node-$i.log" 2>&1 &
+  pids+=("$!")
+done
+
+# Ready: every node knows the leader.
+deadline=$((SECONDS + 60))
+for port in "${ports[@]}"; do
+  until curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1; do
+    if [ "$SECONDS" -ge "$deadline" ]; then
+      echo "schemathesis.sh: the cluster elected no leader within 60 s" >&2
+      exit 1
+    fi
+    sleep 0.2
+  done
+done
+echo "schemathesis.sh: 3 controllers on ports ${ports[*]}, leader elected"
+
+# One node registered by hand, so the heartbeat operation can be called with a credential.
+join_token="$(head -n 1 "$work/secrets/join-token")"
+registration="$(curl -fsS -H @- -H 'Content-Type: application/json' \
+  -d '{"node_id":"fuzz-node","address":"127.0.0.1","capacity":{"cpu":1,"memory_mb":512},"agent_version":"fuzz"}' \
+  "http://127.0.0.1:${ports[0]}/v1/agents/register" <<<"Authorization: Bearer $join_token")"
+STRATA_FUZZ_NODE_TOKEN="$(python3 -c 'import json,sys; print(json.load(sys.stdin)["credential"])' <<<"$registration")"
+STRATA_FUZZ_TOKEN="$(head -n 1 "$work/secrets/admin-token")"
+STRATA_FUZZ_JOIN_TOKEN="$join_token"
+export STRATA_FUZZ_TOKEN STRATA_FUZZ_JOIN_TOKEN STRATA_FUZZ_NODE_TOKEN
+
+# Tokens reach schemathesis through its environment, not its argv (where `ps` shows them).
+# Every operation is called with the admin token, except the agents' (which refuse it with
+# 403): registration with the join token, heartbeats with the registered node's credential.
+# The two membership operations get only invalid input: a valid membership change would
+# reconfigure the cluster under test (a removed node, or a learner nobody runs, answers 503
+# by design) and the fuzzer cannot undo it; tests/cluster.rs covers valid ones.
+cat >"$work/schemathesis.toml" <<'EOF'
+headers = { Authorization = "Bearer ${STRATA_FUZZ_TOKEN}" }
+
+[[operations]]
+include-path = "/v1/agents/register"
+headers = { Authorization = "Bearer ${STRATA_FUZZ_JOIN_TOKEN}" }
+
+[[operations]]
+include-path = "/v1/agents/heartbeat"
+headers = { Authorization = "Bearer ${STRATA_FUZZ_NODE_TOKEN}" }
+
+[[operations]]
+include-path-regex = "^/v1/cluster/members"
+generation.mode = "negative"
+EOF
+seed=()
+if [ -n "${STRATA_FUZZ_SEED:-}" ]; then seed=(--seed "$STRATA_FUZZ_SEED"); fi
+
+# Node 1 may lead or follow: writes it takes as a follower are forwarded, as in production.
+timeout 900 "$schemathesis" --config-file "$work/schemathesis.toml" --no-color run \
+  "http://127.0.0.1:${ports[0]}/openapi.json" \
+  --checks not_a_server_error,status_code_conformance,response_schema_conformance,content_type_conformance \
+  --phases examples,coverage,fuzzing \
+  --max-examples "$examples" \
+  --workers 2 \
+  --request-timeout 15 \
+  --suppress-health-check too_slow \
+  "${seed[@]}"
