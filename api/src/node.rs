@@ -216,6 +216,7 @@ pub struct Event {
 /// `POST /v1/agents/register`: an agent announces its node (authenticated by the join token,
 /// or by the node's credential once it has one).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({"node_id": "host-1", "address": "127.0.0.1", "capacity": {"cpu": 2.0, "memory_mb": 2048}, "agent_version": "0.1.0"}))]
 #[serde(deny_unknown_fields)]
 pub struct RegisterRequest {
     pub node_id: String,
@@ -262,6 +263,7 @@ pub struct InstanceReport {
 
 /// `POST /v1/agents/heartbeat`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({"node_id": "host-1", "wait_ms": 0}))]
 #[serde(deny_unknown_fields)]
 pub struct HeartbeatRequest {
     pub node_id: String,

@@ -17,6 +17,7 @@ pub const TIER_KIND: &str = "Tier";
 
 /// The operator's declaration of a tier.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({"name": "web", "template": {"driver": "process", "command": ["strata-workload"]}, "scaling": {"min": 0, "max": 3, "policies": [{"metric": "custom", "name": "queue", "target": 10.0}]}, "load_balancer": {"listen": "127.0.0.1:18080"}}))]
 #[serde(deny_unknown_fields)]
 pub struct TierSpec {
     /// Optional in a request; when present it must be `Tier`. Lets one file hold several kinds.
@@ -600,6 +601,7 @@ fn default_time_zone() -> String {
 /// Body of `POST /v1/tiers/{name}/metrics`: one sample of a custom metric, for the whole tier
 /// or, with `instance`, for one instance.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({"metric": "queue", "value": 12.5}))]
 #[serde(deny_unknown_fields)]
 pub struct CustomMetricSample {
     pub metric: String,
@@ -874,6 +876,7 @@ pub struct Condition {
 /// hand and pauses the tier's autoscaler, or `{"auto": true}`, which hands the count back to
 /// the autoscaler (from the count it has now). Exactly one of the two.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({"desired": 2}))]
 #[serde(deny_unknown_fields)]
 pub struct ScaleRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
