@@ -24,6 +24,7 @@ pub struct TierSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<String>,
     /// A DNS label: lowercase letters, digits and `-`, 1 to 63 characters.
+    #[schema(pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
     pub name: String,
     /// In a write: compare-and-set precondition (409 when the tier has another version).
     /// In a read: the Raft log index that last changed the tier.
@@ -604,6 +605,8 @@ fn default_time_zone() -> String {
 #[schema(example = json!({"metric": "queue", "value": 12.5}))]
 #[serde(deny_unknown_fields)]
 pub struct CustomMetricSample {
+    /// 1 to 63 lowercase letters, digits or `_`, starting with a letter.
+    #[schema(pattern = "^[a-z][a-z0-9_]{0,62}$")]
     pub metric: String,
     pub value: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -134,7 +134,7 @@ struct ListParams {
     #[param(required = false)]
     stale: bool,
     /// Items per page, 1 to 1000 (default 500).
-    #[param(value_type = Option<u64>)]
+    #[param(value_type = Option<u64>, minimum = 1, maximum = 1000)]
     limit: Option<usize>,
     /// The `continue` of the previous page.
     #[serde(rename = "continue")]
@@ -707,7 +707,7 @@ struct InstanceParams {
     /// Only this tier's instances.
     tier: Option<String>,
     /// Items per page, 1 to 1000 (default 500).
-    #[param(value_type = Option<u64>)]
+    #[param(value_type = Option<u64>, minimum = 1, maximum = 1000)]
     limit: Option<usize>,
     /// The `continue` of the previous page.
     #[serde(rename = "continue")]
@@ -802,7 +802,7 @@ struct EventParams {
     /// Only events about this object: `tier/web`, `node/host-1`, `instance/<uuid>`.
     object: Option<String>,
     /// Items per page, 1 to 1000 (default 500).
-    #[param(value_type = Option<u64>)]
+    #[param(value_type = Option<u64>, minimum = 1, maximum = 1000)]
     limit: Option<usize>,
     /// The `continue` of the previous page.
     #[serde(rename = "continue")]

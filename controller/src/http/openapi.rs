@@ -191,13 +191,6 @@ fn complete(path: &str, method: &str, operation: &mut Operation) {
             },
         );
     }
-    // `serve::handle`: refused before routing.
-    add(
-        operation,
-        "414",
-        "The request target is longer than the node accepts",
-    );
-    add(operation, "501", "A transfer coding other than `chunked`");
     let parameters = operation.parameters.as_deref().unwrap_or_default();
     let has = |place: ParameterIn| {
         parameters
@@ -232,6 +225,24 @@ fn complete(path: &str, method: &str, operation: &mut Operation) {
         );
         mark_json_only(operation.request_body.as_mut());
     }
+    // `serve`: refused before routing, whatever the route (hyper's own answers are rewritten
+    // into problem documents there).
+    add(
+        operation,
+        "400",
+        "A request that does not parse as HTTP/1.1",
+    );
+    add(
+        operation,
+        "414",
+        "The request target is longer than the node accepts (8 KiB)",
+    );
+    add(
+        operation,
+        "431",
+        "Request headers larger than the node accepts, or too many of them",
+    );
+    add(operation, "501", "A transfer coding other than `chunked`");
     for (status, response) in operation.responses.responses.iter_mut() {
         let is_error = status.starts_with('4') || status.starts_with('5');
         if let utoipa::openapi::RefOr::T(response) = response {
@@ -467,6 +478,19 @@ mod tests {
                 "dangling {reference}"
             );
         }
+        // `limit`'s bounds are written in the parameters' attributes: they must be the
+        // bounds `page` enforces.
+        let limit = document["paths"]["/v1/tiers"]["get"]["parameters"]
+            .as_array()
+            .and_then(|all| all.iter().find(|parameter| parameter["name"] == "limit"));
+        assert_eq!(
+            limit.map(|limit| &limit["schema"]["minimum"]),
+            Some(&1.into())
+        );
+        assert_eq!(
+            limit.map(|limit| &limit["schema"]["maximum"]),
+            Some(&strata_api::list::MAX_PAGE.into())
+        );
         // A flattened spec does not refuse the fields beside it (see `merge_flattened`).
         let tier = &document["components"]["schemas"]["Tier"];
         assert!(tier.get("allOf").is_none(), "{tier}");
