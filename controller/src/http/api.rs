@@ -507,7 +507,7 @@ async fn cluster_status(State(controller): State<Arc<Controller>>) -> Json<Clust
     request_body(content = AddMemberRequest),
     responses(
         (status = 200, description = "The group with the new member", body = ClusterStatus),
-        (status = 409, description = "The membership change was refused (another is in progress, or it would break the group)"),
+        (status = 409, description = "The membership change was refused: the id is a member at another address, the address is another member's, another change is in progress, or it would break the group"),
         (status = 503, description = "No leader, no quorum, or the member was added but has not caught up (`member-not-caught-up`)"),
         (status = 504, description = "The cluster did not answer within the write timeout"),
         (status = 500, description = "An internal error of the node"),
