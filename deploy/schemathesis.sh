@@ -3,8 +3,9 @@
 # waits for a leader, and runs schemathesis over every operation of GET /openapi.json, on the
 # leader and on a follower. It fails on any server error (a healthy cluster answers no 5xx,
 # though the document lists the 503/504 of a cluster in trouble), a response body that does
-# not match its schema, and a status code or content type the document does not list for
-# the operation.
+# not match its schema, a status code or content type the document does not list for the
+# operation, an operation that answers without its token (or with a wrong one) as with it,
+# and a method the document does not list that is not a 405 with a true `Allow`.
 #
 #   deploy/schemathesis.sh            (after `cargo build -p strata-controller`)
 #
@@ -156,7 +157,7 @@ fuzz() {
   echo "schemathesis.sh: fuzzing the $1 (port $2)"
   timeout 900 "$schemathesis" --config-file "$work/schemathesis.toml" --no-color run \
     "http://127.0.0.1:$2/openapi.json" \
-    --checks not_a_server_error,status_code_conformance,response_schema_conformance,content_type_conformance \
+    --checks not_a_server_error,status_code_conformance,response_schema_conformance,content_type_conformance,ignored_auth,unsupported_method,allow_header_conformance \
     --phases examples,coverage,fuzzing \
     --max-examples "$examples" \
     --workers 1 \
