@@ -119,7 +119,30 @@ pub fn finish(document: OpenApi) -> serde_json::Value {
     document.components.get_or_insert_with(Default::default);
     let mut value = serde_json::to_value(&document).unwrap_or_default();
     merge_flattened(&mut value);
+    name_unsigned_formats(&mut value);
     value
+}
+
+/// Unsigned integers are documented as `uint8` to `uint64` (utoipa's `non_strict_integers`):
+/// what the server takes is `0..=u64::MAX`, which `int64` would misstate (and a fuzzer would
+/// take a valid `2^63` for invalid input). utoipa 5.5 derives the names of its `KnownFormat`
+/// with `rename_all = "kebab-case"`, which writes `UInt64` as `u-int64`
+/// (utoipa-5.5.0/src/openapi/schema.rs, `enum KnownFormat`); this writes the names as the
+/// OpenAPI format registry spells them.
+fn name_unsigned_formats(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    match value {
+        Value::Object(object) => {
+            if let Some(Value::String(format)) = object.get_mut("format") {
+                if let Some(bits) = format.strip_prefix("u-int") {
+                    *format = format!("uint{bits}");
+                }
+            }
+            object.values_mut().for_each(name_unsigned_formats);
+        }
+        Value::Array(items) => items.iter_mut().for_each(name_unsigned_formats),
+        _ => {}
+    }
 }
 
 fn complete_operations(mut document: OpenApi) -> OpenApi {
@@ -491,6 +514,11 @@ mod tests {
             limit.map(|limit| &limit["schema"]["maximum"]),
             Some(&strata_api::list::MAX_PAGE.into())
         );
+        // Unsigned integers carry the registry's format names (see `name_unsigned_formats`).
+        let instance = &document["components"]["schemas"]["Instance"]["properties"];
+        assert_eq!(instance["resource_version"]["format"], "uint64");
+        assert_eq!(instance["port"]["format"], "uint16");
+        assert!(!document.to_string().contains("\"u-int"));
         // A flattened spec does not refuse the fields beside it (see `merge_flattened`).
         let tier = &document["components"]["schemas"]["Tier"];
         assert!(tier.get("allOf").is_none(), "{tier}");
