@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite: formatting, lints, every unit, component and end-to-end test, and the
-# benchmarks in smoke mode. Slow end-to-end tests run when STRATA_E2E=1 (set here).
+# The whole test suite: formatting, lints, every unit, component and end-to-end test, the API
+# fuzzer (deploy/schemathesis.sh), and the benchmarks in smoke mode. Slow end-to-end tests run
+# when STRATA_E2E=1 (set here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deploy/install-deps.sh
@@ -12,6 +13,8 @@ cargo build --workspace --bins
 cargo nextest run --workspace --no-fail-fast
 # The agents suite again, every link mutual TLS (controllers, peers, agents, clients).
 STRATA_E2E_TLS=1 cargo nextest run -p strata-tests --test agents --no-fail-fast
+# The API fuzzed against its OpenAPI document on a real 3-node cluster.
+STRATA_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug" deploy/schemathesis.sh
 if [ -x bench/smoke.sh ]; then
   bench/smoke.sh
 fi

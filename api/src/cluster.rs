@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// A snapshot of this node's view of the Raft group.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ClusterStatus {
     /// The node that answered.
     pub node_id: u64,
@@ -31,7 +31,7 @@ fn has_quorum_by_default() -> bool {
     true
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Member {
     pub id: u64,
     pub address: String,
@@ -40,7 +40,7 @@ pub struct Member {
 }
 
 /// Body of `POST /v1/cluster/members`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AddMemberRequest {
     pub id: u64,

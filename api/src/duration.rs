@@ -62,6 +62,26 @@ impl FromStr for Duration {
     }
 }
 
+/// In the OpenAPI document a duration is a string in humantime's syntax: the API writes
+/// `humantime::format_duration` (`"1m 30s"`) and reads what `humantime::parse_duration`
+/// accepts. No pattern is given: humantime's grammar (units from `ns` to `y`, spaces between
+/// parts) is wider than a short regular expression would say, and the server's 422 names the
+/// field when a string does not parse.
+impl utoipa::PartialSchema for Duration {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .description(Some(
+                "A duration such as `500ms`, `3s`, `1m` or `1h 30m` (a bare number is refused)",
+            ))
+            .examples(["30s"])
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Duration {}
+
 impl Serialize for Duration {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.collect_str(self)

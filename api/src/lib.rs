@@ -9,7 +9,8 @@
 //! to any controller; `cli` implements `stratactl`, whose `main` is `src/bin/stratactl.rs`.
 //!
 //! Invariant: this crate knows nothing of axum or sqlx; the controller depends on it, never the
-//! reverse.
+//! reverse. The wire types derive `utoipa::ToSchema`, from which the controller's OpenAPI
+//! document takes their schemas (utoipa reads the same serde attributes serde does).
 
 pub mod cli;
 pub mod client;

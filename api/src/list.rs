@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 /// Body of `GET /v1/tiers` and later collections: `{"items": [...], "resource_version": N}`.
 /// An object rather than a bare array so that fields such as a continuation token can be added
 /// without breaking clients.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ItemList<T> {
     pub items: Vec<T>,
     /// The revision the list was read at (at least every item's `resource_version`), when the

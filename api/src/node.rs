@@ -9,7 +9,19 @@ use crate::pool::{LbReport, Pool};
 use crate::tier::{HealthCheck, Provider, Template};
 
 /// What a node is for. Registration names them; a node without roles is a worker.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum NodeRole {
     /// Runs tier instances (process and qemu drivers).
@@ -24,7 +36,7 @@ pub fn default_roles() -> Vec<NodeRole> {
 }
 
 /// CPU and memory, as capacity or reservation.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Resources {
     /// CPU cores.
@@ -34,7 +46,7 @@ pub struct Resources {
 
 /// What the control plane thinks of a node. Derived from readiness and the operator's
 /// cordon/drain flags, in that order of precedence.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum NodeStatus {
     /// Heartbeating and schedulable.
     Ready,
@@ -47,7 +59,7 @@ pub enum NodeStatus {
 }
 
 /// Host measurements an agent sends with every heartbeat.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HostMetrics {
     /// Busy share of all CPUs over the last interval, 0 to 100.
     pub cpu_percent: f64,
@@ -59,7 +71,7 @@ pub struct HostMetrics {
 }
 
 /// An agent host.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Node {
     /// The agent's `--node-id`, a DNS label.
     pub id: String,
@@ -92,7 +104,19 @@ pub struct Node {
 ///
 /// `Pending → Starting → Running → Draining → Terminated`, with `Failed` (it could not start
 /// or exited) and `Lost` (its node stopped heartbeating) as ends of their own.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 pub enum Phase {
     /// Placed on a node; the agent has not reported it yet.
     Pending,
@@ -121,7 +145,7 @@ impl Phase {
     }
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum Health {
     #[default]
     Unknown,
@@ -130,7 +154,7 @@ pub enum Health {
 }
 
 /// One VM of a tier.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Instance {
     pub id: Uuid,
     pub tier: String,
@@ -171,7 +195,7 @@ fn is_zero(value: &u64) -> bool {
 }
 
 /// Something the control plane decided, and why.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Event {
     /// The log index that recorded it; orders events.
     pub id: u64,
@@ -191,7 +215,8 @@ pub struct Event {
 
 /// `POST /v1/agents/register`: an agent announces its node (authenticated by the join token,
 /// or by the node's credential once it has one).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({"node_id": "host-1", "address": "127.0.0.1", "capacity": {"cpu": 2.0, "memory_mb": 2048}, "agent_version": "0.1.0"}))]
 #[serde(deny_unknown_fields)]
 pub struct RegisterRequest {
     pub node_id: String,
@@ -211,7 +236,7 @@ pub struct RegisterRequest {
 /// the join token, the node's own credential. The agent keeps it (mode 0600 in its data dir)
 /// and sends it as its bearer token from then on; the controllers keep only its digest, so
 /// this is the one time it is ever shown.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Registration {
     #[serde(flatten)]
     pub node: Node,
@@ -220,7 +245,7 @@ pub struct Registration {
 }
 
 /// What an agent reports about one instance it runs (or ran).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InstanceReport {
     pub id: Uuid,
@@ -237,7 +262,8 @@ pub struct InstanceReport {
 }
 
 /// `POST /v1/agents/heartbeat`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({"node_id": "host-1", "wait_ms": 0}))]
 #[serde(deny_unknown_fields)]
 pub struct HeartbeatRequest {
     pub node_id: String,
@@ -256,7 +282,7 @@ pub struct HeartbeatRequest {
 }
 
 /// One instance an agent must run.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Assignment {
     pub instance_id: Uuid,
     pub tier: String,
@@ -266,7 +292,7 @@ pub struct Assignment {
 
 /// The answer to a heartbeat: the complete set of instances the node must run. Anything else
 /// the agent runs must be stopped.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HeartbeatResponse {
     pub assignments: Vec<Assignment>,
     /// LB nodes: every tier's pool, complete (a tier absent here has no frontend).

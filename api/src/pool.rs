@@ -13,7 +13,19 @@ use uuid::Uuid;
 use crate::tier::{HealthCheck, LoadBalancer};
 
 /// How a load balancer treats one server.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum ServerState {
     /// Takes new requests.
@@ -24,7 +36,7 @@ pub enum ServerState {
 }
 
 /// One server of a pool.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PoolServer {
     pub instance_id: Uuid,
@@ -37,7 +49,7 @@ pub struct PoolServer {
 
 /// What a tier's load balancers must serve. Servers are sorted by instance id, so two pools
 /// with the same content compare equal.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Pool {
     pub tier: String,
@@ -54,7 +66,7 @@ pub struct Pool {
 }
 
 /// HAProxy's figures for one server (`show stat`), or summed over a tier's servers.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LbStats {
     /// HTTP requests (http mode) or sessions (tcp mode) per second over the last second.
@@ -81,7 +93,7 @@ pub struct LbStats {
 }
 
 /// One server as an LB agent sees it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LbServerReport {
     pub instance_id: Uuid,
@@ -91,7 +103,7 @@ pub struct LbServerReport {
 }
 
 /// One tier as an LB agent serves it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LbTierReport {
     pub tier: String,
@@ -139,7 +151,7 @@ impl LbReport {
 }
 
 /// What an LB agent adds to its heartbeat.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LbReport {
     /// The pid of HAProxy's worker, so a reload (new pid) is visible from outside.
@@ -153,7 +165,7 @@ pub struct LbReport {
 }
 
 /// `GET /v1/tiers/{name}/pool`: the pool and what each LB agent serving it reports.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PoolView {
     #[serde(flatten)]
     pub pool: Pool,
@@ -164,7 +176,7 @@ pub struct PoolView {
 }
 
 /// One LB node's report about one tier.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BalancerView {
     pub node: String,
     /// The pid of that node's HAProxy worker (a reload changes it).

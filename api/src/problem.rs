@@ -10,7 +10,7 @@ pub const PROBLEM_CONTENT_TYPE: &str = "application/problem+json";
 
 /// One field-level validation failure. `path` is a dotted path into the request body,
 /// with indices for lists: `scaling.policies[1].target`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FieldError {
     pub path: String,
     pub message: String,
@@ -26,7 +26,7 @@ impl FieldError {
 }
 
 /// An RFC 7807 problem document.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Problem {
     /// A URI reference naming the problem class, e.g. `urn:strata:problem:validation`.
     #[serde(rename = "type")]

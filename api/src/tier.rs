@@ -16,13 +16,15 @@ use crate::duration::Duration;
 pub const TIER_KIND: &str = "Tier";
 
 /// The operator's declaration of a tier.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({"name": "web", "template": {"driver": "process", "command": ["strata-workload"]}, "scaling": {"min": 0, "max": 3, "policies": [{"metric": "custom", "name": "queue", "target": 10.0}]}, "load_balancer": {"listen": "127.0.0.1:18080"}}))]
 #[serde(deny_unknown_fields)]
 pub struct TierSpec {
     /// Optional in a request; when present it must be `Tier`. Lets one file hold several kinds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<String>,
     /// A DNS label: lowercase letters, digits and `-`, 1 to 63 characters.
+    #[schema(pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
     pub name: String,
     /// In a write: compare-and-set precondition (409 when the tier has another version).
     /// In a read: the Raft log index that last changed the tier.
@@ -43,7 +45,7 @@ pub struct TierSpec {
 }
 
 /// How instances are replaced when the template changes or their node drains.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Rollout {
     /// Instances allowed above `desired` while replacing (new ones start before old ones go).
@@ -69,7 +71,7 @@ fn default_max_surge() -> u32 {
 }
 
 /// Where a tier's VMs run.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Provider {
     /// On agent hosts, through the process or qemu driver.
@@ -80,7 +82,7 @@ pub enum Provider {
 }
 
 /// How a local instance is run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Driver {
     Process,
@@ -89,7 +91,7 @@ pub enum Driver {
 
 /// What every instance of the tier looks like. Which fields apply depends on the provider and
 /// driver; validation names the ones that are missing or out of place.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Template {
     /// local: `process` or `qemu`.
@@ -176,7 +178,7 @@ fn default_memory_mb() -> u64 {
 }
 
 /// A qemu guest: a kernel and an initramfs booted directly (`-kernel`/`-initrd`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct QemuImage {
     /// Path to the kernel on the agent host.
@@ -189,7 +191,7 @@ pub struct QemuImage {
 }
 
 /// How the agent decides an instance is healthy.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HealthCheck {
     #[serde(default)]
@@ -245,7 +247,7 @@ fn default_grace_period() -> Duration {
     Duration::from_secs(30)
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum HealthProtocol {
     #[default]
@@ -260,7 +262,7 @@ pub enum HealthProtocol {
 /// scale-in by the highest recommendation of the last `scale_in_stabilization`, both directions
 /// by `max_step` / `max_step_percent` per `step_period`, scale-out by `cooldown`, and always by
 /// `min`/`max` (raised or lowered by an active entry of `schedules`).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Scaling {
     pub min: u32,
@@ -391,7 +393,7 @@ pub const DEFAULT_REACTION_TIME: Duration = Duration::from_secs(5);
 /// One scaling policy. `type` chooses the kind (target tracking unless said otherwise); the
 /// fields of the other kind are refused by validation, as the template's are for the other
 /// provider.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ScalingPolicy {
     #[serde(default, rename = "type")]
@@ -478,7 +480,19 @@ impl ScalingPolicy {
     }
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum PolicyType {
     /// Proportional, like HPA: `ceil(instances × value / target)`.
@@ -490,7 +504,7 @@ pub enum PolicyType {
 
 /// One step of a step policy: when `lower <= value < upper` (a missing bound is unbounded),
 /// apply `change`. Bounds are absolute values of the metric.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StepAdjustment {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -503,7 +517,7 @@ pub struct StepAdjustment {
 }
 
 /// How a step's `change` is read (AWS's adjustment types).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AdjustmentType {
     /// Add or remove this many instances.
@@ -525,7 +539,9 @@ impl AdjustmentType {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum ScalingMetric {
     /// Percent of one instance's CPU reservation, 0 to 100.
@@ -560,7 +576,7 @@ impl ScalingMetric {
 /// `duration`, `min` and/or `max` replace the tier's own. When several are active, the one that
 /// started last wins (a later entry in the list on a tie); if the result has `min > max`, `max`
 /// is raised to `min`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ScalingSchedule {
     /// Five fields, `minute hour day-of-month month day-of-week`, evaluated in `time_zone`, so
@@ -585,9 +601,12 @@ fn default_time_zone() -> String {
 
 /// Body of `POST /v1/tiers/{name}/metrics`: one sample of a custom metric, for the whole tier
 /// or, with `instance`, for one instance.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({"metric": "queue", "value": 12.5}))]
 #[serde(deny_unknown_fields)]
 pub struct CustomMetricSample {
+    /// 1 to 63 lowercase letters, digits or `_`, starting with a letter.
+    #[schema(pattern = "^[a-z][a-z0-9_]{0,62}$")]
     pub metric: String,
     pub value: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -595,11 +614,12 @@ pub struct CustomMetricSample {
 }
 
 /// How the tier is exposed.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoadBalancer {
     /// Where the load balancer listens, for example `0.0.0.0:8080`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, example = "0.0.0.0:8080")]
     pub listen: Option<SocketAddr>,
     #[serde(default)]
     pub mode: LbMode,
@@ -661,7 +681,7 @@ fn default_idle_timeout() -> Duration {
     Duration::from_secs(30)
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum LbMode {
     #[default]
@@ -670,7 +690,7 @@ pub enum LbMode {
 }
 
 /// HAProxy's balance algorithms.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Algorithm {
     #[default]
@@ -684,7 +704,7 @@ pub enum Algorithm {
 }
 
 /// Where instances may go.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Placement {
     #[serde(default)]
@@ -694,7 +714,7 @@ pub struct Placement {
     pub node_labels: BTreeMap<String, String>,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Spread {
     #[default]
@@ -703,7 +723,7 @@ pub enum Spread {
 }
 
 /// A tier as the controller stores and returns it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Tier {
     #[serde(flatten)]
     pub spec: TierSpec,
@@ -730,7 +750,7 @@ impl Tier {
 }
 
 /// What the control plane observes and decides about a tier.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TierStatus {
     /// The instance count the control plane is converging to.
     pub desired: u32,
@@ -756,7 +776,7 @@ fn is_zero(value: &u64) -> bool {
 }
 
 /// One decision of the autoscaler or an operator, with its inputs.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ScalingDecision {
     pub at_ms: u64,
     pub from: u32,
@@ -771,7 +791,7 @@ pub struct ScalingDecision {
 
 /// Everything one autoscaler evaluation saw and concluded, for events, `status.last_scaling`
 /// and `stratactl describe`: the planner (`controller::reconcile::autoscale`) fills it.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ScalingInputs {
     pub at_ms: u64,
     /// The desired count before and after.
@@ -807,7 +827,7 @@ pub struct ScalingInputs {
 }
 
 /// One policy's part in a decision.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PolicyEvaluation {
     /// `cpu_utilization`, `custom:queue_depth`.
     pub metric: String,
@@ -824,7 +844,7 @@ pub struct PolicyEvaluation {
 }
 
 /// A window or limit that bounded a decision, with the count it allowed.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum ScalingBound {
     /// Scale-in held at the highest recommendation of the window.
@@ -845,7 +865,7 @@ pub enum ScalingBound {
 }
 
 /// A Kubernetes-style condition such as `Ready` or `ScalingLimited`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Condition {
     #[serde(rename = "type")]
     pub condition_type: String,
@@ -858,7 +878,8 @@ pub struct Condition {
 /// Body of `POST /v1/tiers/{name}/scale`: either `{"desired": N}`, which sets the count by
 /// hand and pauses the tier's autoscaler, or `{"auto": true}`, which hands the count back to
 /// the autoscaler (from the count it has now). Exactly one of the two.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({"desired": 2}))]
 #[serde(deny_unknown_fields)]
 pub struct ScaleRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]

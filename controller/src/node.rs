@@ -663,16 +663,34 @@ impl Controller {
     /// `voter`) promotes it. openraft's blocking `add_learner` would wait for the learner
     /// however long it takes, so an unreachable member used to hold the request until the
     /// caller's deadline and then be answered "outcome unknown", although it had been added.
+    /// What the current membership makes of the request is decided by `plan_add`.
     async fn add_member(
         &self,
         id: NodeId,
         address: String,
         voter: bool,
     ) -> Result<(), ClusterError> {
-        self.raft
-            .add_learner(id, BasicNode::new(address.clone()), false)
-            .await
-            .map_err(membership_error)?;
+        let step = {
+            let metrics = self.raft.metrics();
+            let metrics = metrics.borrow();
+            let membership = metrics.membership_config.membership();
+            let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+            let members: Vec<(NodeId, &str, bool)> = membership
+                .nodes()
+                .map(|(member, node)| (*member, node.addr.as_str(), voters.contains(member)))
+                .collect();
+            plan_add(&members, id, &address, voter).map_err(ClusterError::Membership)?
+        };
+        match step {
+            AddStep::Nothing => return Ok(()),
+            AddStep::Promote => {}
+            AddStep::AddLearner => {
+                self.raft
+                    .add_learner(id, BasicNode::new(address.clone()), false)
+                    .await
+                    .map_err(membership_error)?;
+            }
+        }
         if !self.caught_up(id, CATCH_UP_WAIT).await {
             return Err(ClusterError::NotCaughtUp(format!(
                 "node {id} was added as a learner at {address} but has not caught up with the log within {CATCH_UP_WAIT:?} (is it running and reachable?); {}",
@@ -994,6 +1012,49 @@ fn membership_error(error: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>
     }
 }
 
+/// What adding member `id` at `address` takes, given the members (id, address, voter).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AddStep {
+    /// It is a member already, as asked: the request is done (a retry, or a repeated call).
+    Nothing,
+    /// A learner at that address, to be made a voter.
+    Promote,
+    /// A new member.
+    AddLearner,
+}
+
+/// Decides what an add-member request means against the current membership. openraft's
+/// `add_learner` keeps an existing member's address (`ChangeMembers::AddNodes` never replaces
+/// a node), so a request for a member id at another address used to be answered 200 while
+/// the member stayed where it was; and a new id at a member's address would have had the
+/// leader replicate to one process under two ids. Both are refused (409) instead: moving a
+/// member is a removal, then an add. The same member at the same address is no change (which
+/// makes a retried request succeed), except that a voter is not made a learner by asking.
+fn plan_add(
+    members: &[(NodeId, &str, bool)],
+    id: NodeId,
+    address: &str,
+    voter: bool,
+) -> Result<AddStep, String> {
+    if let Some((other, _, _)) = members
+        .iter()
+        .find(|(member, at, _)| *member != id && *at == address)
+    {
+        return Err(format!("{address} is the address of member {other}"));
+    }
+    match members.iter().find(|(member, _, _)| *member == id) {
+        None => Ok(AddStep::AddLearner),
+        Some((_, at, _)) if *at != address => Err(format!(
+            "node {id} is already a member at {at}; to move it, remove it and add it again"
+        )),
+        Some((_, _, true)) if !voter => Err(format!(
+            "node {id} is a voter; adding it as a learner would not demote it"
+        )),
+        Some((_, _, is_voter)) if *is_voter || !voter => Ok(AddStep::Nothing),
+        Some(_) => Ok(AddStep::Promote),
+    }
+}
+
 /// How long adding a member waits for it to catch up before answering.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
 
@@ -1022,5 +1083,41 @@ impl RetryBackoff {
         let jitter = rand::thread_rng().gen_range(0..=self.next.as_millis() as u64 / 2);
         tokio::time::sleep(self.next + Duration::from_millis(jitter)).await;
         self.next = (self.next * 2).min(Duration::from_millis(250));
+    }
+}
+
+#[cfg(test)]
+mod membership_tests {
+    use super::{plan_add, AddStep};
+
+    #[test]
+    fn adding_a_member_against_the_current_membership() {
+        let members = [
+            (1, "10.0.0.1:7001", true),
+            (2, "10.0.0.2:7001", true),
+            (3, "10.0.0.3:7001", false),
+        ];
+        let cases: [(u64, &str, bool, Result<AddStep, &str>); 8] = [
+            (4, "10.0.0.4:7001", true, Ok(AddStep::AddLearner)),
+            (4, "10.0.0.4:7001", false, Ok(AddStep::AddLearner)),
+            // What the fuzzer sent: a member's id at another member's address.
+            (2, "10.0.0.1:7001", true, Err("10.0.0.1:7001 is the address of member 1")),
+            (4, "10.0.0.2:7001", true, Err("10.0.0.2:7001 is the address of member 2")),
+            (2, "10.0.0.9:7001", true, Err("node 2 is already a member at 10.0.0.2:7001; to move it, remove it and add it again")),
+            (2, "10.0.0.2:7001", true, Ok(AddStep::Nothing)),
+            (3, "10.0.0.3:7001", true, Ok(AddStep::Promote)),
+            (2, "10.0.0.2:7001", false, Err("node 2 is a voter; adding it as a learner would not demote it")),
+        ];
+        for (id, address, voter, expected) in cases {
+            assert_eq!(
+                plan_add(&members, id, address, voter),
+                expected.map_err(str::to_string),
+                "add {id} at {address} (voter: {voter})"
+            );
+        }
+        assert_eq!(
+            plan_add(&members, 3, "10.0.0.3:7001", false),
+            Ok(AddStep::Nothing)
+        );
     }
 }

@@ -338,6 +338,42 @@ async fn bad_input_gets_problem_json_naming_the_field_and_no_node_crashes() -> a
     )
     .await?;
     assert_problem(&answer, 422, Some("address"));
+    // Membership requests that would move a member or give one process two ids (the fuzzer
+    // sent the first): refused, not answered 200 while nothing changed or the group broke.
+    for (id, address) in [
+        (follower, cluster.address(leader)),
+        (9, cluster.address(leader)),
+    ] {
+        let answer = send(
+            &cluster.http,
+            Method::POST,
+            &cluster.url(follower, "/v1/cluster/members"),
+            Some(ADMIN_TOKEN),
+            Some(&json!({"id": id, "address": address})),
+        )
+        .await?;
+        assert_problem(&answer, 409, None);
+        assert_eq!(
+            answer.body["type"], "urn:strata:problem:membership",
+            "{answer:?}"
+        );
+    }
+    // The same member at its own address is no change (a retry succeeds).
+    let answer = send(
+        &cluster.http,
+        Method::POST,
+        &cluster.url(follower, "/v1/cluster/members"),
+        Some(ADMIN_TOKEN),
+        Some(&json!({"id": follower, "address": cluster.address(follower)})),
+    )
+    .await?;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(
+        cluster.status(leader).await?["members"]
+            .as_array()
+            .map(Vec::len),
+        Some(3)
+    );
 
     // Nothing crashed, and the cluster still takes writes.
     assert_eq!(cluster.running(), vec![1, 2, 3]);

@@ -7,24 +7,27 @@ use std::time::Duration;
 
 use axum::extract::{Extension, State};
 use axum::http::StatusCode;
-use axum::routing::post;
-use axum::{Json, Router};
+use axum::Json;
 use strata_api::{
     Assignment, HeartbeatRequest, HeartbeatResponse, NodeRole, Phase, Pool, Problem,
     RegisterRequest, Registration,
 };
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::api::{node_answer, rejection_error, JsonBody};
+use super::openapi::WriteErrors;
 use super::{credential_digest, ApiError, Caller};
 use crate::node::{now_ms, Controller};
 use crate::state::{Command, CommandResult, NodeAuth};
 use crate::views;
 
-pub fn routes() -> Router<Arc<Controller>> {
-    Router::new()
-        .route("/v1/agents/register", post(register))
-        .route("/v1/agents/heartbeat", post(heartbeat))
+/// The agent routes; each handler's `#[utoipa::path]` is its entry in `/openapi.json`.
+pub fn routes() -> OpenApiRouter<Arc<Controller>> {
+    OpenApiRouter::new()
+        .routes(routes!(register))
+        .routes(routes!(heartbeat))
 }
 
 fn forbidden(detail: impl Into<String>) -> ApiError {
@@ -42,6 +45,14 @@ fn new_credential() -> String {
 /// With the join token: a new node gets its credential in the answer (a registered node that
 /// holds one is refused, and the attempt recorded as an event). With the node's credential:
 /// the node's facts are updated, for that node only.
+#[utoipa::path(post, path = "/v1/agents/register", tag = "agents",
+    request_body(content = RegisterRequest),
+    responses(
+        (status = 200, description = "The node; with the join token, also its credential (shown this once)", body = Registration),
+        (status = 403, description = "Not the join token or this node's credential, or the node already holds a credential (claims with the join token are refused)"),
+        (status = 422, description = "An invalid registration, or the `--max-nodes` limit"),
+        WriteErrors,
+    ))]
 async fn register(
     State(controller): State<Arc<Controller>>,
     Extension(caller): Extension<Caller>,
@@ -97,6 +108,15 @@ async fn register(
 
 /// Records the heartbeat in the leader's memory and answers with the node's assignments.
 /// A follower answers 421 with the leader's address, so the agent can talk to it directly.
+#[utoipa::path(post, path = "/v1/agents/heartbeat", tag = "agents",
+    request_body(content = HeartbeatRequest),
+    responses(
+        (status = 200, description = "What the node must run (and, for a load balancer, serve)", body = HeartbeatResponse),
+        (status = 403, description = "Not the credential of the node named in the body"),
+        (status = 404, description = "The node is not registered"),
+        (status = 421, description = "This node is not the leader; `leader` has the leader's address"),
+        (status = 422, description = "An invalid heartbeat"),
+    ))]
 async fn heartbeat(
     State(controller): State<Arc<Controller>>,
     Extension(caller): Extension<Caller>,

@@ -11,39 +11,40 @@ use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
-use axum::{Json, Router};
+use axum::Json;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use strata_api::{
-    AddMemberRequest, BalancerView, CustomMetricSample, Event, FieldError, HostMetrics, Instance,
-    ItemList, Node, PoolView, Problem, ScaleRequest, Tier, TierSpec,
+    AddMemberRequest, BalancerView, ClusterStatus, CustomMetricSample, Event, FieldError,
+    HostMetrics, Instance, ItemList, Node, PoolView, Problem, ScaleRequest, Tier, TierSpec,
 };
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
+use super::openapi::{ReadErrors, WriteErrors};
 use super::ApiError;
 use crate::node::{now_ms, Controller, MemberChange};
 use crate::state::{Command, CommandResult, NodeRecord, Rejection, State as Replicated};
 use crate::views::{node_view, tier_view, TierIndex};
 
-pub fn routes() -> Router<Arc<Controller>> {
-    Router::new()
-        .route("/v1/tiers", get(list_tiers))
-        .route(
-            "/v1/tiers/{name}",
-            get(get_tier).put(put_tier).delete(delete_tier),
-        )
-        .route("/v1/tiers/{name}/scale", post(scale_tier))
-        .route("/v1/tiers/{name}/metrics", post(push_metric))
-        .route("/v1/tiers/{name}/instances", get(tier_instances))
-        .route("/v1/tiers/{name}/pool", get(tier_pool))
-        .route("/v1/instances", get(list_instances))
-        .route("/v1/nodes", get(list_nodes))
-        .route("/v1/nodes/{id}", get(get_node))
-        .route("/v1/nodes/{id}/{action}", post(node_action))
-        .route("/v1/events", get(list_events))
-        .route("/v1/cluster", get(cluster_status))
-        .route("/v1/cluster/members", post(add_member))
-        .route("/v1/cluster/members/{id}", delete(remove_member))
+/// The `/v1` routes; each handler's `#[utoipa::path]` is its entry in `/openapi.json`.
+pub fn routes() -> OpenApiRouter<Arc<Controller>> {
+    OpenApiRouter::new()
+        .routes(routes!(list_tiers))
+        .routes(routes!(get_tier, put_tier, delete_tier))
+        .routes(routes!(scale_tier))
+        .routes(routes!(push_metric))
+        .routes(routes!(tier_instances))
+        .routes(routes!(tier_pool))
+        .routes(routes!(list_instances))
+        .routes(routes!(list_nodes))
+        .routes(routes!(get_node))
+        .routes(routes!(node_action))
+        .routes(routes!(list_events))
+        .routes(routes!(cluster_status))
+        .routes(routes!(add_member))
+        .routes(routes!(remove_member))
 }
 
 /// A JSON request body: checks the content type (415), the size (413) and decodes with field
@@ -113,20 +114,29 @@ fn body_rejection(rejection: BytesRejection) -> ApiError {
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct ReadParams {
+    /// Answer from this node's state without confirming it is current (no leader round trip).
     #[serde(default)]
+    #[param(required = false)]
     stale: bool,
 }
 
 /// `?stale=&limit=&continue=` of a list.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct ListParams {
+    /// Answer from this node's state without confirming it is current (no leader round trip).
     #[serde(default)]
+    #[param(required = false)]
     stale: bool,
+    /// Items per page, 1 to 1000 (default 500).
+    #[param(value_type = Option<u64>, minimum = 1, maximum = 1000)]
     limit: Option<usize>,
+    /// The `continue` of the previous page.
     #[serde(rename = "continue")]
     after: Option<String>,
 }
@@ -159,9 +169,11 @@ fn page<T>(
     Ok((page, None))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct DeleteParams {
+    /// Delete only if the tier is at this version (409 otherwise).
     resource_version: Option<u64>,
 }
 
@@ -178,6 +190,12 @@ async fn read_barrier(controller: &Controller, stale: bool) -> Result<(), ApiErr
     Ok(())
 }
 
+#[utoipa::path(get, path = "/v1/tiers", tag = "tiers", params(ListParams),
+    responses(
+        (status = 200, description = "A page of tiers, by name", body = ItemList<Tier>),
+        (status = 422, description = "`limit` out of range"),
+        ReadErrors,
+    ))]
 async fn list_tiers(
     State(controller): State<Arc<Controller>>,
     params: Result<Query<ListParams>, QueryRejection>,
@@ -207,6 +225,12 @@ async fn list_tiers(
     })
 }
 
+#[utoipa::path(get, path = "/v1/tiers/{name}", tag = "tiers", params(("name" = String, Path, description = "The tier's name"), ReadParams),
+    responses(
+        (status = 200, description = "The tier", body = Tier),
+        (status = 404, description = "No such tier"),
+        ReadErrors,
+    ))]
 async fn get_tier(
     State(controller): State<Arc<Controller>>,
     Path(name): Path<String>,
@@ -231,6 +255,12 @@ async fn get_tier(
 /// `GET /v1/tiers/{name}/pool`: the pool its load balancers must serve, and what each one
 /// reports serving (the leader's memory). 404 when the tier does not exist or has no load
 /// balancer.
+#[utoipa::path(get, path = "/v1/tiers/{name}/pool", tag = "tiers", params(("name" = String, Path, description = "The tier's name"), ReadParams),
+    responses(
+        (status = 200, description = "The pool and each load balancer's report", body = PoolView),
+        (status = 404, description = "No such tier, or it has no load balancer"),
+        ReadErrors,
+    ))]
 async fn tier_pool(
     State(controller): State<Arc<Controller>>,
     Path(name): Path<String>,
@@ -273,6 +303,15 @@ async fn tier_pool(
     Ok(Json(PoolView { pool, balancers }))
 }
 
+#[utoipa::path(put, path = "/v1/tiers/{name}", tag = "tiers", params(("name" = String, Path, description = "The tier's name")),
+    request_body(content = TierSpec, description = "The tier; its `name` must be the path's. With `resource_version`, a compare-and-set"),
+    responses(
+        (status = 200, description = "The tier, updated", body = Tier),
+        (status = 201, description = "The tier, created", body = Tier),
+        (status = 409, description = "`resource_version` is not the tier's (`current_resource_version` says what it is)"),
+        (status = 422, description = "An invalid tier (`errors[]` has every field path), a listen address another tier uses, or the `--max-tiers` limit"),
+        WriteErrors,
+    ))]
 async fn put_tier(
     State(controller): State<Arc<Controller>>,
     Path(name): Path<String>,
@@ -308,6 +347,13 @@ async fn put_tier(
     write_response(result)
 }
 
+#[utoipa::path(delete, path = "/v1/tiers/{name}", tag = "tiers", params(("name" = String, Path, description = "The tier's name"), DeleteParams),
+    responses(
+        (status = 200, description = "The deleted tier; its instances drain", body = Tier),
+        (status = 404, description = "No such tier"),
+        (status = 409, description = "`resource_version` is not the tier's"),
+        WriteErrors,
+    ))]
 async fn delete_tier(
     State(controller): State<Arc<Controller>>,
     Path(name): Path<String>,
@@ -325,6 +371,15 @@ async fn delete_tier(
 
 /// `{"desired": N}` sets the count by hand (pausing the autoscaler), `{"auto": true}` hands
 /// it back; older clients send only `desired`, which means what it always meant.
+#[utoipa::path(post, path = "/v1/tiers/{name}/scale", tag = "tiers", params(("name" = String, Path, description = "The tier's name")),
+    request_body(content = ScaleRequest),
+    responses(
+        (status = 200, description = "The tier with its new count", body = Tier),
+        (status = 404, description = "No such tier"),
+        (status = 409, description = "`resource_version` is not the tier's"),
+        (status = 422, description = "Neither or both of `desired` and `auto`, or `desired` outside `min..=max`"),
+        WriteErrors,
+    ))]
 async fn scale_tier(
     State(controller): State<Arc<Controller>>,
     Path(name): Path<String>,
@@ -348,6 +403,15 @@ async fn scale_tier(
 
 /// `POST /v1/tiers/{name}/metrics`: one custom metric sample for the autoscaler (204). It
 /// lives in the leader's memory only; see `autoscaler::push_metric`.
+#[utoipa::path(post, path = "/v1/tiers/{name}/metrics", tag = "tiers", params(("name" = String, Path, description = "The tier's name")),
+    request_body(content = CustomMetricSample),
+    responses(
+        (status = 204, description = "The leader recorded the sample"),
+        (status = 400, description = "Malformed JSON, or a `value` that is not a finite number"),
+        (status = 404, description = "No such tier"),
+        (status = 422, description = "No policy of the tier uses this metric, or `instance` is no live instance of the tier"),
+        (status = 503, description = "No leader took the sample (retry), or no quorum"),
+    ))]
 async fn push_metric(
     State(controller): State<Arc<Controller>>,
     Path(name): Path<String>,
@@ -431,12 +495,23 @@ pub(super) fn rejection_error(rejection: Rejection) -> ApiError {
     }
 }
 
-async fn cluster_status(
-    State(controller): State<Arc<Controller>>,
-) -> Json<strata_api::ClusterStatus> {
+#[utoipa::path(get, path = "/v1/cluster", tag = "cluster",
+    responses(
+        (status = 200, description = "The Raft group as the answering node sees it (served without a quorum)", body = ClusterStatus),
+    ))]
+async fn cluster_status(State(controller): State<Arc<Controller>>) -> Json<ClusterStatus> {
     Json(controller.cluster_status())
 }
 
+#[utoipa::path(post, path = "/v1/cluster/members", tag = "cluster",
+    request_body(content = AddMemberRequest),
+    responses(
+        (status = 200, description = "The group with the new member", body = ClusterStatus),
+        (status = 409, description = "The membership change was refused: the id is a member at another address, the address is another member's, another change is in progress, or it would break the group"),
+        (status = 503, description = "No leader, no quorum, or the member was added but has not caught up (`member-not-caught-up`)"),
+        (status = 504, description = "The cluster did not answer within the write timeout"),
+        (status = 500, description = "An internal error of the node"),
+    ))]
 async fn add_member(
     State(controller): State<Arc<Controller>>,
     JsonBody(request): JsonBody<AddMemberRequest>,
@@ -452,6 +527,16 @@ async fn add_member(
     Ok(Json(controller.cluster_status()))
 }
 
+#[utoipa::path(delete, path = "/v1/cluster/members/{id}", tag = "cluster",
+    params(("id" = u64, Path, description = "The controller's node id")),
+    responses(
+        (status = 200, description = "The group without the member", body = ClusterStatus),
+        (status = 409, description = "The membership change was refused"),
+        (status = 422, description = "`id` is not a node id"),
+        (status = 503, description = "No leader or no quorum"),
+        (status = 504, description = "The cluster did not answer within the write timeout"),
+        (status = 500, description = "An internal error of the node"),
+    ))]
 async fn remove_member(
     State(controller): State<Arc<Controller>>,
     Path(id): Path<String>,
@@ -468,6 +553,12 @@ async fn remove_member(
     Ok(Json(controller.cluster_status()))
 }
 
+#[utoipa::path(get, path = "/v1/nodes", tag = "nodes", params(ListParams),
+    responses(
+        (status = 200, description = "A page of nodes, by id", body = ItemList<Node>),
+        (status = 422, description = "`limit` out of range"),
+        ReadErrors,
+    ))]
 async fn list_nodes(
     State(controller): State<Arc<Controller>>,
     params: Result<Query<ListParams>, QueryRejection>,
@@ -496,6 +587,13 @@ async fn list_nodes(
     })
 }
 
+#[utoipa::path(get, path = "/v1/nodes/{id}", tag = "nodes",
+    params(("id" = String, Path, description = "The node's id"), ReadParams),
+    responses(
+        (status = 200, description = "The node", body = Node),
+        (status = 404, description = "No such node"),
+        ReadErrors,
+    ))]
 async fn get_node(
     State(controller): State<Arc<Controller>>,
     Path(id): Path<String>,
@@ -542,6 +640,16 @@ async fn heartbeats_for_read(
 }
 
 /// `POST /v1/nodes/{id}/cordon|uncordon|drain`.
+#[utoipa::path(post, path = "/v1/nodes/{id}/{action}", tag = "nodes",
+    params(
+        ("id" = String, Path, description = "The node's id"),
+        ("action" = inline(NodeAction), Path, description = "`cordon`: no new instances; `uncordon`; `drain`: cordon and move its instances; `revoke`: forget its credential"),
+    ),
+    responses(
+        (status = 200, description = "The node after the change", body = Node),
+        (status = 404, description = "No such node, or no such action"),
+        WriteErrors,
+    ))]
 async fn node_action(
     State(controller): State<Arc<Controller>>,
     Path((id, action)): Path<(String, String)>,
@@ -576,17 +684,43 @@ async fn node_action(
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// The actions of `POST /v1/nodes/{id}/{action}`, for the document (the handler matches the
+/// path segment, so that an unknown action is a 404 like any unknown path).
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)] // only its schema is used
+enum NodeAction {
+    Cordon,
+    Uncordon,
+    Drain,
+    Revoke,
+}
+
+#[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct InstanceParams {
+    /// Answer from this node's state without confirming it is current (no leader round trip).
     #[serde(default)]
+    #[param(required = false)]
     stale: bool,
+    /// Only this tier's instances.
     tier: Option<String>,
+    /// Items per page, 1 to 1000 (default 500).
+    #[param(value_type = Option<u64>, minimum = 1, maximum = 1000)]
     limit: Option<usize>,
+    /// The `continue` of the previous page.
     #[serde(rename = "continue")]
     after: Option<String>,
 }
 
+#[utoipa::path(get, path = "/v1/tiers/{name}/instances", tag = "instances", params(("name" = String, Path, description = "The tier's name"), ListParams),
+    responses(
+        (status = 200, description = "A page of the tier's instances, by creation time", body = ItemList<Instance>),
+        (status = 404, description = "No such tier"),
+        (status = 422, description = "`limit` out of range"),
+        ReadErrors,
+    ))]
 async fn tier_instances(
     State(controller): State<Arc<Controller>>,
     Path(name): Path<String>,
@@ -611,6 +745,12 @@ async fn tier_instances(
     })
 }
 
+#[utoipa::path(get, path = "/v1/instances", tag = "instances", params(InstanceParams),
+    responses(
+        (status = 200, description = "A page of instances, by tier and creation time", body = ItemList<Instance>),
+        (status = 422, description = "`limit` out of range"),
+        ReadErrors,
+    ))]
 async fn list_instances(
     State(controller): State<Arc<Controller>>,
     params: Result<Query<InstanceParams>, QueryRejection>,
@@ -651,17 +791,30 @@ fn instances_of(state: &Replicated, tier: Option<&str>) -> Vec<(String, Instance
     items
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct EventParams {
+    /// Answer from this node's state without confirming it is current (no leader round trip).
     #[serde(default)]
+    #[param(required = false)]
     stale: bool,
+    /// Only events about this object: `tier/web`, `node/host-1`, `instance/<uuid>`.
     object: Option<String>,
+    /// Items per page, 1 to 1000 (default 500).
+    #[param(value_type = Option<u64>, minimum = 1, maximum = 1000)]
     limit: Option<usize>,
+    /// The `continue` of the previous page.
     #[serde(rename = "continue")]
     after: Option<String>,
 }
 
+#[utoipa::path(get, path = "/v1/events", tag = "events", params(EventParams),
+    responses(
+        (status = 200, description = "A page of the latest 2,000 events, oldest first", body = ItemList<Event>),
+        (status = 422, description = "`limit` out of range"),
+        ReadErrors,
+    ))]
 async fn list_events(
     State(controller): State<Arc<Controller>>,
     params: Result<Query<EventParams>, QueryRejection>,

@@ -1,7 +1,11 @@
 //! The HTTP surface of a controller node (the only module that knows axum): the public API
-//! under `/v1`, peer traffic under `/raft`, `/healthz`, `/readyz` and `/metrics`.
+//! under `/v1`, peer traffic under `/raft`, `/healthz`, `/readyz`, `/metrics` and
+//! `/openapi.json`.
 //!
 //! Invariants:
+//! - Every route but the peer routes is registered through `documented_routes`, from which
+//!   both the router and the OpenAPI document are built (`openapi`): nothing is served that
+//!   the document does not describe, and the reverse.
 //! - Every error body is `application/problem+json`; `problem_bodies` rewrites any error
 //!   response produced outside our handlers (unknown route, wrong method) into one.
 //! - `/v1` needs a bearer token: the admin token may do anything, the viewer token may only use
@@ -11,19 +15,21 @@
 
 mod agents;
 mod api;
+pub mod openapi;
 mod peer;
 pub mod serve;
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use axum::Router;
 use strata_api::{Problem, PROBLEM_CONTENT_TYPE};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::metrics;
 use crate::node::{ClusterError, Controller};
@@ -33,10 +39,39 @@ pub const MAX_API_BODY: usize = 1024 * 1024;
 /// Largest peer message (log batches, snapshot chunks).
 pub const MAX_PEER_BODY: usize = 256 * 1024 * 1024;
 
+/// Every route of the node but the peer routes, each with its OpenAPI description: the one
+/// list that `router` serves and `document` describes. `/v1` first, then the open routes.
+fn documented_routes() -> (
+    OpenApiRouter<Arc<Controller>>,
+    OpenApiRouter<Arc<Controller>>,
+) {
+    let public = api::routes().merge(agents::routes());
+    let open = OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(metrics_text))
+        .routes(routes!(openapi_json));
+    (public, open)
+}
+
+/// The OpenAPI 3.1 document of the node's API (`GET /openapi.json`).
+pub fn document() -> serde_json::Value {
+    let (public, open) = documented_routes();
+    let paths = OpenApiRouter::with_openapi(openapi::base())
+        .merge(public)
+        .merge(open)
+        .into_openapi();
+    openapi::finish(paths)
+}
+
+/// The document as served, encoded once.
+static DOCUMENT: LazyLock<Vec<u8>> =
+    LazyLock::new(|| serde_json::to_vec(&document()).unwrap_or_default());
+
 /// Builds the node's router.
 pub fn router(controller: Arc<Controller>) -> Router {
-    let public = api::routes()
-        .merge(agents::routes())
+    let (public, open) = documented_routes();
+    let public: Router<Arc<Controller>> = public
         .layer(axum::extract::DefaultBodyLimit::max(MAX_API_BODY))
         .route_layer(middleware::from_fn_with_state(
             controller.clone(),
@@ -45,7 +80,8 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route_layer(middleware::from_fn_with_state(
             controller.clone(),
             require_api_token,
-        ));
+        ))
+        .into();
     let peers = peer::routes()
         .layer(axum::extract::DefaultBodyLimit::max(MAX_PEER_BODY))
         .route_layer(middleware::from_fn_with_state(
@@ -55,9 +91,7 @@ pub fn router(controller: Arc<Controller>) -> Router {
     Router::new()
         .merge(public)
         .merge(peers)
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_text))
+        .merge(Router::from(open))
         .fallback(not_found)
         .layer(middleware::from_fn(problem_bodies))
         .with_state(controller)
@@ -393,11 +427,19 @@ async fn require_cluster_secret(
     }
 }
 
+/// Liveness: the process serves HTTP.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "`ok`", body = String, content_type = "text/plain")))]
 async fn healthz() -> &'static str {
     "ok\n"
 }
 
 /// Ready when this node knows a leader and has applied what it has seen committed.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "`ready`: this node knows a leader", body = String, content_type = "text/plain"),
+        (status = 503, description = "This node knows no leader yet"),
+    ))]
 async fn readyz(State(controller): State<Arc<Controller>>) -> Result<&'static str, ApiError> {
     match controller.leader() {
         Some(_) => Ok("ready\n"),
@@ -410,12 +452,27 @@ async fn readyz(State(controller): State<Arc<Controller>>) -> Result<&'static st
     }
 }
 
+/// Prometheus metrics.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text exposition format 0.0.4", body = String, content_type = "text/plain")))]
 async fn metrics_text(State(controller): State<Arc<Controller>>) -> Response {
     let body = metrics::render(&controller);
     let mut response = body.into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    response
+}
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "The OpenAPI 3.1 document of this API", body = Object, content_type = "application/json")))]
+async fn openapi_json() -> Response {
+    let mut response = DOCUMENT.clone().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
     );
     response
 }
