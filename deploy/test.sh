@@ -14,7 +14,7 @@ cargo nextest run --workspace --no-fail-fast
 # The agents suite again, every link mutual TLS (controllers, peers, agents, clients).
 STRATA_E2E_TLS=1 cargo nextest run -p strata-tests --test agents --no-fail-fast
 # The API fuzzed against its OpenAPI document on a real 3-node cluster.
-STRATA_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug" deploy/schemathesis.sh
+STRATA_BIN="${STRATA_TEST_BIN_DIR:-${CARGO_TARGET_DIR:-$PWD/target}/debug}" deploy/schemathesis.sh
 if [ -x bench/smoke.sh ]; then
   bench/smoke.sh
 fi
