@@ -522,6 +522,62 @@ async fn a_leader_failover_in_the_middle_of_a_scale_out_neither_duplicates_nor_l
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ami_change_rolls_every_instance_without_dropping_below_the_desired_count(
+) -> anyhow::Result<()> {
+    if !e2e_enabled("ec2 roll") {
+        return Ok(());
+    }
+    /// Another AMI that moto ships in us-east-1.
+    const NEW_AMI: &str = "ami-03cf127a";
+    let moto = Moto::start(&["us-east-1a", "us-east-1b"]).await?;
+    let cluster = Cluster::start(options(&moto, 1)).await?;
+    let mut tier = ec2_tier("web", &moto.subnet_ids());
+    write(&cluster, Method::PUT, "/v1/tiers/web", &tier).await?;
+    scale(&cluster, "web", 3).await?;
+    let before = converged(&cluster, &moto, "web", 3).await?;
+    // The default rollout: max_surge 1, max_unavailable 0.
+    tier["template"]["ami"] = json!(NEW_AMI);
+    tier["scaling"]["desired"] = json!(3);
+    write(&cluster, Method::PUT, "/v1/tiers/web", &tier).await?;
+    let started = std::time::Instant::now();
+    let mut fewest = usize::MAX;
+    let mut most = 0;
+    loop {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(90),
+            "the roll did not finish"
+        );
+        let records = get(&cluster, "/v1/tiers/web/instances").await?;
+        let records = records["items"].as_array().cloned().unwrap_or_default();
+        let running = records.iter().filter(|r| r["phase"] == "Running").count();
+        fewest = fewest.min(running);
+        let alive = alive(&moto, CLUSTER).await.map_err(anyhow::Error::msg)?;
+        most = most.max(alive.len());
+        assert!(
+            running >= 3,
+            "{running} instances Running during the roll: {records:?}"
+        );
+        let rolled = alive.len() == 3 && alive.iter().all(|i| i.image.as_deref() == Some(NEW_AMI));
+        if rolled {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after = converged(&cluster, &moto, "web", 3).await?;
+    let old: BTreeSet<&str> = before.iter().map(|i| i.id.as_str()).collect();
+    assert!(
+        after
+            .iter()
+            .all(|i| !old.contains(i.id.as_str()) && i.image.as_deref() == Some(NEW_AMI)),
+        "every instance replaced: {after:?}"
+    );
+    // New ones first: EC2 never ran more than desired + max_surge.
+    assert!(most <= 4, "{most} instances at once");
+    println!("rolled 3 instances; fewest Running {fewest}, most alive {most}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_ec2_tiers_are_rejected_with_their_field_paths() -> anyhow::Result<()> {
     if !e2e_enabled("ec2 bad input") {
         return Ok(());
