@@ -6,11 +6,12 @@
 # with the real ones cut short (a few seconds of computation, no cluster), and pool
 # propagation over 3 tiers x 3 simulated servers with 3 s wrk runs through HAProxy with and
 # without churn and through the reload approach (about 20 s), writes and heartbeats with plain
-# HTTP against mutual TLS (8 clients, 200 agents); as root, leader cuts in
+# HTTP against mutual TLS (8 clients, 200 agents), an EC2 scale-out to 10 against moto (clean
+# and 10% throttled); as root, leader cuts in
 # namespaces. It checks that the benchmarks still run end to end; it never judges a figure, so
 # debug binaries (already built by the tests) do. The JSON reports are kept in
 # target/bench-smoke.json and target/bench-<name>-smoke.json for the others (heartbeats,
-# start-latency, fleet, autoscale, pools, tls, partition).
+# start-latency, fleet, autoscale, pools, tls, ec2, partition).
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -18,6 +19,11 @@ cd "$repo"
 
 if ! command -v etcd >/dev/null 2>&1; then
     echo "bench smoke: etcd is missing; run deploy/install-deps.d/bench.sh" >&2
+    exit 1
+fi
+
+if ! command -v moto_server >/dev/null 2>&1; then
+    echo "bench smoke: moto_server is missing; run deploy/install-deps.d/ec2.sh" >&2
     exit 1
 fi
 
@@ -40,7 +46,7 @@ report="$target/bench-smoke.json"
 cat "$report" >&2
 echo "bench smoke: report in $report" >&2
 
-for bench in heartbeats start-latency fleet pools tls; do
+for bench in heartbeats start-latency fleet pools tls ec2; do
     report="$target/bench-$bench-smoke.json"
     "$bin/strata-bench" "$bench" --smoke \
         --strata-bin "$bin/strata-controller" > "$report"

@@ -47,6 +47,8 @@ pub struct Member {
     args: Vec<String>,
     /// The network namespace the member runs in (`ip netns exec`), if any.
     namespace: Option<String>,
+    /// Environment on top of the benchmark's own (cloud credentials, say).
+    env: Vec<(String, String)>,
     log_path: PathBuf,
     /// `None` between a kill and the restart.
     child: Option<Child>,
@@ -94,6 +96,22 @@ impl Cluster {
         Cluster::start_on(system, binaries, keep_dir, None, extra, false).await
     }
 
+    /// Like `start_with_args`, with `env` added to every member's environment.
+    pub async fn start_with_env(
+        binaries: &Binaries,
+        keep_dir: bool,
+        extra: &[String],
+        env: &[(String, String)],
+    ) -> Result<Cluster> {
+        let mut cluster =
+            Cluster::start_on_lazily(System::Strata, binaries, keep_dir, None, extra, false)?;
+        for member in &mut cluster.members {
+            member.env = env.to_vec();
+        }
+        cluster.launch().await?;
+        Ok(cluster)
+    }
+
     /// Like `start`, with member `i` inside network namespace `hosts[i].0`, listening on its
     /// address `hosts[i].1` (fixed ports: a namespace of the caller's own has them all free).
     pub async fn start_in_namespaces(
@@ -106,6 +124,29 @@ impl Cluster {
     }
 
     async fn start_on(
+        system: System,
+        binaries: &Binaries,
+        keep_dir: bool,
+        hosts: Option<&[(String, std::net::Ipv4Addr)]>,
+        extra: &[String],
+        tls: bool,
+    ) -> Result<Cluster> {
+        let mut cluster = Cluster::start_on_lazily(system, binaries, keep_dir, hosts, extra, tls)?;
+        cluster.launch().await?;
+        Ok(cluster)
+    }
+
+    /// Starts every member and waits for a leader.
+    async fn launch(&mut self) -> Result<()> {
+        for index in 0..self.members.len() {
+            self.spawn(index)?;
+        }
+        self.wait_for_leader(READY_TIMEOUT).await?;
+        Ok(())
+    }
+
+    /// The cluster with its members' command lines, none started yet.
+    fn start_on_lazily(
         system: System,
         binaries: &Binaries,
         keep_dir: bool,
@@ -178,10 +219,6 @@ impl Cluster {
         } else {
             cluster.dir = Some(dir);
         }
-        for index in 0..cluster.members.len() {
-            cluster.spawn(index)?;
-        }
-        cluster.wait_for_leader(READY_TIMEOUT).await?;
         Ok(cluster)
     }
 
@@ -218,6 +255,7 @@ impl Cluster {
         };
         let child = command
             .args(&member.args)
+            .envs(member.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
@@ -407,6 +445,7 @@ fn strata_members(program: &Path, dir: &Path, addresses: &[String], ports: &[u16
                 program: program.to_path_buf(),
                 args,
                 namespace: None,
+                env: Vec::new(),
                 log_path: dir.join(format!("node{node_id}.log")),
                 child: None,
             }
@@ -456,6 +495,7 @@ fn etcd_members(program: &Path, dir: &Path, addresses: &[String], ports: &[u16])
                 program: program.to_path_buf(),
                 args,
                 namespace: None,
+                env: Vec::new(),
                 log_path: dir.join(format!("m{node_id}.log")),
                 child: None,
             }

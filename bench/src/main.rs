@@ -9,12 +9,14 @@
 //! to HAProxy, throughput under churn against the reload approach); `reaction` the autoscaler's
 //! reaction time from a load step to new instances serving; `autoscale` replays load traces
 //! through Strata's autoscaler planner, HPA and AWS target tracking in simulated time; `tls`
-//! writes and heartbeats with plain HTTP against mutual TLS.
+//! writes and heartbeats with plain HTTP against mutual TLS; `ec2` an EC2 scale-out against
+//! moto, clean and throttled.
 //! Results go to stdout as JSON, progress to stderr.
 //! These are benchmarks, never timed tests: nothing here fails on a slow number.
 
 mod autoscale;
 mod cluster;
+mod ec2;
 mod failover;
 mod fleet;
 mod heartbeats;
@@ -92,6 +94,9 @@ enum Command {
     /// What TLS costs: writes/s and heartbeat capacity, plain HTTP against mutual TLS, each
     /// on a fresh 3-member cluster in the same run.
     Tls(tls::TlsArgs),
+    /// EC2 scale-out 0 -> 50 against moto through a proxy, clean and with 10% of calls
+    /// throttled: time to all Running, calls per instance, duplicates.
+    Ec2(ec2::Ec2Args),
     /// Autoscaling simulator: load traces through Strata's planner, Kubernetes HPA defaults
     /// and AWS target tracking on the same simulated tier (simulated time; no cluster).
     Autoscale(autoscale::AutoscaleArgs),
@@ -314,6 +319,7 @@ async fn run(command: Command) -> Result<()> {
         Command::Compare(args) => compare(args).await,
         Command::Fleet(args) => print_json(&fleet::run_cli(args).await?),
         Command::Tls(args) => print_json(&tls::run_cli(args).await?),
+        Command::Ec2(args) => print_json(&ec2::run_cli(args).await?),
         Command::Partition(args) => {
             let mut report = PartitionComparison {
                 strata: None,

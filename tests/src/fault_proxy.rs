@@ -9,6 +9,9 @@
 //! before it reaches moto. Each answer closes its connection (`Connection: close`), so a
 //! dropped one costs the client nothing but the call.
 //!
+//! `Schedule::Throttle(n)` instead throttles every n-th call of every action and passes the
+//! rest (the benchmark's "10% throttled"); `Schedule::None` passes everything.
+//!
 //! The proxy records when each call arrived, so a test can check the caller's rate limit.
 
 use std::collections::HashMap;
@@ -32,6 +35,33 @@ pub enum Fault {
     DroppedBefore,
     /// Forwarded and executed, then closed without the answer.
     DroppedAfter,
+}
+
+/// Which calls fail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Schedule {
+    /// The mix of the module docs: lost launch answers, throttling, 503s, drops.
+    Mixed,
+    /// Every n-th call of each action is throttled.
+    Throttle(usize),
+    /// Every call is forwarded and answered.
+    None,
+}
+
+impl Schedule {
+    /// The fault for call number `count` (from 0) of `action`.
+    fn fault(self, action: &str, count: usize) -> Fault {
+        match self {
+            Schedule::Mixed if action == "RunInstances" => {
+                RUN_INSTANCES_FAULTS[count % RUN_INSTANCES_FAULTS.len()]
+            }
+            Schedule::Mixed => OTHER_FAULTS[count % OTHER_FAULTS.len()],
+            Schedule::Throttle(every) if every > 0 && count % every == every - 1 => {
+                Fault::Throttled
+            }
+            Schedule::Throttle(_) | Schedule::None => Fault::None,
+        }
+    }
 }
 
 /// One call as the proxy saw it.
@@ -79,8 +109,14 @@ const OTHER_FAULTS: [Fault; 12] = [
 ];
 
 impl FaultProxy {
-    /// Listens on a free loopback port and forwards to `upstream` (`http://host:port`).
+    /// Listens on a free loopback port and forwards to `upstream` (`http://host:port`), with
+    /// the mixed schedule.
     pub async fn start(upstream: &str) -> anyhow::Result<FaultProxy> {
+        FaultProxy::start_with(upstream, Schedule::Mixed).await
+    }
+
+    /// Like `start`, with `schedule` deciding which calls fail.
+    pub async fn start_with(upstream: &str, schedule: Schedule) -> anyhow::Result<FaultProxy> {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .context("bind the fault proxy")?;
@@ -103,7 +139,7 @@ impl FaultProxy {
                         upstream.clone(),
                     );
                     tokio::spawn(async move {
-                        let _ = serve(stream, &http, &upstream, &calls, &counters).await;
+                        let _ = serve(stream, &http, &upstream, &calls, &counters, schedule).await;
                     });
                 }
             })
@@ -145,6 +181,7 @@ async fn serve(
     upstream: &str,
     calls: &Mutex<Vec<Call>>,
     counters: &Mutex<HashMap<String, usize>>,
+    schedule: Schedule,
 ) -> anyhow::Result<()> {
     let (head, body) = read_request(&mut stream).await?;
     let at = Instant::now();
@@ -157,11 +194,7 @@ async fn serve(
     let fault = {
         let mut counters = counters.lock().unwrap_or_else(|e| e.into_inner());
         let count = counters.entry(action.clone()).or_default();
-        let fault = if action == "RunInstances" {
-            RUN_INSTANCES_FAULTS[*count % RUN_INSTANCES_FAULTS.len()]
-        } else {
-            OTHER_FAULTS[*count % OTHER_FAULTS.len()]
-        };
+        let fault = schedule.fault(&action, *count);
         *count += 1;
         fault
     };
@@ -275,6 +308,19 @@ fn headers(head: &str) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn schedules_fail_the_calls_they_name() {
+        let throttled = (0..20)
+            .filter(|n| Schedule::Throttle(10).fault("DescribeInstances", *n) == Fault::Throttled)
+            .count();
+        assert_eq!(throttled, 2);
+        assert_eq!(Schedule::None.fault("RunInstances", 0), Fault::None);
+        assert_eq!(
+            Schedule::Mixed.fault("RunInstances", 0),
+            Fault::DroppedAfter
+        );
+    }
 
     #[test]
     fn the_busiest_window_counts_calls_within_it() {
