@@ -63,8 +63,10 @@ ensure_env() {
 }
 
 # Runs a command without the tokens (and stratactl's TLS settings) in its environment.
+# `exec`: started in the background (`clean ... &`), the function's subshell becomes the
+# program, so $! is the program's pid and `stop` reaches it.
 clean() {
-  env -u STRATA_TOKEN -u STRATA_VIEWER_TOKEN -u STRATA_CLUSTER_SECRET -u STRATA_JOIN_TOKEN \
+  exec env -u STRATA_TOKEN -u STRATA_VIEWER_TOKEN -u STRATA_CLUSTER_SECRET -u STRATA_JOIN_TOKEN \
     -u STRATA_ADMIN_TOKEN -u STRATA_CA_CERT -u STRATA_TLS_CERT -u STRATA_TLS_KEY "$@"
 }
 
