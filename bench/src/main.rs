@@ -9,6 +9,8 @@
 //! to HAProxy, throughput under churn against the reload approach); `reaction` the autoscaler's
 //! reaction time from a load step to new instances serving; `autoscale` replays load traces
 //! through Strata's autoscaler planner, HPA and AWS target tracking in simulated time.
+//! `fleet` measures fleet-scale state through a real cluster; `plan_round` times the planners
+//! alone on the same state, in memory.
 //! Results go to stdout as JSON, progress to stderr.
 //! These are benchmarks, never timed tests: nothing here fails on a slow number.
 
@@ -19,6 +21,7 @@ mod fleet;
 mod heartbeats;
 mod local;
 mod partition;
+mod plan_round;
 mod pools;
 mod reaction;
 mod start_latency;
@@ -87,6 +90,9 @@ enum Command {
     /// Fleet-scale state: 10,000 simulated nodes and 100,000 instances over 5,000 tiers
     /// through the real API and Raft; planner round, snapshot, restart, catch-up and RSS.
     Fleet(fleet::FleetArgs),
+    /// One planner round at fleet scale, in memory (no cluster): the state `fleet` reaches,
+    /// built by applying commands, then steady `reconcile::plan` rounds timed in thread CPU.
+    PlanRound(plan_round::PlanRoundArgs),
     /// Autoscaling simulator: load traces through Strata's planner, Kubernetes HPA defaults
     /// and AWS target tracking on the same simulated tier (simulated time; no cluster).
     Autoscale(autoscale::AutoscaleArgs),
@@ -307,6 +313,7 @@ async fn run(command: Command) -> Result<()> {
         }
         Command::Compare(args) => compare(args).await,
         Command::Fleet(args) => print_json(&fleet::run_cli(args).await?),
+        Command::PlanRound(args) => print_json(&plan_round::run_cli(args)?),
         Command::Partition(args) => {
             let mut report = PartitionComparison {
                 strata: None,
