@@ -41,6 +41,11 @@ use crate::failover::FailoverReport;
 use crate::system::{System, Writer};
 use crate::writes::{WritesConfig, WritesReport};
 
+/// The controller's allocator (see `strata-controller`'s main), so that `plan-round` pays
+/// for allocations what the leader pays.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The targets for Strata relative to etcd.
 const TARGET_WRITES_RATIO: f64 = 1.25;
 const TARGET_FAILOVER_MEDIAN_MS: f64 = 1000.0;
