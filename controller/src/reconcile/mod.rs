@@ -94,13 +94,14 @@ pub fn plan(
     // Every planner reads the same state; commands apply in this order. A planner that would
     // act on something another one changes this round (an instance on a node going NotReady,
     // say) sees the change next round: level-triggered, so that only delays, never doubles.
-    let mut commands = plan_nodes(state, observed, config, now_ms);
     let index = RoundIndex::of(state);
-    let updates = plan_reports(state, &index, observed, config);
+    let (mut commands, updates) = plan_nodes_and_reports(state, &index, observed, config, now_ms);
     if !updates.is_empty() {
         commands.push(Command::UpdateInstances { updates });
     }
-    let mut reservations = Reservations::of(state, &index);
+    // Built at the first placement of the round, from the index: a steady round places
+    // nothing and need not order 10,000 nodes by load.
+    let mut reservations = None;
     for tier in state.tiers.values() {
         // EC2 tiers are never placed on agents: their records get a subnet, and the leader's
         // EC2 executor launches them.
@@ -118,20 +119,33 @@ pub fn plan(
             new_id,
         ));
     }
-    commands.extend(plan_orphans_and_forgetting(state, &index, config, now_ms));
-    commands.extend(pools::plan(state, &index.tiers, observed, now_ms));
+    commands.extend(plan_orphans_and_forgetting(&index, config, now_ms));
+    commands.extend(pools::plan(
+        state,
+        &index.tiers,
+        &index.draining_instances,
+        observed,
+        now_ms,
+    ));
     commands
 }
 
-fn plan_nodes(
+/// Judges each node's liveness (`SetNodeReady` commands, in node order) and turns the reports
+/// of Ready nodes into instance updates (in instance id order). One walk over the nodes does
+/// both: at fleet scale a lookup per node in the other's map costs more than the judgement.
+fn plan_nodes_and_reports(
     state: &State,
+    index: &RoundIndex<'_>,
     observed: &Observed<'_>,
     config: &PlanConfig,
     now_ms: u64,
-) -> Vec<Command> {
+) -> (Vec<Command>, Vec<InstanceUpdate>) {
     let mut commands = Vec::new();
+    let mut updates = Vec::new();
+    let mut reports: Vec<&InstanceReport> = Vec::new();
     for node in state.nodes.values() {
-        let heard = observed.nodes.get(&node.id).map(|o| o.last_seen_ms);
+        let observation = observed.nodes.get(&node.id);
+        let heard = observation.map(|o| o.last_seen_ms);
         let seen = heard.unwrap_or(0).max(observed.leader_since_ms);
         let silent_for = now_ms.saturating_sub(seen);
         if node.ready && silent_for > config.heartbeat_grace_ms {
@@ -154,94 +168,122 @@ fn plan_nodes(
                 reason: "heartbeats resumed".to_string(),
             });
         }
+        let Some(observation) = observation.filter(|_| node.ready) else {
+            continue;
+        };
+        // Agents report in id order (their assignments' order), which makes the sort cheap;
+        // the buffer is reused from node to node.
+        reports.clear();
+        reports.extend(observation.reports.iter());
+        reports.sort_by_key(|report| report.id);
+        report_updates(
+            index.instances_on(&node.id),
+            &reports,
+            observation.last_seen_ms,
+            config,
+            &mut updates,
+        );
     }
-    commands
+    updates.sort_by_key(|update| update.id);
+    (commands, updates)
 }
 
-fn plan_reports(
-    state: &State,
-    index: &RoundIndex<'_>,
-    observed: &Observed<'_>,
+/// The updates that one node's reports (`reports`, sorted by id) call for on the instances
+/// placed on it (`on_node`, in id order, ids unique), appended to `updates`: reported
+/// transitions, health and port changes, then the instances it should have reported by
+/// `heard_at` but did not. Both lists are in id order, so one walk along each joins them (a
+/// binary search per report touched several instances per report, each a cache miss at fleet
+/// scale).
+fn report_updates(
+    on_node: &[&Instance],
+    reports: &[&InstanceReport],
+    heard_at: u64,
     config: &PlanConfig,
-) -> Vec<InstanceUpdate> {
-    let mut updates = Vec::new();
-    for (node_id, observation) in observed.nodes {
-        if !state.nodes.get(node_id).is_some_and(|node| node.ready) {
+    updates: &mut Vec<InstanceUpdate>,
+) {
+    let mut next = 0;
+    for report in reports {
+        while on_node
+            .get(next)
+            .is_some_and(|instance| instance.id < report.id)
+        {
+            next += 1;
+        }
+        let Some(&instance) = on_node
+            .get(next)
+            .filter(|instance| instance.id == report.id)
+        else {
+            continue;
+        };
+        if instance.phase.is_final() {
             continue;
         }
-        // The node's instances (in id order) and its reports, sorted by id, are joined by
-        // binary search: a round over 100,000 instances does no lookup in the whole map.
-        let on_node = index.instances_on(node_id);
-        let mut reports: Vec<&InstanceReport> = observation.reports.iter().collect();
-        reports.sort_by_key(|report| report.id);
-        for report in &reports {
-            let Ok(position) = on_node.binary_search_by_key(&report.id, |instance| instance.id)
-            else {
-                continue;
-            };
-            let instance = on_node[position];
-            if instance.phase.is_final() {
-                continue;
-            }
-            let event = match report.phase {
-                Phase::Starting => Some(InstanceEvent::Started),
-                Phase::Running => Some(InstanceEvent::BecameReady),
-                Phase::Failed => Some(InstanceEvent::Failed),
-                Phase::Terminated => Some(InstanceEvent::Stopped),
-                _ => None,
-            };
-            let moves = event.is_some_and(|event| step(instance.phase, event) != instance.phase);
-            let health_changed = report.health != instance.health;
-            let port_changed = report.port.is_some() && report.port != instance.port;
-            if moves || health_changed || port_changed {
-                updates.push(InstanceUpdate {
-                    id: instance.id,
-                    event: event.filter(|_| moves),
-                    health: health_changed.then_some(report.health),
-                    port: report.port.filter(|_| port_changed),
-                    reason: report.reason.clone(),
-                    ..Default::default()
-                });
-            }
-        }
-        // Instances the agent should have reported by now but did not.
-        let heard_at = observation.last_seen_ms;
-        for &instance in on_node {
-            if reports
-                .binary_search_by_key(&instance.id, |report| report.id)
-                .is_ok()
-            {
-                continue;
-            }
-            let unreported_for = heard_at.saturating_sub(instance.updated_at_ms);
-            let (event, reason) = match instance.phase {
-                Phase::Draining | Phase::Stopping if unreported_for > config.report_slack_ms => {
-                    (InstanceEvent::Stopped, "stopped by its agent")
-                }
-                Phase::Starting | Phase::Running if unreported_for > config.report_slack_ms => {
-                    (InstanceEvent::Failed, "no longer reported by its agent")
-                }
-                Phase::Pending if unreported_for > config.start_timeout_ms => {
-                    (InstanceEvent::Failed, "its agent did not start it in time")
-                }
-                _ => continue,
-            };
+        let event = match report.phase {
+            Phase::Starting => Some(InstanceEvent::Started),
+            Phase::Running => Some(InstanceEvent::BecameReady),
+            Phase::Failed => Some(InstanceEvent::Failed),
+            Phase::Terminated => Some(InstanceEvent::Stopped),
+            _ => None,
+        };
+        let moves = event.is_some_and(|event| step(instance.phase, event) != instance.phase);
+        let health_changed = report.health != instance.health;
+        let port_changed = report.port.is_some() && report.port != instance.port;
+        if moves || health_changed || port_changed {
             updates.push(InstanceUpdate {
                 id: instance.id,
-                event: Some(event),
-                health: None,
-                port: None,
-                reason: Some(reason.to_string()),
+                event: event.filter(|_| moves),
+                health: health_changed.then_some(report.health),
+                port: report.port.filter(|_| port_changed),
+                reason: report.reason.clone(),
                 ..Default::default()
             });
         }
     }
-    updates.sort_by_key(|update| update.id);
-    updates
+    // Instances the agent should have reported by now but did not.
+    let mut next = 0;
+    for &instance in on_node {
+        while reports
+            .get(next)
+            .is_some_and(|report| report.id < instance.id)
+        {
+            next += 1;
+        }
+        if reports
+            .get(next)
+            .is_some_and(|report| report.id == instance.id)
+        {
+            continue;
+        }
+        let unreported_for = heard_at.saturating_sub(instance.updated_at_ms);
+        let (event, reason) = match instance.phase {
+            Phase::Draining | Phase::Stopping if unreported_for > config.report_slack_ms => {
+                (InstanceEvent::Stopped, "stopped by its agent")
+            }
+            Phase::Starting | Phase::Running if unreported_for > config.report_slack_ms => {
+                (InstanceEvent::Failed, "no longer reported by its agent")
+            }
+            Phase::Pending if unreported_for > config.start_timeout_ms => {
+                (InstanceEvent::Failed, "its agent did not start it in time")
+            }
+            _ => continue,
+        };
+        updates.push(InstanceUpdate {
+            id: instance.id,
+            event: Some(event),
+            health: None,
+            port: None,
+            reason: Some(reason.to_string()),
+            ..Default::default()
+        });
+    }
 }
 
 /// Lookups every tier's plan needs, built once per round so that a round costs time linear in
 /// the state's size rather than tiers x (instances + events).
+///
+/// Everything indexed by instance comes from one pass over the instances: at fleet scale
+/// (100,000 instances) each pass costs a cache miss or two per instance, more than the
+/// hashing it does.
 struct RoundIndex<'a> {
     /// Every instance of each tier (any phase), in instance id order, and the latest
     /// load-balancer event per tier: the read models' index, shared with `pools`.
@@ -251,9 +293,21 @@ struct RoundIndex<'a> {
     /// Nodes being drained (usually none): a set, so that a round asks it once per instance
     /// instead of looking up each instance's node.
     draining: HashSet<&'a str>,
-    /// Every instance of each node, in instance id order: one pass over the instances, not a
-    /// lookup in the map per instance of each node.
-    by_node: foldhash::HashMap<&'a str, Vec<&'a Instance>>,
+    /// Every instance of each node, in instance id order, and what they reserve there.
+    by_node: foldhash::HashMap<&'a str, OnNode<'a>>,
+    /// Instances in `Draining`, in id order (the pools planner ends drains).
+    draining_instances: Vec<&'a Instance>,
+    /// Instances in a final phase, in id order (forgotten after a while).
+    final_instances: Vec<&'a Instance>,
+}
+
+/// A node's instances and the room they take.
+#[derive(Default)]
+struct OnNode<'a> {
+    /// Every instance placed on the node, in id order.
+    instances: Vec<&'a Instance>,
+    /// CPU and memory reserved by those that are not final and whose tier exists.
+    used: (f64, u64),
 }
 
 impl<'a> RoundIndex<'a> {
@@ -264,14 +318,30 @@ impl<'a> RoundIndex<'a> {
             .iter()
             .map(|event| (event.object.as_str(), event.reason.as_str()))
             .collect();
-        let mut by_node: foldhash::HashMap<&str, Vec<&Instance>> = Default::default();
-        for instance in state.instances.values() {
-            if let Some(node) = &instance.node {
-                by_node.entry(node.as_str()).or_default().push(instance);
+        let mut by_node: foldhash::HashMap<&str, OnNode<'a>> =
+            foldhash::HashMap::with_capacity_and_hasher(state.nodes.len(), Default::default());
+        let mut draining_instances = Vec::new();
+        let mut final_instances = Vec::new();
+        let tiers = crate::views::TierIndex::visiting(state, |instance, tier| {
+            if instance.phase == Phase::Draining {
+                draining_instances.push(instance);
             }
-        }
+            let is_final = instance.phase.is_final();
+            if is_final {
+                final_instances.push(instance);
+            }
+            let Some(node) = &instance.node else {
+                return;
+            };
+            let on_node = by_node.entry(node.as_str()).or_default();
+            on_node.instances.push(instance);
+            if let (false, Some(tier)) = (is_final, tier) {
+                on_node.used.0 += tier.spec.template.cpu;
+                on_node.used.1 += tier.spec.template.memory_mb;
+            }
+        });
         RoundIndex {
-            tiers: crate::views::TierIndex::of(state),
+            tiers,
             last_reason,
             draining: state
                 .nodes
@@ -280,11 +350,15 @@ impl<'a> RoundIndex<'a> {
                 .map(|node| node.id.as_str())
                 .collect(),
             by_node,
+            draining_instances,
+            final_instances,
         }
     }
 
     fn instances_on(&self, node: &str) -> &[&'a Instance] {
-        self.by_node.get(node).map_or(&[], Vec::as_slice)
+        self.by_node
+            .get(node)
+            .map_or(&[], |on_node| on_node.instances.as_slice())
     }
 
     fn instances_of(&self, tier: &str) -> &[&'a Instance] {
@@ -333,25 +407,11 @@ impl Ord for Load {
 
 impl<'a> Reservations<'a> {
     fn of(state: &'a State, index: &RoundIndex<'a>) -> Self {
-        let mut used: foldhash::HashMap<&'a str, (f64, u64)> = Default::default();
-        // One tier lookup per tier, not per instance.
-        for (name, instances) in index.tiers.groups() {
-            let Some(tier) = state.tiers.get(name) else {
-                continue;
-            };
-            let template = &tier.spec.template;
-            for instance in instances {
-                if instance.phase.is_final() {
-                    continue;
-                }
-                let Some(node) = &instance.node else {
-                    continue;
-                };
-                let entry = used.entry(node.as_str()).or_default();
-                entry.0 += template.cpu;
-                entry.1 += template.memory_mb;
-            }
-        }
+        let used: foldhash::HashMap<&'a str, (f64, u64)> = index
+            .by_node
+            .iter()
+            .map(|(node, on_node)| (*node, on_node.used))
+            .collect();
         let mut reservations = Reservations {
             nodes: &state.nodes,
             used,
@@ -398,13 +458,13 @@ impl<'a> Reservations<'a> {
     }
 }
 
-fn plan_tier(
-    state: &State,
-    index: &RoundIndex<'_>,
+fn plan_tier<'a>(
+    state: &'a State,
+    index: &RoundIndex<'a>,
     tier: &Tier,
     config: &PlanConfig,
     now_ms: u64,
-    reservations: &mut Reservations<'_>,
+    reservations: &mut Option<Reservations<'a>>,
     new_id: &mut dyn FnMut() -> Uuid,
 ) -> Vec<Command> {
     let name = tier.name();
@@ -523,6 +583,7 @@ fn plan_tier(
         Default::default()
     };
     for _ in 0..creates {
+        let reservations = reservations.get_or_insert_with(|| Reservations::of(state, index));
         match choose_node(tier, reservations, &spread_counts, &eligible_nodes) {
             Some(node) => {
                 let template = &tier.spec.template;
@@ -689,18 +750,17 @@ fn choose_node<'a>(
 }
 
 fn plan_orphans_and_forgetting(
-    state: &State,
     index: &RoundIndex<'_>,
     config: &PlanConfig,
     now_ms: u64,
 ) -> Vec<Command> {
     let mut commands = Vec::new();
-    // One lookup per tier name, not per instance.
+    // The index knows which tier names no longer exist: no lookup per instance.
     let mut orphaned: Vec<&Instance> = index
         .tiers
         .groups()
-        .filter(|(tier, _)| !state.tiers.contains_key(*tier))
-        .flat_map(|(_, instances)| instances.iter().copied())
+        .filter(|(_, tier, _)| tier.is_none())
+        .flat_map(|(_, _, instances)| instances.iter().copied())
         .filter(|instance| instance.phase.is_live())
         .collect();
     orphaned.sort_by_key(|instance| instance.id);
@@ -718,13 +778,10 @@ fn plan_orphans_and_forgetting(
     if !orphans.is_empty() {
         commands.push(Command::UpdateInstances { updates: orphans });
     }
-    let forgotten: Vec<Uuid> = state
-        .instances
-        .values()
-        .filter(|instance| {
-            instance.phase.is_final()
-                && now_ms.saturating_sub(instance.updated_at_ms) > config.forget_after_ms
-        })
+    let forgotten: Vec<Uuid> = index
+        .final_instances
+        .iter()
+        .filter(|instance| now_ms.saturating_sub(instance.updated_at_ms) > config.forget_after_ms)
         .map(|instance| instance.id)
         .collect();
     if !forgotten.is_empty() {
@@ -1739,6 +1796,154 @@ mod tests {
                 reservations.reserve(node, tier.spec.template.cpu, tier.spec.template.memory_mb);
                 *spread.entry(spread_key(tier, node).to_string()).or_default() += 1;
             }
+        }
+    }
+
+    /// Reports joined to a node's instances as first written: a binary search per report and
+    /// per instance.
+    fn report_updates_by_search(
+        on_node: &[&Instance],
+        reports: &[&InstanceReport],
+        heard_at: u64,
+        config: &PlanConfig,
+    ) -> Vec<InstanceUpdate> {
+        let mut updates = Vec::new();
+        for report in reports {
+            let Ok(position) = on_node.binary_search_by_key(&report.id, |instance| instance.id)
+            else {
+                continue;
+            };
+            let instance = on_node[position];
+            if instance.phase.is_final() {
+                continue;
+            }
+            let event = match report.phase {
+                Phase::Starting => Some(InstanceEvent::Started),
+                Phase::Running => Some(InstanceEvent::BecameReady),
+                Phase::Failed => Some(InstanceEvent::Failed),
+                Phase::Terminated => Some(InstanceEvent::Stopped),
+                _ => None,
+            };
+            let moves = event.is_some_and(|event| step(instance.phase, event) != instance.phase);
+            let health_changed = report.health != instance.health;
+            let port_changed = report.port.is_some() && report.port != instance.port;
+            if moves || health_changed || port_changed {
+                updates.push(InstanceUpdate {
+                    id: instance.id,
+                    event: event.filter(|_| moves),
+                    health: health_changed.then_some(report.health),
+                    port: report.port.filter(|_| port_changed),
+                    reason: report.reason.clone(),
+                    ..Default::default()
+                });
+            }
+        }
+        for &instance in on_node {
+            if reports
+                .binary_search_by_key(&instance.id, |report| report.id)
+                .is_ok()
+            {
+                continue;
+            }
+            let unreported_for = heard_at.saturating_sub(instance.updated_at_ms);
+            let (event, reason) = match instance.phase {
+                Phase::Draining | Phase::Stopping if unreported_for > config.report_slack_ms => {
+                    (InstanceEvent::Stopped, "stopped by its agent")
+                }
+                Phase::Starting | Phase::Running if unreported_for > config.report_slack_ms => {
+                    (InstanceEvent::Failed, "no longer reported by its agent")
+                }
+                Phase::Pending if unreported_for > config.start_timeout_ms => {
+                    (InstanceEvent::Failed, "its agent did not start it in time")
+                }
+                _ => continue,
+            };
+            updates.push(InstanceUpdate {
+                id: instance.id,
+                event: Some(event),
+                health: None,
+                port: None,
+                reason: Some(reason.to_string()),
+                ..Default::default()
+            });
+        }
+        updates
+    }
+
+    const PHASES: [Phase; 8] = [
+        Phase::Pending,
+        Phase::Starting,
+        Phase::Running,
+        Phase::Draining,
+        Phase::Stopping,
+        Phase::Terminated,
+        Phase::Failed,
+        Phase::Lost,
+    ];
+    const HEALTHS: [Health; 3] = [Health::Unknown, Health::Healthy, Health::Unhealthy];
+
+    proptest::proptest! {
+        /// Joining a node's reports to its instances by one walk along both gives exactly the
+        /// updates a binary search per report and per instance gives, for any mix of phases,
+        /// health, ports, unreported and foreign instances, duplicate reports and report ages.
+        #[test]
+        fn report_join_by_walk_matches_binary_search(
+            instances in proptest::collection::btree_map(
+                0u128..40,
+                (0usize..8, 0usize..3, proptest::option::of(0u16..3), 0u64..10_000),
+                0..20,
+            ),
+            reports in proptest::collection::vec(
+                (0u128..40, 0usize..8, 0usize..3, proptest::option::of(0u16..3), proptest::bool::ANY),
+                0..24,
+            ),
+            heard_at in 0u64..100_000,
+        ) {
+            let instances: Vec<Instance> = instances
+                .into_iter()
+                .map(|(id, (phase, health, port, updated_at_ms))| Instance {
+                    id: Uuid::from_u128(id),
+                    tier: "web".to_string(),
+                    provider: strata_api::Provider::default(),
+                    node: Some("n1".to_string()),
+                    provider_id: None,
+                    address: None,
+                    port,
+                    subnet: None,
+                    phase: PHASES[phase],
+                    health: HEALTHS[health],
+                    generation: 1,
+                    reason: None,
+                    created_at_ms: 0,
+                    updated_at_ms: updated_at_ms * 10,
+                    ready_at_ms: 0,
+                    drain_started_ms: 0,
+                    resource_version: 1,
+                })
+                .collect();
+            let on_node: Vec<&Instance> = instances.iter().collect();
+            let reports: Vec<InstanceReport> = reports
+                .into_iter()
+                .map(|(id, phase, health, port, reason)| InstanceReport {
+                    id: Uuid::from_u128(id),
+                    phase: PHASES[phase],
+                    health: HEALTHS[health],
+                    port,
+                    reason: reason.then(|| format!("report {id}")),
+                    cpu_percent: 0.0,
+                })
+                .collect();
+            let mut sorted: Vec<&InstanceReport> = reports.iter().collect();
+            sorted.sort_by_key(|report| report.id);
+            let config = PlanConfig {
+                report_slack_ms: 3_000,
+                start_timeout_ms: 60_000,
+                ..PlanConfig::default()
+            };
+            let mut walked = Vec::new();
+            report_updates(&on_node, &sorted, heard_at, &config, &mut walked);
+            let searched = report_updates_by_search(&on_node, &sorted, heard_at, &config);
+            proptest::prop_assert_eq!(walked, searched);
         }
     }
 
