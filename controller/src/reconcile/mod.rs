@@ -102,17 +102,25 @@ pub fn plan(
     // Built at the first placement of the round, from the index: a steady round places
     // nothing and need not order 10,000 nodes by load.
     let mut reservations = None;
-    for tier in state.tiers.values() {
+    // A tier's slot in the index is its position in `state.tiers`.
+    for (slot, tier) in state.tiers.values().enumerate() {
         // EC2 tiers are never placed on agents: their records get a subnet, and the leader's
         // EC2 executor launches them.
         if tier.spec.provider == strata_api::Provider::Ec2 {
             commands.extend(ec2::plan_tier(&index, tier, config, now_ms, new_id));
             continue;
         }
+        let summary = index.tier_summaries.get(slot).copied().unwrap_or_default();
+        if summary.to_replace == 0 && summary.live == tier.status.desired as usize {
+            // Nothing to drain, roll or create: `plan_tier` would find exactly that (a
+            // property test holds the two together), after looking at every instance again.
+            continue;
+        }
         commands.extend(plan_tier(
             state,
             &index,
             tier,
+            index.tiers.instances_in(slot),
             config,
             now_ms,
             &mut reservations,
@@ -143,7 +151,7 @@ fn plan_nodes_and_reports(
     let mut commands = Vec::new();
     let mut updates = Vec::new();
     let mut reports: Vec<&InstanceReport> = Vec::new();
-    for node in state.nodes.values() {
+    for (position, node) in state.nodes.values().enumerate() {
         let observation = observed.nodes.get(&node.id);
         let heard = observation.map(|o| o.last_seen_ms);
         let seen = heard.unwrap_or(0).max(observed.leader_since_ms);
@@ -177,7 +185,7 @@ fn plan_nodes_and_reports(
         reports.extend(observation.reports.iter());
         reports.sort_by_key(|report| report.id);
         report_updates(
-            index.instances_on(&node.id),
+            index.instances_on_registered(position),
             &reports,
             observation.last_seen_ms,
             config,
@@ -283,18 +291,23 @@ fn report_updates(
 ///
 /// Everything indexed by instance comes from one pass over the instances: at fleet scale
 /// (100,000 instances) each pass costs a cache miss or two per instance, more than the
-/// hashing it does.
+/// hashing it does. Maps from names are keyed by the state's own node and tier names, which
+/// stay in cache, rather than by the copies each instance holds.
 struct RoundIndex<'a> {
     /// Every instance of each tier (any phase), in instance id order, and the latest
     /// load-balancer event per tier: the read models' index, shared with `pools`.
     tiers: crate::views::TierIndex<'a>,
+    /// Per tier slot (`TierIndex::visiting`): what the pass saw of its live instances.
+    tier_summaries: Vec<TierSummary>,
     /// The reason of each object's latest event.
     last_reason: foldhash::HashMap<&'a str, &'a str>,
     /// Nodes being drained (usually none): a set, so that a round asks it once per instance
     /// instead of looking up each instance's node.
     draining: HashSet<&'a str>,
-    /// Every instance of each node, in instance id order, and what they reserve there.
-    by_node: foldhash::HashMap<&'a str, OnNode<'a>>,
+    /// Per node name that instances carry: the instances placed there and what they reserve.
+    /// Registered nodes come first, in `state.nodes`' order; then names no registered node
+    /// has.
+    on_nodes: Vec<OnNode<'a>>,
     /// Instances in `Draining`, in id order (the pools planner ends drains).
     draining_instances: Vec<&'a Instance>,
     /// Instances in a final phase, in id order (forgotten after a while).
@@ -302,12 +315,23 @@ struct RoundIndex<'a> {
 }
 
 /// A node's instances and the room they take.
-#[derive(Default)]
 struct OnNode<'a> {
+    node: &'a str,
     /// Every instance placed on the node, in id order.
     instances: Vec<&'a Instance>,
     /// CPU and memory reserved by those that are not final and whose tier exists.
     used: (f64, u64),
+}
+
+/// What the pass over the instances saw of a tier's live ones, enough to tell that its plan
+/// has nothing to do without looking at each of them again.
+#[derive(Clone, Copy, Debug, Default)]
+struct TierSummary {
+    /// Live instances (Pending, Starting, Running).
+    live: usize,
+    /// Live instances that `plan_tier` drains or rolls whatever the count: Running and
+    /// unhealthy, of an older generation, or on a draining node.
+    to_replace: usize,
 }
 
 impl<'a> RoundIndex<'a> {
@@ -318,11 +342,27 @@ impl<'a> RoundIndex<'a> {
             .iter()
             .map(|event| (event.object.as_str(), event.reason.as_str()))
             .collect();
-        let mut by_node: foldhash::HashMap<&str, OnNode<'a>> =
+        let draining: HashSet<&str> = state
+            .nodes
+            .values()
+            .filter(|node| node.draining)
+            .map(|node| node.id.as_str())
+            .collect();
+        let mut node_slots: foldhash::HashMap<&str, usize> =
             foldhash::HashMap::with_capacity_and_hasher(state.nodes.len(), Default::default());
+        let mut on_nodes = Vec::with_capacity(state.nodes.len());
+        for id in state.nodes.keys() {
+            node_slots.insert(id.as_str(), on_nodes.len());
+            on_nodes.push(OnNode {
+                node: id.as_str(),
+                instances: Vec::new(),
+                used: (0.0, 0),
+            });
+        }
+        let mut tier_summaries = vec![TierSummary::default(); state.tiers.len()];
         let mut draining_instances = Vec::new();
         let mut final_instances = Vec::new();
-        let tiers = crate::views::TierIndex::visiting(state, |instance, tier| {
+        let tiers = crate::views::TierIndex::visiting(state, |instance, slot, tier| {
             if instance.phase == Phase::Draining {
                 draining_instances.push(instance);
             }
@@ -330,10 +370,39 @@ impl<'a> RoundIndex<'a> {
             if is_final {
                 final_instances.push(instance);
             }
+            let on_draining_node = || {
+                !draining.is_empty()
+                    && instance
+                        .node
+                        .as_deref()
+                        .is_some_and(|node| draining.contains(node))
+            };
+            if let (true, Some(tier)) = (instance.phase.is_live(), tier) {
+                let summary = &mut tier_summaries[slot];
+                summary.live += 1;
+                if (instance.phase == Phase::Running && instance.health == Health::Unhealthy)
+                    || instance.generation < tier.generation
+                    || on_draining_node()
+                {
+                    summary.to_replace += 1;
+                }
+            }
             let Some(node) = &instance.node else {
                 return;
             };
-            let on_node = by_node.entry(node.as_str()).or_default();
+            let slot = match node_slots.get(node.as_str()) {
+                Some(slot) => *slot,
+                None => {
+                    node_slots.insert(node.as_str(), on_nodes.len());
+                    on_nodes.push(OnNode {
+                        node: node.as_str(),
+                        instances: Vec::new(),
+                        used: (0.0, 0),
+                    });
+                    on_nodes.len() - 1
+                }
+            };
+            let on_node = &mut on_nodes[slot];
             on_node.instances.push(instance);
             if let (false, Some(tier)) = (is_final, tier) {
                 on_node.used.0 += tier.spec.template.cpu;
@@ -342,22 +411,19 @@ impl<'a> RoundIndex<'a> {
         });
         RoundIndex {
             tiers,
+            tier_summaries,
             last_reason,
-            draining: state
-                .nodes
-                .values()
-                .filter(|node| node.draining)
-                .map(|node| node.id.as_str())
-                .collect(),
-            by_node,
+            draining,
+            on_nodes,
             draining_instances,
             final_instances,
         }
     }
 
-    fn instances_on(&self, node: &str) -> &[&'a Instance] {
-        self.by_node
-            .get(node)
+    /// The instances on the node at `position` in `state.nodes`.
+    fn instances_on_registered(&self, position: usize) -> &[&'a Instance] {
+        self.on_nodes
+            .get(position)
             .map_or(&[], |on_node| on_node.instances.as_slice())
     }
 
@@ -408,9 +474,9 @@ impl Ord for Load {
 impl<'a> Reservations<'a> {
     fn of(state: &'a State, index: &RoundIndex<'a>) -> Self {
         let used: foldhash::HashMap<&'a str, (f64, u64)> = index
-            .by_node
+            .on_nodes
             .iter()
-            .map(|(node, on_node)| (*node, on_node.used))
+            .map(|on_node| (on_node.node, on_node.used))
             .collect();
         let mut reservations = Reservations {
             nodes: &state.nodes,
@@ -458,10 +524,13 @@ impl<'a> Reservations<'a> {
     }
 }
 
+/// Plans one local tier; `all` is every instance of it (any phase), in id order.
+#[allow(clippy::too_many_arguments)]
 fn plan_tier<'a>(
     state: &'a State,
     index: &RoundIndex<'a>,
     tier: &Tier,
+    all: &[&Instance],
     config: &PlanConfig,
     now_ms: u64,
     reservations: &mut Option<Reservations<'a>>,
@@ -469,8 +538,7 @@ fn plan_tier<'a>(
 ) -> Vec<Command> {
     let name = tier.name();
     let desired = tier.status.desired as usize;
-    let mut instances: Vec<&Instance> = index
-        .instances_of(name)
+    let mut instances: Vec<&Instance> = all
         .iter()
         .copied()
         .filter(|instance| instance.phase.is_live())
@@ -552,8 +620,7 @@ fn plan_tier<'a>(
         .saturating_sub(current.len())
         .min(ceiling.saturating_sub(live_after));
 
-    let recent_failures = index
-        .instances_of(name)
+    let recent_failures = all
         .iter()
         .filter(|instance| {
             instance.phase == Phase::Failed
@@ -1944,6 +2011,114 @@ mod tests {
             report_updates(&on_node, &sorted, heard_at, &config, &mut walked);
             let searched = report_updates_by_search(&on_node, &sorted, heard_at, &config);
             proptest::prop_assert_eq!(walked, searched);
+        }
+    }
+
+    proptest::proptest! {
+        /// A tier the round skips (as many live instances as desired, none to replace) is one
+        /// whose full plan is empty, and the pass's summary counts what a look at the tier's
+        /// instances counts: for any mix of counts, template changes, unhealthy reports,
+        /// silent agents, drained and cordoned nodes, and rounds settled or not.
+        #[test]
+        fn a_skipped_tier_is_one_whose_plan_is_empty(
+            nodes in proptest::collection::vec(0u8..6, 1..6),
+            tiers in proptest::collection::vec(
+                (0u32..6, 0u32..6, proptest::bool::ANY),
+                1..5,
+            ),
+            unhealthy in proptest::collection::vec(0usize..40, 0..4),
+            silent in proptest::collection::vec(0usize..6, 0..2),
+            rounds in 0usize..4,
+        ) {
+            let mut world = World::new();
+            for (n, flags) in nodes.iter().enumerate() {
+                world.node(&format!("n{n}"), if n % 2 == 0 { "z1" } else { "z2" }, 2.0);
+                if *flags == 1 {
+                    world.apply(Command::SetNodeFlags { node: format!("n{n}"), cordoned: true, draining: false });
+                }
+            }
+            for (t, (first, _, _)) in tiers.iter().enumerate() {
+                world.tier(&format!("t{t}"), 0, 10, serde_json::json!({}));
+                world.apply(Command::ScaleTier { name: format!("t{t}"), desired: *first, expected_version: None });
+            }
+            world.settle(3);
+            world.all_healthy();
+            world.settle(3);
+            // Then things change: counts, templates, health, drains, silence.
+            for (t, (_, second, new_template)) in tiers.iter().enumerate() {
+                world.apply(Command::ScaleTier { name: format!("t{t}"), desired: *second, expected_version: None });
+                if *new_template {
+                    world.tier(&format!("t{t}"), 0, 10, serde_json::json!({
+                        "template": {"driver": "process", "command": ["app", "v2"], "cpu": 0.5, "memory_mb": 64},
+                    }));
+                }
+            }
+            for (n, flags) in nodes.iter().enumerate() {
+                if *flags == 2 {
+                    world.apply(Command::SetNodeFlags { node: format!("n{n}"), cordoned: false, draining: true });
+                }
+            }
+            let live: Vec<Uuid> = world
+                .state
+                .instances
+                .values()
+                .filter(|instance| instance.phase.is_live())
+                .map(|instance| instance.id)
+                .collect();
+            let sick: Vec<Uuid> = unhealthy.iter().filter_map(|i| live.get(*i).copied()).collect();
+            let mut per_node: BTreeMap<String, Vec<InstanceReport>> = BTreeMap::new();
+            for instance in world.state.instances.values().filter(|i| i.phase.is_live()) {
+                let health = if sick.contains(&instance.id) { Health::Unhealthy } else { Health::Healthy };
+                per_node
+                    .entry(instance.node.clone().unwrap_or_default())
+                    .or_default()
+                    .push(report(instance.id, Phase::Running, health));
+            }
+            for (node, reports) in per_node {
+                world.heartbeat(&node, reports);
+            }
+            for n in &silent {
+                world.observed.remove(&format!("n{n}"));
+            }
+            world.now += 20_000;
+            for _ in 0..rounds {
+                for command in world.plan() {
+                    world.apply(command);
+                }
+            }
+
+            let state = &world.state;
+            let index = RoundIndex::of(state);
+            let config = PlanConfig::default();
+            for (slot, tier) in state.tiers.values().enumerate() {
+                let all = index.tiers.instances_in(slot);
+                let live: Vec<&&Instance> = all.iter().filter(|i| i.phase.is_live()).collect();
+                let to_replace = live
+                    .iter()
+                    .filter(|i| {
+                        (i.phase == Phase::Running && i.health == Health::Unhealthy)
+                            || i.generation < tier.generation
+                            || i.node.as_deref().is_some_and(|node| state.nodes[node].draining)
+                    })
+                    .count();
+                let summary = index.tier_summaries[slot];
+                proptest::prop_assert_eq!(summary.live, live.len());
+                proptest::prop_assert_eq!(summary.to_replace, to_replace);
+                if summary.to_replace == 0 && summary.live == tier.status.desired as usize {
+                    let mut reservations = None;
+                    let planned = plan_tier(
+                        state,
+                        &index,
+                        tier,
+                        all,
+                        &config,
+                        world.now,
+                        &mut reservations,
+                        &mut || Uuid::from_u128(1 << 100),
+                    );
+                    proptest::prop_assert!(planned.is_empty(), "{:?}", planned);
+                }
+            }
         }
     }
 
