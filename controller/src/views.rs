@@ -111,13 +111,6 @@ impl<'a> TierIndex<'a> {
             .map_or(&[], |slot| self.groups[*slot].2.as_slice())
     }
 
-    /// The instances of the tier in `slot` (see `visiting`).
-    pub fn instances_in(&self, slot: usize) -> &[&'a Instance] {
-        self.groups
-            .get(slot)
-            .map_or(&[], |(_, _, instances)| instances.as_slice())
-    }
-
     /// Every tier name that instances carry, with the tier (`None` when it no longer exists)
     /// and its instances.
     pub fn groups(

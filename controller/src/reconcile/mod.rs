@@ -120,7 +120,6 @@ pub fn plan(
             state,
             &index,
             tier,
-            index.tiers.instances_in(slot),
             config,
             now_ms,
             &mut reservations,
@@ -524,13 +523,10 @@ impl<'a> Reservations<'a> {
     }
 }
 
-/// Plans one local tier; `all` is every instance of it (any phase), in id order.
-#[allow(clippy::too_many_arguments)]
 fn plan_tier<'a>(
     state: &'a State,
     index: &RoundIndex<'a>,
     tier: &Tier,
-    all: &[&Instance],
     config: &PlanConfig,
     now_ms: u64,
     reservations: &mut Option<Reservations<'a>>,
@@ -538,6 +534,7 @@ fn plan_tier<'a>(
 ) -> Vec<Command> {
     let name = tier.name();
     let desired = tier.status.desired as usize;
+    let all = index.instances_of(name);
     let mut instances: Vec<&Instance> = all
         .iter()
         .copied()
@@ -2091,7 +2088,7 @@ mod tests {
             let index = RoundIndex::of(state);
             let config = PlanConfig::default();
             for (slot, tier) in state.tiers.values().enumerate() {
-                let all = index.tiers.instances_in(slot);
+                let all = index.instances_of(tier.name());
                 let live: Vec<&&Instance> = all.iter().filter(|i| i.phase.is_live()).collect();
                 let to_replace = live
                     .iter()
@@ -2110,7 +2107,6 @@ mod tests {
                         state,
                         &index,
                         tier,
-                        all,
                         &config,
                         world.now,
                         &mut reservations,
