@@ -10,7 +10,8 @@
 //! reaction time from a load step to new instances serving; `autoscale` replays load traces
 //! through Strata's autoscaler planner, HPA and AWS target tracking in simulated time; `tls`
 //! writes and heartbeats with plain HTTP against mutual TLS; `ec2` an EC2 scale-out against
-//! moto, clean and throttled.
+//! moto, clean and throttled. `fleet` measures fleet-scale state through a real cluster;
+//! `plan_round` times the planners alone on the same state, in memory.
 //! Results go to stdout as JSON, progress to stderr.
 //! These are benchmarks, never timed tests: nothing here fails on a slow number.
 
@@ -22,6 +23,7 @@ mod fleet;
 mod heartbeats;
 mod local;
 mod partition;
+mod plan_round;
 mod pools;
 mod reaction;
 mod start_latency;
@@ -41,6 +43,11 @@ use crate::cluster::{Binaries, Cluster, STRATA_ADMIN_TOKEN};
 use crate::failover::FailoverReport;
 use crate::system::{System, Writer};
 use crate::writes::{WritesConfig, WritesReport};
+
+/// The controller's allocator (see `strata-controller`'s main), so that `plan-round` pays
+/// for allocations what the leader pays.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// The targets for Strata relative to etcd.
 const TARGET_WRITES_RATIO: f64 = 1.25;
@@ -97,6 +104,9 @@ enum Command {
     /// EC2 scale-out 0 -> 50 against moto through a proxy, clean and with 10% of calls
     /// throttled: time to all Running, calls per instance, duplicates.
     Ec2(ec2::Ec2Args),
+    /// One planner round at fleet scale, in memory (no cluster): the state `fleet` reaches,
+    /// built by applying commands, then steady `reconcile::plan` rounds timed in thread CPU.
+    PlanRound(plan_round::PlanRoundArgs),
     /// Autoscaling simulator: load traces through Strata's planner, Kubernetes HPA defaults
     /// and AWS target tracking on the same simulated tier (simulated time; no cluster).
     Autoscale(autoscale::AutoscaleArgs),
@@ -320,6 +330,7 @@ async fn run(command: Command) -> Result<()> {
         Command::Fleet(args) => print_json(&fleet::run_cli(args).await?),
         Command::Tls(args) => print_json(&tls::run_cli(args).await?),
         Command::Ec2(args) => print_json(&ec2::run_cli(args).await?),
+        Command::PlanRound(args) => print_json(&plan_round::run_cli(args)?),
         Command::Partition(args) => {
             let mut report = PartitionComparison {
                 strata: None,

@@ -458,8 +458,8 @@ async fn reconcile_once(controller: &Controller, config: &PlanConfig) -> usize {
 }
 
 /// The CPU time this thread has used (`CLOCK_THREAD_CPUTIME_ID`); zero where it cannot be
-/// read.
-fn thread_cpu_time() -> Duration {
+/// read. Public for `strata-bench plan-round`, which times rounds the same way.
+pub fn thread_cpu_time() -> Duration {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID).map_or(
         Duration::ZERO,
         |time| {

@@ -94,18 +94,26 @@ pub fn plan(
     // Every planner reads the same state; commands apply in this order. A planner that would
     // act on something another one changes this round (an instance on a node going NotReady,
     // say) sees the change next round: level-triggered, so that only delays, never doubles.
-    let mut commands = plan_nodes(state, observed, config, now_ms);
     let index = RoundIndex::of(state);
-    let updates = plan_reports(state, &index, observed, config);
+    let (mut commands, updates) = plan_nodes_and_reports(state, &index, observed, config, now_ms);
     if !updates.is_empty() {
         commands.push(Command::UpdateInstances { updates });
     }
-    let mut reservations = Reservations::of(state, &index);
-    for tier in state.tiers.values() {
+    // Built at the first placement of the round, from the index: a steady round places
+    // nothing and need not order 10,000 nodes by load.
+    let mut reservations = None;
+    // A tier's slot in the index is its position in `state.tiers`.
+    for (slot, tier) in state.tiers.values().enumerate() {
         // EC2 tiers are never placed on agents: their records get a subnet, and the leader's
         // EC2 executor launches them.
         if tier.spec.provider == strata_api::Provider::Ec2 {
             commands.extend(ec2::plan_tier(&index, tier, config, now_ms, new_id));
+            continue;
+        }
+        let summary = index.tier_summaries.get(slot).copied().unwrap_or_default();
+        if summary.to_replace == 0 && summary.live == tier.status.desired as usize {
+            // Nothing to drain, roll or create: `plan_tier` would find exactly that (a
+            // property test holds the two together), after looking at every instance again.
             continue;
         }
         commands.extend(plan_tier(
@@ -118,20 +126,33 @@ pub fn plan(
             new_id,
         ));
     }
-    commands.extend(plan_orphans_and_forgetting(state, &index, config, now_ms));
-    commands.extend(pools::plan(state, &index.tiers, observed, now_ms));
+    commands.extend(plan_orphans_and_forgetting(&index, config, now_ms));
+    commands.extend(pools::plan(
+        state,
+        &index.tiers,
+        &index.draining_instances,
+        observed,
+        now_ms,
+    ));
     commands
 }
 
-fn plan_nodes(
+/// Judges each node's liveness (`SetNodeReady` commands, in node order) and turns the reports
+/// of Ready nodes into instance updates (in instance id order). One walk over the nodes does
+/// both: at fleet scale a lookup per node in the other's map costs more than the judgement.
+fn plan_nodes_and_reports(
     state: &State,
+    index: &RoundIndex<'_>,
     observed: &Observed<'_>,
     config: &PlanConfig,
     now_ms: u64,
-) -> Vec<Command> {
+) -> (Vec<Command>, Vec<InstanceUpdate>) {
     let mut commands = Vec::new();
-    for node in state.nodes.values() {
-        let heard = observed.nodes.get(&node.id).map(|o| o.last_seen_ms);
+    let mut updates = Vec::new();
+    let mut reports: Vec<&InstanceReport> = Vec::new();
+    for (position, node) in state.nodes.values().enumerate() {
+        let observation = observed.nodes.get(&node.id);
+        let heard = observation.map(|o| o.last_seen_ms);
         let seen = heard.unwrap_or(0).max(observed.leader_since_ms);
         let silent_for = now_ms.saturating_sub(seen);
         if node.ready && silent_for > config.heartbeat_grace_ms {
@@ -154,106 +175,162 @@ fn plan_nodes(
                 reason: "heartbeats resumed".to_string(),
             });
         }
+        let Some(observation) = observation.filter(|_| node.ready) else {
+            continue;
+        };
+        // Agents report in id order (their assignments' order), which makes the sort cheap;
+        // the buffer is reused from node to node.
+        reports.clear();
+        reports.extend(observation.reports.iter());
+        reports.sort_by_key(|report| report.id);
+        report_updates(
+            index.instances_on_registered(position),
+            &reports,
+            observation.last_seen_ms,
+            config,
+            &mut updates,
+        );
     }
-    commands
+    updates.sort_by_key(|update| update.id);
+    (commands, updates)
 }
 
-fn plan_reports(
-    state: &State,
-    index: &RoundIndex<'_>,
-    observed: &Observed<'_>,
+/// The updates that one node's reports (`reports`, sorted by id) call for on the instances
+/// placed on it (`on_node`, in id order, ids unique), appended to `updates`: reported
+/// transitions, health and port changes, then the instances it should have reported by
+/// `heard_at` but did not. Both lists are in id order, so one walk along each joins them (a
+/// binary search per report touched several instances per report, each a cache miss at fleet
+/// scale).
+fn report_updates(
+    on_node: &[&Instance],
+    reports: &[&InstanceReport],
+    heard_at: u64,
     config: &PlanConfig,
-) -> Vec<InstanceUpdate> {
-    let mut updates = Vec::new();
-    for (node_id, observation) in observed.nodes {
-        if !state.nodes.get(node_id).is_some_and(|node| node.ready) {
+    updates: &mut Vec<InstanceUpdate>,
+) {
+    let mut next = 0;
+    for report in reports {
+        while on_node
+            .get(next)
+            .is_some_and(|instance| instance.id < report.id)
+        {
+            next += 1;
+        }
+        let Some(&instance) = on_node
+            .get(next)
+            .filter(|instance| instance.id == report.id)
+        else {
+            continue;
+        };
+        if instance.phase.is_final() {
             continue;
         }
-        // The node's instances (in id order) and its reports, sorted by id, are joined by
-        // binary search: a round over 100,000 instances does no lookup in the whole map.
-        let on_node = index.instances_on(node_id);
-        let mut reports: Vec<&InstanceReport> = observation.reports.iter().collect();
-        reports.sort_by_key(|report| report.id);
-        for report in &reports {
-            let Ok(position) = on_node.binary_search_by_key(&report.id, |instance| instance.id)
-            else {
-                continue;
-            };
-            let instance = on_node[position];
-            if instance.phase.is_final() {
-                continue;
-            }
-            let event = match report.phase {
-                Phase::Starting => Some(InstanceEvent::Started),
-                Phase::Running => Some(InstanceEvent::BecameReady),
-                Phase::Failed => Some(InstanceEvent::Failed),
-                Phase::Terminated => Some(InstanceEvent::Stopped),
-                _ => None,
-            };
-            let moves = event.is_some_and(|event| step(instance.phase, event) != instance.phase);
-            let health_changed = report.health != instance.health;
-            let port_changed = report.port.is_some() && report.port != instance.port;
-            if moves || health_changed || port_changed {
-                updates.push(InstanceUpdate {
-                    id: instance.id,
-                    event: event.filter(|_| moves),
-                    health: health_changed.then_some(report.health),
-                    port: report.port.filter(|_| port_changed),
-                    reason: report.reason.clone(),
-                    ..Default::default()
-                });
-            }
-        }
-        // Instances the agent should have reported by now but did not.
-        let heard_at = observation.last_seen_ms;
-        for &instance in on_node {
-            if reports
-                .binary_search_by_key(&instance.id, |report| report.id)
-                .is_ok()
-            {
-                continue;
-            }
-            let unreported_for = heard_at.saturating_sub(instance.updated_at_ms);
-            let (event, reason) = match instance.phase {
-                Phase::Draining | Phase::Stopping if unreported_for > config.report_slack_ms => {
-                    (InstanceEvent::Stopped, "stopped by its agent")
-                }
-                Phase::Starting | Phase::Running if unreported_for > config.report_slack_ms => {
-                    (InstanceEvent::Failed, "no longer reported by its agent")
-                }
-                Phase::Pending if unreported_for > config.start_timeout_ms => {
-                    (InstanceEvent::Failed, "its agent did not start it in time")
-                }
-                _ => continue,
-            };
+        let event = match report.phase {
+            Phase::Starting => Some(InstanceEvent::Started),
+            Phase::Running => Some(InstanceEvent::BecameReady),
+            Phase::Failed => Some(InstanceEvent::Failed),
+            Phase::Terminated => Some(InstanceEvent::Stopped),
+            _ => None,
+        };
+        let moves = event.is_some_and(|event| step(instance.phase, event) != instance.phase);
+        let health_changed = report.health != instance.health;
+        let port_changed = report.port.is_some() && report.port != instance.port;
+        if moves || health_changed || port_changed {
             updates.push(InstanceUpdate {
                 id: instance.id,
-                event: Some(event),
-                health: None,
-                port: None,
-                reason: Some(reason.to_string()),
+                event: event.filter(|_| moves),
+                health: health_changed.then_some(report.health),
+                port: report.port.filter(|_| port_changed),
+                reason: report.reason.clone(),
                 ..Default::default()
             });
         }
     }
-    updates.sort_by_key(|update| update.id);
-    updates
+    // Instances the agent should have reported by now but did not.
+    let mut next = 0;
+    for &instance in on_node {
+        while reports
+            .get(next)
+            .is_some_and(|report| report.id < instance.id)
+        {
+            next += 1;
+        }
+        if reports
+            .get(next)
+            .is_some_and(|report| report.id == instance.id)
+        {
+            continue;
+        }
+        let unreported_for = heard_at.saturating_sub(instance.updated_at_ms);
+        let (event, reason) = match instance.phase {
+            Phase::Draining | Phase::Stopping if unreported_for > config.report_slack_ms => {
+                (InstanceEvent::Stopped, "stopped by its agent")
+            }
+            Phase::Starting | Phase::Running if unreported_for > config.report_slack_ms => {
+                (InstanceEvent::Failed, "no longer reported by its agent")
+            }
+            Phase::Pending if unreported_for > config.start_timeout_ms => {
+                (InstanceEvent::Failed, "its agent did not start it in time")
+            }
+            _ => continue,
+        };
+        updates.push(InstanceUpdate {
+            id: instance.id,
+            event: Some(event),
+            health: None,
+            port: None,
+            reason: Some(reason.to_string()),
+            ..Default::default()
+        });
+    }
 }
 
 /// Lookups every tier's plan needs, built once per round so that a round costs time linear in
 /// the state's size rather than tiers x (instances + events).
+///
+/// Everything indexed by instance comes from one pass over the instances: at fleet scale
+/// (100,000 instances) each pass costs a cache miss or two per instance, more than the
+/// hashing it does. Maps from names are keyed by the state's own node and tier names, which
+/// stay in cache, rather than by the copies each instance holds.
 struct RoundIndex<'a> {
     /// Every instance of each tier (any phase), in instance id order, and the latest
     /// load-balancer event per tier: the read models' index, shared with `pools`.
     tiers: crate::views::TierIndex<'a>,
+    /// Per tier slot (`TierIndex::visiting`): what the pass saw of its live instances.
+    tier_summaries: Vec<TierSummary>,
     /// The reason of each object's latest event.
     last_reason: foldhash::HashMap<&'a str, &'a str>,
     /// Nodes being drained (usually none): a set, so that a round asks it once per instance
     /// instead of looking up each instance's node.
     draining: HashSet<&'a str>,
-    /// Every instance of each node, in instance id order: one pass over the instances, not a
-    /// lookup in the map per instance of each node.
-    by_node: foldhash::HashMap<&'a str, Vec<&'a Instance>>,
+    /// Per node name that instances carry: the instances placed there and what they reserve.
+    /// Registered nodes come first, in `state.nodes`' order; then names no registered node
+    /// has.
+    on_nodes: Vec<OnNode<'a>>,
+    /// Instances in `Draining`, in id order (the pools planner ends drains).
+    draining_instances: Vec<&'a Instance>,
+    /// Instances in a final phase, in id order (forgotten after a while).
+    final_instances: Vec<&'a Instance>,
+}
+
+/// A node's instances and the room they take.
+struct OnNode<'a> {
+    node: &'a str,
+    /// Every instance placed on the node, in id order.
+    instances: Vec<&'a Instance>,
+    /// CPU and memory reserved by those that are not final and whose tier exists.
+    used: (f64, u64),
+}
+
+/// What the pass over the instances saw of a tier's live ones, enough to tell that its plan
+/// has nothing to do without looking at each of them again.
+#[derive(Clone, Copy, Debug, Default)]
+struct TierSummary {
+    /// Live instances (Pending, Starting, Running).
+    live: usize,
+    /// Live instances that `plan_tier` drains or rolls whatever the count: Running and
+    /// unhealthy, of an older generation, or on a draining node.
+    to_replace: usize,
 }
 
 impl<'a> RoundIndex<'a> {
@@ -264,27 +341,89 @@ impl<'a> RoundIndex<'a> {
             .iter()
             .map(|event| (event.object.as_str(), event.reason.as_str()))
             .collect();
-        let mut by_node: foldhash::HashMap<&str, Vec<&Instance>> = Default::default();
-        for instance in state.instances.values() {
-            if let Some(node) = &instance.node {
-                by_node.entry(node.as_str()).or_default().push(instance);
-            }
+        let draining: HashSet<&str> = state
+            .nodes
+            .values()
+            .filter(|node| node.draining)
+            .map(|node| node.id.as_str())
+            .collect();
+        let mut node_slots: foldhash::HashMap<&str, usize> =
+            foldhash::HashMap::with_capacity_and_hasher(state.nodes.len(), Default::default());
+        let mut on_nodes = Vec::with_capacity(state.nodes.len());
+        for id in state.nodes.keys() {
+            node_slots.insert(id.as_str(), on_nodes.len());
+            on_nodes.push(OnNode {
+                node: id.as_str(),
+                instances: Vec::new(),
+                used: (0.0, 0),
+            });
         }
+        let mut tier_summaries = vec![TierSummary::default(); state.tiers.len()];
+        let mut draining_instances = Vec::new();
+        let mut final_instances = Vec::new();
+        let tiers = crate::views::TierIndex::visiting(state, |instance, slot, tier| {
+            if instance.phase == Phase::Draining {
+                draining_instances.push(instance);
+            }
+            let is_final = instance.phase.is_final();
+            if is_final {
+                final_instances.push(instance);
+            }
+            let on_draining_node = || {
+                !draining.is_empty()
+                    && instance
+                        .node
+                        .as_deref()
+                        .is_some_and(|node| draining.contains(node))
+            };
+            if let (true, Some(tier)) = (instance.phase.is_live(), tier) {
+                let summary = &mut tier_summaries[slot];
+                summary.live += 1;
+                if (instance.phase == Phase::Running && instance.health == Health::Unhealthy)
+                    || instance.generation < tier.generation
+                    || on_draining_node()
+                {
+                    summary.to_replace += 1;
+                }
+            }
+            let Some(node) = &instance.node else {
+                return;
+            };
+            let slot = match node_slots.get(node.as_str()) {
+                Some(slot) => *slot,
+                None => {
+                    node_slots.insert(node.as_str(), on_nodes.len());
+                    on_nodes.push(OnNode {
+                        node: node.as_str(),
+                        instances: Vec::new(),
+                        used: (0.0, 0),
+                    });
+                    on_nodes.len() - 1
+                }
+            };
+            let on_node = &mut on_nodes[slot];
+            on_node.instances.push(instance);
+            if let (false, Some(tier)) = (is_final, tier) {
+                on_node.used.0 += tier.spec.template.cpu;
+                on_node.used.1 += tier.spec.template.memory_mb;
+            }
+        });
         RoundIndex {
-            tiers: crate::views::TierIndex::of(state),
+            tiers,
+            tier_summaries,
             last_reason,
-            draining: state
-                .nodes
-                .values()
-                .filter(|node| node.draining)
-                .map(|node| node.id.as_str())
-                .collect(),
-            by_node,
+            draining,
+            on_nodes,
+            draining_instances,
+            final_instances,
         }
     }
 
-    fn instances_on(&self, node: &str) -> &[&'a Instance] {
-        self.by_node.get(node).map_or(&[], Vec::as_slice)
+    /// The instances on the node at `position` in `state.nodes`.
+    fn instances_on_registered(&self, position: usize) -> &[&'a Instance] {
+        self.on_nodes
+            .get(position)
+            .map_or(&[], |on_node| on_node.instances.as_slice())
     }
 
     fn instances_of(&self, tier: &str) -> &[&'a Instance] {
@@ -333,25 +472,11 @@ impl Ord for Load {
 
 impl<'a> Reservations<'a> {
     fn of(state: &'a State, index: &RoundIndex<'a>) -> Self {
-        let mut used: foldhash::HashMap<&'a str, (f64, u64)> = Default::default();
-        // One tier lookup per tier, not per instance.
-        for (name, instances) in index.tiers.groups() {
-            let Some(tier) = state.tiers.get(name) else {
-                continue;
-            };
-            let template = &tier.spec.template;
-            for instance in instances {
-                if instance.phase.is_final() {
-                    continue;
-                }
-                let Some(node) = &instance.node else {
-                    continue;
-                };
-                let entry = used.entry(node.as_str()).or_default();
-                entry.0 += template.cpu;
-                entry.1 += template.memory_mb;
-            }
-        }
+        let used: foldhash::HashMap<&'a str, (f64, u64)> = index
+            .on_nodes
+            .iter()
+            .map(|on_node| (on_node.node, on_node.used))
+            .collect();
         let mut reservations = Reservations {
             nodes: &state.nodes,
             used,
@@ -398,19 +523,19 @@ impl<'a> Reservations<'a> {
     }
 }
 
-fn plan_tier(
-    state: &State,
-    index: &RoundIndex<'_>,
+fn plan_tier<'a>(
+    state: &'a State,
+    index: &RoundIndex<'a>,
     tier: &Tier,
     config: &PlanConfig,
     now_ms: u64,
-    reservations: &mut Reservations<'_>,
+    reservations: &mut Option<Reservations<'a>>,
     new_id: &mut dyn FnMut() -> Uuid,
 ) -> Vec<Command> {
     let name = tier.name();
     let desired = tier.status.desired as usize;
-    let mut instances: Vec<&Instance> = index
-        .instances_of(name)
+    let all = index.instances_of(name);
+    let mut instances: Vec<&Instance> = all
         .iter()
         .copied()
         .filter(|instance| instance.phase.is_live())
@@ -492,8 +617,7 @@ fn plan_tier(
         .saturating_sub(current.len())
         .min(ceiling.saturating_sub(live_after));
 
-    let recent_failures = index
-        .instances_of(name)
+    let recent_failures = all
         .iter()
         .filter(|instance| {
             instance.phase == Phase::Failed
@@ -523,6 +647,7 @@ fn plan_tier(
         Default::default()
     };
     for _ in 0..creates {
+        let reservations = reservations.get_or_insert_with(|| Reservations::of(state, index));
         match choose_node(tier, reservations, &spread_counts, &eligible_nodes) {
             Some(node) => {
                 let template = &tier.spec.template;
@@ -689,18 +814,17 @@ fn choose_node<'a>(
 }
 
 fn plan_orphans_and_forgetting(
-    state: &State,
     index: &RoundIndex<'_>,
     config: &PlanConfig,
     now_ms: u64,
 ) -> Vec<Command> {
     let mut commands = Vec::new();
-    // One lookup per tier name, not per instance.
+    // The index knows which tier names no longer exist: no lookup per instance.
     let mut orphaned: Vec<&Instance> = index
         .tiers
         .groups()
-        .filter(|(tier, _)| !state.tiers.contains_key(*tier))
-        .flat_map(|(_, instances)| instances.iter().copied())
+        .filter(|(_, tier, _)| tier.is_none())
+        .flat_map(|(_, _, instances)| instances.iter().copied())
         .filter(|instance| instance.phase.is_live())
         .collect();
     orphaned.sort_by_key(|instance| instance.id);
@@ -718,13 +842,10 @@ fn plan_orphans_and_forgetting(
     if !orphans.is_empty() {
         commands.push(Command::UpdateInstances { updates: orphans });
     }
-    let forgotten: Vec<Uuid> = state
-        .instances
-        .values()
-        .filter(|instance| {
-            instance.phase.is_final()
-                && now_ms.saturating_sub(instance.updated_at_ms) > config.forget_after_ms
-        })
+    let forgotten: Vec<Uuid> = index
+        .final_instances
+        .iter()
+        .filter(|instance| now_ms.saturating_sub(instance.updated_at_ms) > config.forget_after_ms)
         .map(|instance| instance.id)
         .collect();
     if !forgotten.is_empty() {
@@ -1738,6 +1859,261 @@ mod tests {
                 let Some(node) = fast else { break };
                 reservations.reserve(node, tier.spec.template.cpu, tier.spec.template.memory_mb);
                 *spread.entry(spread_key(tier, node).to_string()).or_default() += 1;
+            }
+        }
+    }
+
+    /// Reports joined to a node's instances as first written: a binary search per report and
+    /// per instance.
+    fn report_updates_by_search(
+        on_node: &[&Instance],
+        reports: &[&InstanceReport],
+        heard_at: u64,
+        config: &PlanConfig,
+    ) -> Vec<InstanceUpdate> {
+        let mut updates = Vec::new();
+        for report in reports {
+            let Ok(position) = on_node.binary_search_by_key(&report.id, |instance| instance.id)
+            else {
+                continue;
+            };
+            let instance = on_node[position];
+            if instance.phase.is_final() {
+                continue;
+            }
+            let event = match report.phase {
+                Phase::Starting => Some(InstanceEvent::Started),
+                Phase::Running => Some(InstanceEvent::BecameReady),
+                Phase::Failed => Some(InstanceEvent::Failed),
+                Phase::Terminated => Some(InstanceEvent::Stopped),
+                _ => None,
+            };
+            let moves = event.is_some_and(|event| step(instance.phase, event) != instance.phase);
+            let health_changed = report.health != instance.health;
+            let port_changed = report.port.is_some() && report.port != instance.port;
+            if moves || health_changed || port_changed {
+                updates.push(InstanceUpdate {
+                    id: instance.id,
+                    event: event.filter(|_| moves),
+                    health: health_changed.then_some(report.health),
+                    port: report.port.filter(|_| port_changed),
+                    reason: report.reason.clone(),
+                    ..Default::default()
+                });
+            }
+        }
+        for &instance in on_node {
+            if reports
+                .binary_search_by_key(&instance.id, |report| report.id)
+                .is_ok()
+            {
+                continue;
+            }
+            let unreported_for = heard_at.saturating_sub(instance.updated_at_ms);
+            let (event, reason) = match instance.phase {
+                Phase::Draining | Phase::Stopping if unreported_for > config.report_slack_ms => {
+                    (InstanceEvent::Stopped, "stopped by its agent")
+                }
+                Phase::Starting | Phase::Running if unreported_for > config.report_slack_ms => {
+                    (InstanceEvent::Failed, "no longer reported by its agent")
+                }
+                Phase::Pending if unreported_for > config.start_timeout_ms => {
+                    (InstanceEvent::Failed, "its agent did not start it in time")
+                }
+                _ => continue,
+            };
+            updates.push(InstanceUpdate {
+                id: instance.id,
+                event: Some(event),
+                health: None,
+                port: None,
+                reason: Some(reason.to_string()),
+                ..Default::default()
+            });
+        }
+        updates
+    }
+
+    const PHASES: [Phase; 8] = [
+        Phase::Pending,
+        Phase::Starting,
+        Phase::Running,
+        Phase::Draining,
+        Phase::Stopping,
+        Phase::Terminated,
+        Phase::Failed,
+        Phase::Lost,
+    ];
+    const HEALTHS: [Health; 3] = [Health::Unknown, Health::Healthy, Health::Unhealthy];
+
+    proptest::proptest! {
+        /// Joining a node's reports to its instances by one walk along both gives exactly the
+        /// updates a binary search per report and per instance gives, for any mix of phases,
+        /// health, ports, unreported and foreign instances, duplicate reports and report ages.
+        #[test]
+        fn report_join_by_walk_matches_binary_search(
+            instances in proptest::collection::btree_map(
+                0u128..40,
+                (0usize..8, 0usize..3, proptest::option::of(0u16..3), 0u64..10_000),
+                0..20,
+            ),
+            reports in proptest::collection::vec(
+                (0u128..40, 0usize..8, 0usize..3, proptest::option::of(0u16..3), proptest::bool::ANY),
+                0..24,
+            ),
+            heard_at in 0u64..100_000,
+        ) {
+            let instances: Vec<Instance> = instances
+                .into_iter()
+                .map(|(id, (phase, health, port, updated_at_ms))| Instance {
+                    id: Uuid::from_u128(id),
+                    tier: "web".to_string(),
+                    provider: strata_api::Provider::default(),
+                    node: Some("n1".to_string()),
+                    provider_id: None,
+                    address: None,
+                    port,
+                    subnet: None,
+                    phase: PHASES[phase],
+                    health: HEALTHS[health],
+                    generation: 1,
+                    reason: None,
+                    created_at_ms: 0,
+                    updated_at_ms: updated_at_ms * 10,
+                    ready_at_ms: 0,
+                    drain_started_ms: 0,
+                    resource_version: 1,
+                })
+                .collect();
+            let on_node: Vec<&Instance> = instances.iter().collect();
+            let reports: Vec<InstanceReport> = reports
+                .into_iter()
+                .map(|(id, phase, health, port, reason)| InstanceReport {
+                    id: Uuid::from_u128(id),
+                    phase: PHASES[phase],
+                    health: HEALTHS[health],
+                    port,
+                    reason: reason.then(|| format!("report {id}")),
+                    cpu_percent: 0.0,
+                })
+                .collect();
+            let mut sorted: Vec<&InstanceReport> = reports.iter().collect();
+            sorted.sort_by_key(|report| report.id);
+            let config = PlanConfig {
+                report_slack_ms: 3_000,
+                start_timeout_ms: 60_000,
+                ..PlanConfig::default()
+            };
+            let mut walked = Vec::new();
+            report_updates(&on_node, &sorted, heard_at, &config, &mut walked);
+            let searched = report_updates_by_search(&on_node, &sorted, heard_at, &config);
+            proptest::prop_assert_eq!(walked, searched);
+        }
+    }
+
+    proptest::proptest! {
+        /// A tier the round skips (as many live instances as desired, none to replace) is one
+        /// whose full plan is empty, and the pass's summary counts what a look at the tier's
+        /// instances counts: for any mix of counts, template changes, unhealthy reports,
+        /// silent agents, drained and cordoned nodes, and rounds settled or not.
+        #[test]
+        fn a_skipped_tier_is_one_whose_plan_is_empty(
+            nodes in proptest::collection::vec(0u8..6, 1..6),
+            tiers in proptest::collection::vec(
+                (0u32..6, 0u32..6, proptest::bool::ANY),
+                1..5,
+            ),
+            unhealthy in proptest::collection::vec(0usize..40, 0..4),
+            silent in proptest::collection::vec(0usize..6, 0..2),
+            rounds in 0usize..4,
+        ) {
+            let mut world = World::new();
+            for (n, flags) in nodes.iter().enumerate() {
+                world.node(&format!("n{n}"), if n % 2 == 0 { "z1" } else { "z2" }, 2.0);
+                if *flags == 1 {
+                    world.apply(Command::SetNodeFlags { node: format!("n{n}"), cordoned: true, draining: false });
+                }
+            }
+            for (t, (first, _, _)) in tiers.iter().enumerate() {
+                world.tier(&format!("t{t}"), 0, 10, serde_json::json!({}));
+                world.apply(Command::ScaleTier { name: format!("t{t}"), desired: *first, expected_version: None });
+            }
+            world.settle(3);
+            world.all_healthy();
+            world.settle(3);
+            // Then things change: counts, templates, health, drains, silence.
+            for (t, (_, second, new_template)) in tiers.iter().enumerate() {
+                world.apply(Command::ScaleTier { name: format!("t{t}"), desired: *second, expected_version: None });
+                if *new_template {
+                    world.tier(&format!("t{t}"), 0, 10, serde_json::json!({
+                        "template": {"driver": "process", "command": ["app", "v2"], "cpu": 0.5, "memory_mb": 64},
+                    }));
+                }
+            }
+            for (n, flags) in nodes.iter().enumerate() {
+                if *flags == 2 {
+                    world.apply(Command::SetNodeFlags { node: format!("n{n}"), cordoned: false, draining: true });
+                }
+            }
+            let live: Vec<Uuid> = world
+                .state
+                .instances
+                .values()
+                .filter(|instance| instance.phase.is_live())
+                .map(|instance| instance.id)
+                .collect();
+            let sick: Vec<Uuid> = unhealthy.iter().filter_map(|i| live.get(*i).copied()).collect();
+            let mut per_node: BTreeMap<String, Vec<InstanceReport>> = BTreeMap::new();
+            for instance in world.state.instances.values().filter(|i| i.phase.is_live()) {
+                let health = if sick.contains(&instance.id) { Health::Unhealthy } else { Health::Healthy };
+                per_node
+                    .entry(instance.node.clone().unwrap_or_default())
+                    .or_default()
+                    .push(report(instance.id, Phase::Running, health));
+            }
+            for (node, reports) in per_node {
+                world.heartbeat(&node, reports);
+            }
+            for n in &silent {
+                world.observed.remove(&format!("n{n}"));
+            }
+            world.now += 20_000;
+            for _ in 0..rounds {
+                for command in world.plan() {
+                    world.apply(command);
+                }
+            }
+
+            let state = &world.state;
+            let index = RoundIndex::of(state);
+            let config = PlanConfig::default();
+            for (slot, tier) in state.tiers.values().enumerate() {
+                let all = index.instances_of(tier.name());
+                let live: Vec<&&Instance> = all.iter().filter(|i| i.phase.is_live()).collect();
+                let to_replace = live
+                    .iter()
+                    .filter(|i| {
+                        (i.phase == Phase::Running && i.health == Health::Unhealthy)
+                            || i.generation < tier.generation
+                            || i.node.as_deref().is_some_and(|node| state.nodes[node].draining)
+                    })
+                    .count();
+                let summary = index.tier_summaries[slot];
+                proptest::prop_assert_eq!(summary.live, live.len());
+                proptest::prop_assert_eq!(summary.to_replace, to_replace);
+                if summary.to_replace == 0 && summary.live == tier.status.desired as usize {
+                    let mut reservations = None;
+                    let planned = plan_tier(
+                        state,
+                        &index,
+                        tier,
+                        &config,
+                        world.now,
+                        &mut reservations,
+                        &mut || Uuid::from_u128(1 << 100),
+                    );
+                    proptest::prop_assert!(planned.is_empty(), "{:?}", planned);
+                }
             }
         }
     }

@@ -16,17 +16,19 @@
 //! their reports (one heartbeat) or the timeout. Level-triggered: `DrainEnded` on an
 //! instance that already left `Draining` changes nothing.
 
-use strata_api::{NodeRole, Phase};
+use strata_api::{Instance, NodeRole};
 
 use super::{millis, Observed};
 use crate::lifecycle::InstanceEvent;
 use crate::state::{Command, InstanceUpdate, NodeRecord, State};
 use crate::views::{pool_state, TierIndex, LB_FAILED, LB_SERVING};
 
-/// Plans one round of drain endings and frontend events.
+/// Plans one round of drain endings and frontend events. `draining` holds the instances in
+/// `Draining`, in id order.
 pub fn plan(
     state: &State,
     index: &TierIndex<'_>,
+    draining: &[&Instance],
     observed: &Observed<'_>,
     now_ms: u64,
 ) -> Vec<Command> {
@@ -36,10 +38,8 @@ pub fn plan(
         .filter(|node| node.ready && node.has_role(NodeRole::LoadBalancer))
         .collect();
     let mut commands = Vec::new();
-    let ended: Vec<InstanceUpdate> = state
-        .instances
-        .values()
-        .filter(|instance| instance.phase == Phase::Draining)
+    let ended: Vec<InstanceUpdate> = draining
+        .iter()
         .filter_map(|instance| {
             let reason = drain_end(state, observed, &balancers, instance, now_ms)?;
             Some(InstanceUpdate {
@@ -64,7 +64,7 @@ fn drain_end(
     state: &State,
     observed: &Observed<'_>,
     balancers: &[&NodeRecord],
-    instance: &strata_api::Instance,
+    instance: &Instance,
     now_ms: u64,
 ) -> Option<String> {
     let Some(tier) = state.tiers.get(&instance.tier) else {
