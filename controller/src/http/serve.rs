@@ -279,7 +279,7 @@ async fn serve_connection(
     stopping: CancellationToken,
 ) {
     match tls {
-        None => serve_http(stream, false, router, limits, &table, &connection, &stopping).await,
+        None => serve_http(stream, router, limits, &table, &connection, &stopping).await,
         Some(acceptor) => {
             // The handshake has the header timeout (a client that opens a connection and sends
             // nothing is a slowloris either way) and yields to eviction and shutdown. A client
@@ -292,8 +292,7 @@ async fn serve_connection(
             };
             match outcome {
                 Some(Ok(Ok(stream))) => {
-                    serve_http(stream, true, router, limits, &table, &connection, &stopping)
-                        .await;
+                    serve_http(stream, router, limits, &table, &connection, &stopping).await;
                 }
                 Some(Ok(Err(error))) => tracing::debug!(%error, "TLS handshake failed"),
                 Some(Err(_)) => tracing::debug!("TLS handshake timed out"),
@@ -307,7 +306,6 @@ async fn serve_connection(
 /// HTTP/1.1 on an accepted (and, with TLS, handshaken) connection, until it ends.
 async fn serve_http<S>(
     stream: S,
-    tls: bool,
     router: Router,
     config: Limits,
     table: &Arc<Table>,
@@ -352,9 +350,6 @@ async fn serve_http<S>(
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
         .keep_alive(!connection.reserve)
-        // Over TLS, one buffer per response: hyper's docs advise against vectored writes on
-        // "most TLS implementations", and each write would become a TLS record of its own.
-        .writev(!tls)
         .max_buf_size(MAX_HEAD_BYTES)
         .max_headers(MAX_HEADERS);
     let served = builder.serve_connection(io, service);
