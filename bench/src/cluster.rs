@@ -171,25 +171,21 @@ impl Cluster {
             System::Etcd => etcd_members(&binaries.etcd, dir.path(), &addresses, &ports),
         };
         let transport = if tls {
-            let pki = dir.path().join("pki");
-            make_pki(&pki)?;
+            // The tests' PKI (deploy/dev-ca.sh, made once next to this program).
+            let pki = strata_tests::Pki::get("bench")?;
             for member in &mut members {
                 member.args.retain(|arg| arg != "--insecure-http");
                 for (flag, file) in [
-                    ("--tls-cert", "controller.pem"),
-                    ("--tls-key", "controller-key.pem"),
-                    ("--client-ca", "ca.pem"),
+                    ("--tls-cert", pki.cert("controller")),
+                    ("--tls-key", pki.key("controller")),
+                    ("--client-ca", pki.ca()),
                 ] {
                     member.args.push(flag.to_string());
-                    member.args.push(pki.join(file).display().to_string());
+                    member.args.push(file.display().to_string());
                 }
                 member.endpoint = member.endpoint.replacen("http://", "https://", 1);
             }
-            Transport::from_flags(
-                Some(&pki.join("ca.pem")),
-                Some(&pki.join("client.pem")),
-                Some(&pki.join("client-key.pem")),
-            )?
+            pki.transport(Some("client"))?
         } else {
             Transport::Plain
         };
@@ -525,20 +521,6 @@ fn probe_builder() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .timeout(Duration::from_millis(1000))
         .connect_timeout(Duration::from_millis(300))
-}
-
-/// A CA and the certificates `controller` and `client` in `dir`, by `deploy/dev-ca.sh` (the
-/// script of this checkout).
-fn make_pki(dir: &Path) -> Result<()> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/dev-ca.sh");
-    let status = std::process::Command::new("bash")
-        .arg(&script)
-        .arg(dir)
-        .args(["controller", "client"])
-        .status()
-        .with_context(|| format!("run {}", script.display()))?;
-    anyhow::ensure!(status.success(), "{} failed: {status}", script.display());
-    Ok(())
 }
 
 /// User plus system CPU time of one process from its `/proc/.../stat`, assuming the usual

@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use serde_json::json;
-use strata_ec2::{TAG_CLUSTER, TAG_INSTANCE};
 use strata_tests::fault_proxy::{busiest_window, Fault, FaultProxy, Schedule};
 use strata_tests::moto::{Moto, AMI, REGION};
 
@@ -228,14 +227,7 @@ async fn scale_out(
             *calls_by_action.entry(call.action.clone()).or_insert(0) += 1;
         }
         let run_instances_calls = calls_by_action.get("RunInstances").copied().unwrap_or(0);
-        let mut launches: BTreeMap<String, usize> = BTreeMap::new();
-        for instance in moto.ec2.describe_all().await? {
-            if instance.tag(TAG_CLUSTER) == Some(CLUSTER) {
-                *launches
-                    .entry(instance.tag(TAG_INSTANCE).unwrap_or_default().to_string())
-                    .or_insert(0) += 1;
-            }
-        }
+        let launches = moto.launches_per_uuid(CLUSTER).await?;
         let per = |count: usize| round2(count as f64 / instances as f64);
         anyhow::Ok(ScaleOutRun {
             mode,

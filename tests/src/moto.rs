@@ -68,6 +68,28 @@ impl Moto {
         })
     }
 
+    /// How often EC2 ever ran each `strata:instance` uuid of `cluster`, terminated instances
+    /// included: a count above 1 is a duplicate launch.
+    pub async fn launches_per_uuid(
+        &self,
+        cluster: &str,
+    ) -> anyhow::Result<std::collections::BTreeMap<String, usize>> {
+        let mut launches = std::collections::BTreeMap::new();
+        for instance in self.ec2.describe_all().await? {
+            if instance.tag(strata_ec2::TAG_CLUSTER) == Some(cluster) {
+                *launches
+                    .entry(
+                        instance
+                            .tag(strata_ec2::TAG_INSTANCE)
+                            .unwrap_or_default()
+                            .to_string(),
+                    )
+                    .or_insert(0) += 1;
+            }
+        }
+        Ok(launches)
+    }
+
     pub fn subnet_ids(&self) -> Vec<String> {
         self.subnets.iter().map(|(id, _)| id.clone()).collect()
     }

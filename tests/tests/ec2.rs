@@ -53,6 +53,16 @@ fn options(moto: &Moto, nodes: u64) -> ClusterOptions {
     }
 }
 
+/// Gives controller flag `flag` the value `value`, replacing the one `options` set.
+fn set_flag(options: &mut ClusterOptions, flag: &str, value: &str) {
+    match options.extra_args.iter().position(|arg| arg == flag) {
+        Some(position) => options.extra_args[position + 1] = value.to_string(),
+        None => options
+            .extra_args
+            .extend([flag.to_string(), value.to_string()]),
+    }
+}
+
 async fn write(
     cluster: &Cluster,
     method: Method,
@@ -393,11 +403,7 @@ async fn through_throttling_failures_and_lost_answers_the_tier_converges_without
     let proxy = FaultProxy::start(&moto.endpoint).await?;
     let mut options = options(&moto, 1);
     // The controllers talk to EC2 through the proxy; the test's own client goes to moto.
-    for arg in options.extra_args.iter_mut() {
-        if *arg == moto.endpoint {
-            *arg = proxy.endpoint.clone();
-        }
-    }
+    set_flag(&mut options, "--ec2-endpoint", &proxy.endpoint);
     let cluster = Cluster::start(options).await?;
     write(
         &cluster,
@@ -462,16 +468,8 @@ async fn a_leader_failover_in_the_middle_of_a_scale_out_neither_duplicates_nor_l
     let moto = Moto::start(&["us-east-1a", "us-east-1b"]).await?;
     let mut options = options(&moto, 3);
     // A slow call rate stretches the scale-out over seconds, so the kill lands inside it.
-    if let Some(position) = options
-        .extra_args
-        .iter()
-        .position(|arg| arg == "--ec2-calls-per-second")
-    {
-        options.extra_args[position + 1] = "3".to_string();
-    }
-    options
-        .extra_args
-        .extend(["--ec2-burst", "1"].map(str::to_string));
+    set_flag(&mut options, "--ec2-calls-per-second", "3");
+    set_flag(&mut options, "--ec2-burst", "1");
     let mut cluster = Cluster::start(options).await?;
     write(
         &cluster,
@@ -503,13 +501,7 @@ async fn a_leader_failover_in_the_middle_of_a_scale_out_neither_duplicates_nor_l
     let eight = converged(&cluster, &moto, "web", 8).await?;
     // Nothing was launched twice, not even briefly: over every instance EC2 ever ran for
     // the cluster (terminated ones included), each uuid appears once.
-    let all = moto.ec2.describe_all().await?;
-    let mut uuids = BTreeMap::new();
-    for instance in all.iter().filter(|i| i.tag(TAG_CLUSTER) == Some(CLUSTER)) {
-        *uuids
-            .entry(instance.tag(TAG_INSTANCE).unwrap_or_default().to_string())
-            .or_insert(0) += 1;
-    }
+    let uuids = moto.launches_per_uuid(CLUSTER).await?;
     assert!(
         uuids.values().all(|count| *count == 1) && uuids.len() == 8,
         "launches per uuid: {uuids:?}"
