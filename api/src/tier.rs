@@ -646,6 +646,15 @@ pub struct LoadBalancer {
     /// HTTP only: terminate TLS with this PEM file (certificate and key) on the LB host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_certificate: Option<String>,
+    /// Provider ec2 only, instead of `listen`: an ELBv2 target group (target type
+    /// `instance`) whose membership Strata keeps equal to the tier's pool: ready instances
+    /// registered on `template.port`, leaving ones deregistered, the target group's
+    /// deregistration delay being their drain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(
+        example = "arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/web/73e2d6bc24d8a067"
+    )]
+    pub target_group_arn: Option<String>,
 }
 
 impl Default for LoadBalancer {
@@ -661,6 +670,7 @@ impl Default for LoadBalancer {
             connect_timeout: default_connect_timeout(),
             idle_timeout: default_idle_timeout(),
             tls_certificate: None,
+            target_group_arn: None,
         }
     }
 }

@@ -62,6 +62,8 @@ pub mod limits {
     /// `template.subnets`, `template.security_groups`: entries, and bytes each.
     pub const EC2_IDS: usize = 16;
     pub const EC2_ID_BYTES: usize = 64;
+    /// `load_balancer.target_group_arn` (EC2's own bound on an ARN).
+    pub const ARN_BYTES: usize = 512;
     /// Node labels (registration, `placement.node_labels`).
     pub const LABELS: usize = 64;
     /// `scaling.policies` and `scaling.schedules`.
@@ -132,7 +134,7 @@ pub fn tier_spec(spec: &TierSpec) -> Result<(), Vec<FieldError>> {
     scaling(&mut report, &spec.scaling);
     template(&mut report, spec.provider, &spec.template);
     health(&mut report, &spec.health);
-    load_balancer(&mut report, &spec.load_balancer);
+    load_balancer(&mut report, spec.provider, &spec.load_balancer);
     placement(&mut report, &spec.placement);
     rollout(&mut report, &spec.rollout);
     let size = serde_json::to_vec(spec).map_or(0, |bytes| bytes.len());
@@ -923,6 +925,31 @@ fn is_ami_id(ami: &str) -> bool {
     })
 }
 
+/// `arn:PARTITION:elasticloadbalancing:REGION:ACCOUNT:targetgroup/NAME/ID`, the shape of
+/// https://docs.aws.amazon.com/elasticloadbalancing/latest/APIReference/API_TargetGroup.html
+/// ARNs, printable ASCII only.
+fn is_target_group_arn(arn: &str) -> bool {
+    if arn.len() > limits::ARN_BYTES || !arn.bytes().all(|b| b.is_ascii_graphic()) {
+        return false;
+    }
+    let parts: Vec<&str> = arn.splitn(6, ':').collect();
+    let [scheme, partition, service, region, account, resource] = parts.as_slice() else {
+        return false;
+    };
+    let Some(rest) = resource.strip_prefix("targetgroup/") else {
+        return false;
+    };
+    *scheme == "arn"
+        && partition.starts_with("aws")
+        && *service == "elasticloadbalancing"
+        && !region.is_empty()
+        && account.len() == 12
+        && account.bytes().all(|b| b.is_ascii_digit())
+        && rest
+            .split_once('/')
+            .is_some_and(|(name, id)| !name.is_empty() && !id.is_empty() && !id.contains('/'))
+}
+
 /// `family.size`, such as `t3.micro` or `m7g.2xlarge`.
 fn is_instance_type(instance_type: &str) -> bool {
     let part_ok = |part: &str| {
@@ -976,7 +1003,46 @@ fn health(report: &mut Report, health: &HealthCheck) {
     report.at_most("health.grace_period", health.grace_period, ONE_HOUR);
 }
 
-fn load_balancer(report: &mut Report, balancer: &LoadBalancer) {
+fn load_balancer(report: &mut Report, provider: Provider, balancer: &LoadBalancer) {
+    if let Some(arn) = &balancer.target_group_arn {
+        if provider != Provider::Ec2 {
+            report.fail(
+                "load_balancer.target_group_arn",
+                "only applies to provider ec2: a target group's targets are EC2 instances",
+            );
+        } else if balancer.listen.is_some() {
+            report.fail(
+                "load_balancer.target_group_arn",
+                "a tier is served by HAProxy (listen) or by an ELBv2 target group, not both",
+            );
+        } else if !is_target_group_arn(arn) {
+            report.fail(
+                "load_balancer.target_group_arn",
+                format!(
+                    "must look like arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/web/73e2d6bc24d8a067 (at most {} bytes), not {:?}",
+                    limits::ARN_BYTES,
+                    truncated(arn, 80)
+                ),
+            );
+        }
+        for (field, set) in [
+            (
+                "load_balancer.sticky_cookie",
+                balancer.sticky_cookie.is_some(),
+            ),
+            (
+                "load_balancer.tls_certificate",
+                balancer.tls_certificate.is_some(),
+            ),
+        ] {
+            if set {
+                report.fail(
+                    field,
+                    "only applies to HAProxy (listen); set it on the target group or its load balancer",
+                );
+            }
+        }
+    }
     if let Some(listen) = balancer.listen {
         if listen.port() == 0 {
             report.fail(

@@ -778,7 +778,14 @@ impl State {
             let mut changed = false;
             if !instance.phase.is_final() {
                 if let Some(health) = update.health {
-                    changed |= instance.health != health;
+                    if instance.health != health {
+                        changed = true;
+                        // Why its health changed is why it is as it is (a replacement's
+                        // reason quotes it), unless a phase change below says more.
+                        if let Some(reason) = update.reason.as_ref().filter(|r| !r.is_empty()) {
+                            instance.reason = Some(reason.clone());
+                        }
+                    }
                     instance.health = health;
                 }
                 if let Some(port) = update.port {

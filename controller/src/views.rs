@@ -260,10 +260,13 @@ pub fn endpoints(state: &State, tier: &Tier) -> Vec<String> {
     endpoints.into_iter().collect()
 }
 
-/// The pool of `tier`, or `None` when the tier has no load balancer (no `listen`).
+/// The pool of `tier`, or `None` when the tier has no load balancer (neither `listen` nor
+/// `target_group_arn`).
 pub fn pool_of(index: &TierIndex<'_>, tier: &Tier) -> Option<Pool> {
     let balancer = &tier.spec.load_balancer;
-    balancer.listen?;
+    if balancer.listen.is_none() && balancer.target_group_arn.is_none() {
+        return None;
+    }
     let mut servers: Vec<PoolServer> = index
         .instances_of(tier.name())
         .iter()
@@ -301,12 +304,14 @@ pub fn pool_state(instance: &Instance) -> Option<ServerState> {
     }
 }
 
-/// Every tier's pool, in tier name order.
+/// Every pool HAProxy serves (tiers with `listen`), in tier name order: the LB agents' feed.
+/// Target-group pools are the EC2 executor's (`reconcile::ec2`).
 pub fn pools(state: &State) -> Vec<Pool> {
     let index = TierIndex::of(state);
     state
         .tiers
         .values()
+        .filter(|tier| tier.spec.load_balancer.listen.is_some())
         .filter_map(|tier| pool_of(&index, tier))
         .collect()
 }

@@ -2,8 +2,10 @@
 //!
 //! Layout:
 //! - `Ec2` (here): connect (endpoint, region, the standard credential chain), DescribeInstances
-//!   by cluster tag, RunInstances, TerminateInstances, and the calls the tests need to set up a
-//!   VPC against a moto server.
+//!   by cluster tag, DescribeInstanceStatus, RunInstances, TerminateInstances, and the calls the
+//!   tests need to set up a VPC against a moto server.
+//! - `elb`: ELBv2 target groups (DescribeTargetHealth, RegisterTargets, DeregisterTargets),
+//!   through the same configuration, retries and rate limit.
 //! - `retry`: which errors are retried, exponential backoff with full jitter.
 //! - `limit`: the token bucket that keeps every call under the configured rate.
 //!
@@ -20,6 +22,7 @@
 //!   by its `strata:instance` tag before it launches again, because moto (unlike EC2) ignores
 //!   client tokens.
 
+pub mod elb;
 pub mod limit;
 pub mod retry;
 
@@ -33,6 +36,7 @@ use aws_config::BehaviorVersion;
 use aws_sdk_ec2::error::ProvideErrorMetadata;
 use aws_sdk_ec2::types::{Filter, InstanceStateName, ResourceType, Tag, TagSpecification};
 
+pub use elb::{Target, TargetState};
 pub use limit::TokenBucket;
 pub use retry::{Backoff, Ec2Error, ErrorClass};
 
@@ -115,6 +119,17 @@ impl Ec2State {
     }
 }
 
+/// What DescribeInstanceStatus says of a running instance: the worse of its instance and
+/// system status checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatusCheck {
+    Ok,
+    /// Checks not yet run (the first minutes after launch), or not enough data.
+    Initializing,
+    /// A check failed: the instance or its host is broken.
+    Impaired,
+}
+
 /// One instance to launch.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Launch {
@@ -134,6 +149,7 @@ pub struct Launch {
 /// The EC2 client with its retry policy and rate limit.
 pub struct Ec2 {
     client: aws_sdk_ec2::Client,
+    elb: aws_sdk_elasticloadbalancingv2::Client,
     limiter: TokenBucket,
     max_attempts: u32,
     backoff: Backoff,
@@ -183,6 +199,7 @@ impl Ec2 {
         let shared = loader.load().await;
         Ec2 {
             client: aws_sdk_ec2::Client::new(&shared),
+            elb: aws_sdk_elasticloadbalancingv2::Client::new(&shared),
             limiter: TokenBucket::new(config.calls_per_second, config.burst),
             max_attempts: config.max_attempts.max(1),
             backoff: config.backoff,
@@ -238,6 +255,50 @@ impl Ec2 {
                 return Ok(found);
             }
         }
+    }
+
+    /// The status checks of `ids` (running instances; EC2 reports no other). An instance
+    /// missing from the answer has no checks yet. Asked 100 ids at a time, EC2's bound.
+    pub async fn describe_status(
+        &self,
+        ids: &[String],
+    ) -> Result<Vec<(String, StatusCheck)>, Ec2Error> {
+        use aws_sdk_ec2::types::SummaryStatus;
+        let mut found = Vec::new();
+        for chunk in ids.chunks(100) {
+            let output = self
+                .retrying(true, || {
+                    let call = self
+                        .client
+                        .describe_instance_status()
+                        .set_instance_ids(Some(chunk.to_vec()));
+                    async move { call.send().await.map_err(Ec2Error::from_sdk) }
+                })
+                .await?;
+            for status in output.instance_statuses() {
+                let Some(id) = status.instance_id() else {
+                    continue;
+                };
+                let checks = [
+                    status
+                        .instance_status()
+                        .and_then(|summary| summary.status()),
+                    status.system_status().and_then(|summary| summary.status()),
+                ];
+                let check = if checks.contains(&Some(&SummaryStatus::Impaired)) {
+                    StatusCheck::Impaired
+                } else if checks
+                    .iter()
+                    .all(|check| check == &Some(&SummaryStatus::Ok))
+                {
+                    StatusCheck::Ok
+                } else {
+                    StatusCheck::Initializing
+                };
+                found.push((id.to_string(), check));
+            }
+        }
+        Ok(found)
     }
 
     /// Launches one instance. Retried only where the request surely did not run (throttled,
@@ -347,7 +408,11 @@ impl Ec2 {
 
     /// Runs `attempt` under the rate limit, retrying retryable errors with full-jitter
     /// backoff. `repeatable`: whether an attempt whose outcome is unknown may be repeated.
-    async fn retrying<T, F, Fut>(&self, repeatable: bool, mut attempt: F) -> Result<T, Ec2Error>
+    pub(crate) async fn retrying<T, F, Fut>(
+        &self,
+        repeatable: bool,
+        mut attempt: F,
+    ) -> Result<T, Ec2Error>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, Ec2Error>>,
@@ -435,7 +500,7 @@ fn base64_encode(text: &str) -> String {
 }
 
 impl Ec2Error {
-    fn from_sdk<E>(
+    pub(crate) fn from_sdk<E>(
         error: aws_sdk_ec2::error::SdkError<E, aws_sdk_ec2::config::http::HttpResponse>,
     ) -> Ec2Error
     where

@@ -670,6 +670,89 @@ fn ec2_template_rules() {
     ]);
 }
 
+const TARGET_GROUP: &str =
+    "arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/web/73e2d6bc24d8a067";
+
+#[test]
+fn target_group_rules() {
+    check(&[
+        (
+            "ec2 tier with a target group",
+            ec2_tier,
+            |s| s.load_balancer.target_group_arn = Some(TARGET_GROUP.into()),
+            &[],
+        ),
+        (
+            "local tier with a target group",
+            process_tier,
+            |s| s.load_balancer.target_group_arn = Some(TARGET_GROUP.into()),
+            &["load_balancer.target_group_arn"],
+        ),
+        (
+            "target group and listen",
+            ec2_tier,
+            |s| {
+                s.load_balancer.target_group_arn = Some(TARGET_GROUP.into());
+                s.load_balancer.listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 8080)));
+            },
+            &["load_balancer.target_group_arn"],
+        ),
+        (
+            "not an arn",
+            ec2_tier,
+            |s| s.load_balancer.target_group_arn = Some("web-targets".into()),
+            &["load_balancer.target_group_arn"],
+        ),
+        (
+            "a load balancer's arn",
+            ec2_tier,
+            |s| {
+                s.load_balancer.target_group_arn = Some(
+                    "arn:aws:elasticloadbalancing:us-east-1:123456789012:loadbalancer/app/web/50dc6c495c0c9188".into(),
+                )
+            },
+            &["load_balancer.target_group_arn"],
+        ),
+        (
+            "short account",
+            ec2_tier,
+            |s| {
+                s.load_balancer.target_group_arn =
+                    Some("arn:aws:elasticloadbalancing:us-east-1:1234:targetgroup/web/73e2".into())
+            },
+            &["load_balancer.target_group_arn"],
+        ),
+        (
+            "arn with a space",
+            ec2_tier,
+            |s| s.load_balancer.target_group_arn = Some(format!("{TARGET_GROUP} x")),
+            &["load_balancer.target_group_arn"],
+        ),
+        (
+            "huge arn",
+            ec2_tier,
+            |s| {
+                s.load_balancer.target_group_arn =
+                    Some(format!("{TARGET_GROUP}{}", "a".repeat(600)))
+            },
+            &["load_balancer.target_group_arn"],
+        ),
+        (
+            "haproxy-only fields with a target group",
+            ec2_tier,
+            |s| {
+                s.load_balancer.target_group_arn = Some(TARGET_GROUP.into());
+                s.load_balancer.sticky_cookie = Some("srv".into());
+                s.load_balancer.tls_certificate = Some("/etc/ssl/web.pem".into());
+            },
+            &[
+                "load_balancer.sticky_cookie",
+                "load_balancer.tls_certificate",
+            ],
+        ),
+    ]);
+}
+
 #[test]
 fn health_rules() {
     check(&[

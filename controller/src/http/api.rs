@@ -276,7 +276,7 @@ async fn tier_pool(
             .ok_or_else(|| ApiError::not_found(format!("tier {name:?} does not exist")))?;
         crate::views::pool_of(&TierIndex::of(&machine.state), tier).ok_or_else(|| {
             ApiError::not_found(format!(
-                "tier {name:?} has no load balancer (no load_balancer.listen)"
+                "tier {name:?} has no load balancer (neither load_balancer.listen nor load_balancer.target_group_arn)"
             ))
         })
     })?;

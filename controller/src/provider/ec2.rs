@@ -1,12 +1,15 @@
 //! The EC2 executor: on the leader, converges EC2 to the instance records.
 //!
 //! Each pass (every `--ec2-interval`, while this node leads and the state has EC2 tiers or
-//! instances): DescribeInstances filtered by the `strata:cluster` tag into the leader's memory
-//! (`Ec2Observed`), then the pure `reconcile::ec2::plan_sync` decides the Raft commands
-//! (observations: EC2 id, address, phase) and the calls (launch, terminate), the commands are
-//! proposed, the calls made one by one through `strata_ec2::Ec2` (full-jitter retries, token
-//! bucket), and each call's outcome is an event on its tier. A launched instance enters the
-//! memory at once, so the same pass records it.
+//! instances): DescribeInstances filtered by the `strata:cluster` tag, DescribeInstanceStatus
+//! of the running ones and DescribeTargetHealth of every target group a tier names, into the
+//! leader's memory (`Ec2Observed`); then the pure `reconcile::ec2::plan_sync` decides the Raft
+//! commands (observations: EC2 id, address, phase, health, ended drains) and the calls
+//! (launch, terminate, register, deregister), the commands are proposed, the calls made one by
+//! one through `strata_ec2::Ec2` (full-jitter retries, token bucket), and each call's outcome
+//! is an event on its tier. What a call changed enters the memory at once (a launched
+//! instance, a registered or draining target), so the same pass records it and the next one
+//! does not repeat it.
 //!
 //! Invariants:
 //! - A new leader observes before it acts: no call before a successful DescribeInstances of
@@ -24,12 +27,15 @@ use std::time::Duration;
 
 use openraft::ServerState;
 use strata_api::{Provider, Tier};
-use strata_ec2::{Ec2, Ec2Error, Ec2State, Launch, TAG_CLUSTER, TAG_INSTANCE, TAG_TIER};
+use strata_ec2::{
+    Ec2, Ec2Error, Ec2State, Launch, Target, TargetState, TAG_CLUSTER, TAG_INSTANCE, TAG_TIER,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::node::{Controller, LocalWriteError};
 use crate::reconcile::ec2::{
-    plan_sync, Ec2Call, Ec2Observed, SyncConfig, EC2_CALL_FAILED, EC2_LAUNCHED, EC2_TERMINATED,
+    plan_sync, Ec2Call, Ec2Observed, SyncConfig, EC2_CALL_FAILED, EC2_DEREGISTERED, EC2_LAUNCHED,
+    EC2_REGISTERED, EC2_TERMINATED,
 };
 use crate::state::{Command, State};
 
@@ -99,6 +105,9 @@ pub async fn run(
                 observed.error = Some(error.to_string());
             }
         }
+        if observed.synced {
+            observe_health(&controller, &ec2, &mut observed).await;
+        }
         if !pass(
             &controller,
             &ec2,
@@ -164,6 +173,48 @@ async fn pass(
                     Err(error) => (tier.clone(), failure("RunInstances", instance, &error)),
                 }
             }
+            Ec2Call::Register { tier, arn, targets } => {
+                let event = match ec2.register_targets(arn, targets).await {
+                    Ok(()) => {
+                        if let Some(Ok(listed)) = observed.target_groups.get_mut(arn) {
+                            listed.retain(|target| !targets.iter().any(|(id, _)| *id == target.id));
+                            listed.extend(targets.iter().map(|(id, port)| Target {
+                                id: id.clone(),
+                                port: Some(*port),
+                                state: TargetState::Initial,
+                            }));
+                        }
+                        (
+                            EC2_REGISTERED,
+                            format!("RegisterTargets {} on {arn}", target_list(targets)),
+                        )
+                    }
+                    Err(error) => failure("RegisterTargets", &target_list(targets), &error),
+                };
+                (tier.clone(), event)
+            }
+            Ec2Call::Deregister { tier, arn, targets } => {
+                let event = match ec2.deregister_targets(arn, targets).await {
+                    Ok(()) => {
+                        if let Some(Ok(listed)) = observed.target_groups.get_mut(arn) {
+                            for target in listed.iter_mut() {
+                                if targets.iter().any(|(id, _)| *id == target.id) {
+                                    target.state = TargetState::Draining;
+                                }
+                            }
+                        }
+                        (
+                            EC2_DEREGISTERED,
+                            format!(
+                                "DeregisterTargets {} from {arn}; each drains for the group's deregistration delay",
+                                target_list(targets)
+                            ),
+                        )
+                    }
+                    Err(error) => failure("DeregisterTargets", &target_list(targets), &error),
+                };
+                (tier.clone(), event)
+            }
             Ec2Call::Terminate { ec2_id, tier, why } => {
                 let outcome = ec2.terminate(std::slice::from_ref(ec2_id)).await;
                 let event = match outcome {
@@ -206,6 +257,56 @@ async fn pass(
         .state
         .read(|machine| plan_sync(&machine.state, observed, &config.sync, now));
     propose_all(controller, plan.commands).await
+}
+
+/// DescribeInstanceStatus of the running instances (an error keeps the last answer) and
+/// DescribeTargetHealth of every group an EC2 tier names (an error is kept, per group, for
+/// `plan_sync` to report and to leave that group alone).
+async fn observe_health(controller: &Controller, ec2: &Ec2, observed: &mut Ec2Observed) {
+    let running: Vec<String> = observed
+        .instances
+        .iter()
+        .filter(|instance| instance.state == Ec2State::Running)
+        .map(|instance| instance.id.clone())
+        .collect();
+    if running.is_empty() {
+        observed.status.clear();
+    } else {
+        match ec2.describe_status(&running).await {
+            Ok(checks) => observed.status = checks.into_iter().collect(),
+            Err(error) => {
+                tracing::warn!(%error, "DescribeInstanceStatus failed; keeping the last answer")
+            }
+        }
+    }
+    let arns: std::collections::BTreeSet<String> = controller.state.read(|machine| {
+        machine
+            .state
+            .tiers
+            .values()
+            .filter(|tier| tier.spec.provider == Provider::Ec2)
+            .filter_map(|tier| tier.spec.load_balancer.target_group_arn.clone())
+            .collect()
+    });
+    observed.target_groups.retain(|arn, _| arns.contains(arn));
+    for arn in arns {
+        let answer = ec2
+            .describe_targets(&arn)
+            .await
+            .map_err(|error| error.to_string());
+        if let Err(error) = &answer {
+            tracing::warn!(%arn, %error, "DescribeTargetHealth failed");
+        }
+        observed.target_groups.insert(arn, answer);
+    }
+}
+
+fn target_list(targets: &[(String, u16)]) -> String {
+    targets
+        .iter()
+        .map(|(id, port)| format!("{id}:{port}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn failure(

@@ -7,28 +7,34 @@
 //!   balanced); scale-in drains from the fullest subnet, oldest template first, then oldest.
 //!   Outdated instances (an older generation: a new AMI or instance type) roll like local ones,
 //!   within `max_surge` / `max_unavailable`.
-//! - `plan_sync` turns the executor's latest DescribeInstances (leader memory, `Ec2Observed`)
-//!   into Raft commands (an instance's EC2 id, address and phase; a lost instance Failed; a
-//!   terminated one Stopped; provider reachability events) and into the EC2 calls the executor
-//!   makes: launch records that have no EC2 instance (looked up by id *and* by the
+//! - `plan_sync` turns the executor's latest DescribeInstances, DescribeInstanceStatus and
+//!   DescribeTargetHealth (leader memory, `Ec2Observed`) into Raft commands (an instance's EC2
+//!   id, address, port, phase and health; a lost instance Failed; a terminated one Stopped; a
+//!   drain the target group finished ended; provider reachability events) and into the calls
+//!   the executor makes: launch records that have no EC2 instance (looked up by id *and* by the
 //!   `strata:instance` tag, since moto ignores client tokens), terminate what is stopping,
-//!   failed, duplicated or unknown to the state.
+//!   failed, duplicated or unknown to the state, and make each target group hold exactly its
+//!   tiers' ready instances (register the missing, deregister the rest: the group belongs to
+//!   the tiers that name it).
 //!
 //! Guarantees: nothing is launched or terminated before a DescribeInstances of this leadership
 //! succeeded (a new leader observes before it acts); an instance without the cluster's tag is
 //! never touched (the describe filter only returns tagged ones); an unknown tagged instance is
 //! terminated only once it is older than `unknown_grace_ms`, so a record committed but not yet
-//! applied on this leader never gets its instance terminated.
+//! applied on this leader never gets its instance terminated; a target is deregistered before
+//! its instance stops (a draining record is ended only once the group no longer lists it, or by
+//! its drain timeout in `pools`).
 
 use std::collections::{BTreeMap, HashMap};
 
-use strata_api::{Health, Instance, Phase, Provider, Tier};
-use strata_ec2::{Ec2Instance, Ec2State, TAG_INSTANCE, TAG_TIER};
+use strata_api::{Health, Instance, Phase, Provider, ServerState, Tier};
+use strata_ec2::{Ec2Instance, Ec2State, StatusCheck, Target, TAG_INSTANCE, TAG_TIER};
 use uuid::Uuid;
 
 use super::{millis, PlanConfig, RoundIndex};
 use crate::lifecycle::{step, InstanceEvent};
 use crate::state::{Command, InstanceUpdate, NewInstance, State};
+use crate::views::pool_state;
 
 /// Event reasons of EC2 calls. The latest of them on a tier decides its `ProviderReady`
 /// condition (`views`).
@@ -37,12 +43,20 @@ pub const EC2_REACHABLE: &str = "Ec2Reachable";
 pub const EC2_LAUNCHED: &str = "Ec2InstanceLaunched";
 pub const EC2_TERMINATED: &str = "Ec2InstanceTerminated";
 pub const EC2_ADOPTED: &str = "Ec2InstanceAdopted";
+pub const EC2_REGISTERED: &str = "Ec2TargetsRegistered";
+pub const EC2_DEREGISTERED: &str = "Ec2TargetsDeregistered";
 
 /// Whether `reason` is one of the EC2 call events above.
 pub fn is_provider_event(reason: &str) -> bool {
     matches!(
         reason,
-        EC2_CALL_FAILED | EC2_REACHABLE | EC2_LAUNCHED | EC2_TERMINATED | EC2_ADOPTED
+        EC2_CALL_FAILED
+            | EC2_REACHABLE
+            | EC2_LAUNCHED
+            | EC2_TERMINATED
+            | EC2_ADOPTED
+            | EC2_REGISTERED
+            | EC2_DEREGISTERED
     )
 }
 
@@ -57,6 +71,13 @@ pub struct Ec2Observed {
     /// Every instance carrying the cluster tag, as last described (plus what this leader
     /// launched or terminated since).
     pub instances: Vec<Ec2Instance>,
+    /// DescribeInstanceStatus of the running ones, by EC2 id (the last answer that came; an
+    /// instance absent here has no checks yet).
+    pub status: HashMap<String, StatusCheck>,
+    /// DescribeTargetHealth of every target group an EC2 tier names, by ARN: its targets, or
+    /// why the call failed. A group absent here was not described yet: nothing is registered
+    /// or deregistered on it, and no drain on it ends but by its timeout.
+    pub target_groups: BTreeMap<String, Result<Vec<Target>, String>>,
 }
 
 /// Tunables of the executor's planner.
@@ -79,6 +100,18 @@ pub enum Ec2Call {
         /// The tier the instance belongs to (for its event), if known.
         tier: Option<String>,
         why: String,
+    },
+    /// RegisterTargets: `(EC2 id, port)` pairs onto the group `arn`.
+    Register {
+        tier: String,
+        arn: String,
+        targets: Vec<(String, u16)>,
+    },
+    /// DeregisterTargets: each then drains for the group's deregistration delay.
+    Deregister {
+        tier: String,
+        arn: String,
+        targets: Vec<(String, u16)>,
     },
 }
 
@@ -125,6 +158,21 @@ pub(super) fn plan_tier(
             ..InstanceUpdate::default()
         });
     };
+    // Impaired (DescribeInstanceStatus) or its agent silent: replaced, as a local instance
+    // that fails its health checks is. It leaves the pool at once (it is not ready).
+    live.retain(|instance| {
+        let sick = instance.phase == Phase::Running && instance.health == Health::Unhealthy;
+        if sick {
+            if let Some(count) = per_subnet.get_mut(&instance.subnet) {
+                *count = count.saturating_sub(1);
+            }
+            drain(
+                instance,
+                format!("unhealthy: {}; replacing it", reason_of(instance)),
+            );
+        }
+        !sick
+    });
     let (mut current, outdated): (Vec<&Instance>, Vec<&Instance>) = live
         .iter()
         .copied()
@@ -258,27 +306,38 @@ pub fn plan_sync(
         .filter(|tier| tier.spec.provider == Provider::Ec2)
         .collect();
     let last_provider_event = last_provider_events(state);
-    // Reachability, once per change, on every EC2 tier.
+    // Reachability, once per change, on every EC2 tier: DescribeInstances, then its group.
     for tier in &ec2_tiers {
         let last = last_provider_event.get(tier.name());
-        match &observed.error {
-            Some(error) => {
-                let message = format!("DescribeInstances failed: {error}");
-                if last != Some(&(EC2_CALL_FAILED, message.as_str())) {
-                    plan.commands.push(Command::RecordEvent {
-                        object: format!("tier/{}", tier.name()),
-                        reason: EC2_CALL_FAILED.to_string(),
-                        message,
-                    });
-                }
+        let group_error = tier
+            .spec
+            .load_balancer
+            .target_group_arn
+            .as_ref()
+            .and_then(|arn| match observed.target_groups.get(arn) {
+                Some(Err(error)) => Some(format!("DescribeTargetHealth of {arn} failed: {error}")),
+                _ => None,
+            });
+        let problem = match &observed.error {
+            Some(error) => Some(format!("DescribeInstances failed: {error}")),
+            None => group_error,
+        };
+        match problem {
+            Some(message) if last != Some(&(EC2_CALL_FAILED, message.as_str())) => {
+                plan.commands.push(Command::RecordEvent {
+                    object: format!("tier/{}", tier.name()),
+                    reason: EC2_CALL_FAILED.to_string(),
+                    message,
+                });
             }
+            Some(_) => {}
             None if observed.synced
                 && last.is_some_and(|(reason, _)| *reason == EC2_CALL_FAILED) =>
             {
                 plan.commands.push(Command::RecordEvent {
                     object: format!("tier/{}", tier.name()),
                     reason: EC2_REACHABLE.to_string(),
-                    message: "DescribeInstances answers again".to_string(),
+                    message: "EC2 answers again".to_string(),
                 });
             }
             None => {}
@@ -337,7 +396,19 @@ pub fn plan_sync(
         match record.phase {
             Phase::Pending | Phase::Starting | Phase::Running => match chosen_alive {
                 Some(ec2) => {
-                    if let Some(update) = observe(record, ec2) {
+                    let seen = Seen {
+                        ec2,
+                        port: state
+                            .tiers
+                            .get(&record.tier)
+                            .and_then(|tier| tier.spec.template.port),
+                        check: observed.status.get(&ec2.id).copied(),
+                        agent_ready: state
+                            .nodes
+                            .get(&record.id.to_string())
+                            .map(|node| node.ready),
+                    };
+                    if let Some(update) = observe(record, &seen) {
                         updates.push(update);
                     }
                 }
@@ -395,6 +466,7 @@ pub fn plan_sync(
             }
         }
     }
+    target_groups(state, observed, &by_id, &mut updates, &mut plan.calls);
     if !updates.is_empty() {
         plan.commands.push(Command::UpdateInstances { updates });
     }
@@ -427,42 +499,208 @@ pub fn plan_sync(
     plan
 }
 
+/// What the executor knows of a record's EC2 instance.
+struct Seen<'a> {
+    ec2: &'a Ec2Instance,
+    /// The tier's workload port (the pool's and the target group's port).
+    port: Option<u16>,
+    /// DescribeInstanceStatus, once EC2 has run the checks.
+    check: Option<StatusCheck>,
+    /// Whether the agent inside (a node named after the instance uuid, as the default user data
+    /// starts it) heartbeats; `None` until it registers.
+    agent_ready: Option<bool>,
+}
+
 /// The update that makes a record say what EC2 says of its instance, if any is needed.
-fn observe(record: &Instance, ec2: &Ec2Instance) -> Option<InstanceUpdate> {
+fn observe(record: &Instance, seen: &Seen<'_>) -> Option<InstanceUpdate> {
+    let ec2 = seen.ec2;
     let new_id = record.provider_id.is_none();
     let address_changed = ec2.private_ip.is_some() && ec2.private_ip != record.address;
+    let port_changed = seen.port.is_some() && seen.port != record.port;
     let event = match ec2.state {
-        // Health is EC2's instance state until the agent inside heartbeats (not yet checked:
-        // DescribeInstanceStatus is not called).
         Ec2State::Running => Some(InstanceEvent::BecameReady),
         Ec2State::Pending => Some(InstanceEvent::Started),
         Ec2State::Stopping | Ec2State::Stopped => Some(InstanceEvent::Failed),
         Ec2State::ShuttingDown | Ec2State::Terminated => None,
     };
     let moves = event.is_some_and(|event| step(record.phase, event) != record.phase);
-    let health = (ec2.state == Ec2State::Running && record.health != Health::Healthy)
-        .then_some(Health::Healthy);
-    if !(new_id || address_changed || moves || health.is_some()) {
+    // Health: a failed status check, or an agent that registered and went silent, makes it
+    // unhealthy (`plan_tier` replaces it); otherwise a running instance is healthy. Checks
+    // still initializing (the first minutes on AWS) do not hold it back.
+    let sick = if seen.check == Some(StatusCheck::Impaired) {
+        Some("EC2 status checks report it impaired")
+    } else if seen.agent_ready == Some(false) {
+        Some("the agent inside stopped heartbeating")
+    } else {
+        None
+    };
+    let health = match (ec2.state, sick) {
+        (Ec2State::Running, Some(_)) => Health::Unhealthy,
+        (Ec2State::Running, None) => Health::Healthy,
+        _ => record.health,
+    };
+    let health = (health != record.health).then_some(health);
+    if !(new_id || address_changed || port_changed || moves || health.is_some()) {
         return None;
     }
+    let reason = if new_id {
+        format!(
+            "EC2 instance {} ({:?}, {})",
+            ec2.id,
+            ec2.state,
+            ec2.zone.as_deref().unwrap_or("no zone")
+        )
+    } else if let (Some(Health::Unhealthy), Some(why)) = (health, sick) {
+        format!("EC2 instance {}: {why}", ec2.id)
+    } else {
+        format!("EC2 instance {} is {:?}", ec2.id, ec2.state)
+    };
     Some(InstanceUpdate {
         id: record.id,
         event: event.filter(|_| moves),
         health,
         provider_id: new_id.then(|| ec2.id.clone()),
         address: ec2.private_ip.clone().filter(|_| address_changed),
-        reason: Some(if new_id {
-            format!(
-                "EC2 instance {} ({:?}, {})",
-                ec2.id,
-                ec2.state,
-                ec2.zone.as_deref().unwrap_or("no zone")
-            )
-        } else {
-            format!("EC2 instance {} is {:?}", ec2.id, ec2.state)
-        }),
-        ..InstanceUpdate::default()
+        port: seen.port.filter(|_| port_changed),
+        reason: Some(reason),
     })
+}
+
+/// Target groups: each holds exactly the ready instances of the tiers that name it, on their
+/// port. Registers what is missing, deregisters what is not wanted (the records' own as they
+/// drain, and any target Strata did not put there), and ends the drain of a record whose target
+/// the group no longer lists. A group not described, or whose describe failed, is left alone.
+fn target_groups(
+    state: &State,
+    observed: &Ec2Observed,
+    by_id: &HashMap<&str, &Ec2Instance>,
+    updates: &mut Vec<InstanceUpdate>,
+    calls: &mut Vec<Ec2Call>,
+) {
+    let mut by_arn: BTreeMap<&str, Vec<&Tier>> = BTreeMap::new();
+    for tier in state.tiers.values() {
+        if tier.spec.provider != Provider::Ec2 {
+            continue;
+        }
+        if let Some(arn) = &tier.spec.load_balancer.target_group_arn {
+            by_arn.entry(arn.as_str()).or_default().push(tier);
+        }
+    }
+    for (arn, tiers) in by_arn {
+        let Some(Ok(targets)) = observed.target_groups.get(arn) else {
+            continue;
+        };
+        let listed: HashMap<&str, &Target> = targets
+            .iter()
+            .map(|target| (target.id.as_str(), target))
+            .collect();
+        // Wanted: (EC2 id, port) of every ready record whose instance EC2 runs.
+        let mut wanted: BTreeMap<&str, (u16, &str)> = BTreeMap::new();
+        for tier in &tiers {
+            let Some(port) = tier.spec.template.port else {
+                continue;
+            };
+            for record in state.instances.values() {
+                if record.tier != tier.name() || pool_state(record) != Some(ServerState::Ready) {
+                    continue;
+                }
+                let Some(ec2_id) = record.provider_id.as_deref() else {
+                    continue;
+                };
+                if by_id
+                    .get(ec2_id)
+                    .is_some_and(|ec2| ec2.state == Ec2State::Running)
+                {
+                    wanted.insert(ec2_id, (port, tier.name()));
+                }
+            }
+        }
+        // Registrations, one call per tier.
+        let mut register: BTreeMap<&str, Vec<(String, u16)>> = BTreeMap::new();
+        for (ec2_id, (port, tier)) in &wanted {
+            let registered = listed.get(ec2_id).is_some_and(|target| {
+                target.state.is_registered() && target.port.is_none_or(|at| at == *port)
+            });
+            if !registered {
+                register
+                    .entry(tier)
+                    .or_default()
+                    .push((ec2_id.to_string(), *port));
+            }
+        }
+        for (tier, targets) in register {
+            calls.push(Ec2Call::Register {
+                tier: tier.to_string(),
+                arn: arn.to_string(),
+                targets,
+            });
+        }
+        // Deregistrations: registered targets nobody wants (or on a stale port).
+        let owner_of = |ec2_id: &str| -> String {
+            state
+                .instances
+                .values()
+                .find(|record| record.provider_id.as_deref() == Some(ec2_id))
+                .map(|record| record.tier.clone())
+                .filter(|tier| tiers.iter().any(|named| named.name() == tier))
+                .unwrap_or_else(|| tiers[0].name().to_string())
+        };
+        let mut deregister: BTreeMap<String, Vec<(String, u16)>> = BTreeMap::new();
+        for target in targets {
+            if !target.state.is_registered() {
+                continue;
+            }
+            let keep = wanted
+                .get(target.id.as_str())
+                .is_some_and(|(port, _)| target.port.is_none_or(|at| at == *port));
+            if keep {
+                continue;
+            }
+            let port = target
+                .port
+                .unwrap_or_else(|| tiers[0].spec.template.port.unwrap_or_default());
+            deregister
+                .entry(owner_of(&target.id))
+                .or_default()
+                .push((target.id.clone(), port));
+        }
+        for (tier, targets) in deregister {
+            calls.push(Ec2Call::Deregister {
+                tier,
+                arn: arn.to_string(),
+                targets,
+            });
+        }
+        // Drains the group has finished: a draining record that served, whose target it no
+        // longer lists.
+        for tier in &tiers {
+            for record in state.instances.values() {
+                if record.tier != tier.name() || pool_state(record) != Some(ServerState::Drain) {
+                    continue;
+                }
+                let listed = record
+                    .provider_id
+                    .as_deref()
+                    .is_some_and(|ec2_id| listed.contains_key(ec2_id));
+                if !listed {
+                    updates.push(InstanceUpdate {
+                        id: record.id,
+                        event: Some(InstanceEvent::DrainEnded),
+                        reason: Some(format!(
+                            "target group {} finished deregistering it",
+                            short_arn(arn)
+                        )),
+                        ..InstanceUpdate::default()
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// `targetgroup/NAME/ID` of a target group ARN, for messages.
+fn short_arn(arn: &str) -> &str {
+    arn.rsplit_once(':').map_or(arn, |(_, resource)| resource)
 }
 
 fn reason_of(record: &Instance) -> &str {

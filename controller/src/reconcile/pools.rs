@@ -4,8 +4,9 @@
 //! instance to enter or leave one. What needs a decision is when a draining instance may be
 //! stopped. It is the first of:
 //! - it is in no pool to drain from: its tier is gone or has no load balancer, it never
-//!   became ready, or no Ready load-balancer node exists;
+//!   became ready, or no Ready load-balancer node exists (HAProxy tiers);
 //! - its tier's `drain_timeout` has passed since it started draining;
+//! - (target-group tiers) the EC2 executor saw the target group finish deregistering it;
 //! - every Ready load-balancer node reports (in its latest heartbeat, leader memory) a pool
 //!   version at least as new as the instance's last change — so HAProxy runs it as `drain` —
 //!   and no session open on it.
@@ -71,18 +72,24 @@ fn drain_end(
         return Some("its tier was deleted, and its frontends with it".to_string());
     };
     let balancer = &tier.spec.load_balancer;
-    if balancer.listen.is_none() {
+    if balancer.listen.is_none() && balancer.target_group_arn.is_none() {
         return Some("its tier has no load balancer to drain from".to_string());
     }
     if pool_state(instance).is_none() || instance.port.is_none() {
         return Some("it never served traffic".to_string());
     }
+    let timeout = balancer.drain_timeout.as_millis();
+    let draining_for = now_ms.saturating_sub(instance.drain_started_ms);
+    let timed_out = draining_for >= timeout;
+    if balancer.target_group_arn.is_some() {
+        // The EC2 executor ends it once the target group has deregistered it
+        // (`reconcile::ec2::plan_sync`); the timeout bounds a long deregistration delay.
+        return timed_out.then(|| format!("its drain timeout ({}) passed", millis(timeout)));
+    }
     if balancers.is_empty() {
         return Some("no load balancer serves its tier".to_string());
     }
-    let timeout = balancer.drain_timeout.as_millis();
-    let draining_for = now_ms.saturating_sub(instance.drain_started_ms);
-    if draining_for >= timeout {
+    if timed_out {
         return Some(format!("its drain timeout ({}) passed", millis(timeout)));
     }
     for node in balancers {

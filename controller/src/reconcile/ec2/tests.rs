@@ -120,6 +120,36 @@ impl World {
         plan
     }
 
+    /// Puts `web` behind the ELBv2 target group `TARGET_GROUP`.
+    fn behind_target_group(&mut self) {
+        let mut spec = self.state.tiers["web"].spec.clone();
+        spec.load_balancer.target_group_arn = Some(TARGET_GROUP.to_string());
+        self.apply(Command::PutTier {
+            spec: Box::new(spec),
+            max_tiers: None,
+        });
+    }
+
+    /// `(uuid, EC2 id)` of every record in uuid order, each given a running instance `i-N`.
+    fn running(&mut self) -> Vec<(Uuid, String)> {
+        let pairs: Vec<(Uuid, String)> = self
+            .state
+            .instances
+            .keys()
+            .enumerate()
+            .map(|(n, id)| (*id, format!("i-{n}")))
+            .collect();
+        self.sync(&synced(self.instances_for(&pairs)));
+        pairs
+    }
+
+    fn instances_for(&self, pairs: &[(Uuid, String)]) -> Vec<Ec2Instance> {
+        pairs
+            .iter()
+            .map(|(id, ec2_id)| ec2(ec2_id, Some(*id), Ec2State::Running, 1_000_000))
+            .collect()
+    }
+
     fn live(&self) -> Vec<&strata_api::Instance> {
         self.state
             .instances
@@ -160,11 +190,30 @@ fn ec2(id: &str, uuid: Option<Uuid>, state: Ec2State, launched: u64) -> Ec2Insta
     }
 }
 
+const TARGET_GROUP: &str =
+    "arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/web/73e2d6bc24d8a067";
+
+fn target(id: &str, state: strata_ec2::TargetState) -> strata_ec2::Target {
+    strata_ec2::Target {
+        id: id.to_string(),
+        port: Some(8080),
+        state,
+    }
+}
+
+/// `instances` described, and the target group holding `targets`.
+fn with_group(instances: Vec<Ec2Instance>, targets: Vec<strata_ec2::Target>) -> Ec2Observed {
+    Ec2Observed {
+        target_groups: BTreeMap::from([(TARGET_GROUP.to_string(), Ok(targets))]),
+        ..synced(instances)
+    }
+}
+
 fn synced(instances: Vec<Ec2Instance>) -> Ec2Observed {
     Ec2Observed {
         synced: true,
-        error: None,
         instances,
+        ..Ec2Observed::default()
     }
 }
 
@@ -222,7 +271,7 @@ fn nothing_is_launched_before_a_describe_succeeded() {
     let failed = world.sync(&Ec2Observed {
         synced: false,
         error: Some("endpoint unreachable".to_string()),
-        instances: Vec::new(),
+        ..Ec2Observed::default()
     });
     assert!(failed.calls.is_empty());
     // One event per change, on the tier: the same failure again records nothing.
@@ -233,7 +282,7 @@ fn nothing_is_launched_before_a_describe_succeeded() {
     let again = world.sync(&Ec2Observed {
         synced: false,
         error: Some("endpoint unreachable".to_string()),
-        instances: Vec::new(),
+        ..Ec2Observed::default()
     });
     assert!(again.commands.is_empty());
     let back = world.sync(&synced(Vec::new()));
@@ -347,4 +396,184 @@ fn a_stopping_instance_is_terminated_then_recorded_stopped() {
         1_000_000,
     )]));
     assert_eq!(world.state.instances[&id].phase, Phase::Terminated);
+}
+
+#[test]
+fn a_target_group_holds_exactly_the_ready_instances_and_ends_their_drains() {
+    use strata_ec2::TargetState::{Draining, Healthy};
+    let mut world = World::new();
+    world.behind_target_group();
+    world.scale(2);
+    world.plan_records();
+    let pairs = world.running();
+    let instances = world.instances_for(&pairs);
+    for (id, _) in &pairs {
+        assert_eq!(
+            world.state.instances[id].port,
+            Some(8080),
+            "the pool's port"
+        );
+    }
+
+    // Both ready instances are registered, in one call, on the tier's port; a target nobody
+    // put there is deregistered.
+    let plan = world.sync(&with_group(
+        instances.clone(),
+        vec![target("i-foreign", Healthy)],
+    ));
+    assert_eq!(
+        plan.calls,
+        [
+            Ec2Call::Register {
+                tier: "web".to_string(),
+                arn: TARGET_GROUP.to_string(),
+                targets: vec![("i-0".to_string(), 8080), ("i-1".to_string(), 8080)],
+            },
+            Ec2Call::Deregister {
+                tier: "web".to_string(),
+                arn: TARGET_GROUP.to_string(),
+                targets: vec![("i-foreign".to_string(), 8080)],
+            },
+        ]
+    );
+    let both = vec![target("i-0", Healthy), target("i-1", Healthy)];
+    assert!(world
+        .sync(&with_group(instances.clone(), both.clone()))
+        .calls
+        .is_empty());
+
+    // Scale in: the drained instance leaves the group first, and its drain ends only once the
+    // group no longer lists it (not while it drains there).
+    world.now += 1_000;
+    world.scale(1);
+    world.plan_records();
+    let drained: Vec<Uuid> = pairs
+        .iter()
+        .map(|(id, _)| *id)
+        .filter(|id| world.state.instances[id].phase == Phase::Draining)
+        .collect();
+    assert_eq!(drained.len(), 1);
+    let (gone, kept) = if drained[0] == pairs[0].0 {
+        (&pairs[0], &pairs[1])
+    } else {
+        (&pairs[1], &pairs[0])
+    };
+    world.plan_records();
+    assert_eq!(
+        world.state.instances[&gone.0].phase,
+        Phase::Draining,
+        "pools leave a target-group drain to the EC2 executor"
+    );
+    let plan = world.sync(&with_group(instances.clone(), both));
+    assert_eq!(
+        plan.calls,
+        [Ec2Call::Deregister {
+            tier: "web".to_string(),
+            arn: TARGET_GROUP.to_string(),
+            targets: vec![(gone.1.clone(), 8080)],
+        }]
+    );
+    assert_eq!(world.state.instances[&gone.0].phase, Phase::Draining);
+    let plan = world.sync(&with_group(
+        instances.clone(),
+        vec![target(&kept.1, Healthy), target(&gone.1, Draining)],
+    ));
+    assert!(plan.calls.is_empty());
+    assert_eq!(world.state.instances[&gone.0].phase, Phase::Draining);
+    world.sync(&with_group(
+        instances.clone(),
+        vec![target(&kept.1, Healthy)],
+    ));
+    assert_eq!(world.state.instances[&gone.0].phase, Phase::Stopping);
+    let plan = world.sync(&with_group(instances, vec![target(&kept.1, Healthy)]));
+    assert!(matches!(
+        plan.calls.as_slice(),
+        [Ec2Call::Terminate { ec2_id, .. }] if *ec2_id == gone.1
+    ));
+}
+
+#[test]
+fn a_long_deregistration_delay_is_bounded_by_the_drain_timeout() {
+    let mut world = World::new();
+    world.behind_target_group();
+    world.scale(1);
+    world.plan_records();
+    let pairs = world.running();
+    world.now += 1_000;
+    world.scale(0);
+    world.plan_records();
+    let id = pairs[0].0;
+    assert_eq!(world.state.instances[&id].phase, Phase::Draining);
+    world.plan_records();
+    assert_eq!(world.state.instances[&id].phase, Phase::Draining);
+    world.now += world.state.tiers["web"]
+        .spec
+        .load_balancer
+        .drain_timeout
+        .as_millis();
+    world.plan_records();
+    assert_eq!(world.state.instances[&id].phase, Phase::Stopping);
+}
+
+#[test]
+fn a_group_that_cannot_be_described_is_left_alone_and_reported_once() {
+    let mut world = World::new();
+    world.behind_target_group();
+    world.scale(1);
+    world.plan_records();
+    let pairs = world.running();
+    let failing = Ec2Observed {
+        target_groups: BTreeMap::from([(
+            TARGET_GROUP.to_string(),
+            Err("TargetGroupNotFound".to_string()),
+        )]),
+        ..synced(world.instances_for(&pairs))
+    };
+    let plan = world.sync(&failing);
+    assert!(plan.calls.is_empty());
+    assert!(matches!(
+        plan.commands.as_slice(),
+        [Command::RecordEvent { reason, message, .. }]
+            if reason == EC2_CALL_FAILED && message.contains("DescribeTargetHealth")
+    ));
+    assert!(world.sync(&failing).commands.is_empty());
+    let back = world.sync(&with_group(world.instances_for(&pairs), Vec::new()));
+    assert!(matches!(
+        back.commands.as_slice(),
+        [Command::RecordEvent { reason, .. }] if reason == EC2_REACHABLE
+    ));
+    assert_eq!(back.calls.len(), 1, "registers the ready instance");
+}
+
+#[test]
+fn an_impaired_instance_is_replaced() {
+    let mut world = World::new();
+    world.scale(2);
+    world.plan_records();
+    let pairs = world.running();
+    let mut observed = synced(world.instances_for(&pairs));
+    observed.status = HashMap::from([
+        (pairs[0].1.clone(), strata_ec2::StatusCheck::Impaired),
+        (pairs[1].1.clone(), strata_ec2::StatusCheck::Initializing),
+    ]);
+    world.sync(&observed);
+    let sick = &world.state.instances[&pairs[0].0];
+    assert_eq!(sick.health, strata_api::Health::Unhealthy);
+    assert!(sick
+        .reason
+        .as_deref()
+        .unwrap_or_default()
+        .contains("impaired"));
+    assert_eq!(
+        world.state.instances[&pairs[1].0].health,
+        strata_api::Health::Healthy,
+        "checks still initializing do not hold an instance back"
+    );
+    world.plan_records();
+    assert_eq!(world.state.instances[&pairs[0].0].phase, Phase::Draining);
+    assert_eq!(world.live().len(), 2, "a replacement is recorded");
+    assert!(world
+        .live()
+        .iter()
+        .all(|instance| instance.id != pairs[0].0));
 }
