@@ -21,7 +21,8 @@ pub struct Moto {
     pub endpoint: String,
     /// The tests' own client (fast retries, a generous rate).
     pub ec2: Ec2,
-    /// (subnet id, zone) of the VPC made at start.
+    /// The VPC made at start, and (subnet id, zone) of its subnets.
+    pub vpc: String,
     pub subnets: Vec<(String, String)>,
     _process: ProcessGuard,
     _dir: tempfile::TempDir,
@@ -55,13 +56,14 @@ impl Moto {
                 Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
             }
         }
-        let (_, subnets) = ec2
+        let (vpc, subnets) = ec2
             .create_vpc_with_subnets(zones)
             .await
             .context("create VPC and subnets")?;
         Ok(Moto {
             endpoint,
             ec2,
+            vpc,
             subnets,
             _process: process,
             _dir: dir,
@@ -88,6 +90,28 @@ impl Moto {
             }
         }
         Ok(launches)
+    }
+
+    /// An HTTP target group (target type `instance`) on `port` in the VPC; returns its ARN.
+    pub async fn target_group(&self, name: &str, port: u16) -> anyhow::Result<String> {
+        self.ec2
+            .create_target_group(name, &self.vpc, port)
+            .await
+            .context("create target group")
+    }
+
+    /// The ids of the targets registered (not draining) in the group `arn`, sorted.
+    pub async fn registered_targets(&self, arn: &str) -> anyhow::Result<Vec<String>> {
+        let mut ids: Vec<String> = self
+            .ec2
+            .describe_targets(arn)
+            .await?
+            .into_iter()
+            .filter(|target| target.state.is_registered())
+            .map(|target| target.id)
+            .collect();
+        ids.sort();
+        Ok(ids)
     }
 
     pub fn subnet_ids(&self) -> Vec<String> {

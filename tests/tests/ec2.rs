@@ -405,18 +405,18 @@ async fn through_throttling_failures_and_lost_answers_the_tier_converges_without
     // The controllers talk to EC2 through the proxy; the test's own client goes to moto.
     set_flag(&mut options, "--ec2-endpoint", &proxy.endpoint);
     let cluster = Cluster::start(options).await?;
-    write(
-        &cluster,
-        Method::PUT,
-        "/v1/tiers/web",
-        &ec2_tier("web", &moto.subnet_ids()),
-    )
-    .await?;
+    // Behind a target group, so RegisterTargets and DeregisterTargets meet the faults too.
+    let arn = moto.target_group("web", 8080).await?;
+    let mut tier = ec2_tier("web", &moto.subnet_ids());
+    tier["load_balancer"] = json!({"target_group_arn": arn});
+    write(&cluster, Method::PUT, "/v1/tiers/web", &tier).await?;
     scale(&cluster, "web", 5).await?;
     // `converged` fails on a uuid launched twice and needs EC2 and the state to agree exactly.
     let five = converged(&cluster, &moto, "web", 5).await?;
+    group_follows_pool(&cluster, &moto, &arn, 5).await?;
     scale(&cluster, "web", 2).await?;
     let two = converged(&cluster, &moto, "web", 2).await?;
+    group_follows_pool(&cluster, &moto, &arn, 2).await?;
     let kept: BTreeSet<&str> = two.iter().map(|i| i.id.as_str()).collect();
     assert!(
         kept.iter().all(|id| five.iter().any(|i| i.id == *id)),
@@ -569,6 +569,190 @@ async fn an_ami_change_rolls_every_instance_without_dropping_below_the_desired_c
     Ok(())
 }
 
+/// The EC2 ids of the tier's pool servers in state `ready` (`GET /v1/tiers/{tier}/pool`,
+/// mapped through the instance records), sorted.
+async fn ready_pool(cluster: &Cluster, tier: &str) -> anyhow::Result<Vec<String>> {
+    let pool = get(cluster, &format!("/v1/tiers/{tier}/pool")).await?;
+    let records = get(cluster, &format!("/v1/tiers/{tier}/instances")).await?;
+    let ec2_of: BTreeMap<&str, &str> = records["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| Some((r["id"].as_str()?, r["provider_id"].as_str()?)))
+        .collect();
+    let mut ready: Vec<String> = pool["servers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|server| server["state"] == "ready")
+        .filter_map(|server| {
+            let id = server["instance_id"].as_str()?;
+            ec2_of.get(id).map(|ec2| ec2.to_string())
+        })
+        .collect();
+    ready.sort();
+    Ok(ready)
+}
+
+/// Waits until the target group `arn` holds exactly the tier's ready pool, which holds
+/// `count` instances, each one EC2 runs. Returns the registered ids.
+async fn group_follows_pool(
+    cluster: &Cluster,
+    moto: &Moto,
+    arn: &str,
+    count: usize,
+) -> anyhow::Result<Vec<String>> {
+    eventually(
+        Duration::from_secs(90),
+        &format!("target group = pool of {count}"),
+        || async {
+            let pool = ready_pool(cluster, "web")
+                .await
+                .map_err(|e| e.to_string())?;
+            let group = moto
+                .registered_targets(arn)
+                .await
+                .map_err(|e| e.to_string())?;
+            let running: BTreeSet<String> = alive(moto, CLUSTER)
+                .await?
+                .into_iter()
+                .filter(|i| i.state == strata_ec2::Ec2State::Running)
+                .map(|i| i.id)
+                .collect();
+            if pool.len() == count && group == pool && group.iter().all(|id| running.contains(id)) {
+                Ok(Some(group))
+            } else {
+                Err(format!(
+                    "pool {pool:?}, group {group:?}, running {running:?}"
+                ))
+            }
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_group_membership_follows_the_pool_through_scaling_and_a_roll() -> anyhow::Result<()>
+{
+    if !e2e_enabled("ec2 target group") {
+        return Ok(());
+    }
+    const NEW_AMI: &str = "ami-03cf127a";
+    let moto = Moto::start(&["us-east-1a", "us-east-1b"]).await?;
+    let arn = moto.target_group("web", 8080).await?;
+    let cluster = Cluster::start(options(&moto, 1)).await?;
+
+    // A group that does not exist: a condition and an event on the tier, no crash.
+    let missing = arn.replace("targetgroup/web/", "targetgroup/gone/");
+    let mut tier = ec2_tier("web", &moto.subnet_ids());
+    tier["load_balancer"] = json!({"target_group_arn": missing, "drain_timeout": "20s"});
+    write(&cluster, Method::PUT, "/v1/tiers/web", &tier).await?;
+    let condition = eventually(
+        Duration::from_secs(60),
+        "a ProviderReady=false condition naming DescribeTargetHealth",
+        || async {
+            let tier = get(&cluster, "/v1/tiers/web")
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(tier["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|c| {
+                    c["type"] == "ProviderReady"
+                        && c["status"] == false
+                        && c["message"]
+                            .as_str()
+                            .is_some_and(|m| m.contains("DescribeTargetHealth"))
+                })
+                .cloned())
+        },
+    )
+    .await?;
+    println!("missing group: {condition}");
+
+    tier["load_balancer"]["target_group_arn"] = json!(arn);
+    write(&cluster, Method::PUT, "/v1/tiers/web", &tier).await?;
+    // A target nobody asked for: the group belongs to the tier, so it goes.
+    let stray = moto
+        .ec2
+        .run_instance(&Launch {
+            client_token: "stray".to_string(),
+            image: AMI.to_string(),
+            instance_type: "t3.micro".to_string(),
+            subnet: Some(moto.subnets[0].0.clone()),
+            security_groups: Vec::new(),
+            key_name: None,
+            iam_instance_profile: None,
+            user_data: None,
+            tags: BTreeMap::new(),
+        })
+        .await?;
+    moto.ec2
+        .register_targets(&arn, &[(stray.id.clone(), 8080)])
+        .await?;
+
+    scale(&cluster, "web", 3).await?;
+    let three = group_follows_pool(&cluster, &moto, &arn, 3).await?;
+    assert!(!three.contains(&stray.id));
+    scale(&cluster, "web", 1).await?;
+    let one = group_follows_pool(&cluster, &moto, &arn, 1).await?;
+    converged(&cluster, &moto, "web", 1).await?;
+
+    // A roll: new instances join the group before the old one leaves it; the group is never
+    // empty while the tier has a ready instance.
+    tier["template"]["ami"] = json!(NEW_AMI);
+    tier["scaling"]["desired"] = json!(1);
+    write(&cluster, Method::PUT, "/v1/tiers/web", &tier).await?;
+    let started = std::time::Instant::now();
+    loop {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(90),
+            "the roll did not finish"
+        );
+        let group = moto.registered_targets(&arn).await?;
+        assert!(!group.is_empty(), "the group emptied during the roll");
+        let alive = alive(&moto, CLUSTER).await.map_err(anyhow::Error::msg)?;
+        if alive.len() == 1 && alive[0].image.as_deref() == Some(NEW_AMI) && group != one {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rolled = group_follows_pool(&cluster, &moto, &arn, 1).await?;
+    assert_ne!(rolled, one);
+
+    // Every terminated instance left the group before TerminateInstances.
+    let events = get(&cluster, "/v1/events?object=tier/web").await?;
+    let items = events["items"].as_array().cloned().unwrap_or_default();
+    let mut deregistered = BTreeSet::new();
+    for event in &items {
+        let message = event["message"].as_str().unwrap_or_default();
+        match event["reason"].as_str() {
+            Some("Ec2TargetsDeregistered") => {
+                for word in message.split([' ', ',']) {
+                    if let Some((id, _)) = word.split_once(':') {
+                        deregistered.insert(id.to_string());
+                    }
+                }
+            }
+            Some("Ec2InstanceTerminated") => {
+                let id = message
+                    .strip_prefix("TerminateInstances ")
+                    .and_then(|rest| rest.split(':').next())
+                    .unwrap_or_default();
+                assert!(
+                    deregistered.contains(id),
+                    "{id} terminated before it was deregistered: {events}"
+                );
+            }
+            _ => {}
+        }
+    }
+    assert!(deregistered.contains(&stray.id), "{events}");
+    println!("group 3 {three:?} -> 1 {one:?} -> rolled {rolled:?}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_ec2_tiers_are_rejected_with_their_field_paths() -> anyhow::Result<()> {
     if !e2e_enabled("ec2 bad input") {
@@ -603,6 +787,24 @@ async fn bad_ec2_tiers_are_rejected_with_their_field_paths() -> anyhow::Result<(
             "instance type not family.size",
             Box::new(|t| t["template"]["instance_type"] = json!("large")),
             "template.instance_type",
+        ),
+        (
+            "a target group ARN of the wrong shape",
+            Box::new(|t| {
+                t["load_balancer"] =
+                    json!({"target_group_arn": "arn:aws:elasticloadbalancing:us-east-1:1:web"})
+            }),
+            "load_balancer.target_group_arn",
+        ),
+        (
+            "a target group and an HAProxy listen address",
+            Box::new(|t| {
+                t["load_balancer"] = json!({
+                    "target_group_arn": "arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/web/73e2d6bc24d8a067",
+                    "listen": "127.0.0.1:9000",
+                })
+            }),
+            "load_balancer.target_group_arn",
         ),
     ];
     for (what, change, path) in cases {
