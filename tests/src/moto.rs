@@ -31,40 +31,60 @@ pub struct Moto {
 impl Moto {
     /// Starts moto_server and creates a VPC with subnets in `zones`.
     pub async fn start(zones: &[&str]) -> anyhow::Result<Moto> {
+        let mut moto = Moto::spawn(false).await?;
+        let (vpc, subnets) = moto
+            .ec2
+            .create_vpc_with_subnets(zones)
+            .await
+            .context("create VPC and subnets")?;
+        moto.vpc = vpc;
+        moto.subnets = subnets;
+        Ok(moto)
+    }
+
+    /// Starts moto_server with authentication on and no IAM user, so it refuses every
+    /// request's credentials (`INITIAL_NO_AUTH_ACTION_COUNT=0`, moto's switch for checking
+    /// them: https://docs.getmoto.org/en/latest/docs/iam.html). No VPC.
+    pub async fn start_rejecting_credentials() -> anyhow::Result<Moto> {
+        Moto::spawn(true).await
+    }
+
+    async fn spawn(check_credentials: bool) -> anyhow::Result<Moto> {
         let port = free_port();
         let dir = tempfile::tempdir().context("create moto dir")?;
         let log = std::fs::File::create(dir.path().join("moto.log")).context("create moto log")?;
         let log_err = log.try_clone().context("clone moto log")?;
-        let process = ProcessGuard::spawn(
-            Command::new("moto_server")
-                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-                .current_dir(dir.path())
-                .stdin(Stdio::null())
-                .stdout(log)
-                .stderr(log_err),
-        )
-        .context("start moto_server (install it with deploy/install-deps.d/ec2.sh)")?;
+        let mut command = Command::new("moto_server");
+        command
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err);
+        if check_credentials {
+            command.env("INITIAL_NO_AUTH_ACTION_COUNT", "0");
+        }
+        let process = ProcessGuard::spawn(&mut command)
+            .context("start moto_server (install it with deploy/install-deps.d/ec2.sh)")?;
         let endpoint = format!("http://127.0.0.1:{port}");
         let ec2 = Ec2::connect(&client_config(&endpoint)).await;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             match ec2.describe_all().await {
                 Ok(_) => break,
+                // It answers: refusing the credentials is what it was started to do.
+                Err(strata_ec2::Ec2Error::Rejected { .. }) if check_credentials => break,
                 Err(error) if Instant::now() > deadline => {
                     bail!("moto_server did not answer on {endpoint}: {error}")
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
             }
         }
-        let (vpc, subnets) = ec2
-            .create_vpc_with_subnets(zones)
-            .await
-            .context("create VPC and subnets")?;
         Ok(Moto {
             endpoint,
             ec2,
-            vpc,
-            subnets,
+            vpc: String::new(),
+            subnets: Vec::new(),
             _process: process,
             _dir: dir,
         })

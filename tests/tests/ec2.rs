@@ -1,7 +1,8 @@
 //! EC2 tiers against a real EC2 API implementation on loopback (moto): scaling with the
 //! right tags and zones, a crash between RunInstances and its record, instances changed
 //! behind Strata's back, another cluster's instances, bad input, an unreachable endpoint, and
-//! an API that throttles, fails and drops connections (`strata_tests::fault_proxy`).
+//! an API that throttles, fails and drops connections (`strata_tests::fault_proxy`), rejected
+//! credentials, and ELBv2 target groups that follow the pool.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -839,9 +840,28 @@ async fn an_unreachable_endpoint_is_a_condition_and_an_event_not_a_crash() -> an
     }
     // Nothing listens on this port.
     let endpoint = format!("http://127.0.0.1:{}", strata_tests::free_port());
+    failure_is_a_condition_and_one_event(&endpoint, "DescribeInstances").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_credentials_are_a_condition_and_an_event_not_a_crash() -> anyhow::Result<()> {
+    if !e2e_enabled("ec2 rejected credentials") {
+        return Ok(());
+    }
+    let moto = Moto::start_rejecting_credentials().await?;
+    failure_is_a_condition_and_one_event(&moto.endpoint, "AuthFailure").await
+}
+
+/// A controller whose EC2 calls to `endpoint` fail shows it on the EC2 tier as
+/// `ProviderReady=false` whose message contains `expected`, records it as one event (not one
+/// per pass), and keeps serving.
+async fn failure_is_a_condition_and_one_event(
+    endpoint: &str,
+    expected: &str,
+) -> anyhow::Result<()> {
     let mut cluster = Cluster::start(ClusterOptions {
         nodes: 1,
-        extra_args: ["--ec2-endpoint", &endpoint, "--ec2-interval", "300ms"]
+        extra_args: ["--ec2-endpoint", endpoint, "--ec2-interval", "300ms"]
             .map(str::to_string)
             .to_vec(),
         env: Moto::controller_env(),
@@ -876,7 +896,7 @@ async fn an_unreachable_endpoint_is_a_condition_and_an_event_not_a_crash() -> an
     assert!(
         condition["message"]
             .as_str()
-            .is_some_and(|m| m.contains("DescribeInstances")),
+            .is_some_and(|m| m.contains(expected)),
         "{condition}"
     );
     // Recorded once, not once per pass, and the controller keeps serving.
@@ -893,5 +913,6 @@ async fn an_unreachable_endpoint_is_a_condition_and_an_event_not_a_crash() -> an
         .unwrap_or(0);
     assert_eq!(failures, 1, "{events}");
     assert_eq!(cluster.running(), vec![1]);
+    println!("{condition}");
     Ok(())
 }
