@@ -1,8 +1,8 @@
 //! EC2 tiers against a real EC2 API implementation on loopback (moto): scaling with the
 //! right tags and zones, a crash between RunInstances and its record, instances changed
-//! behind Strata's back, another cluster's instances, bad input, an unreachable endpoint, and
-//! an API that throttles, fails and drops connections (`strata_tests::fault_proxy`), rejected
-//! credentials, and ELBv2 target groups that follow the pool.
+//! behind Strata's back, another cluster's instances, bad input, an unreachable endpoint,
+//! rejected credentials, an API that throttles, fails and drops connections
+//! (`strata_tests::fault_proxy`), and ELBv2 target groups that follow the pool.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
