@@ -505,12 +505,19 @@ async fn a_node_speaks_for_itself_only() -> anyhow::Result<()> {
         .args(["-HUP", &pid.to_string()])
         .status()?;
     assert!(status.success());
+    // Probed with a node id of its own: until the reload lands the old token still registers,
+    // and a probe that registered host-c would make host-c's registration below a claim on a
+    // node that holds a credential.
     eventually(
         Duration::from_secs(10),
         "the old join token refused",
         || async {
             let (status, body) = env
-                .agent_call("/v1/agents/register", JOIN_TOKEN, &registration("host-c"))
+                .agent_call(
+                    "/v1/agents/register",
+                    JOIN_TOKEN,
+                    &registration("host-probe"),
+                )
                 .await
                 .map_err(|error| error.to_string())?;
             until(status == 401, (), || format!("{status} {body}"))
