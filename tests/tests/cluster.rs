@@ -417,9 +417,18 @@ fn assert_increments_unique(increments: &[u64], final_value: u64) {
     );
 }
 
+/// A cluster for `Writers`, which create a tier per write: on a fast machine they pass the
+/// default `--max-tiers` (1,000) within seconds, and every write after it is a 422.
+fn under_writers() -> ClusterOptions {
+    ClusterOptions {
+        extra_args: vec!["--max-tiers".to_string(), "1000000".to_string()],
+        ..ClusterOptions::default()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_leader_under_concurrent_writes_loses_nothing() -> anyhow::Result<()> {
-    let mut cluster = Cluster::start(ClusterOptions::default()).await?;
+    let mut cluster = Cluster::start(under_writers()).await?;
     let leader = cluster.wait_for_leader(Duration::from_secs(20)).await?;
     assert_eq!(put_tier(&cluster, leader, "counter").await?, 201);
 
@@ -475,7 +484,7 @@ async fn kill_9_of_the_leader_under_concurrent_writes_loses_nothing() -> anyhow:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_every_node_then_restart_keeps_every_acknowledged_write() -> anyhow::Result<()> {
-    let mut cluster = Cluster::start(ClusterOptions::default()).await?;
+    let mut cluster = Cluster::start(under_writers()).await?;
     let leader = cluster.wait_for_leader(Duration::from_secs(20)).await?;
     assert_eq!(put_tier(&cluster, leader, "counter").await?, 201);
     let writers = Writers::start(&cluster, 8, "durable");
@@ -582,7 +591,7 @@ async fn a_node_down_for_10000_entries_catches_up_through_a_snapshot() -> anyhow
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fourth_member_is_added_and_an_old_one_removed_while_writes_continue(
 ) -> anyhow::Result<()> {
-    let mut cluster = Cluster::start(ClusterOptions::default()).await?;
+    let mut cluster = Cluster::start(under_writers()).await?;
     let leader = cluster.wait_for_leader(Duration::from_secs(20)).await?;
     assert_eq!(put_tier(&cluster, leader, "counter").await?, 201);
     let writers = Writers::start(&cluster, 6, "member");
