@@ -218,19 +218,34 @@ pub(super) fn plan_tier(
         .count();
     let rollout = tier.spec.rollout;
     let keep_outdated = desired.saturating_sub(ready_current + rollout.max_unavailable as usize);
+    let mut drained_outdated = 0;
     for (position, instance) in outdated.iter().enumerate() {
         if position >= keep_outdated {
             if let Some(count) = per_subnet.get_mut(&instance.subnet) {
                 *count = count.saturating_sub(1);
             }
             drain(instance, "replaced by the new template".to_string());
+            drained_outdated += 1;
         }
     }
     let kept_outdated = outdated.len().min(keep_outdated);
+    // Outdated instances on their way out (draining, or stopping until TerminateInstances
+    // lands) still run on EC2: they count toward the surge, so a roll never runs more than
+    // desired + max_surge instances at once. (Leaving current ones do not: a scale-out does
+    // not wait for a scale-in's drains.)
+    let leaving_outdated = index
+        .instances_of(name)
+        .iter()
+        .filter(|instance| {
+            matches!(instance.phase, Phase::Draining | Phase::Stopping)
+                && instance.generation < tier.generation
+        })
+        .count()
+        + drained_outdated;
     let ceiling = desired + rollout.max_surge as usize;
     let mut creates = desired
         .saturating_sub(current.len())
-        .min(ceiling.saturating_sub(current.len() + kept_outdated));
+        .min(ceiling.saturating_sub(current.len() + kept_outdated + leaving_outdated));
 
     let mut commands = Vec::new();
     let recent_failures = index

@@ -577,3 +577,51 @@ fn an_impaired_instance_is_replaced() {
         .iter()
         .all(|instance| instance.id != pairs[0].0));
 }
+
+#[test]
+fn a_roll_counts_outdated_instances_on_their_way_out_toward_the_surge() {
+    let mut world = World::new();
+    world.scale(3);
+    world.plan_records();
+    let old = world.running();
+    let mut spec = world.state.tiers["web"].spec.clone();
+    spec.template.ami = Some("ami-87654321".to_string());
+    world.apply(Command::PutTier {
+        spec: Box::new(spec),
+        max_tiers: None,
+    });
+    let not_final = |world: &World| {
+        world
+            .state
+            .instances
+            .values()
+            .filter(|instance| !instance.phase.is_final())
+            .count()
+    };
+    // One surge instance; once it runs, one old instance drains and, with no load balancer,
+    // stops at once. Until EC2 has terminated it, no second new instance is recorded.
+    world.plan_records();
+    assert_eq!(not_final(&world), 4);
+    let all = world.running();
+    world.plan_records();
+    world.plan_records();
+    let leaving = old
+        .iter()
+        .filter(|(id, _)| world.state.instances[id].phase == Phase::Stopping)
+        .count();
+    assert_eq!(leaving, 1);
+    assert_eq!(not_final(&world), 4, "desired 3 + max_surge 1");
+    // EC2 reports it shutting down: its record ends, and the next new one is recorded.
+    let mut described = world.instances_for(&all);
+    for instance in &mut described {
+        let uuid = instance
+            .tag(TAG_INSTANCE)
+            .and_then(|tag| Uuid::parse_str(tag).ok());
+        if uuid.is_some_and(|id| world.state.instances[&id].phase == Phase::Stopping) {
+            instance.state = Ec2State::ShuttingDown;
+        }
+    }
+    world.sync(&synced(described));
+    world.plan_records();
+    assert_eq!(not_final(&world), 4);
+}
