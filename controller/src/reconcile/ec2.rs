@@ -592,16 +592,24 @@ fn target_groups(
     updates: &mut Vec<InstanceUpdate>,
     calls: &mut Vec<Ec2Call>,
 ) {
-    let mut by_arn: BTreeMap<&str, Vec<&Tier>> = BTreeMap::new();
+    // Each group's tiers and their records, in one pass over the instances.
+    let mut by_arn: BTreeMap<&str, (Vec<&Tier>, Vec<&Instance>)> = BTreeMap::new();
+    let mut arn_of: HashMap<&str, &str> = HashMap::new();
     for tier in state.tiers.values() {
         if tier.spec.provider != Provider::Ec2 {
             continue;
         }
         if let Some(arn) = &tier.spec.load_balancer.target_group_arn {
-            by_arn.entry(arn.as_str()).or_default().push(tier);
+            by_arn.entry(arn.as_str()).or_default().0.push(tier);
+            arn_of.insert(tier.name(), arn.as_str());
         }
     }
-    for (arn, tiers) in by_arn {
+    for record in state.instances.values() {
+        if let Some(arn) = arn_of.get(record.tier.as_str()) {
+            by_arn.entry(arn).or_default().1.push(record);
+        }
+    }
+    for (arn, (tiers, records)) in by_arn {
         let Some(Ok(targets)) = observed.target_groups.get(arn) else {
             continue;
         };
@@ -611,23 +619,25 @@ fn target_groups(
             .collect();
         // Wanted: (EC2 id, port) of every ready record whose instance EC2 runs.
         let mut wanted: BTreeMap<&str, (u16, &str)> = BTreeMap::new();
-        for tier in &tiers {
-            let Some(port) = tier.spec.template.port else {
+        for record in &records {
+            if pool_state(record) != Some(ServerState::Ready) {
+                continue;
+            }
+            let Some(port) = state
+                .tiers
+                .get(&record.tier)
+                .and_then(|tier| tier.spec.template.port)
+            else {
                 continue;
             };
-            for record in state.instances.values() {
-                if record.tier != tier.name() || pool_state(record) != Some(ServerState::Ready) {
-                    continue;
-                }
-                let Some(ec2_id) = record.provider_id.as_deref() else {
-                    continue;
-                };
-                if by_id
-                    .get(ec2_id)
-                    .is_some_and(|ec2| ec2.state == Ec2State::Running)
-                {
-                    wanted.insert(ec2_id, (port, tier.name()));
-                }
+            let Some(ec2_id) = record.provider_id.as_deref() else {
+                continue;
+            };
+            if by_id
+                .get(ec2_id)
+                .is_some_and(|ec2| ec2.state == Ec2State::Running)
+            {
+                wanted.insert(ec2_id, (port, record.tier.as_str()));
             }
         }
         // Registrations, one call per tier.
@@ -652,13 +662,10 @@ fn target_groups(
         }
         // Deregistrations: registered targets nobody wants (or on a stale port).
         let owner_of = |ec2_id: &str| -> String {
-            state
-                .instances
-                .values()
+            records
+                .iter()
                 .find(|record| record.provider_id.as_deref() == Some(ec2_id))
-                .map(|record| record.tier.clone())
-                .filter(|tier| tiers.iter().any(|named| named.name() == tier))
-                .unwrap_or_else(|| tiers[0].name().to_string())
+                .map_or_else(|| tiers[0].name().to_string(), |record| record.tier.clone())
         };
         let mut deregister: BTreeMap<String, Vec<(String, u16)>> = BTreeMap::new();
         for target in targets {
@@ -688,26 +695,24 @@ fn target_groups(
         }
         // Drains the group has finished: a draining record that served, whose target it no
         // longer lists.
-        for tier in &tiers {
-            for record in state.instances.values() {
-                if record.tier != tier.name() || pool_state(record) != Some(ServerState::Drain) {
-                    continue;
-                }
-                let listed = record
-                    .provider_id
-                    .as_deref()
-                    .is_some_and(|ec2_id| listed.contains_key(ec2_id));
-                if !listed {
-                    updates.push(InstanceUpdate {
-                        id: record.id,
-                        event: Some(InstanceEvent::DrainEnded),
-                        reason: Some(format!(
-                            "target group {} finished deregistering it",
-                            short_arn(arn)
-                        )),
-                        ..InstanceUpdate::default()
-                    });
-                }
+        for record in &records {
+            if pool_state(record) != Some(ServerState::Drain) {
+                continue;
+            }
+            let listed = record
+                .provider_id
+                .as_deref()
+                .is_some_and(|ec2_id| listed.contains_key(ec2_id));
+            if !listed {
+                updates.push(InstanceUpdate {
+                    id: record.id,
+                    event: Some(InstanceEvent::DrainEnded),
+                    reason: Some(format!(
+                        "target group {} finished deregistering it",
+                        short_arn(arn)
+                    )),
+                    ..InstanceUpdate::default()
+                });
             }
         }
     }
