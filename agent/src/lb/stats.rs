@@ -12,7 +12,7 @@
 //! columns reads the same.
 
 use std::collections::BTreeMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use strata_api::LbStats;
 
@@ -66,10 +66,28 @@ impl StatRow {
 /// reload or a restart: a counter lower than its baseline is a reset, which starts a new
 /// baseline (no rate is derived across it; the caller falls back to HAProxy's own
 /// last-second `rate` for that one report, as for a key seen the first time).
+///
+/// A rate is measured over at least `MIN_RATE_SPAN`. An LB agent long-polls and the leader
+/// answers at every pool change, so during a scale-out reports can follow each other within
+/// milliseconds: a delta over 20 ms holds zero or one request, which reads as 0 or 50 per
+/// second, and the autoscaler's mean over its window took such readings at face value (35
+/// requests/s read as 42 and scaled one instance too far). A report that comes sooner
+/// repeats the last rate and keeps the baseline.
 #[derive(Debug)]
 pub struct Rates<K> {
-    baselines: BTreeMap<K, (Instant, u64)>,
+    baselines: BTreeMap<K, Baseline>,
 }
+
+/// Where the current measurement started, and the last rate measured.
+#[derive(Debug, Clone, Copy)]
+struct Baseline {
+    at: Instant,
+    counter: u64,
+    last: Option<f64>,
+}
+
+/// The shortest span a rate is measured over.
+pub const MIN_RATE_SPAN: Duration = Duration::from_millis(500);
 
 impl<K> Default for Rates<K> {
     fn default() -> Self {
@@ -80,16 +98,35 @@ impl<K> Default for Rates<K> {
 }
 
 impl<K: Ord> Rates<K> {
-    /// The rate of `counter` per second since the previous sample of `key`, which `counter`
-    /// replaces as the baseline; `None` for a first sample, a reset or no time elapsed.
+    /// The rate of `counter` per second since the baseline of `key`; `None` for a first
+    /// sample or a reset (either starts a new baseline), and for a sample sooner than
+    /// `MIN_RATE_SPAN` after a baseline that has no rate yet. A sample at least
+    /// `MIN_RATE_SPAN` after the baseline becomes the new baseline.
     pub fn sample(&mut self, key: K, at: Instant, counter: u64) -> Option<f64> {
-        let previous = self.baselines.insert(key, (at, counter));
-        let (then, before) = previous?;
-        let elapsed = at.checked_duration_since(then)?.as_secs_f64();
-        if counter < before || elapsed <= 0.0 {
+        let fresh = Baseline {
+            at,
+            counter,
+            last: None,
+        };
+        let Some(baseline) = self.baselines.get_mut(&key) else {
+            self.baselines.insert(key, fresh);
+            return None;
+        };
+        if counter < baseline.counter {
+            *baseline = fresh;
             return None;
         }
-        Some((counter - before) as f64 / elapsed)
+        let elapsed = at.checked_duration_since(baseline.at)?;
+        if elapsed < MIN_RATE_SPAN {
+            return baseline.last;
+        }
+        let rate = (counter - baseline.counter) as f64 / elapsed.as_secs_f64();
+        *baseline = Baseline {
+            at,
+            counter,
+            last: Some(rate),
+        };
+        Some(rate)
     }
 
     /// Forgets the keys `keep` refuses (servers and tiers no longer served).
@@ -164,9 +201,33 @@ mod tests {
             Some(40.0),
             "from the new baseline"
         );
-        assert_eq!(rates.sample("web", at(3500), 70), None, "no time elapsed");
+        assert_eq!(
+            rates.sample("web", at(3500), 70),
+            Some(40.0),
+            "no time elapsed"
+        );
         rates.retain(|key| *key != "web");
         assert_eq!(rates.sample("web", at(4500), 80), None, "forgotten");
+    }
+
+    #[test]
+    fn reports_in_quick_succession_do_not_read_a_few_requests_as_a_rate() {
+        use std::time::Duration;
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut rates = Rates::default();
+        // 35 requests/s; reports at 0, 1000, then a burst of pool changes at 1010, 1030, 1050.
+        assert_eq!(rates.sample("web", at(0), 0), None);
+        assert_eq!(rates.sample("web", at(1000), 35), Some(35.0));
+        assert_eq!(rates.sample("web", at(1010), 36), Some(35.0), "not 100/s");
+        assert_eq!(rates.sample("web", at(1030), 36), Some(35.0), "not 0/s");
+        assert_eq!(rates.sample("web", at(1050), 37), Some(35.0));
+        // The next full span is measured from the baseline at 1000.
+        assert_eq!(rates.sample("web", at(2000), 70), Some(35.0));
+        // A short first span has no rate to repeat: HAProxy's own `rate` stands in.
+        assert_eq!(rates.sample("api", at(0), 0), None);
+        assert_eq!(rates.sample("api", at(100), 4), None);
+        assert_eq!(rates.sample("api", at(500), 20), Some(40.0));
     }
 
     use super::*;
