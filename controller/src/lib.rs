@@ -118,10 +118,9 @@ pub async fn run(
             sync: reconcile::ec2::SyncConfig {
                 unknown_grace_ms: config.ec2_unknown_grace.as_millis(),
             },
-            // User data carries the join token as it is at start; a rotated one reaches
-            // instances launched after a restart.
-            join_token: tokens_join.get(),
+            join_token: tokens_join.clone(),
             controllers: controllers.clone(),
+            agent_tls: agent_tls(&config, tls.acceptor.is_some())?,
         };
         tokio::spawn(provider::ec2::run(
             controller.clone(),
@@ -202,6 +201,26 @@ async fn reload_on_sighup(
 }
 
 /// Reads the configured tokens, generating and keeping the ones that may be generated.
+/// How agents booted from EC2 user data reach this cluster: HTTPS when it serves TLS,
+/// trusting the CA of the controllers' certificates (`--ca-cert`, else `--client-ca`).
+fn agent_tls(config: &Config, serves_tls: bool) -> anyhow::Result<provider::ec2::AgentTls> {
+    if !serves_tls {
+        return Ok(provider::ec2::AgentTls::Plain);
+    }
+    let ca_pem = config
+        .ca_cert
+        .as_ref()
+        .or(config.client_ca.as_ref())
+        .map(|path| {
+            std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))
+        })
+        .transpose()?;
+    Ok(provider::ec2::AgentTls::Https {
+        ca_pem,
+        mutual: config.client_ca.is_some(),
+    })
+}
+
 async fn load_tokens(config: &Config) -> anyhow::Result<Tokens> {
     create_private_dir(&config.data_dir)?;
     let from_file = |path: &Option<std::path::PathBuf>| -> anyhow::Result<Option<String>> {

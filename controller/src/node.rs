@@ -23,6 +23,7 @@ use openraft::{BasicNode, ChangeMembers, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 use strata_api::{ClusterStatus, HostMetrics, Member};
 use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
 
 use crate::agents::{Liveness, Touch};
 use crate::batch::Gatherer;
@@ -125,6 +126,12 @@ pub struct Tokens {
 #[derive(Clone)]
 pub struct JoinToken(Arc<std::sync::RwLock<String>>);
 
+impl std::fmt::Debug for JoinToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JoinToken(<redacted>)")
+    }
+}
+
 impl JoinToken {
     pub fn new(token: String) -> Self {
         JoinToken(Arc::new(std::sync::RwLock::new(token)))
@@ -145,6 +152,46 @@ impl JoinToken {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = token;
     }
+
+    /// The bootstrap token of one EC2 instance: `strata-boot.<uuid>.<HMAC-SHA-256 of the uuid
+    /// under the join token>`. EC2 user data is readable from inside the instance (the
+    /// metadata service answers any local process, the workload included), so it carries
+    /// this instead of the join token: it registers that one node, named after the instance,
+    /// while the instance's record exists and before the node holds a credential, and
+    /// nothing else. Every controller derives the same token from the shared join token; a
+    /// rotated join token invalidates the bootstrap tokens of instances not yet registered.
+    pub fn bootstrap_token(&self, instance: Uuid) -> String {
+        format!(
+            "{BOOTSTRAP_PREFIX}{instance}.{}",
+            bootstrap_mac(&self.get(), instance)
+        )
+    }
+
+    /// The instance a bootstrap token was made for, if it is one under the current join
+    /// token. The MAC is compared in constant time.
+    pub fn bootstrap_instance(&self, token: &str) -> Option<Uuid> {
+        let (instance, mac) = token.strip_prefix(BOOTSTRAP_PREFIX)?.split_once('.')?;
+        let instance = Uuid::parse_str(instance).ok()?;
+        let expected = bootstrap_mac(&self.get(), instance);
+        crate::http::same_secret(mac, &expected).then_some(instance)
+    }
+}
+
+/// How a bootstrap token starts (see `JoinToken::bootstrap_token`).
+pub const BOOTSTRAP_PREFIX: &str = "strata-boot.";
+
+fn bootstrap_mac(join: &str, instance: Uuid) -> String {
+    use hmac::{Hmac, Mac};
+    // HMAC accepts a key of any length (RFC 2104), so this cannot fail.
+    let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(join.as_bytes())
+        .expect("HMAC takes keys of any length");
+    mac.update(b"strata instance bootstrap\0");
+    mac.update(instance.as_bytes());
+    mac.finalize()
+        .into_bytes()
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
 }
 
 /// Limits a node enforces on what clients and agents may add.
@@ -1118,6 +1165,48 @@ mod membership_tests {
         assert_eq!(
             plan_add(&members, 3, "10.0.0.3:7001", false),
             Ok(AddStep::Nothing)
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bootstrap_token_names_its_instance_and_only_under_the_join_token_it_came_from() {
+        let join = JoinToken::new("join-secret".to_string());
+        let instance = Uuid::from_u128(7);
+        let token = join.bootstrap_token(instance);
+        assert!(
+            token.starts_with(&format!("{BOOTSTRAP_PREFIX}{instance}.")),
+            "{token}"
+        );
+        assert!(!token.contains("join-secret"), "{token}");
+        assert_eq!(join.bootstrap_instance(&token), Some(instance));
+
+        // Another instance's uuid with this MAC, a cut MAC, garbage: none is a token.
+        let mac = token.rsplit('.').next().unwrap_or_default();
+        let other = format!("{BOOTSTRAP_PREFIX}{}.{mac}", Uuid::from_u128(8));
+        assert_eq!(join.bootstrap_instance(&other), None);
+        assert_eq!(join.bootstrap_instance(&token[..token.len() - 1]), None);
+        assert_eq!(
+            join.bootstrap_instance(&format!("{BOOTSTRAP_PREFIX}{instance}.")),
+            None
+        );
+        assert_eq!(join.bootstrap_instance(BOOTSTRAP_PREFIX), None);
+        assert_eq!(join.bootstrap_instance("join-secret"), None);
+
+        // Every controller derives the same token; a rotated join token voids it.
+        assert_eq!(
+            JoinToken::new("join-secret".to_string()).bootstrap_token(instance),
+            token
+        );
+        join.replace("rotated".to_string());
+        assert_eq!(join.bootstrap_instance(&token), None);
+        assert_eq!(
+            join.bootstrap_instance(&join.bootstrap_token(instance)),
+            Some(instance)
         );
     }
 }

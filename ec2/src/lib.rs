@@ -371,6 +371,26 @@ impl Ec2 {
         Ok(())
     }
 
+    /// The user data instance `id` was launched with, decoded (DescribeInstanceAttribute
+    /// `userData`); `None` when it has none. For tests and operators' tools: what a launched
+    /// instance can read from its metadata service.
+    pub async fn user_data(&self, id: &str) -> Result<Option<String>, Ec2Error> {
+        let answer = self
+            .retrying(true, || {
+                let call = self
+                    .client
+                    .describe_instance_attribute()
+                    .instance_id(id)
+                    .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData);
+                async move { call.send().await.map_err(Ec2Error::from_sdk) }
+            })
+            .await?;
+        Ok(answer
+            .user_data()
+            .and_then(|value| value.value())
+            .and_then(base64_decode))
+    }
+
     /// Test set-up: a VPC with one /24 subnet per zone. Returns (vpc, [(subnet, zone)]).
     pub async fn create_vpc_with_subnets(
         &self,
@@ -499,6 +519,32 @@ fn base64_encode(text: &str) -> String {
     out
 }
 
+/// The inverse of `base64_encode`; `None` for text that is not base64 of UTF-8.
+fn base64_decode(text: &str) -> Option<String> {
+    let mut bits = 0u32;
+    let mut held = 0u32;
+    let mut out = Vec::with_capacity(text.len() / 4 * 3);
+    for byte in text.bytes().filter(|byte| !byte.is_ascii_whitespace()) {
+        let value = match byte {
+            b'A'..=b'Z' => byte - b'A',
+            b'a'..=b'z' => byte - b'a' + 26,
+            b'0'..=b'9' => byte - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            b'=' => break,
+            _ => return None,
+        };
+        bits = (bits << 6) | u32::from(value);
+        held += 6;
+        if held >= 8 {
+            held -= 8;
+            out.push((bits >> held) as u8);
+            bits &= (1 << held) - 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 impl Ec2Error {
     pub(crate) fn from_sdk<E>(
         error: aws_sdk_ec2::error::SdkError<E, aws_sdk_ec2::config::http::HttpResponse>,
@@ -569,6 +615,13 @@ mod tests {
             ("foobar", "Zm9vYmFy"),
         ] {
             assert_eq!(base64_encode(plain), encoded);
+            assert_eq!(base64_decode(encoded).as_deref(), Some(plain));
         }
+        let script = "#!/bin/sh\nexec agent --join-token 'x'\n";
+        assert_eq!(
+            base64_decode(&base64_encode(script)).as_deref(),
+            Some(script)
+        );
+        assert_eq!(base64_decode("Zm9v!"), None);
     }
 }

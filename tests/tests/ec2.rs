@@ -12,7 +12,9 @@ use serde_json::{json, Value};
 use strata_ec2::{Ec2Instance, Launch, TAG_CLUSTER, TAG_INSTANCE, TAG_TIER};
 use strata_tests::fault_proxy::{busiest_window, Fault, FaultProxy};
 use strata_tests::moto::{Moto, AMI};
-use strata_tests::{e2e_enabled, eventually, send, Cluster, ClusterOptions, ADMIN_TOKEN};
+use strata_tests::{
+    e2e_enabled, eventually, send, until, Cluster, ClusterOptions, ADMIN_TOKEN, JOIN_TOKEN,
+};
 
 const CLUSTER: &str = "strata-test";
 
@@ -169,6 +171,20 @@ async fn converged(
     .await
 }
 
+/// A moto server with a subnet in each of `zones`, one controller, and EC2 tier `web` at 0.
+async fn web_on_one_controller(zones: &[&str]) -> anyhow::Result<(Moto, Cluster)> {
+    let moto = Moto::start(zones).await?;
+    let cluster = Cluster::start(options(&moto, 1)).await?;
+    write(
+        &cluster,
+        Method::PUT,
+        "/v1/tiers/web",
+        &ec2_tier("web", &moto.subnet_ids()),
+    )
+    .await?;
+    Ok((moto, cluster))
+}
+
 async fn scale(cluster: &Cluster, tier: &str, desired: u32) -> anyhow::Result<()> {
     write(
         cluster,
@@ -200,15 +216,7 @@ async fn scale_0_5_2_runs_exactly_the_right_tagged_instances_spread_over_zones(
     if !e2e_enabled("ec2 scale") {
         return Ok(());
     }
-    let moto = Moto::start(&["us-east-1a", "us-east-1b"]).await?;
-    let cluster = Cluster::start(options(&moto, 1)).await?;
-    write(
-        &cluster,
-        Method::PUT,
-        "/v1/tiers/web",
-        &ec2_tier("web", &moto.subnet_ids()),
-    )
-    .await?;
+    let (moto, cluster) = web_on_one_controller(&["us-east-1a", "us-east-1b"]).await?;
     // Desired 0: nothing is launched, and no agent gets anything (there is none to get it).
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(alive(&moto, CLUSTER)
@@ -914,5 +922,138 @@ async fn failure_is_a_condition_and_one_event(
     assert_eq!(failures, 1, "{events}");
     assert_eq!(cluster.running(), vec![1]);
     println!("{condition}");
+    Ok(())
+}
+
+/// The `--join-token` value of a default user data script.
+fn token_in(script: &str) -> anyhow::Result<String> {
+    let (_, rest) = script
+        .split_once("--join-token '")
+        .ok_or_else(|| anyhow::anyhow!("no --join-token in {script}"))?;
+    Ok(rest.split('\'').next().unwrap_or_default().to_string())
+}
+
+async fn register_with(cluster: &Cluster, token: &str, node: &str) -> anyhow::Result<u16> {
+    let answer = send(
+        &cluster.http,
+        Method::POST,
+        &cluster.url(1, "/v1/agents/register"),
+        Some(token),
+        Some(&json!({
+            "node_id": node,
+            "address": "127.0.0.1",
+            "capacity": {"cpu": 1.0, "memory_mb": 512},
+            "agent_version": "test",
+        })),
+    )
+    .await?;
+    Ok(answer.status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_boots_its_agent_from_user_data_that_holds_no_shared_secret(
+) -> anyhow::Result<()> {
+    if !e2e_enabled("ec2 user data") {
+        return Ok(());
+    }
+    let (moto, cluster) = web_on_one_controller(&["us-east-1a"]).await?;
+    scale(&cluster, "web", 2).await?;
+    let two = converged(&cluster, &moto, "web", 2).await?;
+    let mut scripts = Vec::new();
+    for instance in &two {
+        let script = moto
+            .ec2
+            .user_data(&instance.id)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("{} has no user data", instance.id))?;
+        let uuid = instance.tag(TAG_INSTANCE).unwrap_or_default().to_string();
+        // What any process on the instance can read from the metadata service: no join
+        // token, only this instance's bootstrap token.
+        assert!(!script.contains(JOIN_TOKEN), "{script}");
+        let token = token_in(&script)?;
+        assert!(
+            token.starts_with(&format!("strata-boot.{uuid}.")),
+            "{token}"
+        );
+        scripts.push((uuid, token, script));
+    }
+    let (uuid, token, script) = scripts.remove(0);
+
+    // It registers no other node, and opens nothing else.
+    assert_eq!(register_with(&cluster, &token, "host-x").await?, 403);
+    assert_eq!(
+        register_with(&cluster, &token, &scripts[0].0).await?,
+        403,
+        "another instance's node"
+    );
+    for (method, path, body) in [
+        (Method::GET, "/v1/tiers", None),
+        (
+            Method::POST,
+            "/v1/tiers/web/scale",
+            Some(json!({"desired": 9})),
+        ),
+        (
+            Method::POST,
+            "/v1/agents/heartbeat",
+            Some(json!({"node_id": uuid, "instances": []})),
+        ),
+    ] {
+        let answer = send(
+            &cluster.http,
+            method,
+            &cluster.url(1, path),
+            Some(&token),
+            body.as_ref(),
+        )
+        .await?;
+        assert_eq!(answer.status, 403, "{path}: {answer:?}");
+    }
+
+    // The instance boots: its user data runs the agent (here the built binary, with the
+    // test's directory for its state), which registers and heartbeats as the instance's node.
+    let dir = tempfile::tempdir()?;
+    let booted = script
+        .replace(
+            "/usr/local/bin/strata-agent",
+            &strata_tests::binary("strata-agent").display().to_string(),
+        )
+        .replace(
+            "/var/lib/strata-agent",
+            &dir.path().join("agent").display().to_string(),
+        );
+    let log = std::fs::File::create(dir.path().join("agent.log"))?;
+    let _agent = strata_tests::ProcessGuard::spawn(
+        std::process::Command::new("sh")
+            .args(["-c", &booted])
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log),
+    )?;
+    let cluster_ref = &cluster;
+    let node_path = format!("/v1/nodes/{uuid}");
+    let node_path = node_path.as_str();
+    eventually(
+        Duration::from_secs(30),
+        "the instance's node registered and Ready",
+        || async move {
+            let node = get(cluster_ref, node_path)
+                .await
+                .map_err(|e| e.to_string())?;
+            until(node["status"] == "Ready", (), || node.to_string())
+        },
+    )
+    .await?;
+    // Spent: the node holds a credential now, so the token cannot claim it again.
+    assert_eq!(register_with(&cluster, &token, &uuid).await?, 403);
+
+    // An instance that is gone takes its token's use with it.
+    let (other_uuid, other_token, _) = scripts.remove(0);
+    scale(&cluster, "web", 0).await?;
+    converged(&cluster, &moto, "web", 0).await?;
+    assert_eq!(
+        register_with(&cluster, &other_token, &other_uuid).await?,
+        403
+    );
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! Agent upcalls under `/v1/agents`: registration (a Raft write, forwarded like any write) and
-//! heartbeats (leader memory only). Authenticated with the join token.
+//! heartbeats (leader memory only). Registration takes the join token, an EC2 instance's
+//! bootstrap token (its own node only) or the node's credential; heartbeats the credential.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -9,7 +10,7 @@ use axum::extract::{Extension, State};
 use axum::http::StatusCode;
 use axum::Json;
 use strata_api::{
-    Assignment, HeartbeatRequest, HeartbeatResponse, NodeRole, Phase, Pool, Problem,
+    Assignment, HeartbeatRequest, HeartbeatResponse, NodeRole, Phase, Pool, Problem, Provider,
     RegisterRequest, Registration,
 };
 use utoipa_axum::router::OpenApiRouter;
@@ -77,6 +78,12 @@ async fn register(
             }
             (NodeAuth::Credential { credential_hash }, None)
         }
+        Caller::Boot { instance } => {
+            check_bootstrap(&controller, instance, &registration)?;
+            let credential = new_credential();
+            let credential_hash = credential_digest(&credential);
+            (NodeAuth::JoinToken { credential_hash }, Some(credential))
+        }
         Caller::Admin | Caller::Viewer => {
             return Err(forbidden("registration needs the join token"));
         }
@@ -103,6 +110,49 @@ async fn register(
             "Internal error",
             format!("registration produced {other:?}"),
         )),
+    }
+}
+
+/// A bootstrap token registers the node named after its instance, a worker, while the
+/// instance is an EC2 record that has not left; like a join-token claim, it is refused once
+/// the node holds a credential (`NodeAuth::JoinToken`), so it serves once.
+fn check_bootstrap(
+    controller: &Controller,
+    instance: Uuid,
+    registration: &RegisterRequest,
+) -> Result<(), ApiError> {
+    if registration.node_id != instance.to_string() {
+        return Err(forbidden(format!(
+            "this bootstrap token is instance {instance}'s; it cannot register node {:?}",
+            registration.node_id
+        )));
+    }
+    if registration
+        .roles
+        .iter()
+        .any(|role| *role != NodeRole::Worker)
+    {
+        return Err(forbidden("a bootstrap token registers a worker node only"));
+    }
+    let known = controller.state.read(|machine| {
+        machine
+            .state
+            .instances
+            .get(&instance)
+            .is_some_and(|record| {
+                record.provider == Provider::Ec2
+                    && !matches!(
+                        record.phase,
+                        Phase::Stopping | Phase::Terminated | Phase::Failed | Phase::Lost
+                    )
+            })
+    });
+    if known {
+        Ok(())
+    } else {
+        Err(forbidden(format!(
+            "instance {instance} is not an EC2 instance of this cluster that is still wanted"
+        )))
     }
 }
 

@@ -267,7 +267,7 @@ pub fn credential_digest(credential: &str) -> String {
 
 /// Compares secrets without stopping at the first differing byte, so response times do not
 /// reveal how much of a guess was right.
-fn same_secret(given: &str, expected: &str) -> bool {
+pub(crate) fn same_secret(given: &str, expected: &str) -> bool {
     let (given, expected) = (given.as_bytes(), expected.as_bytes());
     given.len() == expected.len()
         && given
@@ -284,6 +284,11 @@ pub enum Caller {
     Viewer,
     /// The join token: may only register.
     Join,
+    /// An EC2 instance's bootstrap token (`JoinToken::bootstrap_token`): may only register
+    /// the node named after that instance, once.
+    Boot {
+        instance: uuid::Uuid,
+    },
     /// A node's own credential: may register and heartbeat for that node only.
     Node {
         id: String,
@@ -305,6 +310,9 @@ fn caller_of(controller: &Controller, token: &str) -> Option<Caller> {
     }
     if same_secret(token, &tokens.join.get()) {
         return Some(Caller::Join);
+    }
+    if let Some(instance) = tokens.join.bootstrap_instance(token) {
+        return Some(Caller::Boot { instance });
     }
     // A digest looked up in a map: the map's comparisons see only the digest, which says
     // nothing about how close a guess of the credential was.
@@ -353,7 +361,9 @@ async fn require_api_token(
         Method::GET | Method::HEAD | Method::OPTIONS
     );
     let refusal = match (&caller, agent_route) {
-        (Caller::Admin, false) | (Caller::Join | Caller::Node { .. }, true) => None,
+        (Caller::Admin, false) | (Caller::Join | Caller::Boot { .. } | Caller::Node { .. }, true) => {
+            None
+        }
         (Caller::Viewer, false) if safe => None,
         (Caller::Viewer, false) => {
             Some("the viewer token may only read; writes need the admin token")
@@ -362,6 +372,9 @@ async fn require_api_token(
             "agent endpoints need the join token (to register) or a node's credential; the admin and viewer tokens are no node's identity",
         ),
         (Caller::Join, false) => Some("the join token may only register a node"),
+        (Caller::Boot { .. }, false) => {
+            Some("a bootstrap token may only register the node of its instance")
+        }
         (Caller::Node { .. }, false) => Some("a node credential may only be used by its agent"),
     };
     match refusal {

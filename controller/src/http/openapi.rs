@@ -62,7 +62,7 @@ pub fn base() -> OpenApi {
                 )
                 .security_scheme(
                     JOIN,
-                    bearer("The join token (`--join-token-file`): `POST /v1/agents/register` only; the answer carries the node's own credential."),
+                    bearer("The join token (`--join-token-file`), or an EC2 instance's bootstrap token (`strata-boot.<uuid>.<mac>`, its own node only, once): `POST /v1/agents/register` only; the answer carries the node's own credential."),
                 )
                 .security_scheme(
                     NODE,

@@ -32,7 +32,7 @@ use strata_ec2::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::node::{Controller, LocalWriteError};
+use crate::node::{Controller, JoinToken, LocalWriteError};
 use crate::reconcile::ec2::{
     plan_sync, Ec2Call, Ec2Observed, SyncConfig, EC2_CALL_FAILED, EC2_DEREGISTERED, EC2_LAUNCHED,
     EC2_REGISTERED, EC2_TERMINATED,
@@ -48,9 +48,28 @@ pub struct ExecutorConfig {
     pub cluster: String,
     pub interval: Duration,
     pub sync: SyncConfig,
-    /// The join token and controller addresses for the default user data.
-    pub join_token: String,
+    /// For the default user data: the join token its bootstrap tokens derive from (read at
+    /// each launch, so a rotated token reaches the next launch), the controllers' addresses
+    /// and how agents reach them.
+    pub join_token: JoinToken,
     pub controllers: Vec<String>,
+    pub agent_tls: AgentTls,
+}
+
+/// How an agent booted from the default user data talks to the controllers.
+#[derive(Clone, Debug, Default)]
+pub enum AgentTls {
+    /// Plain HTTP (`--insecure-http` controllers).
+    #[default]
+    Plain,
+    /// HTTPS, trusting `ca_pem` (the CA of the controllers' certificates; `None`: the AMI
+    /// supplies it at `/etc/strata/ca.pem`). `mutual`: the controllers want a client
+    /// certificate, which the AMI supplies at `/etc/strata/agent.pem` and `agent-key.pem`
+    /// (a certificate cannot travel in user data, which the workload can read).
+    Https {
+        ca_pem: Option<String>,
+        mutual: bool,
+    },
 }
 
 /// Runs the executor until `shutdown`.
@@ -378,22 +397,52 @@ fn launch_of(
 }
 
 /// The user data an EC2 tier gets unless it names its own: a script that starts
-/// `strata-agent` with the join token, so the instance heartbeats like any node once it boots
-/// (it expects the agent binary in the AMI at /usr/local/bin/strata-agent).
+/// `strata-agent` (expected in the AMI at /usr/local/bin/strata-agent) as the node named after
+/// the instance, so the instance heartbeats like any node once it boots. It carries the
+/// instance's bootstrap token, never the join token: user data is readable from inside the
+/// instance, and the bootstrap token registers this one node, once (`JoinToken::bootstrap_token`).
 pub fn default_user_data(
     config: &ExecutorConfig,
     instance: uuid::Uuid,
     port: Option<u16>,
 ) -> String {
-    let controllers = config.controllers.join(",");
     let port = port.map_or(String::new(), |port| format!("# workload port: {port}\n"));
+    let (scheme, ca, flags) = match &config.agent_tls {
+        AgentTls::Plain => ("", String::new(), String::new()),
+        AgentTls::Https { ca_pem, mutual } => {
+            let ca = match ca_pem {
+                Some(pem) => format!(
+                    "mkdir -p /etc/strata\ncat > /etc/strata/ca.pem <<'STRATA_CA'\n{}\nSTRATA_CA\n",
+                    pem.trim_end()
+                ),
+                None => "# /etc/strata/ca.pem: the controllers' CA, from the AMI.\n".to_string(),
+            };
+            let client = if *mutual {
+                " --tls-cert /etc/strata/agent.pem --tls-key /etc/strata/agent-key.pem"
+            } else {
+                ""
+            };
+            (
+                "https://",
+                ca,
+                format!(" --ca-cert /etc/strata/ca.pem{client}"),
+            )
+        }
+    };
+    let controllers = config
+        .controllers
+        .iter()
+        .map(|address| format!("{scheme}{address}"))
+        .collect::<Vec<_>>()
+        .join(",");
     format!(
         "#!/bin/sh\n\
          # Written by Strata: start the agent so this instance heartbeats as a node.\n\
          {port}\
-         exec /usr/local/bin/strata-agent --controllers '{controllers}' \\\n  \
+         {ca}\
+         exec /usr/local/bin/strata-agent --controllers '{controllers}'{flags} \\\n  \
          --join-token '{token}' --node-id '{instance}' --data-dir /var/lib/strata-agent\n",
-        token = config.join_token,
+        token = config.join_token.bootstrap_token(instance),
     )
 }
 
@@ -401,4 +450,90 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(agent_tls: AgentTls) -> ExecutorConfig {
+        ExecutorConfig {
+            cluster: "prod".to_string(),
+            interval: Duration::from_secs(1),
+            sync: SyncConfig {
+                unknown_grace_ms: 1000,
+            },
+            join_token: JoinToken::new("the-join-token".to_string()),
+            controllers: vec!["10.0.0.1:7000".to_string(), "10.0.0.2:7000".to_string()],
+            agent_tls,
+        }
+    }
+
+    #[test]
+    fn default_user_data_carries_the_bootstrap_token_never_the_join_token() {
+        let config = config(AgentTls::Plain);
+        let instance = uuid::Uuid::from_u128(42);
+        let script = default_user_data(&config, instance, Some(8080));
+        assert!(!script.contains("the-join-token"), "{script}");
+        assert!(
+            script.contains(&format!(
+                "--join-token '{}'",
+                config.join_token.bootstrap_token(instance)
+            )),
+            "{script}"
+        );
+        assert!(
+            script.contains(&format!("--node-id '{instance}'")),
+            "{script}"
+        );
+        assert!(
+            script.contains("--controllers '10.0.0.1:7000,10.0.0.2:7000' \\\n"),
+            "{script}"
+        );
+        // A rotated join token reaches the next launch.
+        config.join_token.replace("rotated".to_string());
+        let after = default_user_data(&config, instance, Some(8080));
+        assert_ne!(after, script);
+        assert!(after.contains(&config.join_token.bootstrap_token(instance)));
+    }
+
+    #[test]
+    fn default_user_data_trusts_the_controllers_ca_over_https() {
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let instance = uuid::Uuid::from_u128(42);
+        let script = default_user_data(
+            &config(AgentTls::Https {
+                ca_pem: Some(pem.to_string()),
+                mutual: false,
+            }),
+            instance,
+            None,
+        );
+        assert!(
+            script.contains("cat > /etc/strata/ca.pem <<'STRATA_CA'\n-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\nSTRATA_CA\n"),
+            "{script}"
+        );
+        assert!(
+            script.contains(
+                "--controllers 'https://10.0.0.1:7000,https://10.0.0.2:7000' --ca-cert /etc/strata/ca.pem \\\n"
+            ),
+            "{script}"
+        );
+        assert!(!script.contains("--tls-cert"), "{script}");
+        let mutual = default_user_data(
+            &config(AgentTls::Https {
+                ca_pem: None,
+                mutual: true,
+            }),
+            instance,
+            None,
+        );
+        assert!(!mutual.contains("BEGIN CERTIFICATE"), "{mutual}");
+        assert!(
+            mutual.contains(
+                "--ca-cert /etc/strata/ca.pem --tls-cert /etc/strata/agent.pem --tls-key /etc/strata/agent-key.pem"
+            ),
+            "{mutual}"
+        );
+    }
 }
