@@ -704,6 +704,7 @@ mod fake_controller {
             last_heartbeat_ms: 0,
             metrics: Default::default(),
             registered_at_ms: 0,
+            ec2_instance: None,
             resource_version: 1,
         })
     }

@@ -97,6 +97,10 @@ pub struct Node {
     #[serde(default)]
     pub metrics: HostMetrics,
     pub registered_at_ms: u64,
+    /// The EC2 instance this node's agent runs on, when it registered with that instance's
+    /// bootstrap token: it takes no instances, and is removed once the instance is gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ec2_instance: Option<Uuid>,
     pub resource_version: u64,
 }
 

@@ -33,6 +33,8 @@ pub enum Touch {
     /// A tier's desired state changed: the planners have work. No assignment changes until
     /// they act (their commands touch the nodes they place on or drain from).
     TierChanged,
+    /// A node was removed: a held heartbeat of it wakes (to a 404), and its memory goes.
+    NodeRemoved(String),
     /// A tier was deleted, which drains its instances in the same entry: the nodes running
     /// them have new assignments, and the planners have work.
     TierDeleted(String),
@@ -56,6 +58,7 @@ impl Touch {
                 Touch::Nodes(vec![registration.node_id.clone()])
             }
             C::RevokeNode { node } => Touch::Nodes(vec![node.clone()]),
+            C::RemoveNode { node, .. } => Touch::NodeRemoved(node.clone()),
             C::PutTier { .. }
             | C::ScaleTier { .. }
             | C::ResumeAutoscaling { .. }
@@ -189,6 +192,14 @@ impl Liveness {
         match touch {
             Touch::Nothing => {}
             Touch::Nodes(nodes) => self.notify(nodes),
+            Touch::NodeRemoved(node) => {
+                self.notify([node.clone()]);
+                self.lock().nodes.remove(&node);
+                self.signals
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .remove(&node);
+            }
             Touch::Instances(ids) => {
                 let nodes: Vec<String> = state.read(|machine| {
                     ids.iter()

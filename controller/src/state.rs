@@ -97,6 +97,9 @@ pub enum Command {
     /// An operator revoked a node's credential: it no longer authenticates, and the agent
     /// must register again with the join token.
     RevokeNode { node: String },
+    /// Forget a node that has nothing placed on it (the planner removes the node of an EC2
+    /// instance that is gone).
+    RemoveNode { node: String, reason: String },
     /// The leader saw a node's heartbeats stop (or resume). Instances on a node that becomes
     /// not ready are Lost.
     SetNodeReady {
@@ -142,6 +145,13 @@ pub enum NodeAuth {
     /// The node's own credential, whose digest this is: accepted while it is still the
     /// node's (a revocation applied in between makes it fail).
     Credential { credential_hash: String },
+    /// EC2 instance `instance`'s bootstrap token: as `JoinToken`, for the node named after
+    /// that instance only, while its record is an EC2 instance that is still wanted (judged
+    /// here, at apply, so every node decides alike). The node records the instance.
+    Bootstrap {
+        credential_hash: String,
+        instance: Uuid,
+    },
 }
 
 /// One instance to create.
@@ -201,6 +211,11 @@ pub struct NodeRecord {
     /// and after a revocation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential_hash: Option<String>,
+    /// The EC2 instance whose agent this node is (it registered with that instance's
+    /// bootstrap token): nothing is placed on it, and it is removed once the instance is
+    /// gone and the node NotReady.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ec2_instance: Option<Uuid>,
 }
 
 impl NodeRecord {
@@ -333,6 +348,7 @@ impl State {
                 max_nodes,
             } => self.register_node(version, at_ms, registration, auth.as_ref(), *max_nodes),
             Command::RevokeNode { node } => self.revoke_node(version, at_ms, node),
+            Command::RemoveNode { node, reason } => self.remove_node(at_ms, node, reason),
             Command::SetNodeReady {
                 node,
                 ready,
@@ -449,15 +465,32 @@ impl State {
     ) -> CommandResult {
         let existing = self.nodes.get(&registration.node_id);
         let held = existing.and_then(|node| node.credential_hash.clone());
+        let mut ec2_instance = existing.and_then(|node| node.ec2_instance);
+        if let Some(NodeAuth::Bootstrap { instance, .. }) = auth {
+            if let Some(detail) = self.bootstrap_refusal(*instance, registration) {
+                return CommandResult::Rejected {
+                    rejection: Rejection::Forbidden { detail },
+                };
+            }
+            ec2_instance = Some(*instance);
+        }
         let credential_hash = match (auth, &held) {
             (None, _) => held.clone(),
-            (Some(NodeAuth::JoinToken { credential_hash }), None) => Some(credential_hash.clone()),
+            (
+                Some(
+                    NodeAuth::JoinToken { credential_hash }
+                    | NodeAuth::Bootstrap {
+                        credential_hash, ..
+                    },
+                ),
+                None,
+            ) => Some(credential_hash.clone()),
             (Some(NodeAuth::Credential { credential_hash }), Some(current))
                 if credential_hash == current =>
             {
                 held.clone()
             }
-            (Some(NodeAuth::JoinToken { .. }), Some(_)) => {
+            (Some(NodeAuth::JoinToken { .. } | NodeAuth::Bootstrap { .. }), Some(_)) => {
                 let id = &registration.node_id;
                 self.record(
                     at_ms,
@@ -512,6 +545,7 @@ impl State {
             registered_at_ms: existing.map_or(at_ms, |node| node.registered_at_ms),
             resource_version: index,
             credential_hash,
+            ec2_instance,
         };
         let message = match existing {
             None => format!("node {} registered at {}", record.id, record.address),
@@ -534,6 +568,62 @@ impl State {
         CommandResult::Node {
             node: Box::new(record),
         }
+    }
+
+    /// Why EC2 instance `instance`'s bootstrap token may not register `registration`, if it
+    /// may not: only the worker node named after the instance, while the instance is an EC2
+    /// record that is neither stopping nor over.
+    fn bootstrap_refusal(&self, instance: Uuid, registration: &RegisterRequest) -> Option<String> {
+        if registration.node_id != instance.to_string() {
+            return Some(format!(
+                "this bootstrap token is instance {instance}'s; it cannot register node {:?}",
+                registration.node_id
+            ));
+        }
+        if registration
+            .roles
+            .iter()
+            .any(|role| *role != NodeRole::Worker)
+        {
+            return Some("a bootstrap token registers a worker node only".to_string());
+        }
+        let wanted = self.instances.get(&instance).is_some_and(|record| {
+            record.provider == Provider::Ec2
+                && record.phase != Phase::Stopping
+                && !record.phase.is_final()
+        });
+        (!wanted).then(|| {
+            format!(
+                "instance {instance} is not an EC2 instance of this cluster that is still wanted"
+            )
+        })
+    }
+
+    fn remove_node(&mut self, at_ms: u64, node: &str, reason: &str) -> CommandResult {
+        if !self.nodes.contains_key(node) {
+            return not_found_kind("node", node);
+        }
+        if self
+            .by_node
+            .get(node)
+            .is_some_and(|placed| !placed.is_empty())
+        {
+            // Something was placed on it since the proposal: it stays.
+            return CommandResult::Changed { count: 0 };
+        }
+        if let Some(record) = self.nodes.remove(node) {
+            if let Some(hash) = &record.credential_hash {
+                self.credentials.remove(hash);
+            }
+        }
+        self.by_node.remove(node);
+        self.record(
+            at_ms,
+            format!("node/{node}"),
+            "NodeRemoved",
+            format!("node {node} removed: {reason}"),
+        );
+        CommandResult::Changed { count: 1 }
     }
 
     fn revoke_node(&mut self, index: u64, at_ms: u64, node: &str) -> CommandResult {
@@ -714,6 +804,8 @@ impl State {
                 Some("is draining")
             } else if node.cordoned {
                 Some("is cordoned")
+            } else if node.ec2_instance.is_some() {
+                Some("is an EC2 instance's agent")
             } else {
                 None
             };

@@ -372,6 +372,7 @@ pub fn node_view(state: &State, record: &NodeRecord, heard: Option<(u64, HostMet
         last_heartbeat_ms,
         metrics,
         registered_at_ms: record.registered_at_ms,
+        ec2_instance: record.ec2_instance,
         resource_version: record.resource_version,
     }
 }

@@ -1023,7 +1023,7 @@ async fn an_instance_boots_its_agent_from_user_data_that_holds_no_shared_secret(
             &dir.path().join("agent").display().to_string(),
         );
     let log = std::fs::File::create(dir.path().join("agent.log"))?;
-    let _agent = strata_tests::ProcessGuard::spawn(
+    let agent = strata_tests::ProcessGuard::spawn(
         std::process::Command::new("sh")
             .args(["-c", &booted])
             .stdin(std::process::Stdio::null())
@@ -1044,16 +1044,44 @@ async fn an_instance_boots_its_agent_from_user_data_that_holds_no_shared_secret(
         },
     )
     .await?;
+    let node = get(&cluster, node_path).await?;
+    assert_eq!(node["ec2_instance"], uuid.as_str(), "{node}");
     // Spent: the node holds a credential now, so the token cannot claim it again.
     assert_eq!(register_with(&cluster, &token, &uuid).await?, 403);
 
-    // An instance that is gone takes its token's use with it.
+    // An instance that is gone takes its token's use with it, and its node: EC2 terminates
+    // the instances (the agent with them), and the node, NotReady, is removed.
     let (other_uuid, other_token, _) = scripts.remove(0);
     scale(&cluster, "web", 0).await?;
     converged(&cluster, &moto, "web", 0).await?;
+    drop(agent);
     assert_eq!(
         register_with(&cluster, &other_token, &other_uuid).await?,
         403
+    );
+    eventually(
+        Duration::from_secs(30),
+        "the gone instance's node removed",
+        || async move {
+            let answer = send(
+                &cluster_ref.http,
+                Method::GET,
+                &cluster_ref.url(1, node_path),
+                Some(ADMIN_TOKEN),
+                None,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            until(answer.status == 404, (), || format!("{answer:?}"))
+        },
+    )
+    .await?;
+    let events = get(&cluster, &format!("/v1/events?object=node/{uuid}")).await?;
+    assert!(
+        events["items"]
+            .as_array()
+            .is_some_and(|items| items.iter().any(|e| e["reason"] == "NodeRemoved")),
+        "{events}"
     );
     Ok(())
 }

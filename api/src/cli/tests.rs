@@ -684,6 +684,7 @@ fn node(id: &str) -> Node {
             load5: 0.4,
             load15: 0.31,
         },
+        ec2_instance: None,
         registered_at_ms: NOW_MS - 7_200_000,
         resource_version: 12,
     }
@@ -712,6 +713,7 @@ fn silent_node() -> Node {
         roles: vec![NodeRole::Worker],
         last_heartbeat_ms: 0,
         metrics: HostMetrics::default(),
+        ec2_instance: None,
         registered_at_ms: NOW_MS - 600_000,
         resource_version: 30,
     }
@@ -1246,6 +1248,7 @@ async fn get_nodes_instances_and_events() {
         printed,
         Node {
             last_heartbeat_ms: printed.last_heartbeat_ms,
+            ec2_instance: None,
             registered_at_ms: printed.registered_at_ms,
             ..node("host-1")
         }

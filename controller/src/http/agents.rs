@@ -10,7 +10,7 @@ use axum::extract::{Extension, State};
 use axum::http::StatusCode;
 use axum::Json;
 use strata_api::{
-    Assignment, HeartbeatRequest, HeartbeatResponse, NodeRole, Phase, Pool, Problem, Provider,
+    Assignment, HeartbeatRequest, HeartbeatResponse, NodeRole, Phase, Pool, Problem,
     RegisterRequest, Registration,
 };
 use utoipa_axum::router::OpenApiRouter;
@@ -79,10 +79,17 @@ async fn register(
             (NodeAuth::Credential { credential_hash }, None)
         }
         Caller::Boot { instance } => {
-            check_bootstrap(&controller, instance, &registration)?;
+            // Apply decides whether it may (`State::bootstrap_refusal`), so that every node
+            // judges the instance record alike.
             let credential = new_credential();
             let credential_hash = credential_digest(&credential);
-            (NodeAuth::JoinToken { credential_hash }, Some(credential))
+            (
+                NodeAuth::Bootstrap {
+                    credential_hash,
+                    instance,
+                },
+                Some(credential),
+            )
         }
         Caller::Admin | Caller::Viewer => {
             return Err(forbidden("registration needs the join token"));
@@ -110,49 +117,6 @@ async fn register(
             "Internal error",
             format!("registration produced {other:?}"),
         )),
-    }
-}
-
-/// A bootstrap token registers the node named after its instance, a worker, while the
-/// instance is an EC2 record that has not left; like a join-token claim, it is refused once
-/// the node holds a credential (`NodeAuth::JoinToken`), so it serves once.
-fn check_bootstrap(
-    controller: &Controller,
-    instance: Uuid,
-    registration: &RegisterRequest,
-) -> Result<(), ApiError> {
-    if registration.node_id != instance.to_string() {
-        return Err(forbidden(format!(
-            "this bootstrap token is instance {instance}'s; it cannot register node {:?}",
-            registration.node_id
-        )));
-    }
-    if registration
-        .roles
-        .iter()
-        .any(|role| *role != NodeRole::Worker)
-    {
-        return Err(forbidden("a bootstrap token registers a worker node only"));
-    }
-    let known = controller.state.read(|machine| {
-        machine
-            .state
-            .instances
-            .get(&instance)
-            .is_some_and(|record| {
-                record.provider == Provider::Ec2
-                    && !matches!(
-                        record.phase,
-                        Phase::Stopping | Phase::Terminated | Phase::Failed | Phase::Lost
-                    )
-            })
-    });
-    if known {
-        Ok(())
-    } else {
-        Err(forbidden(format!(
-            "instance {instance} is not an EC2 instance of this cluster that is still wanted"
-        )))
     }
 }
 

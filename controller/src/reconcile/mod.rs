@@ -175,6 +175,13 @@ fn plan_nodes_and_reports(
                 reason: "heartbeats resumed".to_string(),
             });
         }
+        if let Some(reason) = ec2_node_gone(state, node) {
+            commands.push(Command::RemoveNode {
+                node: node.id.clone(),
+                reason,
+            });
+            continue;
+        }
         let Some(observation) = observation.filter(|_| node.ready) else {
             continue;
         };
@@ -193,6 +200,24 @@ fn plan_nodes_and_reports(
     }
     updates.sort_by_key(|update| update.id);
     (commands, updates)
+}
+
+/// Why the node of an EC2 instance's agent is to be removed, if it is: it is NotReady and its
+/// instance is gone (no record, or one that ended). Like Kubernetes' cloud node lifecycle
+/// controller, which deletes a Node whose cloud instance no longer exists; a scaled EC2 tier
+/// would otherwise leave a NotReady node behind for every instance it ever ran.
+fn ec2_node_gone(state: &State, node: &NodeRecord) -> Option<String> {
+    let instance = node.ec2_instance?;
+    if node.ready {
+        return None;
+    }
+    match state.instances.get(&instance) {
+        None => Some(format!("its EC2 instance {instance} is gone")),
+        Some(record) if record.phase.is_final() => {
+            Some(format!("its EC2 instance {instance} is {:?}", record.phase))
+        }
+        Some(_) => None,
+    }
 }
 
 /// The updates that one node's reports (`reports`, sorted by id) call for on the instances
@@ -735,6 +760,7 @@ fn eligible(tier: &Tier, node: &NodeRecord) -> bool {
     node.ready
         && !node.cordoned
         && !node.draining
+        && node.ec2_instance.is_none()
         && node.has_role(NodeRole::Worker)
         && tier
             .spec

@@ -61,7 +61,7 @@ impl World {
         world
     }
 
-    fn apply(&mut self, command: Command) {
+    fn apply(&mut self, command: Command) -> crate::state::CommandResult {
         self.index += 1;
         self.state.apply(
             self.index,
@@ -69,7 +69,7 @@ impl World {
                 at_ms: self.now,
                 command,
             },
-        );
+        )
     }
 
     fn scale(&mut self, desired: u32) {
@@ -624,4 +624,168 @@ fn a_roll_counts_outdated_instances_on_their_way_out_toward_the_surge() {
     world.sync(&synced(described));
     world.plan_records();
     assert_eq!(not_final(&world), 4);
+}
+
+/// A worker's registration of `node`, as an agent sends it.
+fn registration(node: &str) -> RegisterRequest {
+    RegisterRequest {
+        node_id: node.to_string(),
+        address: "10.0.0.9".to_string(),
+        zone: None,
+        labels: BTreeMap::new(),
+        capacity: Resources {
+            cpu: 64.0,
+            memory_mb: 65536,
+        },
+        agent_version: "test".to_string(),
+        roles: strata_api::default_roles(),
+    }
+}
+
+fn register(node: &str, auth: crate::state::NodeAuth) -> Command {
+    Command::RegisterNode {
+        registration: registration(node),
+        auth: Some(auth),
+        max_nodes: None,
+    }
+}
+
+fn boot(instance: Uuid, hash: &str) -> crate::state::NodeAuth {
+    crate::state::NodeAuth::Bootstrap {
+        credential_hash: hash.to_string(),
+        instance,
+    }
+}
+
+fn forbidden(result: &crate::state::CommandResult) -> bool {
+    matches!(
+        result,
+        crate::state::CommandResult::Rejected {
+            rejection: crate::state::Rejection::Forbidden { .. }
+        }
+    )
+}
+
+#[test]
+fn an_instances_agent_registers_its_own_node_once_takes_no_work_and_leaves_with_it() {
+    let mut world = World::new();
+    world.scale(2);
+    world.plan_records();
+    let ids: Vec<Uuid> = world.state.instances.keys().copied().collect();
+    let (first, second) = (ids[0], ids[1]);
+
+    // Its own node only, a worker only, and only for an instance of the state.
+    assert!(forbidden(
+        &world.apply(register("host-x", boot(first, "h0")))
+    ));
+    assert!(forbidden(
+        &world.apply(register(&second.to_string(), boot(first, "h0")))
+    ));
+    let mut balancer = registration(&first.to_string());
+    balancer.roles = vec![strata_api::NodeRole::LoadBalancer];
+    assert!(forbidden(&world.apply(Command::RegisterNode {
+        registration: balancer,
+        auth: Some(boot(first, "h0")),
+        max_nodes: None,
+    })));
+    let stranger = Uuid::from_u128(999);
+    assert!(forbidden(
+        &world.apply(register(&stranger.to_string(), boot(stranger, "h0")))
+    ));
+    assert!(
+        world.state.nodes.len() == 1,
+        "{:?}",
+        world.state.nodes.keys()
+    );
+
+    // Once: the node then holds a credential, which alone speaks for it (and keeps the
+    // instance it belongs to).
+    let node = first.to_string();
+    world.apply(register(&node, boot(first, "h1")));
+    assert_eq!(world.state.nodes[&node].ec2_instance, Some(first));
+    assert!(forbidden(&world.apply(register(&node, boot(first, "h2")))));
+    assert_eq!(world.state.node_of_credential("h2"), None);
+    world.apply(register(
+        &node,
+        crate::state::NodeAuth::Credential {
+            credential_hash: "h1".to_string(),
+        },
+    ));
+    assert_eq!(world.state.nodes[&node].ec2_instance, Some(first));
+    world.apply(register(&second.to_string(), boot(second, "h3")));
+
+    // No work: a local tier with the only agent host cordoned is placed nowhere.
+    world.apply(Command::SetNodeFlags {
+        node: "host-1".to_string(),
+        cordoned: true,
+        draining: false,
+    });
+    let spec: TierSpec = serde_json::from_value(serde_json::json!({
+        "name": "jobs",
+        "template": {"driver": "process", "command": ["sleep", "1000"], "cpu": 0.1, "memory_mb": 16},
+        "scaling": {"min": 1, "max": 1},
+    }))
+    .unwrap_or_else(|error| panic!("{error}"));
+    world.apply(Command::PutTier {
+        spec: Box::new(spec),
+        max_tiers: None,
+    });
+    world.plan_records();
+    assert!(
+        world
+            .state
+            .instances
+            .values()
+            .all(|instance| instance.node.is_none()),
+        "{:?}",
+        world.state.instances
+    );
+    // The tier is placeable: uncordoned, host-1 takes it.
+    world.apply(Command::SetNodeFlags {
+        node: "host-1".to_string(),
+        cordoned: false,
+        draining: false,
+    });
+    world.plan_records();
+    let placed: Vec<Option<&str>> = world
+        .state
+        .instances
+        .values()
+        .filter(|instance| instance.tier == "jobs")
+        .map(|instance| instance.node.as_deref())
+        .collect();
+    assert_eq!(placed, [Some("host-1")]);
+
+    // The first instance is gone: its node, once NotReady, is removed with its credential;
+    // the second's NotReady node stays while its instance lives.
+    world.apply(Command::RemoveInstances { ids: vec![first] });
+    assert!(!world
+        .plan_records()
+        .iter()
+        .any(|command| matches!(command, Command::RemoveNode { .. })));
+    for id in [first, second] {
+        world.apply(Command::SetNodeReady {
+            node: id.to_string(),
+            ready: false,
+            reason: "test".to_string(),
+        });
+    }
+    let removals: Vec<Command> = world
+        .plan_records()
+        .into_iter()
+        .filter(|command| matches!(command, Command::RemoveNode { .. }))
+        .collect();
+    assert_eq!(removals.len(), 1, "{removals:?}");
+    assert!(!world.state.nodes.contains_key(&node));
+    assert!(world.state.nodes.contains_key(&second.to_string()));
+    assert_eq!(world.state.node_of_credential("h1"), None);
+    assert!(world
+        .state
+        .events
+        .iter()
+        .any(|event| event.reason == "NodeRemoved" && event.object == format!("node/{node}")));
+    assert!(world
+        .plan_records()
+        .iter()
+        .all(|command| !matches!(command, Command::RemoveNode { .. })));
 }
