@@ -29,6 +29,19 @@ if ! command -v cargo >/dev/null 2>&1; then
   fi
 fi
 
+# The workspace's rust-version (what the AWS SDK crates need): update an older toolchain.
+need_rust="1.94.1"
+have_rust="$(rustc --version | awk '{print $2}')"
+if [ "$(printf '%s\n%s\n' "$need_rust" "$have_rust" | sort -V | head -n1)" != "$need_rust" ]; then
+  if command -v rustup >/dev/null 2>&1; then
+    echo "install-deps: rustc $have_rust is older than $need_rust; rustup update stable"
+    rustup update stable
+  else
+    echo "install-deps: rustc $have_rust is older than $need_rust; update Rust (https://rustup.rs)" >&2
+    exit 1
+  fi
+fi
+
 # cargo-nextest runs the test suite; fall back to building it from crates.io.
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "install-deps: installing cargo-nextest"
