@@ -200,7 +200,6 @@ async fn reload_on_sighup(
     }
 }
 
-/// Reads the configured tokens, generating and keeping the ones that may be generated.
 /// How agents booted from EC2 user data reach this cluster: HTTPS when it serves TLS,
 /// trusting the CA of the controllers' certificates (`--ca-cert`, else `--client-ca`).
 fn agent_tls(config: &Config, serves_tls: bool) -> anyhow::Result<provider::ec2::AgentTls> {
@@ -221,6 +220,7 @@ fn agent_tls(config: &Config, serves_tls: bool) -> anyhow::Result<provider::ec2:
     })
 }
 
+/// Reads the configured tokens, generating and keeping the ones that may be generated.
 async fn load_tokens(config: &Config) -> anyhow::Result<Tokens> {
     create_private_dir(&config.data_dir)?;
     let from_file = |path: &Option<std::path::PathBuf>| -> anyhow::Result<Option<String>> {

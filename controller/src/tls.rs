@@ -1,6 +1,7 @@
 //! TLS of the API and peer port (`--tls-cert`, `--tls-key`, `--client-ca`, `--ca-cert`): the
 //! server side (a `tokio_rustls::TlsAcceptor`) and the transport of this node's peer calls.
-//! Both use rustls with the `ring` provider (`strata_api::tls::provider`).
+//! Both use rustls with the `ring` provider (`strata_api::tls::provider`), and present this
+//! node's certificate through one `strata_api::tls::FileIdentity`, which follows the files.
 //!
 //! Mutual TLS follows rustls' `WebPkiClientVerifier`
 //! (<https://docs.rs/rustls/0.23/rustls/server/struct.WebPkiClientVerifier.html>): with
@@ -54,11 +55,15 @@ impl TlsSetup {
             }
             None => builder.with_no_client_auth(),
         };
-        let mut server = builder
-            .with_single_cert(tls::load_certs(cert)?, tls::load_key(key)?)
-            .with_context(|| {
-                format!("certificate {} with key {}", cert.display(), key.display())
-            })?;
+        let identity = Identity {
+            cert: cert.clone(),
+            key: key.clone(),
+        };
+        // Followed on every handshake: a rotated certificate needs no restart.
+        let identity = tls::FileIdentity::load(&identity).with_context(|| {
+            format!("certificate {} with key {}", cert.display(), key.display())
+        })?;
+        let mut server = builder.with_cert_resolver(identity.clone());
         server.alpn_protocols = vec![b"http/1.1".to_vec()];
         let ca = config
             .ca_cert
@@ -67,11 +72,7 @@ impl TlsSetup {
             .context(
                 "give --ca-cert (or --client-ca): the CA peers' certificates are checked against",
             )?;
-        let identity = Identity {
-            cert: cert.clone(),
-            key: key.clone(),
-        };
-        let peers = Transport::Tls(Arc::new(tls::client_config(ca, Some(&identity))?));
+        let peers = Transport::Tls(Arc::new(tls::client_config_with(ca, Some(identity))?));
         Ok(TlsSetup {
             acceptor: Some(tokio_rustls::TlsAcceptor::from(Arc::new(server))),
             peers,

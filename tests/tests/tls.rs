@@ -294,3 +294,94 @@ async fn tls_without_a_client_ca_serves_clients_without_certificates() -> anyhow
     node.kill();
     Ok(())
 }
+
+/// The certificate (DER) a TLS server on `port` presents, checked against `ca`.
+fn served_certificate(port: u16, ca: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    let config = strata_api::tls::client_config(ca, None)?;
+    let name = rustls::pki_types::ServerName::try_from("localhost")?;
+    let mut connection = rustls::ClientConnection::new(std::sync::Arc::new(config), name)?;
+    let mut socket = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+    while connection.is_handshaking() {
+        connection.complete_io(&mut socket)?;
+    }
+    connection
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(|cert| cert.to_vec())
+        .ok_or_else(|| anyhow::anyhow!("no certificate served"))
+}
+
+/// Replaces `to` with `from`'s content in one rename, as a certificate manager does.
+fn install(from: &std::path::Path, to: &std::path::Path) -> anyhow::Result<()> {
+    let staging = to.with_extension("new");
+    std::fs::copy(from, &staging)?;
+    std::fs::rename(&staging, to)?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_certificate_is_served_to_the_next_connection_without_a_restart(
+) -> anyhow::Result<()> {
+    if !e2e_enabled("tls") {
+        return Ok(());
+    }
+    let pki = Pki::get("cluster")?;
+    let dir = tempfile::tempdir()?;
+    let (cert, key) = (dir.path().join("node.pem"), dir.path().join("node-key.pem"));
+    install(&pki.cert("controller"), &cert)?;
+    install(&pki.key("controller"), &key)?;
+    let port = strata_tests::free_port();
+    let log = std::fs::File::create(dir.path().join("node.log"))?;
+    let mut node = strata_tests::ProcessGuard::spawn(
+        Command::new(binary("strata-controller"))
+            .args(["--node-id", "1", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--data-dir")
+            .arg(dir.path().join("node"))
+            .args(["--admin-token", ADMIN_TOKEN])
+            .arg("--tls-cert")
+            .arg(&cert)
+            .arg("--tls-key")
+            .arg(&key)
+            .arg("--ca-cert")
+            .arg(pki.ca())
+            .stdout(log.try_clone()?)
+            .stderr(log),
+    )?;
+    let first = |name: &str| -> anyhow::Result<Vec<u8>> {
+        Ok(strata_api::tls::load_certs(&pki.cert(name))?[0].to_vec())
+    };
+    let ca = pki.ca();
+    let served = eventually(Duration::from_secs(20), "the node serves TLS", || {
+        let ca = ca.clone();
+        async move { served_certificate(port, &ca).map(Some).map_err(|e| e.to_string()) }
+    })
+    .await?;
+    assert!(served == first("controller")?, "the controller certificate first");
+
+    // Rotated: key then certificate (another of the CA's, for the same names). The pair is
+    // mismatched for a moment; the node keeps serving the old one until both are in place.
+    install(&pki.key("agent"), &key)?;
+    assert!(served_certificate(port, &ca)? == first("controller")?);
+    install(&pki.cert("agent"), &cert)?;
+    assert!(
+        served_certificate(port, &ca)? == first("agent")?,
+        "the next connection gets the new certificate"
+    );
+    // A file that does not load leaves the last good pair in use.
+    std::fs::write(&cert, "not a certificate")?;
+    assert!(served_certificate(port, &ca)? == first("agent")?);
+    // And the API answers over the new certificate, to a client of the same CA.
+    install(&pki.cert("agent"), &cert)?;
+    let http = client(&pki, None)?;
+    let answer = http
+        .get(format!("https://127.0.0.1:{port}/v1/cluster"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await?;
+    assert_eq!(answer.status(), 200);
+    node.kill();
+    let log = std::fs::read_to_string(dir.path().join("node.log"))?;
+    assert!(log.contains("TLS certificate reloaded"), "{log}");
+    Ok(())
+}
