@@ -425,7 +425,7 @@ impl Client {
             }
             // Moving to a controller not yet tried in this round costs nothing; once all have
             // failed, wait before the next round so that an election can finish.
-            if failed_attempts % server_count as u32 == 0 {
+            if failed_attempts.is_multiple_of(server_count as u32) {
                 let round = failed_attempts / server_count as u32;
                 tokio::time::sleep(backoff(round).min(remaining)).await;
                 if started.elapsed() >= self.failover_deadline {

@@ -354,10 +354,17 @@ async fn a_rotated_certificate_is_served_to_the_next_connection_without_a_restar
     let ca = pki.ca();
     let served = eventually(Duration::from_secs(20), "the node serves TLS", || {
         let ca = ca.clone();
-        async move { served_certificate(port, &ca).map(Some).map_err(|e| e.to_string()) }
+        async move {
+            served_certificate(port, &ca)
+                .map(Some)
+                .map_err(|e| e.to_string())
+        }
     })
     .await?;
-    assert!(served == first("controller")?, "the controller certificate first");
+    assert!(
+        served == first("controller")?,
+        "the controller certificate first"
+    );
 
     // Rotated: key then certificate (another of the CA's, for the same names). The pair is
     // mismatched for a moment; the node keeps serving the old one until both are in place.

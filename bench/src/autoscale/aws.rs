@@ -112,7 +112,7 @@ impl Aws {
 
 impl Autoscaler for Aws {
     fn decide(&mut self, now_s: u64, tier: &TierView<'_>) -> Option<u32> {
-        if now_s == 0 || now_s % PERIOD_S != 0 {
+        if now_s == 0 || !now_s.is_multiple_of(PERIOD_S) {
             return None;
         }
         let warming = tier.instances.iter().any(|i| !is_warm(i, now_s));
@@ -132,7 +132,7 @@ impl Autoscaler for Aws {
                 self.samples += 1;
             }
         }
-        if (now_s + 1) % PERIOD_S == 0 {
+        if (now_s + 1).is_multiple_of(PERIOD_S) {
             let instances = tier.instances.iter().filter(|i| is_warm(i, now_s)).count() as u32;
             let point = (self.samples > 0 && instances > 0).then(|| Datapoint {
                 value: self.sum / f64::from(self.samples),

@@ -375,7 +375,7 @@ impl Autoscaler for Hpa {
             *self.cumulative.entry(id).or_default() += (percent * 10.0).round() as i64;
         }
         let scrape_at = now_s + 1;
-        if scrape_at % METRIC_RESOLUTION_S != 0 {
+        if !scrape_at.is_multiple_of(METRIC_RESOLUTION_S) {
             return;
         }
         // Deleted pods leave metrics-server and the counters.

@@ -340,7 +340,7 @@ mod tests {
         struct Flapper;
         impl Autoscaler for Flapper {
             fn decide(&mut self, now_s: u64, _: &TierView<'_>) -> Option<u32> {
-                Some(if now_s % 2 == 0 { 3 } else { 2 })
+                Some(if now_s.is_multiple_of(2) { 3 } else { 2 })
             }
             fn observe(&mut self, _: u64, _: &TierView<'_>, _: &[(u64, f64)]) {}
         }
