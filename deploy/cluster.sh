@@ -170,11 +170,25 @@ balancers() {
   done
 }
 
+# SIGTERM to every process, then waits (up to 30 s) until they have exited: agents stop their
+# instances and controllers close their databases on the way out.
 stop() {
+  local pids=() pidfile pid deadline=$((SECONDS + 30))
   for pidfile in "$home"/lb-*.pid "$home"/agent-*.pid "$home"/node-*.pid; do
     [ -e "$pidfile" ] || continue
-    kill "$(cat "$pidfile")" 2>/dev/null || true
+    pid="$(cat "$pidfile")"
+    kill "$pid" 2>/dev/null && pids+=("$pid")
     rm -f "$pidfile"
+  done
+  for pid in "${pids[@]}"; do
+    # A zombie has exited (its parent may be gone and nobody reaps it): not running.
+    while [ -n "$(ps -o stat= -p "$pid" 2>/dev/null | grep -v '^Z')" ]; do
+      if [ $SECONDS -gt $deadline ]; then
+        echo "process $pid did not exit within 30 s of SIGTERM" >&2
+        return 1
+      fi
+      sleep 0.1
+    done
   done
   echo "stopped"
 }
