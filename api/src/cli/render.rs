@@ -598,7 +598,7 @@ fn indented(table: &str) -> String {
     table.lines().map(|line| format!("  {line}\n")).collect()
 }
 
-/// ID STATUS ADDRESS ZONE CPU(ALLOC/CAP) MEMORY(ALLOC/CAP) LOAD HEARTBEAT VERSION.
+/// ID STATUS ROLES ADDRESS ZONE CPU(ALLOC/CAP) MEMORY(ALLOC/CAP) LOAD HEARTBEAT VERSION.
 pub fn node_table(nodes: &[Node], now_ms: u64) -> String {
     let rows: Vec<Vec<String>> = nodes
         .iter()
@@ -606,6 +606,7 @@ pub fn node_table(nodes: &[Node], now_ms: u64) -> String {
             vec![
                 node.id.clone(),
                 wire_name(&node.status),
+                node_roles(node),
                 node.address.clone(),
                 or_dash(node.zone.as_deref()),
                 format!(
@@ -628,6 +629,7 @@ pub fn node_table(nodes: &[Node], now_ms: u64) -> String {
         &[
             "ID",
             "STATUS",
+            "ROLES",
             "ADDRESS",
             "ZONE",
             "CPU(ALLOC/CAP)",
@@ -638,6 +640,27 @@ pub fn node_table(nodes: &[Node], now_ms: u64) -> String {
         ],
         &rows,
     )
+}
+
+/// `worker`, `load-balancer`, or `ec2-instance` for the agent of an EC2 instance (it reports
+/// the instance's health and takes no instances).
+fn node_roles(node: &Node) -> String {
+    if node.ec2_instance.is_some() {
+        return "ec2-instance".to_string();
+    }
+    let roles: Vec<&str> = node
+        .roles
+        .iter()
+        .map(|role| match role {
+            crate::NodeRole::Worker => "worker",
+            crate::NodeRole::LoadBalancer => "load-balancer",
+        })
+        .collect();
+    if roles.is_empty() {
+        "-".to_string()
+    } else {
+        roles.join(",")
+    }
 }
 
 /// Time since the node's last heartbeat, or `-` when the answering controller has not seen

@@ -785,13 +785,19 @@ fn events() -> Vec<Event> {
 }
 
 #[test]
-fn node_table_shows_allocatable_of_capacity_and_heartbeat_age() {
+fn node_table_shows_roles_allocatable_of_capacity_and_heartbeat_age() {
+    let mut balancer = node("lb-1");
+    balancer.roles = vec![NodeRole::LoadBalancer];
+    let mut ec2 = node("i-1");
+    ec2.ec2_instance = Some(uuid::Uuid::from_u128(1));
     assert_eq!(
-        render::node_table(&[node("host-1"), silent_node()], NOW_MS),
+        render::node_table(&[node("host-1"), silent_node(), balancer, ec2], NOW_MS),
         "\
-ID        STATUS     ADDRESS     ZONE   CPU(ALLOC/CAP)   MEMORY(ALLOC/CAP)   LOAD   HEARTBEAT   VERSION
-host-1    Ready      10.0.0.5    a      6.5/8            12Gi/16Gi           0.52   3s          0.1.0
-host-22   NotReady   10.0.0.22   -      0.25/4           512Mi/2Gi           0.00   -           0.1.1
+ID        STATUS     ROLES           ADDRESS     ZONE   CPU(ALLOC/CAP)   MEMORY(ALLOC/CAP)   LOAD   HEARTBEAT   VERSION
+host-1    Ready      worker          10.0.0.5    a      6.5/8            12Gi/16Gi           0.52   3s          0.1.0
+host-22   NotReady   worker          10.0.0.22   -      0.25/4           512Mi/2Gi           0.00   -           0.1.1
+lb-1      Ready      load-balancer   10.0.0.5    a      6.5/8            12Gi/16Gi           0.52   3s          0.1.0
+i-1       Ready      ec2-instance    10.0.0.5    a      6.5/8            12Gi/16Gi           0.52   3s          0.1.0
 "
     );
 }
