@@ -51,6 +51,11 @@ pub enum ClusterError {
     #[error("no quorum: {0}")]
     /// Carries the members this node knows, for the client to try another.
     NoQuorum(String, Vec<Member>),
+    /// The leader says this node is no longer a member (it was removed, and the entry that
+    /// removed it never reached it): it cannot serve a linearizable read. Carries the
+    /// members the leader knows, for the client to try one of them.
+    #[error("{0}")]
+    NotMember(String, Vec<Member>),
     /// A membership change was refused (for example, removing the last voter).
     #[error("membership change refused: {0}")]
     Membership(String),
@@ -77,8 +82,21 @@ pub enum ForwardedWrite {
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ReadIndex {
     Index(u64),
-    NotLeader { leader: Option<(NodeId, String)> },
+    NotLeader {
+        leader: Option<(NodeId, String)>,
+    },
     Failed(String),
+    /// The asking node is not in the leader's membership: the leader no longer replicates
+    /// to it, so it would wait for the index forever. `members` are the leader's.
+    NotMember {
+        members: Vec<Member>,
+    },
+}
+
+/// Who asks a leader for its read index (older nodes send no body).
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct ReadIndexRequest {
+    pub from: Option<NodeId>,
 }
 
 /// A change of the Raft membership, as forwarded to the leader.
@@ -511,6 +529,8 @@ impl Controller {
                     tracing::debug!(%error, "read index on this node");
                     None
                 }
+                // Only a peer's request is answered so.
+                ReadIndex::NotMember { .. } => None,
             };
             // Only a leader heard from lately: one cut off would hold the call in a blackhole.
             let hint = hint
@@ -519,17 +539,49 @@ impl Controller {
                 // A read may be asked again: a short limit per call, so a leader that goes
                 // away mid-call costs one retry, not the whole timeout.
                 let per_call = self.write_timeout.min(Duration::from_secs(2));
+                let request = ReadIndexRequest {
+                    from: Some(self.id),
+                };
                 let answer: Result<ReadIndex, PeerError> = self
                     .peers
-                    .call(&address, routes::READ_INDEX, &(), per_call)
+                    .call(&address, routes::READ_INDEX, &request, per_call)
                     .await;
                 match answer {
                     Ok(ReadIndex::Index(index)) => return self.wait_applied(index).await,
+                    Ok(ReadIndex::NotMember { members }) => {
+                        return Err(ClusterError::NotMember(
+                            format!(
+                                "node {} is no longer a member of the cluster (leader {leader} says so); ask a member",
+                                self.id
+                            ),
+                            members,
+                        ))
+                    }
                     Ok(other) => tracing::debug!(leader, answer = ?other, "read index from leader"),
                     Err(error) => tracing::debug!(leader, %error, "read index from leader"),
                 }
             }
             backoff.wait().await;
+        }
+    }
+
+    /// The leader side of a peer's ReadIndex request: `local_read_index`, but `NotMember`
+    /// for a node this leader's membership does not hold.
+    pub async fn read_index_for(&self, request: &ReadIndexRequest) -> ReadIndex {
+        let answer = self.local_read_index().await;
+        let Some(from) = request.from else {
+            return answer;
+        };
+        if !matches!(answer, ReadIndex::Index(_)) {
+            return answer;
+        }
+        let status = self.cluster_status();
+        if status.members.iter().any(|member| member.id == from) {
+            answer
+        } else {
+            ReadIndex::NotMember {
+                members: status.members,
+            }
         }
     }
 

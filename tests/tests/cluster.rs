@@ -657,6 +657,73 @@ async fn a_fourth_member_is_added_and_an_old_one_removed_while_writes_continue(
     Ok(())
 }
 
+/// A follower removed from the membership never receives the entry that removed it, so it
+/// still believes it is a member. Its linearizable reads used to wait for a log index the
+/// leader no longer sends it, and answered 504 after the write timeout; now the leader tells
+/// it that it is no member, it answers 503 `not-a-member` with the members at once, and
+/// `stratactl` with it first in `--server` moves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_follower_sends_clients_to_the_members_at_once() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(ClusterOptions::default()).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(20)).await?;
+    let removed_id = follower_of(leader, &[1, 2, 3]);
+    assert_eq!(put_tier(&cluster, leader, "before").await?, 201);
+    let removed = send(
+        &cluster.http,
+        Method::DELETE,
+        &cluster.url(leader, &format!("/v1/cluster/members/{removed_id}")),
+        Some(ADMIN_TOKEN),
+        None,
+    )
+    .await?;
+    assert_eq!(removed.status, 200, "{removed:?}");
+    // A write after the removal: the leader no longer replicates to the removed node.
+    assert_eq!(put_tier(&cluster, leader, "after").await?, 201);
+
+    let answer = send(
+        &cluster.http,
+        Method::GET,
+        &cluster.url(removed_id, "/v1/tiers"),
+        Some(ADMIN_TOKEN),
+        None,
+    )
+    .await?;
+    assert_eq!(answer.status, 503, "{answer:?}");
+    assert_eq!(
+        answer.body["type"], "urn:strata:problem:not-a-member",
+        "{answer:?}"
+    );
+    let members: BTreeSet<u64> = answer.body["members"]
+        .as_array()
+        .map(|members| members.iter().filter_map(|m| m["id"].as_u64()).collect())
+        .unwrap_or_default();
+    let expected: BTreeSet<u64> = [1, 2, 3]
+        .into_iter()
+        .filter(|id| *id != removed_id)
+        .collect();
+    assert_eq!(members, expected, "{answer:?}");
+
+    // stratactl tries the removed node first and reads from a member.
+    let mut order = vec![removed_id];
+    order.extend([1, 2, 3].into_iter().filter(|id| *id != removed_id));
+    let servers = order
+        .iter()
+        .map(|id| cluster.address(*id))
+        .collect::<Vec<_>>()
+        .join(",");
+    let output = std::process::Command::new(strata_tests::binary("stratactl"))
+        .args(["--server", &servers, "--token", ADMIN_TOKEN, "get", "tiers"])
+        .output()
+        .context("run stratactl")?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("after"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
 /// The resource version in a tier answer.
 fn version_of(tier: &Value) -> Option<u64> {
     tier["resource_version"]

@@ -142,6 +142,11 @@ impl From<ClusterError> for ApiError {
             ClusterError::NoQuorum(..) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "no-quorum", "No quorum")
             }
+            ClusterError::NotMember(..) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not-a-member",
+                "Not a member of the cluster",
+            ),
             ClusterError::Timeout(_) => (
                 StatusCode::GATEWAY_TIMEOUT,
                 "timeout",
@@ -164,7 +169,7 @@ impl From<ClusterError> for ApiError {
             ),
         };
         let mut problem = Problem::new(status.as_u16(), kind, title, error.to_string());
-        if let ClusterError::NoQuorum(_, members) = error {
+        if let ClusterError::NoQuorum(_, members) | ClusterError::NotMember(_, members) = error {
             problem.members = members;
         }
         ApiError(problem)

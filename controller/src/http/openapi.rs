@@ -374,7 +374,8 @@ fn mark_json_only(body: Option<&mut RequestBody>) {
 #[derive(utoipa::IntoResponses)]
 #[allow(dead_code)] // only its derived `IntoResponses` is used
 pub enum ReadErrors {
-    /// The leader could not confirm its leadership (`unavailable`, `no-quorum`)
+    /// The leader could not confirm its leadership (`unavailable`, `no-quorum`), or this
+    /// node was removed from the cluster (`not-a-member`, with the members)
     #[response(status = 503)]
     Unavailable,
     /// The cluster did not answer within the write timeout

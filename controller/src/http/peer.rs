@@ -20,7 +20,7 @@ use serde::de::DeserializeOwned;
 use crate::network::routes;
 use crate::node::{
     ClusterError, Controller, ForwardedWrite, LocalWriteError, MembershipFailure,
-    MembershipRequest, ReadIndex,
+    MembershipRequest, ReadIndex, ReadIndexRequest,
 };
 use crate::raft_types::{NodeId, TypeConfig};
 use crate::state::Command;
@@ -158,8 +158,14 @@ async fn custom_metric(
     ))
 }
 
-async fn read_index(State(controller): State<Arc<Controller>>) -> Json<ReadIndex> {
-    Json(controller.local_read_index().await)
+async fn read_index(
+    State(controller): State<Arc<Controller>>,
+    request: Option<Json<Option<ReadIndexRequest>>>,
+) -> Json<ReadIndex> {
+    let request = request
+        .and_then(|Json(request)| request)
+        .unwrap_or_default();
+    Json(controller.read_index_for(&request).await)
 }
 
 async fn members(
