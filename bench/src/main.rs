@@ -141,9 +141,19 @@ struct WritesArgs {
     #[arg(long, value_enum)]
     system: System,
     /// Comma-separated base URLs of an already running cluster, e.g.
-    /// http://127.0.0.1:7001,http://127.0.0.1:7002. Clients are spread over them round-robin.
+    /// http://127.0.0.1:7001,http://127.0.0.1:7002 (https://... with --ca-cert). Clients are
+    /// spread over them round-robin.
     #[arg(long, value_delimiter = ',')]
     endpoints: Vec<String>,
+    /// With --endpoints: the CA that signed the cluster's certificates (TLS on).
+    #[arg(long, value_name = "FILE", requires = "endpoints")]
+    ca_cert: Option<std::path::PathBuf>,
+    /// With --ca-cert: a client certificate, for clusters that require one (--client-ca).
+    #[arg(long, value_name = "FILE", requires = "ca_cert", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
     /// Bearer token for Strata writes (admin role); defaults to the one the benchmark gives
     /// the clusters it starts.
     #[arg(long, env = "STRATA_BENCH_TOKEN")]
@@ -285,8 +295,13 @@ async fn run_until_signal(command: Command) -> Result<()> {
 async fn run(command: Command) -> Result<()> {
     match command {
         Command::Writes(args) => {
+            let transport = strata_api::tls::Transport::from_flags(
+                args.ca_cert.as_deref(),
+                args.tls_cert.as_deref(),
+                args.tls_key.as_deref(),
+            )?;
             let config = WritesConfig {
-                transport: strata_api::tls::Transport::Plain,
+                transport,
                 clients: args.load.clients,
                 duration: args.load.duration.as_std(),
                 warmup: args.load.warmup.as_std(),
