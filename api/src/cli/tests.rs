@@ -1236,11 +1236,11 @@ async fn get_nodes_instances_and_events() {
     let (result, stdout, _) = run_against(&server, &["get", "nodes"], "").await;
     assert!(result.is_ok(), "{result:?}");
     assert!(
-        stdout.starts_with("ID        STATUS     ADDRESS"),
+        stdout.starts_with("ID        STATUS     ROLES    ADDRESS"),
         "{stdout}"
     );
     assert!(
-        stdout.contains("\nhost-22   NotReady   10.0.0.22   -      0.25/4"),
+        stdout.contains("\nhost-22   NotReady   worker   10.0.0.22   -      0.25/4"),
         "{stdout}"
     );
 
