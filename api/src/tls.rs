@@ -13,7 +13,9 @@
 //! the pair again (`FileIdentity`), as etcd re-reads its certificate files on handshakes. A
 //! rotated certificate is served from the next connection on, with no restart; a pair that
 //! does not load (a half-written file, a key not of the certificate) leaves the last good one
-//! in use until the files change again. CAs are read at start.
+//! in use until the files change again. CA files are followed the same way, on both sides
+//! (`FileServerVerifier`, `FileClientVerifier`), so a CA can be rotated by first adding the
+//! new CA to every bundle, then moving the certificates, then dropping the old CA.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -116,87 +118,123 @@ fn stamp(path: &Path) -> FileStamp {
     ))
 }
 
-/// The certificate and key of an `Identity`, re-read when their files change (see the
-/// module's notes). One serves as the certificate resolver of a server config and of client
-/// configs alike.
-#[derive(Debug)]
-pub struct FileIdentity {
-    files: Identity,
-    provider: Arc<CryptoProvider>,
-    current: RwLock<Loaded>,
+/// A value built from files and built again when one of them changed: `get` stats the files
+/// (a few microseconds, once per handshake) and rebuilds when their stamps differ from the
+/// last build's; a build that fails leaves the last good value in use, and is not tried again
+/// until the files change once more.
+struct Followed<T> {
+    what: &'static str,
+    paths: Vec<PathBuf>,
+    build: Box<dyn Fn() -> Result<T, TlsError> + Send + Sync>,
+    state: RwLock<FollowedState<T>>,
 }
 
-#[derive(Debug)]
-struct Loaded {
-    key: Arc<CertifiedKey>,
-    /// The files' stamps when `key` was read, and the last stamps that failed to load.
-    stamps: (FileStamp, FileStamp),
-    failed: Option<(FileStamp, FileStamp)>,
+struct FollowedState<T> {
+    value: Arc<T>,
+    stamps: Vec<FileStamp>,
+    failed: Option<Vec<FileStamp>>,
 }
 
-impl FileIdentity {
-    /// Reads the pair: an error if it does not load or the key is not the certificate's.
-    pub fn load(files: &Identity) -> Result<Arc<FileIdentity>, TlsError> {
-        let provider = provider();
-        let stamps = (stamp(&files.cert), stamp(&files.key));
-        let key = read_pair(files, &provider)?;
-        Ok(Arc::new(FileIdentity {
-            files: files.clone(),
-            provider,
-            current: RwLock::new(Loaded {
-                key,
+impl<T> std::fmt::Debug for Followed<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Followed")
+            .field("what", &self.what)
+            .field("paths", &self.paths)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T> Followed<T> {
+    /// Builds the first value: an error if it does not build.
+    fn new(
+        what: &'static str,
+        paths: Vec<PathBuf>,
+        build: impl Fn() -> Result<T, TlsError> + Send + Sync + 'static,
+    ) -> Result<Followed<T>, TlsError> {
+        let stamps = paths.iter().map(|path| stamp(path)).collect();
+        let value = Arc::new(build()?);
+        Ok(Followed {
+            what,
+            paths,
+            build: Box::new(build),
+            state: RwLock::new(FollowedState {
+                value,
                 stamps,
                 failed: None,
             }),
-        }))
+        })
     }
 
-    /// The pair to present now: the files' current content when it changed and loads,
-    /// else the last good pair.
-    pub fn current(&self) -> Arc<CertifiedKey> {
-        let stamps = (stamp(&self.files.cert), stamp(&self.files.key));
+    fn get(&self) -> Arc<T> {
+        let stamps: Vec<FileStamp> = self.paths.iter().map(|path| stamp(path)).collect();
         {
-            let loaded = self
-                .current
+            let state = self
+                .state
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if loaded.stamps == stamps || loaded.failed == Some(stamps) {
-                return loaded.key.clone();
+            if state.stamps == stamps || state.failed.as_ref() == Some(&stamps) {
+                return state.value.clone();
             }
         }
-        let mut loaded = self
-            .current
+        let mut state = self
+            .state
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match read_pair(&self.files, &self.provider) {
-            Ok(key) => {
-                tracing::info!(cert = %self.files.cert.display(), "TLS certificate reloaded");
-                *loaded = Loaded {
-                    key,
+        match (self.build)() {
+            Ok(value) => {
+                tracing::info!(what = self.what, files = ?self.paths, "TLS files reloaded");
+                *state = FollowedState {
+                    value: Arc::new(value),
                     stamps,
                     failed: None,
                 };
             }
             Err(error) => {
-                if loaded.failed != Some(stamps) {
-                    tracing::warn!(%error, "TLS certificate files changed but do not load; the previous certificate stays in use");
+                if state.failed.as_ref() != Some(&stamps) {
+                    tracing::warn!(what = self.what, %error, "TLS files changed but do not load; the previous ones stay in use");
                 }
-                loaded.failed = Some(stamps);
+                state.failed = Some(stamps);
             }
         }
-        loaded.key.clone()
+        state.value.clone()
     }
 }
 
-fn read_pair(files: &Identity, provider: &CryptoProvider) -> Result<Arc<CertifiedKey>, TlsError> {
-    let key = CertifiedKey::from_der(load_certs(&files.cert)?, load_key(&files.key)?, provider)
-        .map_err(|error| {
+/// The certificate and key of an `Identity`, re-read when their files change (see the
+/// module's notes). One serves as the certificate resolver of a server config and of client
+/// configs alike.
+#[derive(Debug)]
+pub struct FileIdentity(Followed<CertifiedKey>);
+
+impl FileIdentity {
+    /// Reads the pair: an error if it does not load or the key is not the certificate's.
+    pub fn load(files: &Identity) -> Result<Arc<FileIdentity>, TlsError> {
+        let provider = provider();
+        let pair = files.clone();
+        let followed = Followed::new(
+            "certificate",
+            vec![files.cert.clone(), files.key.clone()],
+            move || read_pair(&pair, &provider),
+        )?;
+        Ok(Arc::new(FileIdentity(followed)))
+    }
+
+    /// The pair to present now: the files' current content when it changed and loads,
+    /// else the last good pair.
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        self.0.get()
+    }
+}
+
+fn read_pair(files: &Identity, provider: &CryptoProvider) -> Result<CertifiedKey, TlsError> {
+    CertifiedKey::from_der(load_certs(&files.cert)?, load_key(&files.key)?, provider).map_err(
+        |error| {
             file_error(
                 &files.key,
                 format!("not the key of {}: {error}", files.cert.display()),
             )
-        })?;
-    Ok(Arc::new(key))
+        },
+    )
 }
 
 impl ResolvesServerCert for FileIdentity {
@@ -219,8 +257,115 @@ impl ResolvesClientCert for FileIdentity {
     }
 }
 
-/// A client config that trusts the CA in `ca_cert` and, given an identity, presents it
-/// (following its files). HTTP/1.1 only, as the controllers serve.
+/// The handshake signature checks of a verifier wrapping a followed WebPKI verifier
+/// (`self.0`): the same three methods in `ServerCertVerifier` and `ClientCertVerifier`.
+macro_rules! delegate_signature_checks {
+    () => {
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            self.0.get().verify_tls12_signature(message, cert, dss)
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            self.0.get().verify_tls13_signature(message, cert, dss)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.get().supported_verify_schemes()
+        }
+    };
+}
+
+/// rustls' WebPKI verification of a server's certificate against the CAs of a file, the file
+/// followed like a `FileIdentity` (a CA bundle can gain the next CA before the certificates
+/// move to it, and lose the old one after). Every check is `WebPkiServerVerifier`'s.
+#[derive(Debug)]
+pub struct FileServerVerifier(Followed<Arc<rustls::client::WebPkiServerVerifier>>);
+
+impl FileServerVerifier {
+    pub fn load(ca_cert: &Path) -> Result<Arc<FileServerVerifier>, TlsError> {
+        let path = ca_cert.to_path_buf();
+        let followed = Followed::new("CA", vec![path.clone()], move || {
+            rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::new(load_roots(&path)?),
+                provider(),
+            )
+            .build()
+            .map_err(|error| file_error(&path, error))
+        })?;
+        Ok(Arc::new(FileServerVerifier(followed)))
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for FileServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.0
+            .get()
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    delegate_signature_checks!();
+}
+
+/// rustls' WebPKI verification of client certificates (mutual TLS, every client must present
+/// one) against the CAs of a file, the file followed like a `FileIdentity`. It sends no CA
+/// names in its certificate request (hints are optional: clients present the certificate
+/// they have).
+#[derive(Debug)]
+pub struct FileClientVerifier(Followed<Arc<dyn rustls::server::danger::ClientCertVerifier>>);
+
+impl FileClientVerifier {
+    pub fn load(client_ca: &Path) -> Result<Arc<FileClientVerifier>, TlsError> {
+        let path = client_ca.to_path_buf();
+        let followed = Followed::new("client CA", vec![path.clone()], move || {
+            rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(load_roots(&path)?),
+                provider(),
+            )
+            .build()
+            .map_err(|error| file_error(&path, error))
+        })?;
+        Ok(Arc::new(FileClientVerifier(followed)))
+    }
+}
+
+impl rustls::server::danger::ClientCertVerifier for FileClientVerifier {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        self.0
+            .get()
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    delegate_signature_checks!();
+}
+
+/// A client config that trusts the CAs in `ca_cert` and, given an identity, presents it
+/// (both following their files). HTTP/1.1 only, as the controllers serve.
 pub fn client_config(
     ca_cert: &Path,
     identity: Option<&Identity>,
@@ -235,11 +380,13 @@ pub fn client_config_with(
     ca_cert: &Path,
     identity: Option<Arc<FileIdentity>>,
 ) -> Result<rustls::ClientConfig, TlsError> {
-    let roots = load_roots(ca_cert)?;
+    // `dangerous()` only because the verifier is our own type; what it checks is exactly
+    // `WebPkiServerVerifier`'s, as `with_root_certificates` would set up.
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|error| TlsError::Config(error.to_string()))?
-        .with_root_certificates(roots);
+        .dangerous()
+        .with_custom_certificate_verifier(FileServerVerifier::load(ca_cert)?);
     let mut config = match identity {
         Some(identity) => builder.with_client_cert_resolver(identity),
         None => builder.with_no_client_auth(),

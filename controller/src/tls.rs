@@ -38,19 +38,15 @@ impl TlsSetup {
                 peers: Transport::Plain,
             });
         };
-        let provider = tls::provider();
-        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        let builder = rustls::ServerConfig::builder_with_provider(tls::provider())
             .with_safe_default_protocol_versions()
             .context("TLS protocol versions")?;
         let builder = match &config.client_ca {
             Some(client_ca) => {
-                let roots = tls::load_roots(client_ca)?;
-                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-                    Arc::new(roots),
-                    provider,
-                )
-                .build()
-                .with_context(|| format!("client CA {}", client_ca.display()))?;
+                // WebPkiClientVerifier's checks, against the CA file as it is at each
+                // handshake (`strata_api::tls::FileClientVerifier`).
+                let verifier = tls::FileClientVerifier::load(client_ca)
+                    .with_context(|| format!("client CA {}", client_ca.display()))?;
                 builder.with_client_cert_verifier(verifier)
             }
             None => builder.with_no_client_auth(),

@@ -243,6 +243,26 @@ async fn a_controller_needs_tls_or_an_explicit_insecure_flag() -> anyhow::Result
     Ok(())
 }
 
+/// A single controller on 127.0.0.1:`port` with its data under `dir`, serving TLS with the
+/// flags `tls` (certificate, key, CAs), its output in `dir/node.log`.
+fn tls_node(
+    dir: &std::path::Path,
+    port: u16,
+    tls: &[(&str, &std::path::Path)],
+) -> anyhow::Result<strata_tests::ProcessGuard> {
+    let log = std::fs::File::create(dir.join("node.log"))?;
+    let mut command = Command::new(binary("strata-controller"));
+    command
+        .args(["--node-id", "1", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--data-dir")
+        .arg(dir.join("node"))
+        .args(["--admin-token", ADMIN_TOKEN]);
+    for (flag, path) in tls {
+        command.arg(flag).arg(path);
+    }
+    strata_tests::ProcessGuard::spawn(command.stdout(log.try_clone()?).stderr(log))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_without_a_client_ca_serves_clients_without_certificates() -> anyhow::Result<()> {
     if !e2e_enabled("tls") {
@@ -252,20 +272,14 @@ async fn tls_without_a_client_ca_serves_clients_without_certificates() -> anyhow
     let pki = Pki::get("cluster")?;
     let dir = tempfile::tempdir()?;
     let port = strata_tests::free_port();
-    let mut node = strata_tests::ProcessGuard::spawn(
-        Command::new(binary("strata-controller"))
-            .args(["--node-id", "1", "--listen", &format!("127.0.0.1:{port}")])
-            .arg("--data-dir")
-            .arg(dir.path().join("node"))
-            .args(["--admin-token", ADMIN_TOKEN])
-            .arg("--tls-cert")
-            .arg(pki.cert("controller"))
-            .arg("--tls-key")
-            .arg(pki.key("controller"))
-            .arg("--ca-cert")
-            .arg(pki.ca())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null()),
+    let mut node = tls_node(
+        dir.path(),
+        port,
+        &[
+            ("--tls-cert", &pki.cert("controller")),
+            ("--tls-key", &pki.key("controller")),
+            ("--ca-cert", &pki.ca()),
+        ],
     )?;
     let http = client(&pki, None)?;
     let url = format!("https://127.0.0.1:{port}/v1/cluster");
@@ -332,21 +346,14 @@ async fn a_rotated_certificate_is_served_to_the_next_connection_without_a_restar
     install(&pki.cert("controller"), &cert)?;
     install(&pki.key("controller"), &key)?;
     let port = strata_tests::free_port();
-    let log = std::fs::File::create(dir.path().join("node.log"))?;
-    let mut node = strata_tests::ProcessGuard::spawn(
-        Command::new(binary("strata-controller"))
-            .args(["--node-id", "1", "--listen", &format!("127.0.0.1:{port}")])
-            .arg("--data-dir")
-            .arg(dir.path().join("node"))
-            .args(["--admin-token", ADMIN_TOKEN])
-            .arg("--tls-cert")
-            .arg(&cert)
-            .arg("--tls-key")
-            .arg(&key)
-            .arg("--ca-cert")
-            .arg(pki.ca())
-            .stdout(log.try_clone()?)
-            .stderr(log),
+    let mut node = tls_node(
+        dir.path(),
+        port,
+        &[
+            ("--tls-cert", &cert),
+            ("--tls-key", &key),
+            ("--ca-cert", &pki.ca()),
+        ],
     )?;
     let first = |name: &str| -> anyhow::Result<Vec<u8>> {
         Ok(strata_api::tls::load_certs(&pki.cert(name))?[0].to_vec())
@@ -389,6 +396,106 @@ async fn a_rotated_certificate_is_served_to_the_next_connection_without_a_restar
     assert_eq!(answer.status(), 200);
     node.kill();
     let log = std::fs::read_to_string(dir.path().join("node.log"))?;
-    assert!(log.contains("TLS certificate reloaded"), "{log}");
+    assert!(log.contains("TLS files reloaded"), "{log}");
+    Ok(())
+}
+
+/// A client trusting the CAs in `trust`, presenting certificate `name` of `pki`.
+fn presenting(trust: &std::path::Path, pki: &Pki, name: &str) -> anyhow::Result<reqwest::Client> {
+    Ok(strata_api::tls::Transport::from_flags(
+        Some(trust),
+        Some(&pki.cert(name)),
+        Some(&pki.key(name)),
+    )?
+    .apply(reqwest::Client::builder().timeout(Duration::from_secs(5)))
+    .build()?)
+}
+
+/// Concatenates PEM files into `to`, in one rename.
+fn bundle(files: &[std::path::PathBuf], to: &std::path::Path) -> anyhow::Result<()> {
+    let mut text = String::new();
+    for file in files {
+        text.push_str(&std::fs::read_to_string(file)?);
+    }
+    let staging = to.with_extension("new");
+    std::fs::write(&staging, text)?;
+    std::fs::rename(&staging, to)?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_bundles_are_followed_so_a_ca_rotates_without_a_restart() -> anyhow::Result<()> {
+    if !e2e_enabled("tls") {
+        return Ok(());
+    }
+    let (pki, next) = (Pki::get("cluster")?, Pki::get("other")?);
+    let dir = tempfile::tempdir()?;
+    // The node's client CA bundle, and a client's trust bundle, each with one CA at first.
+    let (clients, trust) = (dir.path().join("clients.pem"), dir.path().join("trust.pem"));
+    bundle(&[pki.ca()], &clients)?;
+    bundle(&[next.ca()], &trust)?;
+    let port = strata_tests::free_port();
+    let mut node = tls_node(
+        dir.path(),
+        port,
+        &[
+            ("--tls-cert", &pki.cert("controller")),
+            ("--tls-key", &pki.key("controller")),
+            ("--client-ca", &clients),
+            ("--ca-cert", &pki.ca()),
+        ],
+    )?;
+    let url = format!("https://127.0.0.1:{port}/v1/cluster");
+    let get = |http: reqwest::Client| {
+        let url = url.clone();
+        async move {
+            http.get(&url)
+                .bearer_auth(ADMIN_TOKEN)
+                .send()
+                .await
+                .map(|answer| answer.status().as_u16())
+        }
+    };
+    // A client of the cluster's CA: the node is up.
+    let known = client(&pki, Some("client"))?;
+    eventually(
+        Duration::from_secs(20),
+        "the node answers over TLS",
+        || async {
+            get(known.clone())
+                .await
+                .map(|status| (status == 200).then_some(()))
+                .map_err(|error| error.to_string())
+        },
+    )
+    .await?;
+
+    // Server side: a certificate of the next CA is refused, until the bundle holds that CA
+    // (each check on a new client, so on a new connection: one established stays as it was).
+    let newcomer = || presenting(&pki.ca(), &next, "client");
+    assert!(get(newcomer()?).await.is_err(), "refused at first");
+    bundle(&[pki.ca(), next.ca()], &clients)?;
+    assert_eq!(
+        get(newcomer()?).await?,
+        200,
+        "accepted once the bundle has its CA"
+    );
+    bundle(&[pki.ca()], &clients)?;
+    assert!(
+        get(newcomer()?).await.is_err(),
+        "refused after the CA left the bundle"
+    );
+
+    // Client side: a client trusting only the next CA refuses the node's certificate, until
+    // its trust bundle holds the cluster's CA too; the same client then connects.
+    let follower = presenting(&trust, &pki, "client")?;
+    assert!(get(follower.clone()).await.is_err(), "untrusted at first");
+    bundle(&[next.ca(), pki.ca()], &trust)?;
+    assert_eq!(
+        get(follower).await?,
+        200,
+        "trusted once its bundle has the CA"
+    );
+    node.kill();
     Ok(())
 }
