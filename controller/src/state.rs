@@ -950,7 +950,12 @@ impl State {
             instance.health = Health::Unknown;
         }
         let tier = instance.tier.clone();
-        let node = instance.node.clone().unwrap_or_default();
+        // Where it runs: its agent node, or (provider ec2) its EC2 instance once known.
+        let place = match (&instance.node, &instance.provider_id) {
+            (Some(node), _) => format!(" on node {node}"),
+            (None, Some(ec2_id)) => format!(" ({ec2_id})"),
+            (None, None) => String::new(),
+        };
         self.pool_changed(&tier, index);
         let (name, detail) = match after {
             Phase::Starting => ("InstanceStarting", String::new()),
@@ -971,7 +976,7 @@ impl State {
             at_ms,
             format!("tier/{tier}"),
             name,
-            format!("instance {id} on node {node}: {before:?} -> {after:?}{because}"),
+            format!("instance {id}{place}: {before:?} -> {after:?}{because}"),
         );
         true
     }
