@@ -5,7 +5,10 @@
 #   deploy/cluster.sh agents [N]  start N agents (default 2), nodes host-1..host-N on this machine
 #   deploy/cluster.sh lb [N]      start N LB agents (default 1), nodes lb-1..lb-N, each running
 #                                 its own HAProxy that serves every tier's load_balancer.listen
-#   deploy/cluster.sh stop        stop agents and controllers (SIGTERM; instances keep running
+#   deploy/cluster.sh moto        start a moto server (the EC2 API, deploy/install-deps.d/ec2.sh) on
+#                                 127.0.0.1:5000 with a VPC and two subnets; controllers started
+#                                 afterwards launch EC2 tiers there (--ec2-endpoint)
+#   deploy/cluster.sh stop        stop agents, controllers and moto (SIGTERM; instances keep running
 #                                 until their tiers are deleted or the agents come back)
 #   deploy/cluster.sh status      show the cluster as node 1 sees it
 #   deploy/cluster.sh env         print the exports that point stratactl at this cluster
@@ -23,6 +26,7 @@ cd "$(dirname "$0")/.."
 home="${STRATA_HOME:-$PWD/.data}"
 bin="${STRATA_BIN:-$PWD/target/debug}"
 base_port="${STRATA_BASE_PORT:-7001}"
+moto_port="${STRATA_MOTO_PORT:-5000}"
 tls="${STRATA_TLS:-1}"
 pki="$home/pki"
 scheme=https
@@ -112,7 +116,14 @@ start() {
       echo "node $i already running (pid $(cat "$home/node-$i.pid"))"
       continue
     fi
-    clean nohup "$bin/strata-controller" --node-id "$i" --listen "127.0.0.1:$((base_port + i - 1))" \
+    # With `moto` started first: EC2 tiers go to it, with the credentials moto accepts
+    # (through the standard AWS chain, as against real AWS).
+    local ec2=()
+    if [ -f "$home/ec2-endpoint" ]; then
+      ec2=(env AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_EC2_METADATA_DISABLED=true
+           STRATA_EC2_ENDPOINT="$(cat "$home/ec2-endpoint")")
+    fi
+    clean nohup "${ec2[@]}" "$bin/strata-controller" --node-id "$i" --listen "127.0.0.1:$((base_port + i - 1))" \
       --data-dir "$home/node-$i" --peers "$peers" \
       --admin-token-file "$home/secrets/admin-token" \
       --viewer-token-file "$home/secrets/viewer-token" \
@@ -170,11 +181,46 @@ balancers() {
   done
 }
 
+# moto_server on 127.0.0.1:$moto_port, a VPC and a subnet in each of two zones (their ids in
+# $home/ec2-subnets), and the endpoint in $home/ec2-endpoint for controllers started next.
+# moto answers the EC2 Query API without checking signatures, so curl creates them.
+moto() {
+  ensure_env
+  if ! command -v moto_server >/dev/null 2>&1; then
+    echo "moto_server not found; install it with deploy/install-deps.d/ec2.sh" >&2
+    return 1
+  fi
+  local endpoint="http://127.0.0.1:$moto_port" deadline=$((SECONDS + 30)) vpc subnets="" zone n=0
+  if [ -f "$home/moto.pid" ] && alive "$(cat "$home/moto.pid")" && [ -s "$home/ec2-subnets" ]; then
+    echo "moto already running (pid $(cat "$home/moto.pid")), subnets $(cat "$home/ec2-subnets")"
+    return 0
+  fi
+  clean nohup moto_server -H 127.0.0.1 -p "$moto_port" >> "$home/moto.log" 2>&1 &
+  echo $! > "$home/moto.pid"
+  ec2_call() {
+    curl -fsS "$endpoint/?Version=2016-11-15&$1" \
+      -H "Authorization: AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/ec2/aws4_request, SignedHeaders=host, Signature=0"
+  }
+  until ec2_call "Action=DescribeVpcs" >/dev/null 2>&1; do
+    if [ $SECONDS -gt $deadline ]; then echo "moto_server did not answer on $endpoint; see $home/moto.log" >&2; return 1; fi
+    sleep 0.2
+  done
+  vpc=$(ec2_call "Action=CreateVpc&CidrBlock=10.40.0.0/16" | sed -n 's/.*<vpcId>\([^<]*\)<.*/\1/p')
+  for zone in us-east-1a us-east-1b; do
+    subnets="$subnets${subnets:+ }$(ec2_call "Action=CreateSubnet&VpcId=$vpc&CidrBlock=10.40.$n.0/24&AvailabilityZone=$zone" \
+      | sed -n 's/.*<subnetId>\([^<]*\)<.*/\1/p')"
+    n=$((n + 1))
+  done
+  echo "$subnets" > "$home/ec2-subnets"
+  echo "$endpoint" > "$home/ec2-endpoint"
+  echo "moto: pid $(cat "$home/moto.pid"), $endpoint, VPC $vpc, subnets $subnets"
+}
+
 # SIGTERM to every process, then waits (up to 30 s) until they have exited: agents stop their
 # instances and controllers close their databases on the way out.
 stop() {
   local pids=() pidfile pid deadline=$((SECONDS + 30))
-  for pidfile in "$home"/lb-*.pid "$home"/agent-*.pid "$home"/node-*.pid; do
+  for pidfile in "$home"/lb-*.pid "$home"/agent-*.pid "$home"/node-*.pid "$home"/moto.pid; do
     [ -e "$pidfile" ] || continue
     pid="$(cat "$pidfile")"
     kill "$pid" 2>/dev/null && pids+=("$pid")
@@ -190,6 +236,8 @@ stop() {
       sleep 0.1
     done
   done
+  # moto keeps its state in memory: the next `moto` makes a new VPC.
+  rm -f "$home/ec2-endpoint" "$home/ec2-subnets"
   echo "stopped"
 }
 
@@ -197,6 +245,7 @@ case "${1:-}" in
   start) start "${2:-3}" ;;
   agents) agents "${2:-2}" ;;
   lb) balancers "${2:-1}" ;;
+  moto) moto ;;
   stop) stop ;;
   status)
     ensure_env
@@ -208,5 +257,5 @@ case "${1:-}" in
     if [ "$tls" = 1 ]; then
       echo "export STRATA_CA_CERT=$pki/ca.pem STRATA_TLS_CERT=$pki/client.pem STRATA_TLS_KEY=$pki/client-key.pem"
     fi ;;
-  *) sed -n '2,21p' "$0"; exit 2 ;;
+  *) sed -n '2,24p' "$0"; exit 2 ;;
 esac

@@ -4,7 +4,8 @@
 # behind 127.0.0.1:8080) and shows the control plane placing, scaling and replacing instances
 # while the load balancer's pool follows: a scale-out, a failed health check, a kill -9 of an
 # instance under a request stream, and a leader failure; then a second tier that the
-# autoscaler sizes under load through HAProxy. Leaves everything running; stop it with
+# autoscaler sizes under load through HAProxy, and an EC2 tier launched through aws-sdk-ec2
+# against a moto server on loopback. Leaves everything running; stop it with
 # deploy/cluster.sh stop (delete the tiers first to stop their instances).
 #
 # Each part of the demo is a function `demo_*`; the list at the end runs them in order. A new
@@ -91,6 +92,8 @@ first_port() {
 demo_setup() {
   bash deploy/install-deps.sh
   cargo build --workspace --bins
+  # The EC2 API on loopback, before the controllers, which then take it as their endpoint.
+  deploy/cluster.sh moto || say "no moto server: the EC2 part is skipped"
   deploy/cluster.sh start 3
   deploy/cluster.sh agents 2
   deploy/cluster.sh lb 1
@@ -219,6 +222,39 @@ The autoscaler sized tier shop by itself. Try:
 MSG
 }
 
+# How many of the tier's instances are Running.
+running_count() {
+  $ctl get instances --tier "$1" -o json | grep -c '"phase": "Running"'
+}
+
+demo_ec2() {
+  local subnets deadline
+  [ -s .data/ec2-subnets ] || return 0
+  printf '\n\033[1m== EC2 tier (moto on 127.0.0.1:5000) ==\033[0m\n'
+  read -r -a subnets < .data/ec2-subnets
+  # deploy/examples/ec2.yaml with moto's subnets and one of its AMIs, without a target group.
+  sed -e "s/subnet-0aaaaaaaaaaaaaaaa, subnet-0bbbbbbbbbbbbbbbb/${subnets[0]}, ${subnets[1]}/" \
+      -e 's/ami-0123456789abcdef0/ami-12c6146b/' -e '/security_groups/d' \
+      -e '/^load_balancer:/,$d' -e 's/min: 2/min: 0/' \
+      deploy/examples/ec2.yaml > .data/ec2-demo.yaml
+  step $ctl apply -f .data/ec2-demo.yaml
+  step $ctl scale tier ec2-web --replicas 4
+  deadline=$((SECONDS + 60))
+  until [ "$(running_count ec2-web)" -ge 4 ]; do
+    if [ $SECONDS -gt $deadline ]; then echo "ec2-web did not reach 4 Running instances" >&2; exit 1; fi
+    sleep 0.5
+  done
+  say "four EC2 instances, spread over the two subnets' zones, each recorded before its launch"
+  step $ctl get instances --tier ec2-web
+  step $ctl scale tier ec2-web --replicas 1
+  deadline=$((SECONDS + 60))
+  until [ "$($ctl get instances --tier ec2-web -o json | grep -c '"phase": "Terminated"')" -ge 3 ]; do
+    if [ $SECONDS -gt $deadline ]; then echo "ec2-web did not scale in to 1" >&2; exit 1; fi
+    sleep 0.5
+  done
+  step $ctl get events --object tier/ec2-web
+}
+
 demo_done() {
   cat <<MSG
 
@@ -229,6 +265,7 @@ Everything is running${demo_restarted_node:+ (node $demo_restarted_node was rest
   target/debug/stratactl get pool web          # what HAProxy on 127.0.0.1:8080 serves
   curl $frontend/                  # through the load balancer
   target/debug/stratactl delete tier web      # stops its instances
+  target/debug/stratactl get instances --tier ec2-web   # the EC2 tier's instances (in moto)
 Stop it with: deploy/cluster.sh stop
 MSG
 }
@@ -240,4 +277,5 @@ demo_failed_health_check
 demo_kill_instance
 demo_leader_failure
 demo_autoscaling
+demo_ec2
 demo_done
