@@ -93,7 +93,8 @@ pub enum ReadIndex {
     },
 }
 
-/// Who asks a leader for its read index (older nodes send no body).
+/// Who asks a leader for its read index: the query string of the request (`?from=ID`), which
+/// a leader of an older version ignores, as a newer leader takes a request without it.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct ReadIndexRequest {
     pub from: Option<NodeId>,
@@ -539,13 +540,9 @@ impl Controller {
                 // A read may be asked again: a short limit per call, so a leader that goes
                 // away mid-call costs one retry, not the whole timeout.
                 let per_call = self.write_timeout.min(Duration::from_secs(2));
-                let request = ReadIndexRequest {
-                    from: Some(self.id),
-                };
-                let answer: Result<ReadIndex, PeerError> = self
-                    .peers
-                    .call(&address, routes::READ_INDEX, &request, per_call)
-                    .await;
+                let route = format!("{}?from={}", routes::READ_INDEX, self.id);
+                let answer: Result<ReadIndex, PeerError> =
+                    self.peers.call(&address, &route, &(), per_call).await;
                 match answer {
                     Ok(ReadIndex::Index(index)) => return self.wait_applied(index).await,
                     Ok(ReadIndex::NotMember { members }) => {

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{FromRequest, Request, State};
+use axum::extract::{FromRequest, Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -160,11 +160,8 @@ async fn custom_metric(
 
 async fn read_index(
     State(controller): State<Arc<Controller>>,
-    request: Option<Json<Option<ReadIndexRequest>>>,
+    Query(request): Query<ReadIndexRequest>,
 ) -> Json<ReadIndex> {
-    let request = request
-        .and_then(|Json(request)| request)
-        .unwrap_or_default();
     Json(controller.read_index_for(&request).await)
 }
 
