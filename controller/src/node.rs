@@ -93,8 +93,8 @@ pub enum ReadIndex {
     },
 }
 
-/// Who asks a leader for its read index: the query string of the request (`?from=ID`), which
-/// a leader of an older version ignores, as a newer leader takes a request without it.
+/// Who asks a leader for its read index: the query string of the request (`?from=ID`). The
+/// handler reads no body, as before; a request without the query is answered as before.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct ReadIndexRequest {
     pub from: Option<NodeId>,
