@@ -129,8 +129,32 @@ pub fn free_port() -> u16 {
     free_port_on(IpAddr::V4(Ipv4Addr::LOCALHOST))
 }
 
-/// A free port on `host`, with the same small race as `free_port`.
+/// A free port on `host`, with the same small race as `free_port`, drawn at random below the
+/// kernel's ephemeral range (`net.ipv4.ip_local_port_range`). A port the kernel handed out
+/// for `bind(0)` is one it will soon hand out again as the source port of some connection,
+/// and the suite opens tens of thousands of those (connection floods, 10,000 simulated
+/// agents): a controller restarted on such a port found it taken and exited, leaving its
+/// cluster without a quorum.
 pub fn free_port_on(host: IpAddr) -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u16, ephemeral_low.saturating_sub(1));
+    if high > low {
+        let span = u64::from(high - low) + 1;
+        let seed = std::collections::hash_map::RandomState::new();
+        for attempt in 0u64..64 {
+            let mut hasher = seed.build_hasher();
+            hasher.write_u64(attempt);
+            hasher.write_u32(std::process::id());
+            let port = low + u16::try_from(hasher.finish() % span).unwrap_or(0);
+            if TcpListener::bind((host, port)).is_ok() {
+                return port;
+            }
+        }
+    }
     TcpListener::bind((host, 0))
         .and_then(|listener| listener.local_addr())
         .map(|address| address.port())
@@ -306,6 +330,17 @@ impl Cluster {
             cluster.start_node(id)?;
         }
         cluster.wait_for_leader(Duration::from_secs(30)).await?;
+        // Every node, not only a quorum: a test that goes on with a node that failed to start
+        // loses its quorum at the first kill, far from the cause.
+        let running = cluster.running();
+        for id in cluster.nodes.keys().copied().collect::<Vec<_>>() {
+            if !running.contains(&id) {
+                bail!(
+                    "node {id} exited at start; its log ends:\n{}",
+                    cluster.log_tail(id)
+                );
+            }
+        }
         Ok(cluster)
     }
 
@@ -517,7 +552,20 @@ impl Cluster {
                 }
             }
             if Instant::now() > deadline {
-                bail!("no agreed leader after {timeout:?}: {leaders:?}");
+                // Which nodes run, and the end of the log of every node that should but
+                // does not: a node that exited is what such a failure needs explained.
+                let running = self.running();
+                let mut exited = String::new();
+                for id in self.nodes.keys().copied().collect::<Vec<_>>() {
+                    let started = self.nodes.get(&id).is_some_and(|n| n.process.is_some());
+                    if started && !running.contains(&id) && Some(id) != old {
+                        exited.push_str(&format!(
+                            "\n--- node {id} is not running; its log ends:\n{}",
+                            self.log_tail(id)
+                        ));
+                    }
+                }
+                bail!("no agreed leader after {timeout:?}: {leaders:?} (running: {running:?}){exited}");
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

@@ -516,22 +516,45 @@ async fn scale_in_drains_a_slow_request_before_the_instance_stops() -> anyhow::R
     .await?;
     env.scale("web", 2).await?;
     env.settled("web", 2, &["lb-1"]).await?;
-    // Two slow requests at once: leastconn gives each server one.
+    // Both servers UP in HAProxy itself (its checks passed), not only in the pool it was given.
+    eventually(
+        Duration::from_secs(20),
+        "HAProxy has both servers UP",
+        || async {
+            let pool = env.pool("web").await.map_err(|e| e.to_string())?;
+            let up = pool["balancers"][0]["report"]["servers"]
+                .as_array()
+                .map_or(0, |servers| {
+                    servers
+                        .iter()
+                        .filter(|server| {
+                            server["status"]
+                                .as_str()
+                                .is_some_and(|s| s.starts_with("UP"))
+                        })
+                        .count()
+                });
+            until(up == 2, (), || pool.to_string())
+        },
+    )
+    .await?;
+    // Two slow requests, the second once the first is under way: leastconn then gives it the
+    // other server (sent together, HAProxy's threads could both pick the same idle one).
     let slow_url = format!("http://{listen}/?sleep_ms=4000");
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(20))
         .build()?;
-    let slow: Vec<_> = (0..2)
-        .map(|_| {
-            let (http, url) = (http.clone(), slow_url.clone());
-            tokio::spawn(async move {
-                let response = http.get(url).send().await?;
-                let status = response.status().as_u16();
-                let body: Value = response.json().await?;
-                Ok::<_, anyhow::Error>((status, body, Instant::now()))
-            })
-        })
-        .collect();
+    let mut slow = Vec::new();
+    for _ in 0..2 {
+        let (http, url) = (http.clone(), slow_url.clone());
+        slow.push(tokio::spawn(async move {
+            let response = http.get(url).send().await?;
+            let status = response.status().as_u16();
+            let body: Value = response.json().await?;
+            Ok::<_, anyhow::Error>((status, body, Instant::now()))
+        }));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     tokio::time::sleep(Duration::from_millis(800)).await;
     let scaled_at = Instant::now();
     env.scale("web", 1).await?;
