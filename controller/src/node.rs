@@ -572,12 +572,21 @@ impl Controller {
         if !matches!(answer, ReadIndex::Index(_)) {
             return answer;
         }
-        let status = self.cluster_status();
-        if status.members.iter().any(|member| member.id == from) {
+        // On every follower read: a look at the membership under the metrics' borrow; the
+        // members are listed only for the rare node that is not one.
+        let member = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .nodes()
+            .any(|(id, _)| *id == from);
+        if member {
             answer
         } else {
             ReadIndex::NotMember {
-                members: status.members,
+                members: self.cluster_status().members,
             }
         }
     }

@@ -130,6 +130,14 @@ impl World {
         });
     }
 
+    /// `web` scaled to `desired`, its records planned and each given a running instance:
+    /// `running`'s pairs.
+    fn scaled_and_running(&mut self, desired: u32) -> Vec<(Uuid, String)> {
+        self.scale(desired);
+        self.plan_records();
+        self.running()
+    }
+
     /// `(uuid, EC2 id)` of every record in uuid order, each given a running instance `i-N`.
     fn running(&mut self) -> Vec<(Uuid, String)> {
         let pairs: Vec<(Uuid, String)> = self
@@ -403,9 +411,7 @@ fn a_target_group_holds_exactly_the_ready_instances_and_ends_their_drains() {
     use strata_ec2::TargetState::{Draining, Healthy};
     let mut world = World::new();
     world.behind_target_group();
-    world.scale(2);
-    world.plan_records();
-    let pairs = world.running();
+    let pairs = world.scaled_and_running(2);
     let instances = world.instances_for(&pairs);
     for (id, _) in &pairs {
         assert_eq!(
@@ -496,9 +502,7 @@ fn a_target_group_holds_exactly_the_ready_instances_and_ends_their_drains() {
 fn a_long_deregistration_delay_is_bounded_by_the_drain_timeout() {
     let mut world = World::new();
     world.behind_target_group();
-    world.scale(1);
-    world.plan_records();
-    let pairs = world.running();
+    let pairs = world.scaled_and_running(1);
     world.now += 1_000;
     world.scale(0);
     world.plan_records();
@@ -519,9 +523,7 @@ fn a_long_deregistration_delay_is_bounded_by_the_drain_timeout() {
 fn a_group_that_cannot_be_described_is_left_alone_and_reported_once() {
     let mut world = World::new();
     world.behind_target_group();
-    world.scale(1);
-    world.plan_records();
-    let pairs = world.running();
+    let pairs = world.scaled_and_running(1);
     let failing = Ec2Observed {
         target_groups: BTreeMap::from([(
             TARGET_GROUP.to_string(),
@@ -548,9 +550,7 @@ fn a_group_that_cannot_be_described_is_left_alone_and_reported_once() {
 #[test]
 fn an_impaired_instance_is_replaced() {
     let mut world = World::new();
-    world.scale(2);
-    world.plan_records();
-    let pairs = world.running();
+    let pairs = world.scaled_and_running(2);
     let mut observed = synced(world.instances_for(&pairs));
     observed.status = HashMap::from([
         (pairs[0].1.clone(), strata_ec2::StatusCheck::Impaired),
@@ -581,9 +581,7 @@ fn an_impaired_instance_is_replaced() {
 #[test]
 fn a_roll_counts_outdated_instances_on_their_way_out_toward_the_surge() {
     let mut world = World::new();
-    world.scale(3);
-    world.plan_records();
-    let old = world.running();
+    let old = world.scaled_and_running(3);
     let mut spec = world.state.tiers["web"].spec.clone();
     spec.template.ami = Some("ami-87654321".to_string());
     world.apply(Command::PutTier {
