@@ -120,7 +120,7 @@ pub async fn run(
             },
             join_token: tokens_join.clone(),
             controllers: controllers.clone(),
-            agent_tls: agent_tls(&config, tls.acceptor.is_some())?,
+            agent_tls: agent_tls(&config, tls.acceptor.is_some()),
         };
         tokio::spawn(provider::ec2::run(
             controller.clone(),
@@ -201,23 +201,16 @@ async fn reload_on_sighup(
 }
 
 /// How agents booted from EC2 user data reach this cluster: HTTPS when it serves TLS,
-/// trusting the CA of the controllers' certificates (`--ca-cert`, else `--client-ca`).
-fn agent_tls(config: &Config, serves_tls: bool) -> anyhow::Result<provider::ec2::AgentTls> {
+/// trusting the CA of the controllers' certificates (`--ca-cert`, else `--client-ca`; the
+/// file was loaded by `TlsSetup` already).
+fn agent_tls(config: &Config, serves_tls: bool) -> provider::ec2::AgentTls {
     if !serves_tls {
-        return Ok(provider::ec2::AgentTls::Plain);
+        return provider::ec2::AgentTls::Plain;
     }
-    let ca_pem = config
-        .ca_cert
-        .as_ref()
-        .or(config.client_ca.as_ref())
-        .map(|path| {
-            std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))
-        })
-        .transpose()?;
-    Ok(provider::ec2::AgentTls::Https {
-        ca_pem,
+    provider::ec2::AgentTls::Https {
+        ca_file: config.ca_cert.clone().or(config.client_ca.clone()),
         mutual: config.client_ca.is_some(),
-    })
+    }
 }
 
 /// Reads the configured tokens, generating and keeping the ones that may be generated.

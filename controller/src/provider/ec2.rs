@@ -62,12 +62,13 @@ pub enum AgentTls {
     /// Plain HTTP (`--insecure-http` controllers).
     #[default]
     Plain,
-    /// HTTPS, trusting `ca_pem` (the CA of the controllers' certificates; `None`: the AMI
-    /// supplies it at `/etc/strata/ca.pem`). `mutual`: the controllers want a client
+    /// HTTPS, trusting the CAs in `ca_file` (of the controllers' certificates), read at
+    /// each launch as the controllers follow it (`None`, or a file that cannot be read: the
+    /// AMI supplies them at `/etc/strata/ca.pem`). `mutual`: the controllers want a client
     /// certificate, which the AMI supplies at `/etc/strata/agent.pem` and `agent-key.pem`
     /// (a certificate cannot travel in user data, which the workload can read).
     Https {
-        ca_pem: Option<String>,
+        ca_file: Option<std::path::PathBuf>,
         mutual: bool,
     },
 }
@@ -409,8 +410,15 @@ pub fn default_user_data(
     let port = port.map_or(String::new(), |port| format!("# workload port: {port}\n"));
     let (scheme, ca, flags) = match &config.agent_tls {
         AgentTls::Plain => ("", String::new(), String::new()),
-        AgentTls::Https { ca_pem, mutual } => {
-            let ca = match ca_pem {
+        AgentTls::Https { ca_file, mutual } => {
+            let pem = ca_file.as_ref().and_then(|path| {
+                std::fs::read_to_string(path)
+                    .inspect_err(|error| {
+                        tracing::warn!(%error, path = %path.display(), "read the CA for EC2 user data")
+                    })
+                    .ok()
+            });
+            let ca = match pem {
                 Some(pem) => format!(
                     "mkdir -p /etc/strata\ncat > /etc/strata/ca.pem <<'STRATA_CA'\n{}\nSTRATA_CA\n",
                     pem.trim_end()
@@ -500,10 +508,13 @@ mod tests {
     #[test]
     fn default_user_data_trusts_the_controllers_ca_over_https() {
         let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let dir = tempfile::tempdir().unwrap_or_else(|error| panic!("{error}"));
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, pem).unwrap_or_else(|error| panic!("{error}"));
         let instance = uuid::Uuid::from_u128(42);
         let script = default_user_data(
             &config(AgentTls::Https {
-                ca_pem: Some(pem.to_string()),
+                ca_file: Some(ca_file),
                 mutual: false,
             }),
             instance,
@@ -522,7 +533,7 @@ mod tests {
         assert!(!script.contains("--tls-cert"), "{script}");
         let mutual = default_user_data(
             &config(AgentTls::Https {
-                ca_pem: None,
+                ca_file: None,
                 mutual: true,
             }),
             instance,
